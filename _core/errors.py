@@ -1,0 +1,69 @@
+"""Exceptions raised by the shared-memory core.
+
+Each is also an instance of the closest builtin (``ValueError``,
+``TimeoutError``, ...) so callers that know nothing of tensorbus can still
+catch them sensibly.
+"""
+
+__all__ = [
+    "TensorbusError",
+    "SegmentError",
+    "SegmentNotFoundError",
+    "SegmentNameError",
+    "LayoutMismatchError",
+    "MessageTooLargeError",
+    "RingClosedError",
+    "BackpressureError",
+    "ReceiveTimeout",
+    "ViewInUseError",
+    "CapacityError",
+    "ClaimLostError",
+]
+
+
+class TensorbusError(Exception):
+    """Base class of every tensorbus error."""
+
+
+class SegmentError(TensorbusError, OSError):
+    """A shared-memory segment could not be created, opened or mapped."""
+
+
+class SegmentNotFoundError(SegmentError, FileNotFoundError):
+    """No shared-memory segment has the given name."""
+
+
+class SegmentNameError(SegmentError, ValueError):
+    """A segment name is not one tensorbus would create."""
+
+
+class LayoutMismatchError(SegmentError):
+    """A segment exists but is not a ring of this layout version."""
+
+
+class MessageTooLargeError(TensorbusError, ValueError):
+    """A message does not fit in one ring slot."""
+
+
+class RingClosedError(TensorbusError):
+    """The ring was closed: nothing more can be published or received."""
+
+
+class BackpressureError(TensorbusError, TimeoutError):
+    """A reliable publisher found no credit within its timeout."""
+
+
+class ReceiveTimeout(TensorbusError, TimeoutError):
+    """No message arrived within the timeout."""
+
+
+class ViewInUseError(TensorbusError, BufferError):
+    """A zero-copy view is still exported, so its slot cannot be released."""
+
+
+class CapacityError(TensorbusError):
+    """A ring has no free cursor or publisher entry left."""
+
+
+class ClaimLostError(TensorbusError):
+    """A claim was padded by a repair that took this publisher for dead."""

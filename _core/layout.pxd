@@ -1,0 +1,80 @@
+# The ring segment's byte layout (tb_layout.h). Fields that different
+# processes write often live on separate 64-byte lines; see docs/ring.md for
+# the protocol that reads and writes them.
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
+
+
+cdef extern from "tb_layout.h" nogil:
+    uint64_t TB_RING_MAGIC
+    uint32_t TB_RING_VERSION
+    uint32_t TB_HEADER_BYTES
+    uint32_t TB_CURSOR_BYTES
+    uint32_t TB_PUBLISHER_BYTES
+    uint32_t TB_SLOT_HEADER_BYTES
+    uint32_t TB_SLOTS_ALIGN
+    int64_t TB_WRITING
+
+    enum:
+        TB_POLICY_BLOCK
+        TB_POLICY_OVERWRITE
+        TB_CURSOR_FREE
+        TB_CURSOR_JOINING
+        TB_CURSOR_ACTIVE
+        TB_CURSOR_EVICTED
+        TB_PUB_FREE
+        TB_PUB_IDLE
+        TB_PUB_CLAIMING
+        TB_PUB_CLAIMED
+        TB_MSG_INLINE
+        TB_MSG_PAD
+
+    ctypedef struct tb_doorbell_t:
+        uint32_t seq          # bumped by every wake; the futex word
+        uint32_t sleeping     # waiters that announced they will sleep
+        uint32_t kind         # 0: futex
+
+    ctypedef struct tb_ring_header_t:
+        uint64_t magic
+        uint32_t version
+        uint32_t policy       # TB_POLICY_BLOCK or TB_POLICY_OVERWRITE
+        uint32_t capacity     # slots, a power of two
+        uint32_t slot_size    # largest payload of one slot
+        uint32_t slot_stride  # slot header + payload, 64-byte multiple
+        uint32_t max_cursors
+        uint32_t max_publishers
+        uint32_t creator_pid
+        uint64_t segment_size
+        uint64_t cursors_offset
+        uint64_t publishers_offset
+        uint64_t slots_offset
+        int64_t created_ns
+        int64_t head          # next sequence to claim (own line)
+        uint32_t closed       # set once; wakes everyone
+        uint32_t cursor_hwm   # publishers scan cursors [0, hwm)
+        uint32_t publisher_hwm
+        uint32_t sleepers     # subscribers inside futex_wait: publishers wake only if > 0
+        tb_doorbell_t space   # publishers waiting for credit sleep here
+
+    ctypedef struct tb_cursor_t:
+        int64_t position      # next sequence to read; the subscriber's credit
+        uint64_t drops        # messages lost to overwriting
+        uint64_t received
+        uint32_t state        # TB_CURSOR_*
+        uint32_t generation   # bumped on each join
+        uint32_t owner_pid    # liveness: a dead owner's cursor is freed by repair
+        tb_doorbell_t bell    # this subscriber's wake-up word
+
+    ctypedef struct tb_publisher_t:
+        uint32_t state        # TB_PUB_*: repair pads the claim of a dead owner
+        uint32_t owner_pid
+        int64_t seq           # the sequence being claimed or held
+        uint64_t published
+        uint64_t dropped
+
+    ctypedef struct tb_slot_header_t:
+        int64_t commit        # block: seq when committed; overwrite: seqlock word
+        uint32_t length
+        uint16_t type         # TB_MSG_*
+        uint16_t flags        # the application's
+        int64_t timestamp_ns
+        uint32_t publisher

@@ -1,0 +1,99 @@
+# The topic ring: one shared-memory segment holding a header, the cursor
+# entries of its subscribers, the records of its publishers and the slots.
+# docs/ring.md describes the protocol; tb_layout.h the bytes.
+from libc.stdint cimport int64_t, uint16_t, uint32_t
+
+from tensorbus._core.layout cimport (
+    tb_cursor_t,
+    tb_publisher_t,
+    tb_ring_header_t,
+    tb_slot_header_t,
+)
+from tensorbus._core.segment cimport Segment
+from tensorbus._core.wait cimport Waiter
+
+
+# Validated geometry, copied out of the header at attach time: indexing uses
+# these and never a value another process could change under us.
+cdef struct RingView:
+    tb_ring_header_t *h
+    char *slots
+    tb_cursor_t *cursors
+    tb_publisher_t *records
+    int64_t capacity
+    int64_t mask
+    uint32_t stride
+    uint32_t slot_size
+    uint32_t max_cursors
+    uint32_t max_publishers
+    uint32_t policy
+
+
+cdef class Ring:
+    cdef readonly Segment segment
+    cdef RingView v
+    cdef readonly Waiter waiter
+    cdef int64_t slice_ns     # longest single sleep: bounds signal and repair latency
+    cdef int64_t stall_ns     # a claimed-but-uncommitted slot older than this triggers repair
+
+    cdef readonly int endpoints   # open publishers and subscribers: detach() waits for 0
+
+    cdef int _wake_subscribers(self) noexcept nogil
+    cdef void _wake_publishers(self) noexcept nogil
+    cdef void _check_open(self) except *
+    cdef int _pad_claim(self, int64_t seq) except -2
+
+    @staticmethod
+    cdef Ring _open(Segment seg, object spin_us)
+
+
+cdef class Publisher:
+    cdef readonly Ring ring
+    cdef RingView *v
+    cdef tb_publisher_t *rec
+    cdef readonly uint32_t index
+    cdef int64_t cached_min   # lower bound of the slowest cursor; rescanned only when short
+    cdef int64_t stall_since  # when this publisher started waiting for credit
+    cdef double default_timeout
+    cdef bytearray staging    # reserve()'s private buffer
+    cdef object reservation   # the memoryview reserve() handed out
+    cdef Py_ssize_t reserved
+    cdef bint closed
+
+    cdef int _publish(self, const char *data, uint32_t n, uint16_t flags, int64_t *seq) noexcept nogil
+    cdef int _overtaken(self, int64_t head, int64_t *seq) noexcept nogil
+    cdef int64_t _send(self, const char *data, Py_ssize_t n, int flags, object timeout) except -1
+    cdef _raise_backpressure(self, int64_t timeout_ns)
+
+
+cdef class _SlotView:
+    # Exports one slot's payload read-only; peek() hands out a memoryview of it.
+    cdef char *ptr
+    cdef Py_ssize_t length
+    cdef int exports          # live buffer exports: the slot is held while > 0
+    cdef object memview       # the memoryview given to the user
+
+
+cdef class Subscriber:
+    cdef readonly Ring ring
+    cdef RingView *v
+    cdef tb_cursor_t *cur
+    cdef readonly uint32_t index
+    cdef uint32_t generation
+    cdef int64_t pos          # local copy of the cursor; the shared one is published on release
+    cdef bytearray scratch    # overwrite rings read by copy into here
+    cdef char *scratch_ptr
+    cdef int64_t stall_since  # when the awaited slot was first seen claimed but unfilled
+    cdef _SlotView view       # the slot peek() exported, held until release()
+    cdef bint closed
+    cdef readonly int64_t last_seq
+    cdef readonly int64_t last_timestamp_ns
+    cdef readonly int last_flags
+
+    cdef int _poll(self, tb_slot_header_t **out) noexcept nogil
+    cdef void _advance(self) noexcept nogil
+    cdef tb_slot_header_t *_next(self, object timeout) except NULL
+    cdef _check_stall(self)
+    cdef void _note(self, tb_slot_header_t *s) noexcept
+    cdef _drop_view(self)
+

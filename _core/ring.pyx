@@ -1,0 +1,1146 @@
+"""The topic ring: a multi-producer, multi-subscriber log in one shared-memory
+segment, in the style of the LMAX disruptor and Aeron's log buffer.
+
+Two policies for a full ring:
+
+* ``block``: a publisher claims a sequence by CAS on the head, and only after
+  it has confirmed credit (the slowest cursor is less than a ring behind) and
+  that the slot's previous occupant was committed. Claim, copy and commit
+  happen in one C call, so no Python exception can leave a hole. Subscribers
+  read slots in place (``peek``) or by copy (``recv``).
+* ``overwrite``: a publisher claims by fetch-add and never waits. Each slot is
+  a seqlock; subscribers read by copy and re-check, and a subscriber that was
+  lapped counts the loss and jumps to about ``head - capacity/2``.
+
+Each publisher has a record ``{state, seq}`` in the segment, each subscriber
+a cursor entry. :meth:`Ring.repair` uses them to pad the claim of a dead
+publisher and free the cursor of a dead subscriber, so no process death can
+wedge a ring. See docs/ring.md for the whole protocol.
+"""
+
+import math
+import os
+
+from cpython.buffer cimport (
+    PyBUF_ANY_CONTIGUOUS,
+    PyBUF_WRITABLE,
+    PyBuffer_FillInfo,
+    PyBuffer_Release,
+    PyObject_GetBuffer,
+)
+from cpython.bytearray cimport PyByteArray_AS_STRING
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.exc cimport PyErr_CheckSignals
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memset
+from posix.time cimport nanosleep, timespec
+
+from tensorbus._core.atomic cimport (
+    tb_cas32,
+    tb_cas64,
+    tb_fence_acq,
+    tb_fence_rel,
+    tb_fence_sc,
+    tb_fetch_add32,
+    tb_fetch_add64,
+    tb_fetch_add_u64,
+    tb_futex_wake_all,
+    tb_load_acq32,
+    tb_load_acq64,
+    tb_load_rlx32,
+    tb_load_rlx64,
+    tb_load_rlx_u64,
+    tb_load_sc64,
+    tb_now_ns,
+    tb_pid_alive,
+    tb_realtime_ns,
+    tb_store_rel32,
+    tb_store_rel64,
+    tb_store_rlx64,
+    tb_store_sc64,
+)
+from tensorbus._core.layout cimport (
+    TB_CURSOR_ACTIVE,
+    TB_CURSOR_BYTES,
+    TB_CURSOR_EVICTED,
+    TB_CURSOR_FREE,
+    TB_CURSOR_JOINING,
+    TB_HEADER_BYTES,
+    TB_MSG_INLINE,
+    TB_MSG_PAD,
+    TB_POLICY_BLOCK,
+    TB_POLICY_OVERWRITE,
+    TB_PUB_CLAIMED,
+    TB_PUB_CLAIMING,
+    TB_PUB_FREE,
+    TB_PUB_IDLE,
+    TB_PUBLISHER_BYTES,
+    TB_RING_MAGIC,
+    TB_RING_VERSION,
+    TB_SLOT_HEADER_BYTES,
+    TB_SLOTS_ALIGN,
+    TB_WRITING,
+    tb_cursor_t,
+    tb_publisher_t,
+    tb_ring_header_t,
+    tb_slot_header_t,
+)
+from tensorbus._core.segment cimport Segment
+from tensorbus._core.wait cimport Waiter
+
+from tensorbus._core.errors import (
+    BackpressureError,
+    CapacityError,
+    ClaimLostError,
+    LayoutMismatchError,
+    MessageTooLargeError,
+    ReceiveTimeout,
+    RingClosedError,
+    TensorbusError,
+    ViewInUseError,
+)
+from tensorbus._core.segment import segment_name
+
+__all__ = ["Ring", "Publisher", "Subscriber", "POLICIES"]
+
+POLICIES = {"block": TB_POLICY_BLOCK, "overwrite": TB_POLICY_OVERWRITE}
+_POLICY_NAMES = {v: k for k, v in POLICIES.items()}
+
+cdef enum Status:
+    ST_OK = 0
+    ST_EMPTY = 1        # subscriber: nothing to read yet; publisher: no credit yet
+    ST_CLOSED = 2
+    ST_LOST = 3         # our claim was padded by a repair that took us for dead
+    ST_DROPPED = 4      # overwrite: our message was overtaken in flight (counted)
+    ST_EVICTED = 5
+
+cdef enum Limits:
+    MAX_CAPACITY = 1 << 24
+    MAX_SLOT_SIZE = 1 << 26
+    MAX_ENTRIES = 4096
+    BUSY_SLOT_WAIT_NS = 200000  # overwrite: how long to wait for an older writer of our slot
+    NOGIL_COPY_BYTES = 16384    # below this, dropping the GIL costs more than the copy
+
+# ---------------------------------------------------------------------------
+# nogil helpers on the validated view
+# ---------------------------------------------------------------------------
+
+cdef inline tb_slot_header_t *slot_at(RingView *v, int64_t seq) noexcept nogil:
+    return <tb_slot_header_t *>(v.slots + (seq & v.mask) * v.stride)
+
+
+cdef inline char *payload_of(tb_slot_header_t *s) noexcept nogil:
+    return (<char *>s) + TB_SLOT_HEADER_BYTES
+
+
+cdef inline uint32_t cursor_bound(RingView *v) noexcept nogil:
+    cdef uint32_t hwm = tb_load_acq32(&v.h.cursor_hwm)
+    return hwm if hwm < v.max_cursors else v.max_cursors
+
+
+cdef inline uint32_t record_bound(RingView *v) noexcept nogil:
+    cdef uint32_t hwm = tb_load_acq32(&v.h.publisher_hwm)
+    return hwm if hwm < v.max_publishers else v.max_publishers
+
+
+cdef int64_t slowest_cursor(RingView *v, int64_t head) noexcept nogil:
+    """The smallest position of an active cursor, or ``head`` if there is none."""
+    cdef int64_t low = head, p
+    cdef uint32_t i
+    cdef tb_cursor_t *c
+    for i in range(cursor_bound(v)):
+        c = &v.cursors[i]
+        if tb_load_acq32(&c.state) == TB_CURSOR_ACTIVE:
+            p = tb_load_sc64(&c.position)
+            if p < low:
+                low = p
+    return low
+
+
+cdef inline void bump_max32(uint32_t *word, uint32_t value) noexcept nogil:
+    cdef uint32_t seen
+    while True:
+        seen = tb_load_acq32(word)
+        if seen >= value or tb_cas32(word, seen, value):
+            return
+
+
+cdef inline void nap_ms(long ms) noexcept nogil:
+    cdef timespec ts
+    ts.tv_sec = 0
+    ts.tv_nsec = ms * 1000000
+    nanosleep(&ts, NULL)
+
+
+cdef struct WaitCtx:
+    RingView *v
+    tb_cursor_t *cur
+    int64_t pos
+
+
+cdef bint data_ready(void *p) noexcept nogil:
+    cdef WaitCtx *ctx = <WaitCtx *>p
+    cdef int64_t c = tb_load_acq64(&slot_at(ctx.v, ctx.pos).commit)
+    if c == ctx.pos or (c & ~TB_WRITING) > ctx.pos:
+        return True
+    return (tb_load_rlx32(&ctx.v.h.closed) != 0
+            or tb_load_rlx32(&ctx.cur.state) == TB_CURSOR_EVICTED)
+
+
+cdef bint credit_ready(void *p) noexcept nogil:
+    cdef WaitCtx *ctx = <WaitCtx *>p
+    cdef RingView *v = ctx.v
+    if tb_load_rlx32(&v.h.closed):
+        return True
+    cdef int64_t head = tb_load_sc64(&v.h.head)
+    if head - slowest_cursor(v, head) >= v.capacity:
+        return False
+    return tb_load_acq64(&slot_at(v, head).commit) >= head - v.capacity
+
+
+cdef int64_t timeout_to_ns(object timeout) except -2:
+    """None -> -1 (no limit); seconds -> ns; a clear error for anything else."""
+    if timeout is None:
+        return -1
+    cdef double t
+    try:
+        t = float(timeout)
+    except (TypeError, ValueError):
+        raise TypeError(f"timeout must be a number of seconds or None, not {timeout!r}")
+    if math.isnan(t) or t < 0:
+        raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
+    if math.isinf(t):
+        return -1
+    return <int64_t>(t * 1e9)
+
+
+cdef inline int64_t deadline_of(int64_t timeout_ns) noexcept nogil:
+    return -1 if timeout_ns < 0 else tb_now_ns() + timeout_ns
+
+
+# ---------------------------------------------------------------------------
+# Ring
+# ---------------------------------------------------------------------------
+
+cdef class Ring:
+    """A mapped ring segment. Create one with :meth:`create`, open an
+    existing one with :meth:`attach`; make endpoints with :meth:`publisher`
+    and :meth:`subscriber`.
+
+    A ring and its endpoints are not thread-safe: use one endpoint per
+    thread, as with sockets."""
+
+    def __cinit__(self):
+        self.endpoints = 0
+        memset(&self.v, 0, sizeof(RingView))
+
+    @staticmethod
+    def create(str name=None, *, int capacity=1024, int slot_size=4096, str policy="block",
+               int max_cursors=64, int max_publishers=64, str instance="solo",
+               spin_us=None) -> Ring:
+        """Create a ring segment (mode 0600) and map it.
+
+        ``capacity`` is the number of slots (a power of two), ``slot_size``
+        the largest message in bytes, ``policy`` ``"block"`` or
+        ``"overwrite"``. ``name`` defaults to a fresh unguessable
+        ``tb-<uid>-<instance>-ring.<random>``."""
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be 'block' or 'overwrite', not {policy!r}")
+        if capacity < 2 or capacity > MAX_CAPACITY or capacity & (capacity - 1):
+            raise ValueError(f"capacity must be a power of two between 2 and {MAX_CAPACITY}, "
+                             f"got {capacity}")
+        if slot_size < 1 or slot_size > MAX_SLOT_SIZE:
+            raise ValueError(f"slot_size must be between 1 and {MAX_SLOT_SIZE} bytes, "
+                             f"got {slot_size}")
+        if not 1 <= max_cursors <= MAX_ENTRIES or not 1 <= max_publishers <= MAX_ENTRIES:
+            raise ValueError(f"max_cursors and max_publishers must be between 1 and "
+                             f"{MAX_ENTRIES}")
+        layout = _layout(capacity, slot_size, max_cursors, max_publishers)
+        if name is None:
+            name = segment_name(instance, "ring")
+        cdef Segment seg = Segment.create(name, layout["segment_size"])
+        cdef tb_ring_header_t *h = <tb_ring_header_t *>seg.base
+        h.version = TB_RING_VERSION
+        h.policy = POLICIES[policy]
+        h.capacity = capacity
+        h.slot_size = slot_size
+        h.slot_stride = layout["stride"]
+        h.max_cursors = max_cursors
+        h.max_publishers = max_publishers
+        h.creator_pid = os.getpid()
+        h.segment_size = layout["segment_size"]
+        h.cursors_offset = layout["cursors_offset"]
+        h.publishers_offset = layout["publishers_offset"]
+        h.slots_offset = layout["slots_offset"]
+        h.created_ns = tb_realtime_ns()
+        h.head = 0
+        cdef char *slots = seg.base + h.slots_offset
+        cdef int64_t i
+        for i in range(capacity):
+            # -1: "the sequence before any": satisfies the first lap's
+            # "previous occupant committed" check and matches no reader.
+            (<tb_slot_header_t *>(slots + i * h.slot_stride)).commit = -1
+        tb_fence_rel()
+        # The magic goes last: an attacher that sees it sees a whole header.
+        (<uint64_t *>&h.magic)[0] = TB_RING_MAGIC
+        tb_fence_sc()
+        return Ring._open(seg, spin_us)
+
+    @staticmethod
+    def attach(str name, *, spin_us=None, double init_timeout=1.0) -> Ring:
+        """Map an existing ring, checking its magic, version and geometry."""
+        cdef Segment seg = Segment.attach(name)
+        if seg.size < TB_HEADER_BYTES:
+            seg.close()
+            raise LayoutMismatchError(0, f"segment {name!r} ({seg.size} bytes) is too small "
+                                      "to be a tensorbus ring")
+        cdef tb_ring_header_t *h = <tb_ring_header_t *>seg.base
+        cdef int64_t give_up = tb_now_ns() + <int64_t>(init_timeout * 1e9)
+        while load_magic(h) == 0 and tb_now_ns() < give_up:
+            nap_ms(1)  # its creator is still writing the header
+        try:
+            _check_header(name, h, seg.size)
+        except BaseException:
+            seg.close()
+            raise
+        return Ring._open(seg, spin_us)
+
+    @staticmethod
+    cdef Ring _open(Segment seg, object spin_us):
+        cdef Ring r = Ring.__new__(Ring)
+        cdef tb_ring_header_t *h = <tb_ring_header_t *>seg.base
+        r.segment = seg
+        r.v.h = h
+        r.v.capacity = h.capacity
+        r.v.mask = h.capacity - 1
+        r.v.stride = h.slot_stride
+        r.v.slot_size = h.slot_size
+        r.v.max_cursors = h.max_cursors
+        r.v.max_publishers = h.max_publishers
+        r.v.policy = h.policy
+        r.v.slots = seg.base + h.slots_offset
+        r.v.cursors = <tb_cursor_t *>(seg.base + h.cursors_offset)
+        r.v.records = <tb_publisher_t *>(seg.base + h.publishers_offset)
+        r.waiter = Waiter(spin_us)
+        r.slice_ns = 50000000   # 50 ms
+        r.stall_ns = 200000000  # 200 ms
+        return r
+
+    cdef void _check_open(self) except *:
+        if self.v.h == NULL:
+            raise RingClosedError(f"ring is detached from this process")
+
+    # -- endpoints ---------------------------------------------------------
+
+    def publisher(self, *, double timeout=5.0) -> Publisher:
+        """A new publisher. ``timeout``: default seconds a ``send`` on a full
+        block ring waits for credit before raising BackpressureError."""
+        return Publisher(self, timeout)
+
+    def subscriber(self) -> Subscriber:
+        """A new subscriber; it receives everything published from now on."""
+        return Subscriber(self)
+
+    # -- properties --------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.segment.name
+
+    @property
+    def policy(self) -> str:
+        return _POLICY_NAMES[self.v.policy]
+
+    @property
+    def capacity(self) -> int:
+        return self.v.capacity
+
+    @property
+    def slot_size(self) -> int:
+        return self.v.slot_size
+
+    @property
+    def head(self) -> int:
+        self._check_open()
+        return tb_load_acq64(&self.v.h.head)
+
+    @property
+    def closed(self) -> bool:
+        return self.v.h == NULL or tb_load_acq32(&self.v.h.closed) != 0
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the ring for everyone: publishers get RingClosedError at
+        once, subscribers once they have read what was committed."""
+        self._check_open()
+        tb_store_rel32(&self.v.h.closed, 1)
+        tb_fence_sc()
+        with nogil:
+            self._wake_subscribers()
+            self._wake_publishers()
+
+    def unlink(self) -> None:
+        """Remove the segment's name (creator only); mappings stay valid."""
+        self.segment.unlink()
+
+    def detach(self) -> None:
+        """Unmap the ring from this process. Its endpoints must be closed."""
+        if self.endpoints:
+            raise TensorbusError(f"ring {self.name!r} still has {self.endpoints} open "
+                                 "endpoint(s); close them before detach()")
+        memset(&self.v, 0, sizeof(RingView))
+        self.segment.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.v.h != NULL and not self.endpoints:
+            self.detach()
+
+    # -- wakes -------------------------------------------------------------
+
+    cdef int _wake_subscribers(self) noexcept nogil:
+        """Ring the doorbell of every subscriber that announced a sleep.
+        Callers have issued the seq_cst fence after their commit."""
+        cdef uint32_t i
+        cdef int woken = 0
+        cdef tb_cursor_t *c
+        for i in range(cursor_bound(&self.v)):
+            c = &self.v.cursors[i]
+            if tb_load_rlx32(&c.bell.sleeping):
+                tb_fetch_add32(&c.bell.seq, 1)
+                tb_futex_wake_all(&c.bell.seq)
+                woken += 1
+        return woken
+
+    cdef void _wake_publishers(self) noexcept nogil:
+        if tb_load_rlx32(&self.v.h.space.sleeping):
+            tb_fetch_add32(&self.v.h.space.seq, 1)
+            tb_futex_wake_all(&self.v.h.space.seq)
+
+    # -- crash recovery ----------------------------------------------------
+
+    def repair(self) -> dict:
+        """Undo what dead processes left behind: free the cursors of dead
+        subscribers (so publishers get their credit back) and pad the
+        claimed-but-uncommitted slot of a dead publisher (so subscribers can
+        move past it). Safe to call from any process at any time; the broker
+        calls it when it sees a client die, waiters call it when stalled."""
+        self._check_open()
+        cdef RingView *v = &self.v
+        cdef uint32_t i, st
+        cdef tb_cursor_t *c
+        cdef tb_publisher_t *r
+        freed_cursors = padded = freed_records = 0
+        for i in range(cursor_bound(v)):
+            c = &v.cursors[i]
+            st = tb_load_acq32(&c.state)
+            if st != TB_CURSOR_FREE and not tb_pid_alive(tb_load_rlx32(&c.owner_pid)):
+                if tb_cas32(&c.state, st, TB_CURSOR_FREE):
+                    freed_cursors += 1
+        for i in range(record_bound(v)):
+            r = &v.records[i]
+            st = tb_load_acq32(&r.state)
+            if st == TB_PUB_FREE or tb_pid_alive(tb_load_rlx32(&r.owner_pid)):
+                continue
+            if st == TB_PUB_CLAIMING or st == TB_PUB_CLAIMED:
+                outcome = self._pad_claim(tb_load_rlx64(&r.seq))
+                if outcome < 0:
+                    continue  # a live publisher may still own that sequence: later
+                padded += outcome
+            if tb_cas32(&r.state, st, TB_PUB_FREE):
+                freed_records += 1
+        tb_fence_sc()
+        with nogil:
+            if padded:
+                self._wake_subscribers()
+            if freed_cursors:
+                self._wake_publishers()
+        return {"cursors_freed": freed_cursors, "claims_padded": padded,
+                "records_freed": freed_records}
+
+    cdef int _pad_claim(self, int64_t seq) except -2:
+        """Pad ``seq`` if a dead publisher claimed it and nobody committed it.
+        1 padded, 0 nothing to do, -1 try again later."""
+        cdef RingView *v = &self.v
+        cdef tb_slot_header_t *s = slot_at(v, seq)
+        cdef int64_t c = tb_load_acq64(&s.commit)
+        cdef uint32_t i, st
+        if v.policy == TB_POLICY_OVERWRITE:
+            if c != (seq | TB_WRITING):
+                return 0
+        else:
+            if c >= seq or tb_load_acq64(&v.h.head) <= seq:
+                return 0  # committed, or the claim never happened
+            if c < seq - v.capacity:
+                return -1  # the slot's previous claim is unresolved: pad that first
+            for i in range(record_bound(v)):
+                st = tb_load_acq32(&v.records[i].state)
+                if ((st == TB_PUB_CLAIMING or st == TB_PUB_CLAIMED)
+                        and tb_load_rlx64(&v.records[i].seq) == seq
+                        and tb_pid_alive(tb_load_rlx32(&v.records[i].owner_pid))):
+                    return -1
+        s.length = 0
+        s.type = TB_MSG_PAD
+        s.flags = 0
+        s.timestamp_ns = tb_realtime_ns()
+        return 1 if tb_cas64(&s.commit, c, seq) else 0
+
+    # -- introspection -----------------------------------------------------
+
+    def stats(self) -> dict:
+        """A snapshot of the ring: head, every live cursor and publisher."""
+        self._check_open()
+        cdef RingView *v = &self.v
+        cdef int64_t head = tb_load_acq64(&v.h.head)
+        cdef uint32_t i
+        cdef tb_cursor_t *c
+        cdef tb_publisher_t *r
+        cursors = []
+        for i in range(cursor_bound(v)):
+            c = &v.cursors[i]
+            if tb_load_acq32(&c.state) != TB_CURSOR_FREE:
+                pos = tb_load_acq64(&c.position)
+                cursors.append({"index": i, "pid": c.owner_pid, "position": pos,
+                                "lag": head - pos, "drops": tb_load_rlx_u64(&c.drops),
+                                "received": tb_load_rlx_u64(&c.received),
+                                "state": ("joining", "active", "evicted")[c.state - 1]})
+        publishers = []
+        for i in range(record_bound(v)):
+            r = &v.records[i]
+            if tb_load_acq32(&r.state) != TB_PUB_FREE:
+                publishers.append({"index": i, "pid": r.owner_pid,
+                                   "published": tb_load_rlx_u64(&r.published),
+                                   "dropped": tb_load_rlx_u64(&r.dropped)})
+        return {"name": self.name, "policy": self.policy, "capacity": v.capacity,
+                "slot_size": v.slot_size, "head": head, "closed": bool(v.h.closed),
+                "cursors": cursors, "publishers": publishers}
+
+    def __repr__(self):
+        if self.v.h == NULL:
+            return f"<Ring {self.segment.name!r} detached>"
+        return (f"<Ring {self.name!r} {self.policy} capacity={self.capacity} "
+                f"slot_size={self.slot_size} head={self.head}>")
+
+
+cdef inline uint64_t load_magic(tb_ring_header_t *h) noexcept nogil:
+    tb_fence_acq()
+    return (<volatile uint64_t *>&h.magic)[0]
+
+
+def _layout(int capacity, int slot_size, int max_cursors, int max_publishers) -> dict:
+    stride = (TB_SLOT_HEADER_BYTES + slot_size + 63) // 64 * 64
+    cursors_offset = TB_HEADER_BYTES
+    publishers_offset = cursors_offset + max_cursors * TB_CURSOR_BYTES
+    slots_offset = -(-(publishers_offset + max_publishers * TB_PUBLISHER_BYTES)
+                     // TB_SLOTS_ALIGN) * TB_SLOTS_ALIGN
+    return {"stride": stride, "cursors_offset": cursors_offset,
+            "publishers_offset": publishers_offset, "slots_offset": slots_offset,
+            "segment_size": slots_offset + capacity * stride}
+
+
+cdef _check_header(str name, tb_ring_header_t *h, size_t size):
+    if h.magic != TB_RING_MAGIC:
+        raise LayoutMismatchError(0, f"segment {name!r} is not a tensorbus ring "
+                                  f"(magic {h.magic:#x})")
+    if h.version != TB_RING_VERSION:
+        raise LayoutMismatchError(0, f"ring {name!r} has layout version {h.version}; "
+                                  f"this build reads version {TB_RING_VERSION}")
+    problem = None
+    if h.policy not in _POLICY_NAMES:
+        problem = f"unknown policy {h.policy}"
+    elif h.capacity < 2 or h.capacity > MAX_CAPACITY or h.capacity & (h.capacity - 1):
+        problem = f"capacity {h.capacity} is not a power of two in range"
+    elif h.slot_size < 1 or h.slot_size > MAX_SLOT_SIZE:
+        problem = f"slot size {h.slot_size} is out of range"
+    elif not (1 <= h.max_cursors <= MAX_ENTRIES and 1 <= h.max_publishers <= MAX_ENTRIES):
+        problem = "cursor or publisher count out of range"
+    else:
+        want = _layout(h.capacity, h.slot_size, h.max_cursors, h.max_publishers)
+        got = {"stride": h.slot_stride, "cursors_offset": h.cursors_offset,
+               "publishers_offset": h.publishers_offset, "slots_offset": h.slots_offset,
+               "segment_size": h.segment_size}
+        if got != want:
+            problem = f"geometry {got} does not match its parameters ({want})"
+        elif h.segment_size != size:
+            problem = f"header says {h.segment_size} bytes but the segment has {size}"
+    if problem:
+        raise LayoutMismatchError(0, f"header of ring {name!r} is inconsistent: {problem}")
+
+
+# ---------------------------------------------------------------------------
+# Publisher
+# ---------------------------------------------------------------------------
+
+cdef class Publisher:
+    """Publishes messages into a ring. Messages up to the ring's slot size
+    are copied into the slot in one nogil call (claim, copy, commit)."""
+
+    def __cinit__(self, Ring ring, double timeout=5.0):
+        ring._check_open()
+        if timeout < 0 or math.isnan(timeout):
+            raise ValueError(f"timeout must be >= 0 seconds, got {timeout}")
+        self.ring = ring
+        self.v = &ring.v
+        self.default_timeout = timeout
+        self.closed = True
+        cdef uint32_t i
+        cdef tb_publisher_t *r
+        for i in range(self.v.max_publishers):
+            r = &self.v.records[i]
+            if tb_cas32(&r.state, TB_PUB_FREE, TB_PUB_IDLE):
+                break
+        else:
+            raise CapacityError(f"ring {ring.name!r} already has {self.v.max_publishers} "
+                                "publishers (max_publishers)")
+        r.owner_pid = os.getpid()
+        r.published = 0
+        r.dropped = 0
+        tb_store_rlx64(&r.seq, -1)
+        bump_max32(&self.v.h.publisher_hwm, i + 1)
+        self.rec = r
+        self.index = i
+        self.cached_min = -(1 << 62)
+        self.stall_since = 0
+        self.closed = False
+        ring.endpoints += 1
+
+    cdef int _publish(self, const char *data, uint32_t n, uint16_t flags,
+                      int64_t *seq) noexcept nogil:
+        """Claim, copy and commit one message. Never leaves a claim held."""
+        cdef RingView *v = self.v
+        cdef tb_publisher_t *rec = self.rec
+        cdef tb_slot_header_t *s
+        cdef int64_t head, prev, give_up = 0
+        cdef bint ok
+        if tb_load_acq32(&v.h.closed):
+            return ST_CLOSED
+
+        if v.policy == TB_POLICY_BLOCK:
+            while True:
+                head = tb_load_sc64(&v.h.head)
+                if head - self.cached_min >= v.capacity:
+                    self.cached_min = slowest_cursor(v, head)
+                    if head - self.cached_min >= v.capacity:
+                        return ST_EMPTY
+                s = slot_at(v, head)
+                prev = tb_load_acq64(&s.commit)
+                if prev >= head:
+                    continue  # our head is stale: someone claimed and committed it
+                if prev < head - v.capacity:
+                    return ST_EMPTY  # the slot's previous writer has not committed yet
+                # Record the intent before the claim so a repair can tell
+                # whose sequence this is if we die right after the CAS.
+                tb_store_rlx64(&rec.seq, head)
+                tb_store_rel32(&rec.state, TB_PUB_CLAIMING)
+                if tb_cas64(&v.h.head, head, head + 1):
+                    break
+            tb_store_rel32(&rec.state, TB_PUB_CLAIMED)
+        else:
+            tb_store_rel32(&rec.state, TB_PUB_CLAIMING)
+            head = tb_fetch_add64(&v.h.head, 1)
+            tb_store_rlx64(&rec.seq, head)
+            tb_store_rel32(&rec.state, TB_PUB_CLAIMED)
+            s = slot_at(v, head)
+            while True:
+                prev = tb_load_acq64(&s.commit)
+                if prev >= 0 and prev & TB_WRITING:
+                    # Another writer fills this slot: a newer one makes our
+                    # message stale; an older one should finish in a moment.
+                    if (prev & ~TB_WRITING) > head:
+                        return self._overtaken(head, seq)
+                    if give_up == 0:
+                        give_up = tb_now_ns() + BUSY_SLOT_WAIT_NS
+                    elif tb_now_ns() > give_up:
+                        return self._overtaken(head, seq)
+                    continue
+                if prev >= head:
+                    return self._overtaken(head, seq)
+                if tb_cas64(&s.commit, prev, head | TB_WRITING):
+                    prev = head | TB_WRITING
+                    break
+            tb_fence_rel()  # the WRITING mark is visible before any payload byte
+
+        s.length = n
+        s.type = TB_MSG_INLINE
+        s.flags = flags
+        s.timestamp_ns = tb_realtime_ns()
+        s.publisher = self.index
+        memcpy(payload_of(s), data, n)
+        ok = tb_cas64(&s.commit, prev, head)  # release: payload before commit
+        tb_store_rel32(&rec.state, TB_PUB_IDLE)
+        if not ok:
+            return ST_LOST
+        tb_fetch_add_u64(&rec.published, 1)
+        seq[0] = head
+        tb_fence_sc()  # commit before reading "sleepers": see docs/ring.md
+        if tb_load_rlx32(&v.h.sleepers):
+            self.ring._wake_subscribers()
+        return ST_OK
+
+    cdef int _overtaken(self, int64_t head, int64_t *seq) noexcept nogil:
+        tb_store_rel32(&self.rec.state, TB_PUB_IDLE)
+        tb_fetch_add_u64(&self.rec.dropped, 1)
+        seq[0] = head
+        return ST_DROPPED
+
+    cdef int64_t _send(self, const char *data, Py_ssize_t n, int flags, object timeout) except -1:
+        if self.closed:
+            raise RingClosedError("publisher is closed")
+        if n > self.v.slot_size:
+            raise MessageTooLargeError(f"message of {n} bytes does not fit the ring's "
+                                       f"slot size of {self.v.slot_size} bytes")
+        if flags < 0 or flags > 0xFFFF:
+            raise ValueError(f"flags must fit in 16 bits (0..65535), got {flags}")
+        cdef int64_t timeout_ns = (<int64_t>(self.default_timeout * 1e9) if timeout is None
+                                   else timeout_to_ns(timeout))
+        cdef int64_t seq = -1, deadline = -2, now, slice_ns
+        cdef int st
+        cdef bint ready
+        cdef bint big = n >= NOGIL_COPY_BYTES
+        cdef WaitCtx ctx
+        ctx.v = self.v
+        ctx.cur = NULL
+        ctx.pos = 0
+        while True:
+            if big:
+                with nogil:
+                    st = self._publish(data, <uint32_t>n, <uint16_t>flags, &seq)
+            else:
+                st = self._publish(data, <uint32_t>n, <uint16_t>flags, &seq)
+            if st == ST_OK or st == ST_DROPPED:
+                self.stall_since = 0
+                return seq
+            if st == ST_CLOSED:
+                raise RingClosedError(f"ring {self.ring.name!r} is closed")
+            if st == ST_LOST:
+                raise ClaimLostError(f"the claim of sequence {seq} on ring {self.ring.name!r} "
+                                     "was padded by a repair that took this process for dead")
+            # No credit: wait for the slowest subscriber.
+            now = tb_now_ns()
+            if deadline == -2:
+                deadline = -1 if timeout_ns < 0 else now + timeout_ns
+            if deadline >= 0 and now >= deadline:
+                self._raise_backpressure(timeout_ns)
+            slice_ns = self.ring.slice_ns
+            if deadline >= 0 and deadline - now < slice_ns:
+                slice_ns = deadline - now
+            with nogil:
+                ready = self.ring.waiter.wait(credit_ready, &ctx, &self.v.h.space.seq,
+                                              &self.v.h.space.sleeping, NULL, slice_ns)
+            if not ready:
+                PyErr_CheckSignals()
+                now = tb_now_ns()
+                if self.stall_since == 0:
+                    self.stall_since = now
+                elif now - self.stall_since > self.ring.stall_ns:
+                    self.ring.repair()  # a dead subscriber or publisher may hold us up
+
+    cdef _raise_backpressure(self, int64_t timeout_ns):
+        cdef int64_t head = tb_load_acq64(&self.v.h.head)
+        lag = head - slowest_cursor(self.v, head)
+        raise BackpressureError(
+            f"ring {self.ring.name!r} is full: no credit within {timeout_ns / 1e9:g} s; "
+            f"the slowest subscriber is {lag} messages behind (capacity {self.v.capacity})")
+
+    def send(self, data, *, int flags=0, timeout=None) -> int:
+        """Publish ``data`` (bytes or any C-contiguous buffer) and return its
+        sequence number. On a full block ring wait up to ``timeout`` seconds
+        (default: the publisher's) for credit, then raise BackpressureError."""
+        cdef Py_buffer buf
+        if type(data) is bytes:
+            return self._send(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), flags, timeout)
+        try:
+            PyObject_GetBuffer(data, &buf, PyBUF_ANY_CONTIGUOUS)
+        except (TypeError, BufferError) as exc:
+            raise TypeError(f"send() takes bytes or a contiguous buffer, not "
+                            f"{type(data).__name__}: {exc}") from None
+        try:
+            return self._send(<const char *>buf.buf, buf.len, flags, timeout)
+        finally:
+            PyBuffer_Release(&buf)
+
+    def reserve(self, Py_ssize_t nbytes) -> memoryview:
+        """A writable buffer of ``nbytes`` to fill, then :meth:`commit`.
+
+        The buffer is private to this publisher: no ring slot is claimed until
+        ``commit``, so an exception while filling it can never stall the ring."""
+        if self.closed:
+            raise RingClosedError("publisher is closed")
+        if nbytes < 0:
+            raise ValueError(f"cannot reserve {nbytes} bytes")
+        if nbytes > self.v.slot_size:
+            raise MessageTooLargeError(f"cannot reserve {nbytes} bytes: the ring's slot size "
+                                       f"is {self.v.slot_size} bytes")
+        if self.staging is None:
+            self.staging = bytearray(self.v.slot_size)
+        self.reserved = nbytes
+        self.reservation = memoryview(self.staging)[:nbytes]
+        return self.reservation
+
+    def commit(self, nbytes=None, *, int flags=0, timeout=None) -> int:
+        """Publish the first ``nbytes`` (default: all) of the reserved buffer."""
+        if self.reservation is None:
+            raise TensorbusError("commit() without reserve(): nothing to publish")
+        cdef Py_ssize_t n = self.reserved if nbytes is None else nbytes
+        if n < 0 or n > self.reserved:
+            raise ValueError(f"commit({nbytes}) outside the {self.reserved} reserved bytes")
+        seq = self._send(<const char *>PyByteArray_AS_STRING(self.staging), n, flags, timeout)
+        self.reservation = None
+        return seq
+
+    @property
+    def published(self) -> int:
+        return 0 if self.closed else tb_load_rlx_u64(&self.rec.published)
+
+    @property
+    def dropped(self) -> int:
+        """Overwrite rings: own messages overtaken while being written."""
+        return 0 if self.closed else tb_load_rlx_u64(&self.rec.dropped)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.reservation = None
+        tb_store_rel32(&self.rec.state, TB_PUB_FREE)
+        self.ring.endpoints -= 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __dealloc__(self):
+        if not self.closed and self.ring is not None and self.ring.v.h != NULL:
+            tb_store_rel32(&self.rec.state, TB_PUB_FREE)
+            self.ring.endpoints -= 1
+
+
+# ---------------------------------------------------------------------------
+# Subscriber
+# ---------------------------------------------------------------------------
+
+cdef class _SlotView:
+    """Exports one slot's payload read-only; peek() wraps it in a memoryview.
+    Counting exports tells release() whether any view of the slot survives
+    (slices of a memoryview share its export, so releasing it is not enough)."""
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        if flags & PyBUF_WRITABLE:
+            raise BufferError("a peeked slot is read-only")
+        PyBuffer_FillInfo(view, self, self.ptr, self.length, 1, flags)
+        self.exports += 1
+
+    def __releasebuffer__(self, Py_buffer *view):
+        self.exports -= 1
+
+
+cdef class Subscriber:
+    """Receives every message published after it joined (block rings), or
+    the newest it can keep up with (overwrite rings, counting drops)."""
+
+    def __cinit__(self, Ring ring):
+        ring._check_open()
+        self.ring = ring
+        self.v = &ring.v
+        self.closed = True
+        self.last_seq = -1
+        self.last_timestamp_ns = 0
+        self.last_flags = 0
+        cdef RingView *v = self.v
+        cdef uint32_t i
+        cdef tb_cursor_t *c
+        for i in range(v.max_cursors):
+            c = &v.cursors[i]
+            if tb_cas32(&c.state, TB_CURSOR_FREE, TB_CURSOR_JOINING):
+                break
+        else:
+            raise CapacityError(f"ring {ring.name!r} already has {v.max_cursors} "
+                                "subscribers (max_cursors)")
+        c.owner_pid = os.getpid()
+        c.generation += 1
+        c.drops = 0
+        c.received = 0
+        c.bell.sleeping = 0
+        bump_max32(&v.h.cursor_hwm, i + 1)
+        # Join without loss: publish a position, become visible, and retry
+        # if the head ran a whole ring ahead meanwhile (a publisher that
+        # scanned cursors before we were visible may have lapped us).
+        cdef int64_t head
+        cdef bint first = True
+        while True:
+            head = tb_load_sc64(&v.h.head)
+            tb_store_sc64(&c.position, head)
+            if first:
+                tb_cas32(&c.state, TB_CURSOR_JOINING, TB_CURSOR_ACTIVE)
+                first = False
+            if tb_load_sc64(&v.h.head) - head < v.capacity:
+                break
+        self.cur = c
+        self.index = i
+        self.generation = c.generation
+        self.pos = head
+        self.stall_since = 0
+        if v.policy == TB_POLICY_OVERWRITE:
+            self.scratch = bytearray(TB_SLOT_HEADER_BYTES + v.slot_size)
+            self.scratch_ptr = PyByteArray_AS_STRING(self.scratch)
+        self.closed = False
+        ring.endpoints += 1
+
+    # -- polling (nogil-safe, no waiting) ----------------------------------
+
+    cdef int _poll(self, tb_slot_header_t **out) noexcept nogil:
+        """Locate the next message. Block rings: ``out`` is the slot itself.
+        Overwrite rings: the slot was copied to scratch and validated."""
+        cdef RingView *v = self.v
+        cdef tb_slot_header_t *s
+        cdef int64_t c, c2, seqv, head, jump
+        cdef uint32_t n
+        while True:
+            s = slot_at(v, self.pos)
+            c = tb_load_acq64(&s.commit)
+            if v.policy == TB_POLICY_BLOCK:
+                if c == self.pos:
+                    if s.type == TB_MSG_PAD:
+                        self._advance()
+                        continue
+                    out[0] = s
+                    return ST_OK
+            elif c == self.pos:
+                n = tb_load_rlx32(&s.length)
+                if n > v.slot_size:
+                    n = v.slot_size  # torn read: the re-check below rejects it
+                memcpy(self.scratch_ptr, <char *>s, TB_SLOT_HEADER_BYTES + n)
+                tb_fence_acq()
+                c2 = tb_load_rlx64(&s.commit)
+                if c2 == c:
+                    s = <tb_slot_header_t *>self.scratch_ptr
+                    if s.type == TB_MSG_PAD or s.length > v.slot_size:
+                        tb_fetch_add_u64(&self.cur.drops, 1)
+                        self._advance()
+                        continue
+                    out[0] = s
+                    return ST_OK
+                c = c2  # overwritten while we copied
+            seqv = c & ~TB_WRITING
+            if seqv > self.pos:
+                # Lapped (overwrite rings; on a block ring only if our cursor
+                # was wrongly freed): skip to the middle of the live window,
+                # not to the oldest slot, which is the next to be overwritten.
+                head = tb_load_acq64(&v.h.head)
+                jump = head - v.capacity // 2
+                if jump <= self.pos:
+                    jump = self.pos + 1
+                tb_fetch_add_u64(&self.cur.drops, <uint64_t>(jump - self.pos))
+                self.pos = jump
+                tb_store_rel64(&self.cur.position, jump)
+                continue
+            if tb_load_rlx32(&self.cur.state) == TB_CURSOR_EVICTED:
+                return ST_EVICTED
+            if tb_load_acq32(&v.h.closed):
+                if tb_load_acq64(&s.commit) == self.pos:
+                    continue
+                if tb_load_acq64(&v.h.head) <= self.pos:
+                    return ST_CLOSED
+            return ST_EMPTY
+
+    cdef void _advance(self) noexcept nogil:
+        """Consume the current message: publish the new cursor position and,
+        on block rings, wake publishers that sleep waiting for credit."""
+        self.pos += 1
+        tb_store_rel64(&self.cur.position, self.pos)
+        tb_fetch_add_u64(&self.cur.received, 1)
+        self.stall_since = 0
+        if self.v.policy == TB_POLICY_BLOCK:
+            tb_fence_sc()
+            if tb_load_rlx32(&self.v.h.space.sleeping):
+                self.ring._wake_publishers()
+
+    cdef tb_slot_header_t *_next(self, object timeout) except NULL:
+        """Wait for the next message (or raise) and return its slot header."""
+        if self.closed:
+            raise RingClosedError("subscriber is closed")
+        if self.view is not None:
+            raise TensorbusError("release() the peeked message before reading the next one")
+        cdef tb_slot_header_t *s = NULL
+        cdef int st = self._poll(&s)
+        if st == ST_OK:
+            return s
+        cdef int64_t timeout_ns = timeout_to_ns(timeout)
+        cdef int64_t deadline = deadline_of(timeout_ns), now, slice_ns
+        cdef WaitCtx ctx
+        cdef bint ready
+        ctx.v = self.v
+        ctx.cur = self.cur
+        while True:
+            if st == ST_OK:
+                return s
+            if st == ST_CLOSED:
+                raise RingClosedError(f"ring {self.ring.name!r} is closed and drained")
+            if st == ST_EVICTED:
+                raise RingClosedError(f"this subscriber was evicted from ring "
+                                      f"{self.ring.name!r}")
+            now = tb_now_ns()
+            if deadline >= 0 and now >= deadline:
+                raise ReceiveTimeout(f"no message on ring {self.ring.name!r} within "
+                                     f"{timeout_ns / 1e9:g} s")
+            slice_ns = self.ring.slice_ns
+            if deadline >= 0 and deadline - now < slice_ns:
+                slice_ns = deadline - now
+            ctx.pos = self.pos
+            with nogil:
+                ready = self.ring.waiter.wait(data_ready, &ctx, &self.cur.bell.seq,
+                                              &self.cur.bell.sleeping, &self.v.h.sleepers,
+                                              slice_ns)
+                st = self._poll(&s)
+                if st == ST_EMPTY and ready:
+                    nap_ms(1)  # closed, but a claimed slot is still unfilled
+            if st == ST_EMPTY:
+                PyErr_CheckSignals()
+                self._check_stall()
+
+    cdef _check_stall(self):
+        """A sequence was claimed but is not filled after stall_ns: its
+        publisher may be dead. Repair; overwrite rings also skip it."""
+        cdef int64_t now = tb_now_ns()
+        if tb_load_acq64(&self.v.h.head) <= self.pos:
+            self.stall_since = 0
+            return
+        if self.stall_since == 0:
+            self.stall_since = now
+            return
+        if now - self.stall_since < self.ring.stall_ns:
+            return
+        self.ring.repair()
+        if self.v.policy == TB_POLICY_OVERWRITE:
+            tb_fetch_add_u64(&self.cur.drops, 1)
+            self._advance()
+        self.stall_since = now
+
+    cdef void _note(self, tb_slot_header_t *s) noexcept:
+        self.last_seq = self.pos
+        self.last_timestamp_ns = s.timestamp_ns
+        self.last_flags = s.flags
+
+    def recv(self, timeout=None) -> bytes:
+        """Return the next message as bytes, waiting up to ``timeout`` seconds
+        (None: no limit). Raises ReceiveTimeout, or RingClosedError once the
+        ring is closed and drained. Metadata: ``last_seq``,
+        ``last_timestamp_ns``, ``last_flags``."""
+        cdef tb_slot_header_t *s = self._next(timeout)
+        data = PyBytes_FromStringAndSize(payload_of(s), s.length)
+        self._note(s)
+        self._advance()
+        return data
+
+    def recv_into(self, buffer, timeout=None) -> int:
+        """Copy the next message into a writable ``buffer``; return its size.
+        A buffer too small raises ValueError and the message stays unread."""
+        cdef Py_buffer buf
+        PyObject_GetBuffer(buffer, &buf, PyBUF_WRITABLE | PyBUF_ANY_CONTIGUOUS)
+        cdef tb_slot_header_t *s
+        cdef uint32_t n
+        try:
+            s = self._next(timeout)
+            n = s.length
+            if n > buf.len:
+                raise ValueError(f"message of {n} bytes does not fit the {buf.len}-byte buffer")
+            if n >= NOGIL_COPY_BYTES:
+                with nogil:
+                    memcpy(buf.buf, payload_of(s), n)
+            else:
+                memcpy(buf.buf, payload_of(s), n)
+            self._note(s)
+            self._advance()
+            return n
+        finally:
+            PyBuffer_Release(&buf)
+
+    def peek(self, timeout=None) -> memoryview:
+        """Zero-copy: a read-only memoryview of the next message in its slot.
+        The slot stays reserved (the publisher cannot reuse it) until
+        :meth:`release`. Block rings only: an overwrite ring may overwrite a
+        slot at any moment, so it is read by copy with :meth:`recv`."""
+        if self.v.policy != TB_POLICY_BLOCK:
+            raise TypeError("peek() exists on block rings only; overwrite rings can change "
+                            "a slot while it is read, so use recv()")
+        cdef tb_slot_header_t *s = self._next(timeout)
+        cdef _SlotView exporter = _SlotView.__new__(_SlotView)
+        exporter.ptr = payload_of(s)
+        exporter.length = s.length
+        exporter.memview = memoryview(exporter)
+        self._note(s)
+        self.view = exporter
+        return exporter.memview
+
+    def release(self) -> None:
+        """End the current peek: the view is invalidated and the slot freed.
+        Raises ViewInUseError (and keeps the slot) while objects made from
+        the view, e.g. ``numpy.frombuffer(view)`` or a slice, are alive."""
+        if self.view is None:
+            raise TensorbusError("release() without peek(): nothing is held")
+        self._drop_view()
+        self._advance()
+
+    cdef _drop_view(self):
+        cdef _SlotView exporter = self.view
+        if exporter.memview is not None:
+            try:
+                exporter.memview.release()
+            except BufferError:
+                raise ViewInUseError("the peeked view is still used by another object "
+                                     "(e.g. a numpy array made from it); drop that object "
+                                     "before release()") from None
+            exporter.memview = None
+        if exporter.exports:
+            raise ViewInUseError(f"{exporter.exports} slice(s) or copies of the peeked view "
+                                 "are still alive; drop them before release()")
+        self.view = None
+
+    def try_recv(self):
+        """The next message as bytes, or None if there is none right now."""
+        try:
+            return self.recv(timeout=0)
+        except ReceiveTimeout:
+            return None
+
+    @property
+    def position(self) -> int:
+        return self.pos
+
+    @property
+    def lag(self) -> int:
+        """Messages published but not yet read by this subscriber."""
+        return tb_load_acq64(&self.v.h.head) - self.pos
+
+    @property
+    def drops(self) -> int:
+        """Messages this subscriber lost to overwriting (overwrite rings)."""
+        return 0 if self.closed else tb_load_rlx_u64(&self.cur.drops)
+
+    def close(self) -> None:
+        """Leave the ring: the cursor stops holding back publishers."""
+        if self.closed:
+            return
+        if self.view is not None:
+            self._drop_view()
+        self.closed = True
+        tb_store_rel32(&self.cur.state, TB_CURSOR_FREE)
+        tb_fence_sc()
+        self.ring._wake_publishers()
+        self.ring.endpoints -= 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __dealloc__(self):
+        if not self.closed and self.ring is not None and self.ring.v.h != NULL:
+            tb_store_rel32(&self.cur.state, TB_CURSOR_FREE)
+            self.ring.endpoints -= 1

@@ -1,0 +1,103 @@
+/* tb_layout.h: the byte layout of a ring segment. Every process that maps a
+ * ring agrees on these structs; docs/ring.md explains the protocol. Fields
+ * written by different processes at high rates sit on different 64-byte
+ * lines so they do not false-share.
+ */
+#ifndef TB_LAYOUT_H
+#define TB_LAYOUT_H
+
+#include <stdint.h>
+
+#define TB_RING_MAGIC 0x314752425342ULL /* "BSBRG1" */
+#define TB_RING_VERSION 1u
+#define TB_HEADER_BYTES 512u
+#define TB_CURSOR_BYTES 128u
+#define TB_PUBLISHER_BYTES 64u
+#define TB_SLOT_HEADER_BYTES 32u
+#define TB_SLOTS_ALIGN 4096u
+/* Marks a slot's commit word while an overwrite-ring writer fills it. */
+#define TB_WRITING (1LL << 62)
+
+enum { TB_POLICY_BLOCK = 1, TB_POLICY_OVERWRITE = 2 };
+enum { TB_CURSOR_FREE = 0, TB_CURSOR_JOINING = 1, TB_CURSOR_ACTIVE = 2, TB_CURSOR_EVICTED = 3 };
+enum { TB_PUB_FREE = 0, TB_PUB_IDLE = 1, TB_PUB_CLAIMING = 2, TB_PUB_CLAIMED = 3 };
+enum { TB_MSG_INLINE = 0, TB_MSG_PAD = 1 };
+
+typedef struct {
+    uint32_t seq;      /* bumped by every wake; the futex word */
+    uint32_t sleeping; /* waiters between "announce" and "woken" */
+    uint32_t kind;     /* 0: futex (fifo doorbells come with the asyncio client) */
+    uint32_t _reserved;
+} tb_doorbell_t;
+
+typedef struct {
+    /* lines 0-1: written once by the creator */
+    uint64_t magic;
+    uint32_t version;
+    uint32_t policy;
+    uint32_t capacity;        /* slots, a power of two */
+    uint32_t slot_size;       /* largest payload of one slot, bytes */
+    uint32_t slot_stride;     /* bytes from one slot to the next */
+    uint32_t max_cursors;
+    uint32_t max_publishers;
+    uint32_t creator_pid;
+    uint64_t segment_size;
+    uint64_t cursors_offset;
+    uint64_t publishers_offset;
+    uint64_t slots_offset;
+    int64_t created_ns;       /* CLOCK_REALTIME */
+    char _pad0[128 - 80];
+    /* line 2: the next sequence to claim, hot for every publisher */
+    int64_t head;
+    char _pad1[56];
+    /* line 3: read on every publish, written rarely */
+    uint32_t closed;
+    uint32_t cursor_hwm;      /* cursor entries [0, hwm) may be in use */
+    uint32_t publisher_hwm;   /* publisher records [0, hwm) may be in use */
+    uint32_t sleepers;        /* subscribers of this ring inside futex_wait */
+    char _pad2[48];
+    /* line 4: publishers waiting for credit sleep here (block rings) */
+    tb_doorbell_t space;
+    char _pad3[48];
+} tb_ring_header_t;
+
+typedef struct {
+    /* line 0: written by the owning subscriber on every message */
+    int64_t position;         /* next sequence this subscriber reads */
+    uint64_t drops;           /* messages lost to overwriting (overwrite rings) */
+    uint64_t received;
+    char _pad0[40];
+    /* line 1: written on join, leave and sleep */
+    uint32_t state;           /* TB_CURSOR_* */
+    uint32_t generation;      /* bumped on every join: stale handles notice */
+    uint32_t owner_pid;
+    uint32_t _reserved;
+    tb_doorbell_t bell;       /* this subscriber's wake-up word */
+    char _pad1[32];
+} tb_cursor_t;
+
+typedef struct {
+    uint32_t state;           /* TB_PUB_* */
+    uint32_t owner_pid;
+    int64_t seq;              /* the sequence being claimed or held */
+    uint64_t published;
+    uint64_t dropped;         /* overwrite rings: own messages overtaken in flight */
+    char _pad[32];
+} tb_publisher_t;
+
+typedef struct {
+    int64_t commit;           /* block: seq once committed; overwrite: seqlock word */
+    uint32_t length;
+    uint16_t type;            /* TB_MSG_* */
+    uint16_t flags;           /* free for the application */
+    int64_t timestamp_ns;     /* CLOCK_REALTIME at publish */
+    uint32_t publisher;       /* publisher record index */
+    uint32_t _reserved;
+} tb_slot_header_t;
+
+_Static_assert(sizeof(tb_ring_header_t) <= TB_HEADER_BYTES, "ring header too large");
+_Static_assert(sizeof(tb_cursor_t) == TB_CURSOR_BYTES, "cursor entry must be 128 B");
+_Static_assert(sizeof(tb_publisher_t) == TB_PUBLISHER_BYTES, "publisher record must be 64 B");
+_Static_assert(sizeof(tb_slot_header_t) == TB_SLOT_HEADER_BYTES, "slot header must be 32 B");
+
+#endif /* TB_LAYOUT_H */
