@@ -22,7 +22,7 @@ import math
 import os
 
 from cpython.buffer cimport (
-    PyBUF_ANY_CONTIGUOUS,
+    PyBUF_C_CONTIGUOUS,
     PyBUF_WRITABLE,
     PyBuffer_FillInfo,
     PyBuffer_Release,
@@ -753,9 +753,9 @@ cdef class Publisher:
         if type(data) is bytes:
             return self._send(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), flags, timeout)
         try:
-            PyObject_GetBuffer(data, &buf, PyBUF_ANY_CONTIGUOUS)
-        except (TypeError, BufferError) as exc:
-            raise TypeError(f"send() takes bytes or a contiguous buffer, not "
+            PyObject_GetBuffer(data, &buf, PyBUF_C_CONTIGUOUS)
+        except (TypeError, ValueError, BufferError) as exc:
+            raise TypeError(f"send() takes bytes or a C-contiguous buffer, not "
                             f"{type(data).__name__}: {exc}") from None
         try:
             return self._send(<const char *>buf.buf, buf.len, flags, timeout)
@@ -1041,7 +1041,7 @@ cdef class Subscriber:
         """Copy the next message into a writable ``buffer``; return its size.
         A buffer too small raises ValueError and the message stays unread."""
         cdef Py_buffer buf
-        PyObject_GetBuffer(buffer, &buf, PyBUF_WRITABLE | PyBUF_ANY_CONTIGUOUS)
+        PyObject_GetBuffer(buffer, &buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)
         cdef tb_slot_header_t *s
         cdef uint32_t n
         try:
