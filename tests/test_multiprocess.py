@@ -7,10 +7,11 @@ import time
 
 import pytest
 
-import workers
-from conftest import SPAWN
 from tensorbus._core import Ring
 from tensorbus._core.ring import _layout
+
+import workers
+from conftest import SPAWN
 
 PUBLISHERS = 2
 SUBSCRIBERS = 2
@@ -21,8 +22,15 @@ def run_stress(make_ring, procs, policy, idle_timeout):
     ring = make_ring(capacity=1024, slot_size=256, policy=policy)
     ready, go, out = SPAWN.Queue(), SPAWN.Event(), SPAWN.Queue()
     for i in range(SUBSCRIBERS):
-        procs(workers.stress_subscriber, ring.name, i, PUBLISHERS * PER_PUBLISHER, ready, out,
-              idle_timeout)
+        procs(
+            workers.stress_subscriber,
+            ring.name,
+            i,
+            PUBLISHERS * PER_PUBLISHER,
+            ready,
+            out,
+            idle_timeout,
+        )
     for i in range(PUBLISHERS):
         procs(workers.stress_publisher, ring.name, i, PER_PUBLISHER, 200, ready, go, out)
     for _ in range(PUBLISHERS + SUBSCRIBERS):
@@ -39,8 +47,13 @@ def test_block_stress_every_message_in_order_gap_free(make_ring, procs):
     ring, pubs, subs = run_stress(make_ring, procs, "block", idle_timeout=30)
     assert sorted(p[2] for p in pubs) == [PER_PUBLISHER] * PUBLISHERS
     for _, sub_id, received, corrupt, gaps, reorders, drops, last in subs:
-        assert (received, corrupt, gaps, reorders, drops) == (PUBLISHERS * PER_PUBLISHER, 0, 0,
-                                                               0, 0), f"subscriber {sub_id}"
+        assert (received, corrupt, gaps, reorders, drops) == (
+            PUBLISHERS * PER_PUBLISHER,
+            0,
+            0,
+            0,
+            0,
+        ), f"subscriber {sub_id}"
         assert last == {i: PER_PUBLISHER - 1 for i in range(PUBLISHERS)}
     assert ring.head == PUBLISHERS * PER_PUBLISHER
 
@@ -50,7 +63,7 @@ def test_overwrite_stress_never_returns_a_torn_message(make_ring, procs):
     ring, pubs, subs = run_stress(make_ring, procs, "overwrite", idle_timeout=2)
     published = sum(p[2] + p[3] for p in pubs)
     assert published == PUBLISHERS * PER_PUBLISHER == ring.head
-    for _, sub_id, received, corrupt, gaps, reorders, drops, _ in subs:
+    for _, sub_id, received, corrupt, _gaps, reorders, drops, _ in subs:
         assert corrupt == 0, f"subscriber {sub_id} got {corrupt} torn messages"
         assert reorders == 0
         assert received > 0
@@ -144,8 +157,9 @@ def test_dead_publishers_claim_is_padded(make_ring, policy):
         for i in range(20):  # the repaired slot is writable again on the next laps
             pub.send(bytes([i]))
         assert pub.dropped == 0
-    assert ring.stats()["publishers"] == [s for s in ring.stats()["publishers"]
-                                          if s["pid"] == os.getpid()]
+    assert ring.stats()["publishers"] == [
+        s for s in ring.stats()["publishers"] if s["pid"] == os.getpid()
+    ]
 
 
 def looping_publisher(name, ready):

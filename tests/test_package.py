@@ -8,8 +8,11 @@ import tensorbus
 
 def test_version_and_subpackages():
     assert isinstance(tensorbus.__version__, str) and tensorbus.__version__.count(".") == 2
-    folders = {"tensorbus._core": "_core", "tensorbus.broker": "broker",
-               "tensorbus.clients": "clients"}
+    folders = {
+        "tensorbus._core": "_core",
+        "tensorbus.broker": "broker",
+        "tensorbus.clients": "clients",
+    }
     for module, folder in folders.items():
         mod = importlib.import_module(module)
         assert os.path.basename(os.path.dirname(mod.__file__)) == folder

@@ -113,7 +113,7 @@ def test_block_ring_backpressure_then_credit(make_ring):
 def test_block_ring_without_subscribers_never_blocks(make_ring):
     ring = make_ring(capacity=4, slot_size=16)
     pub = ring.publisher(timeout=0)
-    for i in range(20):
+    for _ in range(20):
         pub.send(b"nobody listens")
     sub = ring.subscriber()
     pub.send(b"first seen")

@@ -23,8 +23,13 @@ class RingModel(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        self.ring = Ring.create(capacity=CAPACITY, slot_size=SLOT, policy=self.policy,
-                                max_cursors=4, instance=f"model{os.getpid()}")
+        self.ring = Ring.create(
+            capacity=CAPACITY,
+            slot_size=SLOT,
+            policy=self.policy,
+            max_cursors=4,
+            instance=f"model{os.getpid()}",
+        )
         self.pub = self.ring.publisher(timeout=0)
         self.log = []
         self.subs = []  # [subscriber, model position, model drops]
@@ -53,8 +58,11 @@ class RingModel(RuleBasedStateMachine):
 
     @rule(data=st.binary(max_size=SLOT))
     def send(self, data):
-        full = (self.policy == "block" and self.subs
-                and self.head - min(pos for _, pos, _ in self.subs) >= CAPACITY)
+        full = (
+            self.policy == "block"
+            and self.subs
+            and self.head - min(pos for _, pos, _ in self.subs) >= CAPACITY
+        )
         if full:
             with pytest.raises(BackpressureError):
                 self.pub.send(data)
@@ -103,8 +111,12 @@ class OverwriteRingModel(RingModel):
     policy = "overwrite"
 
 
-model_settings = settings(max_examples=60, stateful_step_count=60, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+model_settings = settings(
+    max_examples=60,
+    stateful_step_count=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 TestBlockRing = RingModel.TestCase
 TestBlockRing.settings = model_settings
 TestOverwriteRing = OverwriteRingModel.TestCase

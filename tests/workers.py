@@ -30,10 +30,10 @@ def stress_publisher(name, pub_id, count, max_body, ready, go, out):
     for i in range(count):
         n = sizes[i & 4095]
         off = (i * 7919) % (len(source) - n) if n else 0
-        body = source[off:off + n]
-        buf[:HEADER.size] = pack(pub_id, i, zlib.crc32(body))
-        buf[HEADER.size:HEADER.size + n] = body
-        pub.send(memoryview(buf)[:HEADER.size + n])
+        body = source[off : off + n]
+        buf[: HEADER.size] = pack(pub_id, i, zlib.crc32(body))
+        buf[HEADER.size : HEADER.size + n] = body
+        pub.send(memoryview(buf)[: HEADER.size + n])
     out.put(("pub", pub_id, pub.published, pub.dropped))
     pub.close()
 
@@ -54,7 +54,7 @@ def stress_subscriber(name, sub_id, expected, ready, out, idle_timeout):
         except (ReceiveTimeout, RingClosedError):
             break
         pub_id, counter, crc = unpack(msg)
-        if zlib.crc32(msg[HEADER.size:]) != crc:
+        if zlib.crc32(msg[HEADER.size :]) != crc:
             corrupt += 1
         prev = last.get(pub_id, -1)
         if counter <= prev:

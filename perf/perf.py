@@ -1,0 +1,197 @@
+#!/usr/bin/env python3
+"""tensorbus benchmarks: one harness, one backend per transport, every number
+printed beside its peers measured in the same run.
+
+    python perf/perf.py lat --backend ring,zmq,mp,iox2 --size 64
+    python perf/perf.py thr --backend ring,zmq --size 64 --json out.json
+    python perf/perf.py idle
+
+lat: ping-pong round trip between two processes (p50 / p99 / mean, us).
+thr: one-way messages from one process to another (msgs/s and GB/s).
+idle: CPU a ring subscriber burns while waiting for nothing.
+Backends run interleaved, ``--repeat`` times, so machine noise hits all of
+them alike; the table quotes medians and ratios to the first backend.
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from backends import load  # noqa: E402
+
+UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kib": 1024,
+    "m": 1 << 20,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gib": 1 << 30,
+    "kb": 1000,
+    "mb": 10**6,
+    "gb": 10**9,
+}
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 64, 4KiB or 64MiB")
+    return int(match.group(1)) * UNITS[match.group(2).lower()]
+
+
+def default_count(mode: str, size: int) -> int:
+    if mode == "lat":
+        return 20_000 if size <= 65536 else max(200, (256 << 20) // size)
+    return max(20, min(200_000, (2 << 30) // max(size, 1)))
+
+
+def record(backend: str, mode: str, size: int, **fields) -> dict:
+    base = {
+        "backend": backend,
+        "mode": mode,
+        "size": size,
+        "p50_us": None,
+        "p99_us": None,
+        "mean_us": None,
+        "msgs_per_s": None,
+        "gb_per_s": None,
+    }
+    base.update(fields)
+    return base
+
+
+def run_lat(names, size, count, repeat):
+    samples = {name: [] for name in names}
+    for _ in range(repeat):
+        for name in names:
+            samples[name] += load(name).lat(size, count, max(1000, count // 10))
+    out = []
+    for name in names:
+        xs = sorted(samples[name])
+        out.append(
+            record(
+                name,
+                "lat",
+                size,
+                p50_us=xs[len(xs) // 2] / 1e3,
+                p99_us=xs[min(len(xs) - 1, int(len(xs) * 0.99))] / 1e3,
+                mean_us=statistics.fmean(xs) / 1e3,
+                samples=len(xs),
+            )
+        )
+    return out
+
+
+def run_thr(names, size, count, repeat):
+    rates = {name: [] for name in names}
+    for _ in range(repeat):
+        for name in names:
+            received, seconds = load(name).thr(size, count)
+            if received != count:
+                raise SystemExit(f"{name}: the peer received {received} of {count} messages")
+            rates[name].append(received / seconds)
+    out = []
+    for name in names:
+        rate = statistics.median(rates[name])
+        out.append(
+            record(
+                name,
+                "thr",
+                size,
+                msgs_per_s=rate,
+                gb_per_s=rate * size / 1e9,
+                runs=len(rates[name]),
+            )
+        )
+    return out
+
+
+def run_idle(names, seconds):
+    out = []
+    for name in names:
+        backend = load(name)
+        if not hasattr(backend, "idle"):
+            print(f"({name} has no idle measurement)")
+            continue
+        cpu = backend.idle(seconds)
+        out.append(record(name, "idle", 0, cpu_percent=100 * cpu / seconds, seconds=seconds))
+    return out
+
+
+def table(records):
+    if not records:
+        return
+    mode, base = records[0]["mode"], records[0]
+    if mode == "lat":
+        print(
+            f"\nround trip, {base['size']} B ({base['samples']} samples each; "
+            f"ratio = {base['backend']} / backend, lower is better for {base['backend']})"
+        )
+        print(
+            f"{'backend':<8}{'p50 us':>10}{'p99 us':>10}{'mean us':>10}"
+            f"{'p50 ratio':>12}{'p99 ratio':>12}"
+        )
+        for r in records:
+            print(
+                f"{r['backend']:<8}{r['p50_us']:>10.2f}{r['p99_us']:>10.2f}{r['mean_us']:>10.2f}"
+                f"{base['p50_us'] / r['p50_us']:>12.3f}{base['p99_us'] / r['p99_us']:>12.3f}"
+            )
+    elif mode == "thr":
+        print(
+            f"\none way, {base['size']} B messages (median of {base['runs']} runs; "
+            f"ratio = {base['backend']} / backend, higher is better for {base['backend']})"
+        )
+        print(f"{'backend':<8}{'msgs/s':>14}{'GB/s':>10}{'ratio':>10}")
+        for r in records:
+            print(
+                f"{r['backend']:<8}{r['msgs_per_s']:>14,.0f}{r['gb_per_s']:>10.3f}"
+                f"{base['msgs_per_s'] / r['msgs_per_s']:>10.2f}"
+            )
+    else:
+        print(f"\nidle subscriber, {base['seconds']:g} s waiting for nothing")
+        for r in records:
+            print(f"{r['backend']:<8}{r['cpu_percent']:>8.2f} % of one core")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=["lat", "thr", "idle"])
+    parser.add_argument(
+        "--backend",
+        default="ring,zmq,mp,iox2",
+        help="comma-separated; the first is the one the ratios describe",
+    )
+    parser.add_argument("--size", type=parse_size, default=64, help="message size, e.g. 64, 4KiB")
+    parser.add_argument("--count", type=int, help="messages per run (default: by mode and size)")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved runs per backend")
+    parser.add_argument("--seconds", type=float, default=2.0, help="idle: how long to wait")
+    parser.add_argument("--json", metavar="PATH", help="also write the records as JSON")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.backend.split(",") if n.strip()]
+    for name in names:
+        load(name)  # fail fast on an unknown or uninstalled backend
+    count = args.count or default_count(args.mode, args.size)
+    started = time.time()
+    if args.mode == "lat":
+        records = run_lat(names, args.size, count, args.repeat)
+    elif args.mode == "thr":
+        records = run_thr(names, args.size, count, args.repeat)
+    else:
+        records = run_idle(names, args.seconds)
+    table(records)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"started": started, "cpus": os.cpu_count(), "records": records}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
