@@ -21,7 +21,7 @@ cdef class SpinRegistry:
     # Host-wide (per uid) table of spin deadlines in shared memory. A slot
     # holds the CLOCK_MONOTONIC time its spinner promises to stop by, so a
     # process killed mid-spin leaves an entry that simply expires.
-    cdef Segment segment
+    cdef readonly Segment segment
     cdef int64_t *slots
     cdef int nslots
 

@@ -2,6 +2,7 @@
 processes, idle cost, and recovery from processes killed with SIGKILL."""
 
 import os
+import signal
 import struct
 import time
 
@@ -193,3 +194,14 @@ def test_publisher_killed_mid_stream_never_wedges_the_ring(make_ring, procs):
         sentinel = b"sentinel %d" % attempt
         ring.publisher(timeout=10).send(sentinel)
         assert sub.recv(timeout=10) == sentinel
+
+
+def test_ctrl_c_interrupts_a_blocked_recv(make_ring, procs):
+    ring = make_ring(capacity=16, slot_size=64)
+    ready, out = SPAWN.Queue(), SPAWN.Queue()
+    procs(workers.interruptible_subscriber, ring.name, ready, out)
+    pid = ready.get(timeout=30)
+    time.sleep(0.3)
+    os.kill(pid, signal.SIGINT)
+    kind, _ = out.get(timeout=10)
+    assert kind == "interrupted"

@@ -102,3 +102,17 @@ def joined_subscriber_then_sleep(name, ready):
     ready.put(os.getpid())
     time.sleep(3600)
     sub.close()
+
+
+def interruptible_subscriber(name, ready, out):
+    """Block in recv() with no timeout; report how a SIGINT ends it."""
+    ring = Ring.attach(name)
+    sub = ring.subscriber()
+    ready.put(os.getpid())
+    t0 = time.monotonic()
+    try:
+        sub.recv()
+        out.put(("msg", time.monotonic() - t0))
+    except KeyboardInterrupt:
+        out.put(("interrupted", time.monotonic() - t0))
+    sub.close()
