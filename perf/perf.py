@@ -175,7 +175,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="idle: how long to wait")
     parser.add_argument("--json", metavar="PATH", help="also write the records as JSON")
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.backend.split(",") if n.strip()]
+    default = "ring" if args.mode == "idle" else "ring,zmq,mp,iox2"
+    names = [n.strip() for n in (args.backend or default).split(",") if n.strip()]
     for name in names:
         load(name)  # fail fast on an unknown or uninstalled backend
     count = args.count or default_count(args.mode, args.size)
