@@ -96,4 +96,5 @@ cdef class Subscriber:
     cdef _check_stall(self)
     cdef void _note(self, tb_slot_header_t *s) noexcept
     cdef _drop_view(self)
+    cdef void _free_cursor(self) noexcept nogil
 

@@ -939,8 +939,9 @@ cdef class Subscriber:
                 self.pos = jump
                 tb_store_rel64(&self.cur.position, jump)
                 continue
-            if tb_load_rlx32(&self.cur.state) == TB_CURSOR_EVICTED:
-                return ST_EVICTED
+            if (tb_load_rlx32(&self.cur.state) != TB_CURSOR_ACTIVE
+                    or self.cur.generation != self.generation):
+                return ST_EVICTED  # evicted, or the entry was reclaimed and reused
             if tb_load_acq32(&v.h.closed):
                 if tb_load_acq64(&s.commit) == self.pos:
                     continue
@@ -982,8 +983,8 @@ cdef class Subscriber:
             if st == ST_CLOSED:
                 raise RingClosedError(f"ring {self.ring.name!r} is closed and drained")
             if st == ST_EVICTED:
-                raise RingClosedError(f"this subscriber was evicted from ring "
-                                      f"{self.ring.name!r}")
+                raise RingClosedError(f"this subscriber's cursor on ring "
+                                      f"{self.ring.name!r} was evicted or reclaimed")
             now = tb_now_ns()
             if deadline >= 0 and now >= deadline:
                 raise ReceiveTimeout(f"no message on ring {self.ring.name!r} within "
@@ -1129,7 +1130,7 @@ cdef class Subscriber:
         if self.view is not None:
             self._drop_view()
         self.closed = True
-        tb_store_rel32(&self.cur.state, TB_CURSOR_FREE)
+        self._free_cursor()
         tb_fence_sc()
         self.ring._wake_publishers()
         self.ring.endpoints -= 1
@@ -1142,5 +1143,11 @@ cdef class Subscriber:
 
     def __dealloc__(self):
         if not self.closed and self.ring is not None and self.ring.v.h != NULL:
-            tb_store_rel32(&self.cur.state, TB_CURSOR_FREE)
+            self._free_cursor()
             self.ring.endpoints -= 1
+
+    cdef void _free_cursor(self) noexcept nogil:
+        """Free our entry, unless it was reclaimed and now belongs to another."""
+        cdef uint32_t state = tb_load_acq32(&self.cur.state)
+        if state != TB_CURSOR_FREE and self.cur.generation == self.generation:
+            tb_cas32(&self.cur.state, state, TB_CURSOR_FREE)

@@ -282,3 +282,21 @@ def test_stats(make_ring):
     (cursor,) = stats["cursors"]
     assert cursor["lag"] == 2 and cursor["received"] == 1
     assert stats["publishers"][0]["published"] == 3
+
+
+def test_a_reclaimed_cursor_is_reported_not_silently_reused(make_ring):
+    ring = make_ring(capacity=4, slot_size=16)
+    sub = ring.subscriber()
+    ring.stats()  # the entry is active
+    raw = memoryview(ring.segment)
+    cursor_state = 512 + 64  # first cursor entry, second line: state
+    raw[cursor_state : cursor_state + 4] = (0).to_bytes(4, "little")  # freed under us
+    raw.release()
+    with pytest.raises(RingClosedError, match="evicted or reclaimed"):
+        sub.recv(timeout=1)
+    # Its entry was reused by a newcomer: closing the stale handle leaves it alone.
+    newcomer = ring.subscriber()
+    sub.close()
+    assert [c["state"] for c in ring.stats()["cursors"]] == ["active"]
+    ring.publisher().send(b"still delivered")
+    assert newcomer.recv(timeout=1) == b"still delivered"
