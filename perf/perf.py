@@ -166,8 +166,8 @@ def main(argv=None) -> int:
     parser.add_argument("mode", choices=["lat", "thr", "idle"])
     parser.add_argument(
         "--backend",
-        default="ring,zmq,mp,iox2",
-        help="comma-separated; the first is the one the ratios describe",
+        help="comma-separated; the first is the one the ratios describe "
+        "(default: ring,zmq,mp,iox2; for idle: ring)",
     )
     parser.add_argument("--size", type=parse_size, default=64, help="message size, e.g. 64, 4KiB")
     parser.add_argument("--count", type=int, help="messages per run (default: by mode and size)")
