@@ -939,9 +939,8 @@ cdef class Subscriber:
                 self.pos = jump
                 tb_store_rel64(&self.cur.position, jump)
                 continue
-            if (tb_load_rlx32(&self.cur.state) != TB_CURSOR_ACTIVE
-                    or self.cur.generation != self.generation):
-                return ST_EVICTED  # evicted, or the entry was reclaimed and reused
+            if tb_load_rlx32(&self.cur.state) == TB_CURSOR_EVICTED:
+                return ST_EVICTED
             if tb_load_acq32(&v.h.closed):
                 if tb_load_acq64(&s.commit) == self.pos:
                     continue
@@ -1002,6 +1001,11 @@ cdef class Subscriber:
                     nap_ms(1)  # closed, but a claimed slot is still unfilled
             if st == ST_EMPTY:
                 PyErr_CheckSignals()
+                # Off the hot path: only after a whole slice without data.
+                if (tb_load_rlx32(&self.cur.state) != TB_CURSOR_ACTIVE
+                        or self.cur.generation != self.generation):
+                    st = ST_EVICTED  # the entry was reclaimed (and maybe reused)
+                    continue
                 self._check_stall()
 
     cdef _check_stall(self):
