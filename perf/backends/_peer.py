@@ -2,6 +2,7 @@
 as an unrelated process would), time-bounded, and always stopped."""
 
 import multiprocessing
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -30,3 +31,16 @@ def result_of(result, what: str):
         return result.get(timeout=PEER_TIMEOUT)
     except Exception as exc:
         raise RuntimeError(f"the {what} peer did not report within {PEER_TIMEOUT:g} s") from exc
+
+
+def time_round_trips(round_trip: Callable[[], object], count: int, warmup: int) -> list[int]:
+    """Call ``round_trip`` ``warmup`` times untimed, then ``count`` times timed (ns)."""
+    for _ in range(warmup):
+        round_trip()
+    clock = time.perf_counter_ns
+    times = []
+    for _ in range(count):
+        t0 = clock()
+        round_trip()
+        times.append(clock() - t0)
+    return times

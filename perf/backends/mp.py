@@ -2,7 +2,7 @@
 
 import time
 
-from backends._peer import SPAWN, peer, result_of
+from backends._peer import SPAWN, peer, result_of, time_round_trips
 
 NAME = "mp"
 
@@ -18,14 +18,12 @@ def lat(size: int, count: int, warmup: int) -> list[int]:
     here, there = SPAWN.Pipe()
     with peer(_echo, there, warmup + count) as (_, result):
         msg = bytes(size)
-        clock = time.perf_counter_ns
-        times = []
-        for i in range(warmup + count):
-            t0 = clock()
+
+        def round_trip():
             here.send_bytes(msg)
             here.recv_bytes()
-            if i >= warmup:
-                times.append(clock() - t0)
+
+        times = time_round_trips(round_trip, count, warmup)
         result_of(result, NAME)
     return times
 

@@ -4,7 +4,7 @@ import time
 
 from tensorbus._core import Ring
 
-from backends._peer import peer, result_of
+from backends._peer import peer, result_of, time_round_trips
 
 NAME = "ring"
 
@@ -33,14 +33,12 @@ def lat(size: int, count: int, warmup: int) -> list[int]:
         with peer(_echo, ping.name, pong.name, size, warmup + count) as (_, result):
             pub, sub = ping.publisher(timeout=60), pong.subscriber()
             msg, buf = bytes(size), bytearray(size)
-            clock = time.perf_counter_ns
-            times = []
-            for i in range(warmup + count):
-                t0 = clock()
+
+            def round_trip():
                 pub.send(msg)
                 sub.recv_into(buf, timeout=60)
-                if i >= warmup:
-                    times.append(clock() - t0)
+
+            times = time_round_trips(round_trip, count, warmup)
             result_of(result, NAME)
             pub.close()
             sub.close()

@@ -1,27 +1,27 @@
 """pyzmq over ipc://: REQ/REP for latency, PUSH/PULL for throughput."""
 
-import os
 import tempfile
 import time
 
 import zmq
 
-from backends._peer import peer, result_of
+from backends._peer import peer, result_of, time_round_trips
 
 NAME = "zmq"
 ZERO_COPY_FROM = 64 * 1024  # pyzmq's own advice: copy=False pays off only for large frames
 
 
-def _endpoint() -> tuple[str, str]:
-    folder = tempfile.mkdtemp(prefix="tb-perf-zmq-")
-    return folder, f"ipc://{folder}/sock"
+def _bound(kind: int, endpoint: str, ready) -> tuple[zmq.Context, zmq.Socket]:
+    """The peer's socket, bound before the peer reports ready."""
+    ctx = zmq.Context()
+    sock = ctx.socket(kind)
+    sock.bind(endpoint)
+    ready.put(True)
+    return ctx, sock
 
 
 def _rep(endpoint: str, total: int, ready, result) -> None:
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.REP)
-    sock.bind(endpoint)
-    ready.put(True)
+    ctx, sock = _bound(zmq.REP, endpoint, ready)
     for _ in range(total):
         sock.send(sock.recv(copy=False), copy=False)
     result.put(True)
@@ -29,34 +29,27 @@ def _rep(endpoint: str, total: int, ready, result) -> None:
 
 
 def lat(size: int, count: int, warmup: int) -> list[int]:
-    folder, endpoint = _endpoint()
-    try:
+    with tempfile.TemporaryDirectory(prefix="tb-perf-zmq-") as folder:
+        endpoint = f"ipc://{folder}/sock"
         with peer(_rep, endpoint, warmup + count) as (_, result):
             ctx = zmq.Context()
             sock = ctx.socket(zmq.REQ)
             sock.connect(endpoint)
             msg = bytes(size)
             copy = size < ZERO_COPY_FROM
-            clock = time.perf_counter_ns
-            times = []
-            for i in range(warmup + count):
-                t0 = clock()
+
+            def round_trip():
                 sock.send(msg, copy=copy)
                 sock.recv(copy=copy)
-                if i >= warmup:
-                    times.append(clock() - t0)
+
+            times = time_round_trips(round_trip, count, warmup)
             result_of(result, NAME)
             ctx.destroy(linger=0)
         return times
-    finally:
-        _cleanup(folder)
 
 
 def _pull(endpoint: str, count: int, ready, result) -> None:
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PULL)
-    sock.bind(endpoint)
-    ready.put(True)
+    ctx, sock = _bound(zmq.PULL, endpoint, ready)
     for _ in range(count):
         sock.recv(copy=False)
     result.put((count, time.perf_counter()))
@@ -64,8 +57,8 @@ def _pull(endpoint: str, count: int, ready, result) -> None:
 
 
 def thr(size: int, count: int) -> tuple[int, float]:
-    folder, endpoint = _endpoint()
-    try:
+    with tempfile.TemporaryDirectory(prefix="tb-perf-zmq-") as folder:
+        endpoint = f"ipc://{folder}/sock"
         with peer(_pull, endpoint, count) as (_, result):
             ctx = zmq.Context()
             sock = ctx.socket(zmq.PUSH)
@@ -78,11 +71,3 @@ def thr(size: int, count: int) -> tuple[int, float]:
             received, t1 = result_of(result, NAME)
             ctx.destroy(linger=0)
         return received, t1 - t0
-    finally:
-        _cleanup(folder)
-
-
-def _cleanup(folder: str) -> None:
-    for entry in os.listdir(folder):
-        os.unlink(os.path.join(folder, entry))
-    os.rmdir(folder)
