@@ -40,7 +40,7 @@ def core_extension(name: str) -> Extension:
     )
 
 
-extensions = [core_extension(n) for n in ("segment", "wait", "ring")]
+extensions = [core_extension(n) for n in ("segment", "wait", "bells", "ring", "inbox")]
 
 setup(
     packages=["tensorbus", "tensorbus._core", "tensorbus.broker", "tensorbus.clients"],

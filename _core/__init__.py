@@ -3,6 +3,7 @@
 Nothing here imports asyncio, sockets or any other tensorbus package.
 """
 
+from tensorbus._core.bells import BellTable
 from tensorbus._core.errors import (
     BackpressureError,
     CapacityError,
@@ -14,15 +15,20 @@ from tensorbus._core.errors import (
     SegmentError,
     SegmentNameError,
     SegmentNotFoundError,
+    SlowConsumer,
     TensorbusError,
     ViewInUseError,
 )
+from tensorbus._core.inbox import Inbox, Message
 from tensorbus._core.ring import POLICIES, Publisher, Ring, Subscriber
 from tensorbus._core.segment import Segment, check_segment_name, segment_name
 from tensorbus._core.wait import SpinRegistry, Waiter
 
 __all__ = [
     "BackpressureError",
+    "BellTable",
+    "Inbox",
+    "Message",
     "CapacityError",
     "ClaimLostError",
     "LayoutMismatchError",
@@ -36,6 +42,7 @@ __all__ = [
     "SegmentError",
     "SegmentNameError",
     "SegmentNotFoundError",
+    "SlowConsumer",
     "SpinRegistry",
     "Subscriber",
     "TensorbusError",

@@ -18,6 +18,7 @@ __all__ = [
     "ViewInUseError",
     "CapacityError",
     "ClaimLostError",
+    "SlowConsumer",
 ]
 
 
@@ -67,3 +68,7 @@ class CapacityError(TensorbusError):
 
 class ClaimLostError(TensorbusError):
     """A claim was padded by a repair that took this publisher for dead."""
+
+
+class SlowConsumer(RingClosedError):
+    """This subscriber fell too far behind for too long and was evicted."""

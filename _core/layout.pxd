@@ -13,6 +13,11 @@ cdef extern from "tb_layout.h" nogil:
     uint32_t TB_SLOT_HEADER_BYTES
     uint32_t TB_SLOTS_ALIGN
     int64_t TB_WRITING
+    uint32_t TB_LAT_BUCKETS
+    uint32_t TB_LAT_FIRST
+    uint64_t TB_BELLS_MAGIC
+    uint32_t TB_BELLS_VERSION
+    uint32_t TB_BELL_BYTES
 
     enum:
         TB_POLICY_BLOCK
@@ -27,11 +32,28 @@ cdef extern from "tb_layout.h" nogil:
         TB_PUB_CLAIMED
         TB_MSG_INLINE
         TB_MSG_PAD
+        TB_BELL_FUTEX
+        TB_BELL_FIFO
+        TB_CURSOR_LATEST
 
     ctypedef struct tb_doorbell_t:
         uint32_t seq          # bumped by every wake; the futex word
         uint32_t sleeping     # waiters that announced they will sleep
-        uint32_t kind         # 0: futex
+        uint32_t kind         # TB_BELL_FUTEX
+
+    ctypedef struct tb_bell_t:
+        uint32_t seq          # bumped by every wake; the futex word
+        uint32_t sleeping     # waiters that announced they will sleep
+        uint32_t kind         # TB_BELL_FUTEX or TB_BELL_FIFO
+        uint32_t generation   # bumped by the broker on each reuse
+        uint32_t notice       # the broker has news for this subscription
+        uint32_t owner_pid
+
+    ctypedef struct tb_bells_header_t:
+        uint64_t magic
+        uint32_t version
+        uint32_t count        # bells after the 64-byte header
+        uint32_t creator_pid
 
     ctypedef struct tb_ring_header_t:
         uint64_t magic
@@ -62,7 +84,10 @@ cdef extern from "tb_layout.h" nogil:
         uint32_t state        # TB_CURSOR_*
         uint32_t generation   # bumped on each join
         uint32_t owner_pid    # liveness: a dead owner's cursor is freed by repair
-        tb_doorbell_t bell    # this subscriber's wake-up word
+        uint32_t bell_ref     # 0: `bell` below; i + 1: bell i of the broker's table
+        tb_doorbell_t bell    # wake-up word of a subscriber without a bell table
+        uint32_t flags        # TB_CURSOR_LATEST
+        uint32_t latency[48]  # delivery-latency histogram, half-octave buckets from 64 ns
 
     ctypedef struct tb_publisher_t:
         uint32_t state        # TB_PUB_*: repair pads the claim of a dead owner
@@ -70,6 +95,7 @@ cdef extern from "tb_layout.h" nogil:
         int64_t seq           # the sequence being claimed or held
         uint64_t published
         uint64_t dropped
+        uint64_t bytes        # payload bytes published
 
     ctypedef struct tb_slot_header_t:
         int64_t commit        # block: seq when committed; overwrite: seqlock word

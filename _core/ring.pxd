@@ -3,7 +3,11 @@
 # docs/ring.md describes the protocol; tb_layout.h the bytes.
 from libc.stdint cimport int64_t, uint16_t, uint32_t
 
+from tensorbus._core.atomic cimport tb_load_acq64, tb_load_rlx32, tb_load_rlx64
+from tensorbus._core.bells cimport BellTable
 from tensorbus._core.layout cimport (
+    TB_CURSOR_ACTIVE,
+    TB_WRITING,
     tb_cursor_t,
     tb_publisher_t,
     tb_ring_header_t,
@@ -29,10 +33,29 @@ cdef struct RingView:
     uint32_t policy
 
 
+cdef inline tb_slot_header_t *slot_at(RingView *v, int64_t seq) noexcept nogil:
+    return <tb_slot_header_t *>(v.slots + (seq & v.mask) * v.stride)
+
+
+cdef inline bint cursor_ready(RingView *v, tb_cursor_t *cur, int64_t pos,
+                              bint latest) noexcept nogil:
+    """Cheap check for a waiter: is there something at ``pos`` (a message, a
+    lap, a newer value for a "latest" reader), or was the ring closed or the
+    cursor evicted? The subscriber's ``_poll`` then tells which."""
+    cdef int64_t c = tb_load_acq64(&slot_at(v, pos).commit)
+    if c == pos or (c & ~TB_WRITING) > pos:
+        return True
+    if latest and tb_load_rlx64(&v.h.head) - 1 > pos:
+        return True
+    return (tb_load_rlx32(&v.h.closed) != 0
+            or tb_load_rlx32(&cur.state) != TB_CURSOR_ACTIVE)
+
+
 cdef class Ring:
     cdef readonly Segment segment
     cdef RingView v
     cdef readonly Waiter waiter
+    cdef readonly BellTable bells  # the broker's doorbells that cursors may name; None standalone
     cdef int64_t slice_ns     # longest single sleep: bounds signal and repair latency
     cdef int64_t stall_ns     # a claimed-but-uncommitted slot older than this triggers repair
 
@@ -42,9 +65,10 @@ cdef class Ring:
     cdef void _wake_publishers(self) noexcept nogil
     cdef void _check_open(self) except *
     cdef int _pad_claim(self, int64_t seq) except -2
+    cdef uint32_t _join(self, uint32_t owner_pid, uint32_t bell_ref, uint32_t flags) except? 0xFFFFFFFF
 
     @staticmethod
-    cdef Ring _open(Segment seg, object spin_us)
+    cdef Ring _open(Segment seg, object spin_us, BellTable bells)
 
 
 cdef class Publisher:
@@ -86,11 +110,14 @@ cdef class Subscriber:
     cdef int64_t stall_since  # when the awaited slot was first seen claimed but unfilled
     cdef _SlotView view       # the slot peek() exported, held until release()
     cdef bint closed
+    cdef bint latest          # QoS "latest": always read the newest message
     cdef readonly int64_t last_seq
     cdef readonly int64_t last_timestamp_ns
     cdef readonly int last_flags
 
     cdef int _poll(self, tb_slot_header_t **out) noexcept nogil
+    cdef bint _ready(self) noexcept nogil
+    cdef bytes _take(self, tb_slot_header_t *s)
     cdef void _advance(self) noexcept nogil
     cdef tb_slot_header_t *_next(self, object timeout) except NULL
     cdef _check_stall(self)

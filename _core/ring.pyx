@@ -80,11 +80,16 @@ from tensorbus._core.layout cimport (
     TB_SLOT_HEADER_BYTES,
     TB_SLOTS_ALIGN,
     TB_WRITING,
+    TB_CURSOR_LATEST,
+    TB_LAT_BUCKETS,
+    TB_LAT_FIRST,
+    tb_bell_t,
     tb_cursor_t,
     tb_publisher_t,
     tb_ring_header_t,
     tb_slot_header_t,
 )
+from tensorbus._core.bells cimport BellTable
 from tensorbus._core.segment cimport Segment
 from tensorbus._core.wait cimport Waiter
 
@@ -100,6 +105,9 @@ from tensorbus._core.errors import (
     ViewInUseError,
 )
 from tensorbus._core.segment import segment_name
+
+cdef extern from *:
+    int __builtin_clzll(unsigned long long x) nogil
 
 __all__ = ["Ring", "Publisher", "Subscriber", "POLICIES"]
 
@@ -124,10 +132,6 @@ cdef enum Limits:
 # ---------------------------------------------------------------------------
 # nogil helpers on the validated view
 # ---------------------------------------------------------------------------
-
-cdef inline tb_slot_header_t *slot_at(RingView *v, int64_t seq) noexcept nogil:
-    return <tb_slot_header_t *>(v.slots + (seq & v.mask) * v.stride)
-
 
 cdef inline char *payload_of(tb_slot_header_t *s) noexcept nogil:
     return (<char *>s) + TB_SLOT_HEADER_BYTES
@@ -155,6 +159,18 @@ cdef int64_t slowest_cursor(RingView *v, int64_t head) noexcept nogil:
             if p < low:
                 low = p
     return low
+
+
+cdef inline void record_latency(tb_cursor_t *c, int64_t ns) noexcept nogil:
+    """Count one delivery latency in the cursor's half-octave histogram."""
+    cdef uint64_t x = <uint64_t>ns if ns > 0 else 1
+    cdef int e = 63 - __builtin_clzll(x)
+    cdef int b = 2 * e + (<int>((x >> (e - 1)) & 1) if e > 0 else 0) - <int>TB_LAT_FIRST
+    if b < 0:
+        b = 0
+    elif b >= <int>TB_LAT_BUCKETS:
+        b = TB_LAT_BUCKETS - 1
+    c.latency[b] += 1  # single writer: the cursor's owner
 
 
 cdef inline void bump_max32(uint32_t *word, uint32_t value) noexcept nogil:
@@ -237,13 +253,14 @@ cdef class Ring:
     @staticmethod
     def create(str name=None, *, int capacity=1024, int slot_size=4096, str policy="block",
                int max_cursors=64, int max_publishers=64, str instance="solo",
-               spin_us=None) -> Ring:
+               spin_us=None, BellTable bells=None) -> Ring:
         """Create a ring segment (mode 0600) and map it.
 
         ``capacity`` is the number of slots (a power of two), ``slot_size``
         the largest message in bytes, ``policy`` ``"block"`` or
         ``"overwrite"``. ``name`` defaults to a fresh unguessable
-        ``tb-<uid>-<instance>-ring.<random>``."""
+        ``tb-<uid>-<instance>-ring.<random>``. ``bells``: the broker's bell
+        table, needed to wake subscribers whose cursors name one of its bells."""
         if policy not in POLICIES:
             raise ValueError(f"policy must be 'block' or 'overwrite', not {policy!r}")
         if capacity < 2 or capacity > MAX_CAPACITY or capacity & (capacity - 1):
@@ -284,10 +301,11 @@ cdef class Ring:
         # The magic goes last: an attacher that sees it sees a whole header.
         (<uint64_t *>&h.magic)[0] = TB_RING_MAGIC
         tb_fence_sc()
-        return Ring._open(seg, spin_us)
+        return Ring._open(seg, spin_us, bells)
 
     @staticmethod
-    def attach(str name, *, spin_us=None, double init_timeout=1.0) -> Ring:
+    def attach(str name, *, spin_us=None, double init_timeout=1.0,
+               BellTable bells=None) -> Ring:
         """Map an existing ring, checking its magic, version and geometry."""
         cdef Segment seg = Segment.attach(name)
         if seg.size < TB_HEADER_BYTES:
@@ -303,10 +321,10 @@ cdef class Ring:
         except BaseException:
             seg.close()
             raise
-        return Ring._open(seg, spin_us)
+        return Ring._open(seg, spin_us, bells)
 
     @staticmethod
-    cdef Ring _open(Segment seg, object spin_us):
+    cdef Ring _open(Segment seg, object spin_us, BellTable bells):
         cdef Ring r = Ring.__new__(Ring)
         cdef tb_ring_header_t *h = <tb_ring_header_t *>seg.base
         r.segment = seg
@@ -322,6 +340,7 @@ cdef class Ring:
         r.v.cursors = <tb_cursor_t *>(seg.base + h.cursors_offset)
         r.v.records = <tb_publisher_t *>(seg.base + h.publishers_offset)
         r.waiter = Waiter(spin_us)
+        r.bells = bells
         r.slice_ns = 50000000   # 50 ms
         r.stall_ns = 200000000  # 200 ms
         return r
@@ -340,6 +359,91 @@ cdef class Ring:
     def subscriber(self) -> Subscriber:
         """A new subscriber; it receives everything published from now on."""
         return Subscriber(self)
+
+    # -- cursors handed out by a broker ------------------------------------
+
+    def join_cursor(self, uint32_t owner_pid, *, uint32_t bell=0, bint latest=False) -> tuple:
+        """Allocate and activate a cursor for process ``owner_pid`` (which
+        adopts it with ``Subscriber(ring, cursor=..., generation=...)``).
+        ``bell``: 0, or 1 + the index of its doorbell in the bell table.
+        ``latest``: the cursor reads only the newest message and starts at
+        the last one published. Returns ``(index, generation)``."""
+        self._check_open()
+        if bell and (self.bells is None or bell > self.bells.count):
+            raise ValueError(f"bell reference {bell} is not in this ring's bell table")
+        cdef uint32_t i = self._join(owner_pid, bell, 1 if latest else 0)
+        return i, self.v.cursors[i].generation
+
+    def free_cursor(self, uint32_t index, uint32_t generation) -> bool:
+        """Free cursor ``index`` if it still has ``generation`` (a dead or
+        departed subscriber's); publishers waiting for credit wake."""
+        self._check_open()
+        if index >= self.v.max_cursors:
+            return False
+        cdef tb_cursor_t *c = &self.v.cursors[index]
+        cdef uint32_t st = tb_load_acq32(&c.state)
+        if st == TB_CURSOR_FREE or c.generation != generation:
+            return False
+        if not tb_cas32(&c.state, st, TB_CURSOR_FREE):
+            return False
+        tb_fence_sc()
+        with nogil:
+            self._wake_publishers()
+        return True
+
+    def evict_cursor(self, uint32_t index, uint32_t generation) -> bool:
+        """Mark an active cursor EVICTED (a slow consumer): it stops holding
+        publishers back and its owner's next read raises."""
+        self._check_open()
+        if index >= self.v.max_cursors:
+            return False
+        cdef tb_cursor_t *c = &self.v.cursors[index]
+        if c.generation != generation or not tb_cas32(&c.state, TB_CURSOR_ACTIVE,
+                                                      TB_CURSOR_EVICTED):
+            return False
+        tb_fence_sc()
+        with nogil:
+            self._wake_publishers()
+            self._wake_subscribers()
+        return True
+
+    cdef uint32_t _join(self, uint32_t owner_pid, uint32_t bell_ref,
+                        uint32_t flags) except? 0xFFFFFFFF:
+        cdef RingView *v = &self.v
+        cdef uint32_t i
+        cdef tb_cursor_t *c
+        for i in range(v.max_cursors):
+            c = &v.cursors[i]
+            if tb_cas32(&c.state, TB_CURSOR_FREE, TB_CURSOR_JOINING):
+                break
+        else:
+            raise CapacityError(f"ring {self.name!r} already has {v.max_cursors} "
+                                "subscribers (max_cursors)")
+        c.owner_pid = owner_pid
+        c.generation += 1
+        c.drops = 0
+        c.received = 0
+        c.bell.sleeping = 0
+        c.bell_ref = bell_ref
+        c.flags = flags
+        memset(c.latency, 0, sizeof(c.latency))
+        bump_max32(&v.h.cursor_hwm, i + 1)
+        # Join without loss: publish a position, become visible, and retry
+        # if the head ran a whole ring ahead meanwhile (a publisher that
+        # scanned cursors before we were visible may have lapped us).
+        cdef int64_t head
+        cdef bint first = True
+        while True:
+            head = tb_load_sc64(&v.h.head)
+            if flags & TB_CURSOR_LATEST and head > 0:
+                head -= 1  # a new "latest" reader gets the current value at once
+            tb_store_sc64(&c.position, head)
+            if first:
+                tb_cas32(&c.state, TB_CURSOR_JOINING, TB_CURSOR_ACTIVE)
+                first = False
+            if tb_load_sc64(&v.h.head) - head < v.capacity:
+                break
+        return i
 
     # -- properties --------------------------------------------------------
 
@@ -404,12 +508,17 @@ cdef class Ring:
     cdef int _wake_subscribers(self) noexcept nogil:
         """Ring the doorbell of every subscriber that announced a sleep.
         Callers have issued the seq_cst fence after their commit."""
-        cdef uint32_t i
+        cdef uint32_t i, ref
         cdef int woken = 0
         cdef tb_cursor_t *c
         for i in range(cursor_bound(&self.v)):
             c = &self.v.cursors[i]
-            if tb_load_rlx32(&c.bell.sleeping):
+            ref = tb_load_rlx32(&c.bell_ref)
+            if ref:
+                if self.bells is not None and tb_load_rlx32(&c.state) != TB_CURSOR_FREE:
+                    self.bells.ring(ref - 1)
+                    woken += 1
+            elif tb_load_rlx32(&c.bell.sleeping):
                 tb_fetch_add32(&c.bell.seq, 1)
                 tb_futex_wake_all(&c.bell.seq)
                 woken += 1
@@ -506,6 +615,8 @@ cdef class Ring:
                 cursors.append({"index": i, "pid": c.owner_pid, "position": pos,
                                 "lag": head - pos, "drops": tb_load_rlx_u64(&c.drops),
                                 "received": tb_load_rlx_u64(&c.received),
+                                "generation": c.generation,
+                                "latency": [c.latency[k] for k in range(TB_LAT_BUCKETS)],
                                 "state": ("joining", "active", "evicted")[c.state - 1]})
         publishers = []
         for i in range(record_bound(v)):
@@ -513,10 +624,27 @@ cdef class Ring:
             if tb_load_acq32(&r.state) != TB_PUB_FREE:
                 publishers.append({"index": i, "pid": r.owner_pid,
                                    "published": tb_load_rlx_u64(&r.published),
+                                   "bytes": tb_load_rlx_u64(&r.bytes),
                                    "dropped": tb_load_rlx_u64(&r.dropped)})
         return {"name": self.name, "policy": self.policy, "capacity": v.capacity,
                 "slot_size": v.slot_size, "head": head, "closed": bool(v.h.closed),
                 "cursors": cursors, "publishers": publishers}
+
+    def cursor_lags(self) -> list:
+        """``(index, generation, lag, drops)`` of each active cursor: the
+        broker's cheap per-tick view for pressure and slow-consumer checks."""
+        self._check_open()
+        cdef RingView *v = &self.v
+        cdef int64_t head = tb_load_acq64(&v.h.head)
+        cdef uint32_t i
+        cdef tb_cursor_t *c
+        out = []
+        for i in range(cursor_bound(v)):
+            c = &v.cursors[i]
+            if tb_load_acq32(&c.state) == TB_CURSOR_ACTIVE:
+                out.append((i, c.generation, head - tb_load_acq64(&c.position),
+                            tb_load_rlx_u64(&c.drops)))
+        return out
 
     def __repr__(self):
         if self.v.h == NULL:
@@ -598,6 +726,7 @@ cdef class Publisher:
         r.owner_pid = os.getpid()
         r.published = 0
         r.dropped = 0
+        r.bytes = 0
         tb_store_rlx64(&r.seq, -1)
         bump_max32(&self.v.h.publisher_hwm, i + 1)
         self.rec = r
@@ -673,7 +802,8 @@ cdef class Publisher:
         tb_store_rel32(&rec.state, TB_PUB_IDLE)
         if not ok:
             return ST_LOST
-        tb_fetch_add_u64(&rec.published, 1)
+        rec.published += 1  # single writer: the record's owner
+        rec.bytes += n
         seq[0] = head
         tb_fence_sc()  # commit before reading "sleepers": see docs/ring.md
         if tb_load_rlx32(&v.h.sleepers):
@@ -729,7 +859,7 @@ cdef class Publisher:
                 slice_ns = deadline - now
             with nogil:
                 ready = self.ring.waiter.wait(credit_ready, &ctx, &self.v.h.space.seq,
-                                              &self.v.h.space.sleeping, NULL, slice_ns)
+                                              &self.v.h.space.sleeping, NULL, 0, slice_ns)
             if not ready:
                 PyErr_CheckSignals()
                 now = tb_now_ns()
@@ -843,7 +973,7 @@ cdef class Subscriber:
     """Receives every message published after it joined (block rings), or
     the newest it can keep up with (overwrite rings, counting drops)."""
 
-    def __cinit__(self, Ring ring):
+    def __cinit__(self, Ring ring, cursor=None, generation=None):
         ring._check_open()
         self.ring = ring
         self.v = &ring.v
@@ -854,36 +984,27 @@ cdef class Subscriber:
         cdef RingView *v = self.v
         cdef uint32_t i
         cdef tb_cursor_t *c
-        for i in range(v.max_cursors):
-            c = &v.cursors[i]
-            if tb_cas32(&c.state, TB_CURSOR_FREE, TB_CURSOR_JOINING):
-                break
+        if cursor is None:
+            i = ring._join(os.getpid(), 0, 0)
         else:
-            raise CapacityError(f"ring {ring.name!r} already has {v.max_cursors} "
-                                "subscribers (max_cursors)")
-        c.owner_pid = os.getpid()
-        c.generation += 1
-        c.drops = 0
-        c.received = 0
-        c.bell.sleeping = 0
-        bump_max32(&v.h.cursor_hwm, i + 1)
-        # Join without loss: publish a position, become visible, and retry
-        # if the head ran a whole ring ahead meanwhile (a publisher that
-        # scanned cursors before we were visible may have lapped us).
-        cdef int64_t head
-        cdef bint first = True
-        while True:
-            head = tb_load_sc64(&v.h.head)
-            tb_store_sc64(&c.position, head)
-            if first:
-                tb_cas32(&c.state, TB_CURSOR_JOINING, TB_CURSOR_ACTIVE)
-                first = False
-            if tb_load_sc64(&v.h.head) - head < v.capacity:
-                break
+            # Adopt a cursor a broker joined for this process.
+            if not 0 <= cursor < v.max_cursors:
+                raise ValueError(f"cursor {cursor} is outside ring {ring.name!r}")
+            i = cursor
+            c = &v.cursors[i]
+            if (tb_load_acq32(&c.state) != TB_CURSOR_ACTIVE or c.generation != generation
+                    or c.owner_pid != <uint32_t>os.getpid()):
+                raise TensorbusError(f"cursor {cursor} of ring {ring.name!r} is not an active "
+                                     f"cursor of generation {generation} owned by this process")
+            if c.bell_ref and (ring.bells is None or c.bell_ref > ring.bells.count):
+                raise ValueError(f"cursor {cursor} of ring {ring.name!r} names a doorbell; "
+                                 "attach the ring with the broker's bell table")
+        c = &v.cursors[i]
         self.cur = c
         self.index = i
         self.generation = c.generation
-        self.pos = head
+        self.latest = (c.flags & TB_CURSOR_LATEST) != 0
+        self.pos = tb_load_acq64(&c.position)
         self.stall_since = 0
         if v.policy == TB_POLICY_OVERWRITE:
             self.scratch = bytearray(TB_SLOT_HEADER_BYTES + v.slot_size)
@@ -900,6 +1021,11 @@ cdef class Subscriber:
         cdef tb_slot_header_t *s
         cdef int64_t c, c2, seqv, head, jump
         cdef uint32_t n
+        if self.latest:
+            head = tb_load_acq64(&v.h.head)
+            if head - 1 > self.pos:
+                self.pos = head - 1  # older values are superseded, not lost
+                tb_store_rel64(&self.cur.position, self.pos)
         while True:
             s = slot_at(v, self.pos)
             c = tb_load_acq64(&s.commit)
@@ -948,6 +1074,18 @@ cdef class Subscriber:
                     return ST_CLOSED
             return ST_EMPTY
 
+    cdef bint _ready(self) noexcept nogil:
+        """Cheap check for a waiter: is there something to read (a message,
+        a lap, a close or an eviction)? ``_poll`` then tells which."""
+        return cursor_ready(self.v, self.cur, self.pos, self.latest)
+
+    cdef bytes _take(self, tb_slot_header_t *s):
+        """Copy out the message ``_poll`` found, note its metadata, consume it."""
+        data = PyBytes_FromStringAndSize(payload_of(s), s.length)
+        self._note(s)
+        self._advance()
+        return data
+
     cdef void _advance(self) noexcept nogil:
         """Consume the current message: publish the new cursor position and,
         on block rings, wake publishers that sleep waiting for credit."""
@@ -974,6 +1112,14 @@ cdef class Subscriber:
         cdef int64_t deadline = deadline_of(timeout_ns), now, slice_ns
         cdef WaitCtx ctx
         cdef bint ready
+        cdef uint32_t *sleepers = &self.v.h.sleepers
+        cdef uint32_t *bell_seq = &self.cur.bell.seq
+        cdef uint32_t *bell_sleeping = &self.cur.bell.sleeping
+        cdef tb_bell_t *bell
+        if self.cur.bell_ref:
+            bell = self.ring.bells.bell(self.cur.bell_ref - 1)
+            bell_seq = &bell.seq
+            bell_sleeping = &bell.sleeping
         ctx.v = self.v
         ctx.cur = self.cur
         while True:
@@ -993,9 +1139,8 @@ cdef class Subscriber:
                 slice_ns = deadline - now
             ctx.pos = self.pos
             with nogil:
-                ready = self.ring.waiter.wait(data_ready, &ctx, &self.cur.bell.seq,
-                                              &self.cur.bell.sleeping, &self.v.h.sleepers,
-                                              slice_ns)
+                ready = self.ring.waiter.wait(data_ready, &ctx, bell_seq, bell_sleeping,
+                                              &sleepers, 1, slice_ns)
                 st = self._poll(&s)
                 if st == ST_EMPTY and ready:
                     nap_ms(1)  # closed, but a claimed slot is still unfilled
@@ -1030,6 +1175,7 @@ cdef class Subscriber:
         self.last_seq = self.pos
         self.last_timestamp_ns = s.timestamp_ns
         self.last_flags = s.flags
+        record_latency(self.cur, tb_realtime_ns() - s.timestamp_ns)
 
     def recv(self, timeout=None) -> bytes:
         """Return the next message as bytes, waiting up to ``timeout`` seconds

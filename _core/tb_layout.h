@@ -9,26 +9,59 @@
 #include <stdint.h>
 
 #define TB_RING_MAGIC 0x314752425342ULL /* "BSBRG1" */
-#define TB_RING_VERSION 1u
+#define TB_RING_VERSION 2u
 #define TB_HEADER_BYTES 512u
-#define TB_CURSOR_BYTES 128u
+#define TB_CURSOR_BYTES 384u
 #define TB_PUBLISHER_BYTES 64u
 #define TB_SLOT_HEADER_BYTES 32u
 #define TB_SLOTS_ALIGN 4096u
 /* Marks a slot's commit word while an overwrite-ring writer fills it. */
 #define TB_WRITING (1LL << 62)
+/* Delivery-latency histogram of a cursor: bucket i counts latencies in
+ * [2^((i + TB_LAT_FIRST) / 2), 2^((i + TB_LAT_FIRST + 1) / 2)) ns, half an
+ * octave each, from 64 ns; the last bucket also takes everything above. */
+#define TB_LAT_BUCKETS 48u
+#define TB_LAT_FIRST 12u
+#define TB_BELLS_MAGIC 0x314c4c4542425354ULL /* "TSBBELL1" */
+#define TB_BELLS_VERSION 1u
+#define TB_BELL_BYTES 64u
 
 enum { TB_POLICY_BLOCK = 1, TB_POLICY_OVERWRITE = 2 };
 enum { TB_CURSOR_FREE = 0, TB_CURSOR_JOINING = 1, TB_CURSOR_ACTIVE = 2, TB_CURSOR_EVICTED = 3 };
 enum { TB_PUB_FREE = 0, TB_PUB_IDLE = 1, TB_PUB_CLAIMING = 2, TB_PUB_CLAIMED = 3 };
 enum { TB_MSG_INLINE = 0, TB_MSG_PAD = 1 };
+enum { TB_BELL_FUTEX = 0, TB_BELL_FIFO = 1 };
+/* cursor flags */
+enum { TB_CURSOR_LATEST = 1 }; /* reads only the newest message (QoS "latest") */
 
 typedef struct {
     uint32_t seq;      /* bumped by every wake; the futex word */
     uint32_t sleeping; /* waiters between "announce" and "woken" */
-    uint32_t kind;     /* 0: futex (fifo doorbells come with the asyncio client) */
+    uint32_t kind;     /* TB_BELL_FUTEX (a cursor's own bell is always one) */
     uint32_t _reserved;
 } tb_doorbell_t;
+
+/* A doorbell in the broker's bell table: one per subscription, named by the
+ * cursors of every ring that subscription reads, so one waiter can sleep on
+ * several rings. Futex bells wake sync waiters; FIFO bells wake an asyncio
+ * loop through a named pipe it watches with add_reader. */
+typedef struct {
+    uint32_t seq;        /* bumped by every wake; the futex word */
+    uint32_t sleeping;   /* waiters between "announce" and "woken" */
+    uint32_t kind;       /* TB_BELL_FUTEX or TB_BELL_FIFO */
+    uint32_t generation; /* bumped by the broker on every reuse */
+    uint32_t notice;     /* the broker has news for this subscription */
+    uint32_t owner_pid;
+    char _pad[40];
+} tb_bell_t;
+
+typedef struct {
+    uint64_t magic;
+    uint32_t version;
+    uint32_t count;      /* bells after this 64-byte header */
+    uint32_t creator_pid;
+    char _pad[44];
+} tb_bells_header_t;
 
 typedef struct {
     /* lines 0-1: written once by the creator */
@@ -71,9 +104,13 @@ typedef struct {
     uint32_t state;           /* TB_CURSOR_* */
     uint32_t generation;      /* bumped on every join: stale handles notice */
     uint32_t owner_pid;
-    uint32_t _reserved;
-    tb_doorbell_t bell;       /* this subscriber's wake-up word */
-    char _pad1[32];
+    uint32_t bell_ref;        /* 0: ring `bell` below; i + 1: bell i of the broker's table */
+    tb_doorbell_t bell;       /* the wake-up word of a subscriber without a bell table */
+    uint32_t flags;           /* TB_CURSOR_LATEST */
+    char _pad1[28];
+    /* lines 2-4: delivery latency (publish timestamp to receive), written by the owner */
+    uint32_t latency[TB_LAT_BUCKETS];
+    char _pad2[64];
 } tb_cursor_t;
 
 typedef struct {
@@ -82,7 +119,8 @@ typedef struct {
     int64_t seq;              /* the sequence being claimed or held */
     uint64_t published;
     uint64_t dropped;         /* overwrite rings: own messages overtaken in flight */
-    char _pad[32];
+    uint64_t bytes;           /* payload bytes published */
+    char _pad[24];
 } tb_publisher_t;
 
 typedef struct {
@@ -98,6 +136,8 @@ typedef struct {
 _Static_assert(sizeof(tb_ring_header_t) <= TB_HEADER_BYTES, "ring header too large");
 _Static_assert(sizeof(tb_cursor_t) == TB_CURSOR_BYTES, "cursor entry must be 128 B");
 _Static_assert(sizeof(tb_publisher_t) == TB_PUBLISHER_BYTES, "publisher record must be 64 B");
+_Static_assert(sizeof(tb_bell_t) == TB_BELL_BYTES, "bell must be 64 B");
+_Static_assert(sizeof(tb_bells_header_t) == 64, "bell table header must be 64 B");
 _Static_assert(sizeof(tb_slot_header_t) == TB_SLOT_HEADER_BYTES, "slot header must be 32 B");
 
 #endif /* TB_LAYOUT_H */

@@ -34,4 +34,4 @@ cdef class Waiter:
     cdef readonly SpinRegistry registry
 
     cdef bint wait(self, ready_fn ready, void *ctx, uint32_t *bell_seq, uint32_t *bell_sleeping,
-                   uint32_t *ring_sleepers, int64_t timeout_ns) noexcept nogil
+                   uint32_t **ring_sleepers, int n_rings, int64_t timeout_ns) noexcept nogil

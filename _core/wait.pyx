@@ -122,20 +122,22 @@ cdef class Waiter:
         return self.policy.max_spinners
 
     cdef bint wait(self, ready_fn ready, void *ctx, uint32_t *bell_seq, uint32_t *bell_sleeping,
-                   uint32_t *ring_sleepers, int64_t timeout_ns) noexcept nogil:
+                   uint32_t **ring_sleepers, int n_rings, int64_t timeout_ns) noexcept nogil:
         """Wait until ``ready(ctx)`` or ``timeout_ns`` passes; True if ready.
 
         Sleeping follows the doorbell handshake: read the bell's sequence,
         announce the sleep, full fence, re-check, then futex_wait on that
         sequence. A waker commits, fences, reads ``sleeping`` and only then
         bumps the sequence and wakes, so one of the two always sees the
-        other: no lost wake-up, and no syscall when nobody sleeps."""
+        other: no lost wake-up, and no syscall when nobody sleeps.
+        ``ring_sleepers`` are the ``sleepers`` counters of every ring whose
+        publishers must ring this bell (``n_rings`` of them, maybe none)."""
         cdef int64_t start = tb_now_ns()
         cdef int64_t now = start
         cdef int64_t deadline = start + timeout_ns
         cdef int64_t spin_end
         cdef unsigned int i = 0
-        cdef int slot
+        cdef int slot, k
         cdef uint32_t seq
         cdef bint ok
 
@@ -189,14 +191,14 @@ cdef class Waiter:
                 return ready(ctx)
             seq = tb_load_acq32(bell_seq)
             tb_fetch_add32(bell_sleeping, 1)
-            if ring_sleepers != NULL:
-                tb_fetch_add32(ring_sleepers, 1)
+            for k in range(n_rings):
+                tb_fetch_add32(ring_sleepers[k], 1)
             tb_fence_sc()
             ok = ready(ctx)
             if not ok:
                 tb_futex_wait(bell_seq, seq, deadline - now)
-            if ring_sleepers != NULL:
-                tb_fetch_sub32(ring_sleepers, 1)
+            for k in range(n_rings):
+                tb_fetch_sub32(ring_sleepers[k], 1)
             tb_fetch_sub32(bell_sleeping, 1)
             if ok or ready(ctx):
                 return True

@@ -1,5 +1,6 @@
-"""What applications import: the pub/sub client, the parameter server and
-the PyTorch DDP comm hook, built on ``tensorbus._core`` and the broker's
-protocol."""
+"""What applications import: the pub/sub client (sync and asyncio), built on
+``tensorbus._core`` and the broker's protocol."""
 
-__all__: list[str] = []
+from tensorbus.clients.client import Client, Message, Publisher, Subscriber, connect
+
+__all__ = ["Client", "Message", "Publisher", "Subscriber", "connect"]

@@ -3,11 +3,51 @@
 The import root of three sub-packages:
 
 * ``tensorbus._core``: the shared-memory data plane (Cython): segments,
-  topic rings, waiting.
-* ``tensorbus.broker``: the daemon and its control plane.
+  topic rings, doorbells, waiting.
+* ``tensorbus.broker``: the daemon and its control protocol.
 * ``tensorbus.clients``: what applications import.
+
+The names most programs need are re-exported here::
+
+    import tensorbus
+    with tensorbus.connect() as client:
+        pub = client.publisher("grad/job1/0")
+        pub.send(b"...")
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from tensorbus.clients.client import Client, Message, Publisher, Subscriber, connect  # noqa: E402
+from tensorbus.clients.errors import (  # noqa: E402
+    AuthError,
+    BackpressureError,
+    BrokerError,
+    BrokerUnavailable,
+    ClientClosed,
+    MessageTooLargeError,
+    NotLocalError,
+    ProtocolError,
+    ReceiveTimeout,
+    SlowConsumer,
+    TopicError,
+)
+
+__all__ = [
+    "AuthError",
+    "BackpressureError",
+    "BrokerError",
+    "BrokerUnavailable",
+    "Client",
+    "ClientClosed",
+    "Message",
+    "MessageTooLargeError",
+    "NotLocalError",
+    "ProtocolError",
+    "Publisher",
+    "ReceiveTimeout",
+    "SlowConsumer",
+    "Subscriber",
+    "TopicError",
+    "__version__",
+    "connect",
+]

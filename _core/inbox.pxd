@@ -1,0 +1,49 @@
+# One subscription's receiving end: the subscribers of every ring its
+# pattern matches, sharing one doorbell, read round-robin.
+from libc.stdint cimport int64_t, uint32_t
+
+from tensorbus._core.bells cimport BellTable
+from tensorbus._core.layout cimport tb_bell_t, tb_cursor_t
+from tensorbus._core.ring cimport RingView, Subscriber
+from tensorbus._core.wait cimport Waiter
+
+
+cdef class Message:
+    cdef readonly str topic
+    cdef readonly int64_t seq           # the message's sequence in its topic's ring
+    cdef readonly int64_t timestamp_ns  # CLOCK_REALTIME at publish
+    cdef readonly int flags
+    cdef bytes payload                  # inline messages are copied out of the slot
+    cdef object view                    # the memoryview handed out as .data
+
+
+# What a nogil waiter needs of one member, pointing into the Subscriber.
+cdef struct Member:
+    RingView *v
+    tb_cursor_t *cur
+    int64_t *pos
+    bint latest
+
+
+cdef struct InboxWait:
+    Member *members
+    int n
+    tb_bell_t *bell
+
+
+cdef class Inbox:
+    cdef readonly BellTable bells
+    cdef readonly uint32_t bell_index
+    cdef tb_bell_t *bell
+    cdef list subs          # Subscriber per member, in round-robin order
+    cdef list topics        # the topic name of each member
+    cdef Member *members    # rebuilt on every add/remove
+    cdef uint32_t **sleepers
+    cdef int n
+    cdef int next           # round-robin start
+    cdef int armed          # asyncio: sleepers counted in by arm()
+    cdef Waiter waiter
+    cdef int64_t slice_ns
+
+    cdef _rebuild(self)
+    cdef Message _poll_one(self)

@@ -1,0 +1,317 @@
+"""The receiving end of one subscription: every ring its pattern matches.
+
+Each member ring has a cursor of this subscription, and every one of those
+cursors names the same doorbell in the broker's bell table, so a waiter
+sleeps once for all of them: publishers of any member ring ring it. Messages
+of one ring arrive in order; members are read round-robin, so no busy topic
+starves a quiet one (there is no order across topics).
+
+The bell also carries a *notice* flag the broker raises when it has news for
+the subscription (a new matching topic to attach, an eviction, a shutdown):
+``recv`` then returns None so the client can read its control socket.
+"""
+
+from cpython.exc cimport PyErr_CheckSignals
+from libc.stdint cimport int64_t, uint32_t
+from libc.stdlib cimport free, malloc
+
+from tensorbus._core.atomic cimport (
+    tb_fence_sc,
+    tb_fetch_add32,
+    tb_fetch_sub32,
+    tb_load_acq32,
+    tb_now_ns,
+)
+from tensorbus._core.bells cimport BellTable
+from tensorbus._core.layout cimport tb_slot_header_t
+from tensorbus._core.ring cimport Ring, Subscriber, cursor_ready
+from tensorbus._core.wait cimport Waiter
+
+from tensorbus._core.errors import (
+    ReceiveTimeout,
+    RingClosedError,
+    SlowConsumer,
+    TensorbusError,
+)
+
+__all__ = ["Inbox", "Message"]
+
+cdef enum Status:  # as in ring.pyx
+    ST_OK = 0
+    ST_EMPTY = 1
+    ST_CLOSED = 2
+    ST_EVICTED = 5
+
+
+cdef class Message:
+    """One received message. ``data`` is a read-only memoryview of the
+    payload (a copy taken out of the ring slot, so it never dangles);
+    ``release()`` drops it early."""
+
+    @property
+    def data(self) -> memoryview:
+        if self.payload is None:
+            raise TensorbusError("the message was released")
+        if self.view is None:
+            self.view = memoryview(self.payload)
+        return self.view
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.payload is None else len(self.payload)
+
+    def __bytes__(self):
+        if self.payload is None:
+            raise TensorbusError("the message was released")
+        return self.payload
+
+    def __len__(self):
+        return self.nbytes
+
+    def release(self) -> None:
+        """Let go of the payload; ``data`` is invalid afterwards."""
+        if self.view is not None:
+            self.view.release()
+            self.view = None
+        self.payload = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __repr__(self):
+        return (f"<Message topic={self.topic!r} seq={self.seq} nbytes={self.nbytes} "
+                f"timestamp_ns={self.timestamp_ns}>")
+
+
+cdef bint inbox_ready(void *p) noexcept nogil:
+    cdef InboxWait *w = <InboxWait *>p
+    cdef int k
+    if tb_load_acq32(&w.bell.notice):
+        return True
+    for k in range(w.n):
+        if cursor_ready(w.members[k].v, w.members[k].cur, w.members[k].pos[0],
+                        w.members[k].latest):
+            return True
+    return False
+
+
+cdef class Inbox:
+    """Subscribers of several rings sharing doorbell ``bell_index``."""
+
+    def __cinit__(self, BellTable bells, uint32_t bell_index, spin_us=None):
+        if bell_index >= bells.count:
+            raise ValueError(f"bell {bell_index} is outside the table of {bells.count}")
+        self.bells = bells
+        self.bell_index = bell_index
+        self.bell = bells.bell(bell_index)
+        self.subs = []
+        self.topics = []
+        self.members = NULL
+        self.sleepers = NULL
+        self.n = 0
+        self.next = 0
+        self.armed = 0
+        self.waiter = Waiter(spin_us)
+        self.slice_ns = 50000000  # 50 ms: bounds how late signals and stall repairs are seen
+
+    def __dealloc__(self):
+        free(self.members)
+        free(self.sleepers)
+
+    def add(self, str topic, Subscriber sub) -> None:
+        """Add ``sub`` (a cursor naming this inbox's bell) under ``topic``."""
+        if sub.cur.bell_ref != self.bell_index + 1:
+            raise ValueError(f"the cursor of {topic!r} does not name bell {self.bell_index}")
+        if self.armed:
+            raise TensorbusError("cannot add a ring while the inbox is armed")
+        self.subs.append(sub)
+        self.topics.append(topic)
+        self._rebuild()
+
+    def remove(self, str topic) -> Subscriber:
+        """Take ``topic``'s subscriber out (the caller closes it)."""
+        if self.armed:
+            raise TensorbusError("cannot remove a ring while the inbox is armed")
+        k = self.topics.index(topic)
+        self.topics.pop(k)
+        sub = self.subs.pop(k)
+        self._rebuild()
+        return sub
+
+    @property
+    def topic_names(self) -> list:
+        return list(self.topics)
+
+    def members_of(self) -> list:
+        return list(zip(self.topics, self.subs))
+
+    cdef _rebuild(self):
+        cdef int n = len(self.subs), k
+        cdef Subscriber sub
+        cdef Member *members = <Member *>malloc(max(n, 1) * sizeof(Member))
+        cdef uint32_t **sleepers = <uint32_t **>malloc(max(n, 1) * sizeof(uint32_t *))
+        if members == NULL or sleepers == NULL:
+            free(members)
+            free(sleepers)
+            raise MemoryError()
+        for k in range(n):
+            sub = self.subs[k]
+            members[k].v = sub.v
+            members[k].cur = sub.cur
+            members[k].pos = &sub.pos
+            members[k].latest = sub.latest
+            sleepers[k] = &sub.v.h.sleepers
+        free(self.members)
+        free(self.sleepers)
+        self.members = members
+        self.sleepers = sleepers
+        self.n = n
+        self.next = 0
+
+    cdef Message _poll_one(self):
+        """The next message of any member, or None. Drops members whose
+        ring closed and drained; raises SlowConsumer for an evicted one."""
+        cdef int k, i, st
+        cdef Subscriber sub
+        cdef tb_slot_header_t *s = NULL
+        cdef Message m
+        k = 0
+        while k < self.n:
+            i = (self.next + k) % self.n
+            sub = <Subscriber>self.subs[i]
+            st = sub._poll(&s)
+            if st == ST_OK:
+                m = Message.__new__(Message)
+                m.payload = sub._take(s)
+                m.topic = <str>self.topics[i]
+                m.seq = sub.last_seq
+                m.timestamp_ns = sub.last_timestamp_ns
+                m.flags = sub.last_flags
+                self.next = i + 1
+                return m
+            if st == ST_EVICTED:
+                raise SlowConsumer(f"this subscription was evicted from topic "
+                                   f"{self.topics[i]!r}: it stayed too far behind")
+            if st == ST_CLOSED:
+                self.topics.pop(i)
+                self.subs.pop(i)
+                self._rebuild()
+                sub.close()
+                k = 0
+                continue
+            k += 1
+        return None
+
+    def poll(self):
+        """The next message, or None if there is none right now."""
+        return self._poll_one()
+
+    def notice(self) -> bool:
+        """True (and cleared) if the broker flagged news for this subscription."""
+        return self.bells.take_notice(self.bell_index)
+
+    def recv(self, timeout=None):
+        """Wait up to ``timeout`` seconds (None: no limit) for a message.
+        Returns None when the broker raised the notice flag (read the
+        control socket, then call again). Raises ReceiveTimeout."""
+        cdef Message m = self._poll_one()
+        if m is not None:
+            return m
+        cdef int64_t deadline = -1, now, slice_ns
+        cdef InboxWait w
+        cdef bint ready
+        if timeout is not None:
+            if timeout < 0:
+                raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
+            deadline = tb_now_ns() + <int64_t>(timeout * 1e9)
+        while True:
+            if tb_load_acq32(&self.bell.notice):
+                return None
+            now = tb_now_ns()
+            if deadline >= 0 and now >= deadline:
+                raise ReceiveTimeout(f"no message within {timeout:g} s")
+            slice_ns = self.slice_ns
+            if deadline >= 0 and deadline - now < slice_ns:
+                slice_ns = deadline - now
+            w.members = self.members
+            w.n = self.n
+            w.bell = self.bell
+            with nogil:
+                ready = self.waiter.wait(inbox_ready, &w, &self.bell.seq, &self.bell.sleeping,
+                                         self.sleepers, self.n, slice_ns)
+            m = self._poll_one()
+            if m is not None:
+                return m
+            if not ready:
+                PyErr_CheckSignals()
+                for sub in self.subs:
+                    (<Subscriber>sub)._check_stall()  # a dead publisher's claim: repair
+
+    def recv_batch(self, int max_n, timeout=None) -> list:
+        """Up to ``max_n`` messages: waits up to ``timeout`` for the first,
+        then takes only what is already there. May return an empty list
+        when the broker raised the notice flag."""
+        if max_n < 1:
+            raise ValueError(f"max_n must be >= 1, got {max_n}")
+        first = self.recv(timeout)
+        if first is None:
+            return []
+        cdef list out = [first]
+        cdef Message m
+        while len(out) < max_n:
+            m = self._poll_one()
+            if m is None:
+                break
+            out.append(m)
+        return out
+
+    # -- asyncio: sleep on a FIFO bell through the event loop ---------------
+
+    def arm(self) -> bool:
+        """Announce a sleep (the caller then waits for the FIFO to become
+        readable). False, and nothing announced, if there is already
+        something to read or a notice: poll again instead."""
+        cdef InboxWait w
+        cdef int k
+        if self.armed:
+            return True
+        tb_fetch_add32(&self.bell.sleeping, 1)
+        for k in range(self.n):
+            tb_fetch_add32(self.sleepers[k], 1)
+        self.armed = self.n + 1
+        tb_fence_sc()
+        w.members = self.members
+        w.n = self.n
+        w.bell = self.bell
+        if inbox_ready(&w):
+            self.disarm()
+            return False
+        return True
+
+    def disarm(self) -> None:
+        """End a sleep announced by ``arm``."""
+        cdef int k
+        if not self.armed:
+            return
+        for k in range(self.armed - 1):
+            tb_fetch_sub32(self.sleepers[k], 1)
+        tb_fetch_sub32(&self.bell.sleeping, 1)
+        self.armed = 0
+
+    def check_stalls(self) -> None:
+        """Repair rings whose awaited slot stayed claimed but unfilled."""
+        for sub in self.subs:
+            (<Subscriber>sub)._check_stall()
+
+    def close(self) -> None:
+        """Close every member subscriber (their cursors are freed)."""
+        self.disarm()
+        subs = self.subs
+        self.subs = []
+        self.topics = []
+        self._rebuild()
+        for sub in subs:
+            sub.close()

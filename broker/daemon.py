@@ -1,0 +1,903 @@
+"""The broker daemon: one per host, an asyncio (uvloop) control plane.
+
+It owns every shared-memory segment (topic rings and the doorbell table),
+allocates the cursors subscribers read with, and answers the control
+protocol (broker/protocol.py) on a ZeroMQ ROUTER socket. Messages never pass
+through it: publishers and subscribers on this host meet in the rings.
+
+What it watches:
+
+* clients on ipc are checked by uid on every message, from the kernel's
+  SO_PEERCRED (ZeroMQ's ``Peer-Address`` frame property), and their pid is
+  watched with a pidfd: a client killed with -9 is seen within milliseconds
+  and its cursors, doorbells and half-done publishes are released;
+* clients on tcp (tools: ``topics``, ``stats``) send heartbeats;
+* realtime topics: subscribers' drop counters, announced on
+  ``$sys/pressure/<topic>``; optionally, subscribers that stay too far behind
+  for longer than a grace period are evicted (NATS's slow-consumer rule).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hmac
+import ipaddress
+import itertools
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+from tensorbus._core import (
+    BellTable,
+    CapacityError,
+    Ring,
+    SegmentError,
+    TensorbusError,
+)
+from tensorbus.broker import protocol as P
+from tensorbus.broker.paths import default_ipc_path, ensure_private_dir
+from tensorbus.broker.stats import LATENCY_BUCKETS, TopicMeter
+from tensorbus.broker.topics import (
+    SYSTEM_PREFIX,
+    TopicNameError,
+    is_system,
+    matches,
+    validate_pattern,
+    validate_topic,
+)
+
+__all__ = ["Broker", "BrokerConfig", "BrokerStartError"]
+
+log = logging.getLogger("tensorbus.broker")
+
+MAX_CAPACITY = 1 << 24
+MAX_SLOT_SIZE = 1 << 26
+
+
+class BrokerStartError(RuntimeError):
+    """The broker cannot start (endpoint taken, bad option); the sentence says why."""
+
+
+@dataclass
+class BrokerConfig:
+    """Every daemon option; ``tensorbus serve --help`` documents each."""
+
+    ipc_path: str | None = None  # None: the per-user default
+    tcp: str | None = None  # "HOST:PORT"
+    token: str | None = None
+    insecure: bool = False
+    default_capacity: int = 256
+    default_slot_size: int = 4096
+    latest_capacity: int = 8
+    max_subscribers: int = 64  # cursors per topic ring
+    max_publishers: int = 64
+    max_bells: int = 4096  # concurrent subscriptions on this host
+    max_topics: int = 4096
+    slow_consumer_grace: float = 0.0  # seconds; 0 disables eviction
+    heartbeat_s: float = 2.0
+    monitor_interval: float = 0.2
+
+
+@dataclass(eq=False)
+class Topic:
+    name: str
+    qos: str
+    capacity: int
+    slot_size: int
+    ring: Ring
+    publishers: dict = field(default_factory=dict)  # session key -> count
+    subscriptions: set = field(default_factory=set)  # Subscription
+    meter: TopicMeter = field(default_factory=TopicMeter)
+    drops_seen: dict = field(default_factory=dict)  # (cursor, generation) -> drops
+    behind_since: dict = field(default_factory=dict)  # (cursor, generation) -> monotonic
+    pressure_pub: object = None
+
+    def info(self) -> dict:
+        return {
+            "name": self.name,
+            "qos": self.qos,
+            "capacity": self.capacity,
+            "slot_size": self.slot_size,
+            "ring": self.ring.name,
+        }
+
+
+@dataclass(eq=False)
+class Subscription:
+    id: int
+    session: Session
+    pattern: str
+    mode: str
+    bell: int
+    bell_generation: int
+    fifo: str | None
+    members: dict = field(default_factory=dict)  # topic name -> (cursor, generation)
+
+
+@dataclass(eq=False)
+class Session:
+    key: tuple  # (socket, identity)
+    transport: str  # "ipc" or "tcp"
+    name: str
+    pid: int
+    pidfd: int = -1
+    last_seen: float = 0.0
+    subscriptions: dict = field(default_factory=dict)  # id -> Subscription
+    publishing: dict = field(default_factory=dict)  # topic name -> count
+
+
+class Broker:
+    """One daemon. ``await broker.serve()`` runs it until ``stop()``."""
+
+    def __init__(self, config: BrokerConfig):
+        self.config = config
+        self.instance = f"d{os.getpid()}"
+        self.ipc_path = config.ipc_path or default_ipc_path()
+        self.endpoints: list[str] = []
+        self.topics: dict[str, Topic] = {}
+        self.sessions: dict[tuple, Session] = {}
+        self.ids = itertools.count(1)
+        self.free_bells: list[int] = []
+        self.bells: BellTable | None = None
+        self.fifo_dir = ""
+        self.ctx: zmq.asyncio.Context | None = None
+        self.sockets: list[tuple[zmq.asyncio.Socket, str]] = []
+        self.lock_fd = -1
+        self.started = time.monotonic()
+        self.stopping: asyncio.Event | None = None
+        self.counters = {"requests": 0, "errors": 0, "clients_lost": 0, "evictions": 0}
+
+    # -- start and stop ----------------------------------------------------
+
+    def _check_tcp(self) -> tuple[str, int] | None:
+        if not self.config.tcp:
+            return None
+        host, sep, port = self.config.tcp.rpartition(":")
+        if not sep or not port.isdigit() or not host:
+            raise BrokerStartError(f"--tcp must be HOST:PORT, not {self.config.tcp!r}")
+        host = host.strip("[]")
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback and not self.config.token and not self.config.insecure:
+            raise BrokerStartError(
+                f"refusing to serve tcp on non-loopback address {host!r} without a token: "
+                "set --token-file or TENSORBUS_TOKEN, or pass --insecure"
+            )
+        return host, int(port)
+
+    def _take_lock(self) -> None:
+        ensure_private_dir(os.path.dirname(os.path.abspath(self.ipc_path)))
+        lock_path = self.ipc_path + ".lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise BrokerStartError(
+                f"another tensorbus broker (pid {other}) already serves ipc://{self.ipc_path}; "
+                "stop it first or choose another --ipc path"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.lock_fd = fd
+
+    def _sweep(self) -> int:
+        """Unlink the segments and FIFO folders of broker instances that died
+        without cleaning up (their pid no longer exists)."""
+        prefix = f"tb-{os.getuid()}-d"
+        swept = 0
+        try:
+            names = os.listdir("/dev/shm")
+        except OSError:
+            names = []
+        for name in names:
+            if not name.startswith(prefix):
+                continue
+            instance = name[len(prefix) :].split("-", 1)[0]
+            if instance.isdigit() and not _pid_alive(int(instance)):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join("/dev/shm", name))
+                    swept += 1
+        run_dir = os.path.dirname(os.path.abspath(self.ipc_path))
+        for name in os.listdir(run_dir):
+            if name.startswith("bells-d") and name[7:].isdigit() and not _pid_alive(int(name[7:])):
+                shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+        if swept:
+            log.info("swept %d segment(s) of dead broker instances", swept)
+        return swept
+
+    async def start(self) -> list[str]:
+        """Bind the endpoints and create the doorbell table. Raises
+        BrokerStartError with a sentence if this broker cannot serve."""
+        tcp = self._check_tcp()
+        self._take_lock()
+        self._sweep()
+        run_dir = os.path.dirname(os.path.abspath(self.ipc_path))
+        self.fifo_dir = ensure_private_dir(os.path.join(run_dir, f"bells-{self.instance}"))
+        self.bells = BellTable.create(self.config.max_bells, self.fifo_dir, instance=self.instance)
+        self.free_bells = list(range(self.config.max_bells - 1, -1, -1))
+        self.ctx = zmq.asyncio.Context()
+        old_umask = os.umask(0o077)
+        try:
+            sock = self._socket()
+            sock.bind(f"ipc://{self.ipc_path}")
+            os.chmod(self.ipc_path, 0o600)
+            self.sockets.append((sock, "ipc"))
+            self.endpoints.append(f"ipc://{self.ipc_path}")
+            if tcp:
+                tsock = self._socket()
+                try:
+                    tsock.bind(f"tcp://{self.config.tcp}")
+                except zmq.ZMQError as exc:
+                    tsock.close(0)
+                    raise BrokerStartError(
+                        f"cannot listen on tcp://{self.config.tcp}: {exc}"
+                    ) from None
+                self.sockets.append((tsock, "tcp"))
+                self.endpoints.append(tsock.getsockopt_string(zmq.LAST_ENDPOINT))
+        finally:
+            os.umask(old_umask)
+        return self.endpoints
+
+    def _socket(self) -> zmq.asyncio.Socket:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting client keeps its identity
+        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES + 1024)
+        return sock
+
+    async def serve(self, ready=None) -> None:
+        """Serve until :meth:`stop`. ``ready(endpoints)`` is called once
+        every endpoint accepts clients."""
+        self.stopping = asyncio.Event()
+        if not self.endpoints:
+            await self.start()
+        if ready is not None:
+            ready(self.endpoints)
+        tasks = [
+            asyncio.create_task(self._receive(sock, transport)) for sock, transport in self.sockets
+        ]
+        tasks.append(asyncio.create_task(self._monitor()))
+        try:
+            await self.stopping.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._shutdown()
+
+    def stop(self) -> None:
+        if self.stopping is not None:
+            self.stopping.set()
+
+    async def _shutdown(self) -> None:
+        """Tell every client, close every ring, unlink everything we made."""
+        log.info("shutting down: %d topic(s), %d session(s)", len(self.topics), len(self.sessions))
+        for session in list(self.sessions.values()):
+            with contextlib.suppress(zmq.ZMQError):
+                await self._send(
+                    session.key, P.encode_notice("shutdown", reason="the broker is shutting down")
+                )
+            for sub in session.subscriptions.values():
+                with contextlib.suppress(Exception):
+                    self.bells.notify(sub.bell)
+            self._drop_session(session, "broker shutdown", notify=False)
+        for topic in self.topics.values():
+            with contextlib.suppress(Exception):
+                topic.ring.close()
+            with contextlib.suppress(Exception):
+                topic.ring.unlink()
+        self.topics.clear()
+        if self.bells is not None:
+            with contextlib.suppress(Exception):
+                self.bells.segment.unlink()
+            self.bells = None
+        if self.fifo_dir:
+            shutil.rmtree(self.fifo_dir, ignore_errors=True)
+        for sock, _ in self.sockets:
+            sock.close(0)
+        self.sockets.clear()
+        if self.lock_fd >= 0:  # the socket file is ours only while we hold the lock
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.ipc_path)
+        if self.ctx is not None:
+            self.ctx.destroy(0)
+        if self.lock_fd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.ipc_path + ".lock")
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+
+    # -- the request loop --------------------------------------------------
+
+    async def _send(self, key: tuple, payload: bytes) -> None:
+        sock, identity = key
+        await sock.send_multipart([identity, payload])
+
+    async def _receive(self, sock: zmq.asyncio.Socket, transport: str) -> None:
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            identity = frames[0].bytes
+            try:
+                reply = self._handle(sock, transport, frames)
+            except Exception as exc:  # the broker never dies of a client's bytes
+                log.exception("request failed")
+                reply = P.encode_error(None, "internal", f"the broker failed: {exc}")
+            if reply is not None:
+                self.counters["requests"] += 1
+                with contextlib.suppress(zmq.ZMQError):
+                    await sock.send_multipart([identity, reply])
+
+    def _handle(self, sock, transport: str, frames) -> bytes | None:
+        key = (sock, frames[0].bytes)
+        if len(frames) != 2:
+            return self._error(
+                None, "bad_request", f"a request is exactly one frame, got {len(frames) - 1}"
+            )
+        peer_pid = None
+        if transport == "ipc":
+            peer = _peer_credentials(frames[1])
+            if peer is None or peer[0] != os.getuid():
+                uid = "unknown" if peer is None else peer[0]
+                return self._error(
+                    None, "auth_failed", f"peer uid {uid} is not this broker's uid {os.getuid()}"
+                )
+            peer_pid = peer[1]
+        try:
+            request = P.decode_request(frames[1].bytes)
+        except P.ProtocolViolation as exc:
+            return self._error(exc.request_id, exc.code, exc.message)
+        session = self.sessions.get(key)
+        if request.op != "hello" and session is None:
+            return self._error(request.id, "no_session", f"op {request.op!r} before hello")
+        if session is not None:
+            session.last_seen = time.monotonic()
+        try:
+            if request.op == "hello":
+                return self._hello(key, transport, peer_pid, request)
+            return getattr(self, f"_op_{request.op}")(session, request)
+        except P.ProtocolViolation as exc:
+            return self._error(request.id, exc.code, exc.message)
+        except TopicNameError as exc:
+            code = (
+                "bad_pattern"
+                if request.op in ("subscribe", "list_topics", "stats")
+                else "bad_topic"
+            )
+            return self._error(request.id, code, str(exc))
+
+    def _error(self, request_id, code: str, message: str) -> bytes:
+        self.counters["errors"] += 1
+        log.debug("error reply %s: %s", code, message)
+        return P.encode_error(request_id, code, message)
+
+    # -- sessions ----------------------------------------------------------
+
+    def _hello(self, key, transport: str, peer_pid, request: P.Request) -> bytes:
+        f = request.fields
+        if f["protocol"] != P.PROTOCOL_VERSION:
+            raise P.ProtocolViolation(
+                "unsupported_version",
+                f"client speaks protocol {f['protocol']}, this broker {P.PROTOCOL_VERSION}",
+            )
+        if transport == "tcp" and self.config.token:
+            token = f.get("token") or ""
+            if not hmac.compare_digest(token.encode(), self.config.token.encode()):
+                log.warning("tcp client refused: bad or missing token")
+                raise P.ProtocolViolation("auth_failed", "missing or wrong token")
+        old = self.sessions.pop(key, None)
+        if old is not None:
+            self._drop_session(old, "hello again on the same connection")
+        pid = peer_pid if peer_pid is not None else f["pid"]
+        session = Session(
+            key, transport, f.get("name") or f"pid{pid}", pid, last_seen=time.monotonic()
+        )
+        if transport == "ipc":
+            session.pidfd = self._watch_pid(session)
+        self.sessions[key] = session
+        log.info("hello from %s (pid %d, %s)", session.name, pid, transport)
+        return P.encode_reply(
+            request.id,
+            instance=self.instance,
+            local=transport == "ipc",
+            bells={"name": self.bells.name, "fifo_dir": self.fifo_dir},
+            heartbeat_s=self.config.heartbeat_s,
+            broker_pid=os.getpid(),
+        )
+
+    def _watch_pid(self, session: Session) -> int:
+        try:
+            fd = os.pidfd_open(session.pid)
+        except (OSError, AttributeError):
+            return -1  # the monitor's pid check still catches its death
+        asyncio.get_running_loop().add_reader(fd, self._pid_exited, session)
+        return fd
+
+    def _pid_exited(self, session: Session) -> None:
+        if self.sessions.get(session.key) is session:
+            log.info("client %s (pid %d) died", session.name, session.pid)
+            self.counters["clients_lost"] += 1
+            self._drop_session(session, "process exited")
+        else:
+            self._unwatch(session)
+
+    def _unwatch(self, session: Session) -> None:
+        if session.pidfd >= 0:
+            asyncio.get_running_loop().remove_reader(session.pidfd)
+            os.close(session.pidfd)
+            session.pidfd = -1
+
+    def _drop_session(self, session: Session, reason: str, notify: bool = True) -> None:
+        """Release everything a session holds: cursors, doorbells and (if
+        its process is gone) its half-done publishes."""
+        self.sessions.pop(session.key, None)
+        self._unwatch(session)
+        for sub in list(session.subscriptions.values()):
+            self._release_subscription(sub)
+        for name in session.publishing:
+            topic = self.topics.get(name)
+            if topic is not None:
+                topic.publishers.pop(session.key, None)
+                with contextlib.suppress(TensorbusError):
+                    topic.ring.repair()  # pads claims and frees records of dead pids
+        session.publishing.clear()
+        log.debug("session %s dropped: %s", session.name, reason)
+
+    def _op_bye(self, session: Session, request: P.Request) -> bytes:
+        self._drop_session(session, "bye")
+        return P.encode_reply(request.id)
+
+    def _op_heartbeat(self, session: Session, request: P.Request) -> bytes:
+        return P.encode_reply(request.id, now_ns=time.time_ns())
+
+    # -- topics ------------------------------------------------------------
+
+    def _topic_options(self, f: dict, existing: Topic | None) -> tuple[str, int, int]:
+        qos = f.get("qos", existing.qos if existing else "reliable")
+        if qos not in P.QOS_CLASSES:
+            raise P.ProtocolViolation(
+                "bad_option", f"qos must be one of {', '.join(P.QOS_CLASSES)}, not {qos!r}"
+            )
+        default_cap = (
+            self.config.latest_capacity if qos == "latest" else self.config.default_capacity
+        )
+        capacity = f.get("capacity", existing.capacity if existing else default_cap)
+        slot_size = f.get(
+            "slot_size", existing.slot_size if existing else self.config.default_slot_size
+        )
+        low = 4 if qos == "latest" else 2
+        if not low <= capacity <= MAX_CAPACITY or capacity & (capacity - 1):
+            raise P.ProtocolViolation(
+                "bad_option",
+                f"capacity must be a power of two from {low} to {MAX_CAPACITY}, not {capacity}",
+            )
+        if not 1 <= slot_size <= MAX_SLOT_SIZE:
+            raise P.ProtocolViolation(
+                "bad_option", f"slot_size must be 1 to {MAX_SLOT_SIZE} bytes, not {slot_size}"
+            )
+        if existing is not None:
+            asked = {k: f[k] for k in ("qos", "capacity", "slot_size") if k in f}
+            have = {
+                "qos": existing.qos,
+                "capacity": existing.capacity,
+                "slot_size": existing.slot_size,
+            }
+            clash = {k: v for k, v in asked.items() if have[k] != v}
+            if clash:
+                raise P.ProtocolViolation(
+                    "topic_conflict",
+                    f"topic {existing.name!r} exists with {have}; asked for {clash}",
+                )
+        return qos, capacity, slot_size
+
+    def _get_or_create(self, name: str, f: dict, *, system: bool = False) -> tuple[Topic, bool]:
+        existing = self.topics.get(name)
+        qos, capacity, slot_size = self._topic_options(f, existing)
+        if existing is not None:
+            return existing, False
+        if len(self.topics) >= self.config.max_topics:
+            raise P.ProtocolViolation(
+                "capacity",
+                f"this broker already has {self.config.max_topics} topics (--max-topics)",
+            )
+        try:
+            ring = Ring.create(
+                capacity=capacity,
+                slot_size=slot_size,
+                policy=P.QOS_CLASSES[qos],
+                max_cursors=self.config.max_subscribers,
+                max_publishers=self.config.max_publishers,
+                instance=self.instance,
+                bells=self.bells,
+                spin_us=0,
+            )
+        except SegmentError as exc:
+            raise P.ProtocolViolation(
+                "capacity", f"cannot create the ring of topic {name!r}: {exc}"
+            ) from None
+        topic = Topic(name, qos, capacity, slot_size, ring)
+        self.topics[name] = topic
+        log.info("topic %s created (%s, %d x %d B)", name, qos, capacity, slot_size)
+        # Cursors for every live pattern before anyone can publish: no loss.
+        for session in list(self.sessions.values()):
+            for sub in session.subscriptions.values():
+                if matches(sub.pattern, name):
+                    self._attach(sub, topic, announce=True)
+        return topic, True
+
+    def _attach(self, sub: Subscription, topic: Topic, announce: bool) -> tuple[int, int]:
+        cursor, generation = topic.ring.join_cursor(
+            sub.session.pid, bell=sub.bell + 1, latest=topic.qos == "latest"
+        )
+        sub.members[topic.name] = (cursor, generation)
+        topic.subscriptions.add(sub)
+        if announce:
+            payload = P.encode_notice(
+                "attach", sub=sub.id, topic=topic.info(), cursor=cursor, generation=generation
+            )
+            asyncio.get_running_loop().create_task(self._notify(sub, payload))
+        return cursor, generation
+
+    async def _notify(self, sub: Subscription, payload: bytes) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            await self._send(sub.session.key, payload)
+        if sub.bell >= 0:
+            self.bells.notify(sub.bell)
+
+    def _op_create_topic(self, session: Session, request: P.Request) -> bytes:
+        name = validate_topic(request.fields["topic"])
+        topic, created = self._get_or_create(name, request.fields)
+        return P.encode_reply(request.id, topic=topic.info(), created=created)
+
+    def _require_local(self, session: Session, what: str) -> None:
+        if session.transport != "ipc":
+            raise P.ProtocolViolation(
+                "not_local",
+                f"{what} needs shared memory with the broker: "
+                "connect from the broker's host over ipc:// (bridging "
+                "remote clients comes with cross-host support)",
+            )
+
+    def _op_open_publisher(self, session: Session, request: P.Request) -> bytes:
+        self._require_local(session, "publishing")
+        name = request.fields["topic"]
+        try:
+            validate_topic(name)
+        except TopicNameError:
+            if isinstance(name, str) and is_system(name):
+                raise P.ProtocolViolation(
+                    "read_only_topic",
+                    f"topic {name!r} belongs to the broker; clients may only subscribe to it",
+                ) from None
+            raise
+        topic, created = self._get_or_create(name, request.fields)
+        session.publishing[name] = session.publishing.get(name, 0) + 1
+        topic.publishers[session.key] = topic.publishers.get(session.key, 0) + 1
+        return P.encode_reply(request.id, topic=topic.info(), created=created)
+
+    def _op_close_publisher(self, session: Session, request: P.Request) -> bytes:
+        name = request.fields["topic"]
+        topic = self.topics.get(name)
+        if topic is None or not session.publishing.get(name):
+            raise P.ProtocolViolation("no_such_topic", f"this session has no publisher on {name!r}")
+        session.publishing[name] -= 1
+        if not session.publishing[name]:
+            del session.publishing[name]
+        count = topic.publishers.get(session.key, 1) - 1
+        if count:
+            topic.publishers[session.key] = count
+        else:
+            topic.publishers.pop(session.key, None)
+        return P.encode_reply(request.id)
+
+    # -- subscriptions -----------------------------------------------------
+
+    def _op_subscribe(self, session: Session, request: P.Request) -> bytes:
+        self._require_local(session, "subscribing")
+        pattern = validate_pattern(request.fields["pattern"])
+        mode = request.fields.get("mode", "sync")
+        if mode not in ("sync", "async"):
+            raise P.ProtocolViolation("bad_option", f"mode must be 'sync' or 'async', not {mode!r}")
+        if not self.free_bells:
+            raise P.ProtocolViolation(
+                "capacity",
+                f"all {self.config.max_bells} doorbells are in use (--max-subscriptions)",
+            )
+        bell = self.free_bells.pop()
+        kind = "fifo" if mode == "async" else "futex"
+        generation = self.bells.setup(bell, kind, session.pid)
+        fifo = None
+        if kind == "fifo":
+            fifo = self.bells.fifo_path(bell, generation)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(fifo)
+            os.mkfifo(fifo, 0o600)
+        sub = Subscription(next(self.ids), session, pattern, mode, bell, generation, fifo)
+        session.subscriptions[sub.id] = sub
+        members = []
+        try:
+            for topic in self.topics.values():
+                if matches(pattern, topic.name):
+                    cursor, gen = self._attach(sub, topic, announce=False)
+                    members.append({"topic": topic.info(), "cursor": cursor, "generation": gen})
+        except CapacityError as exc:
+            self._release_subscription(sub)
+            raise P.ProtocolViolation("capacity", str(exc)) from None
+        return P.encode_reply(
+            request.id,
+            sub=sub.id,
+            bell={"index": bell, "generation": generation, "kind": kind, "fifo": fifo},
+            members=members,
+        )
+
+    def _release_subscription(self, sub: Subscription) -> None:
+        for name, (cursor, generation) in sub.members.items():
+            topic = self.topics.get(name)
+            if topic is not None:
+                topic.subscriptions.discard(sub)
+                topic.drops_seen.pop((cursor, generation), None)
+                topic.behind_since.pop((cursor, generation), None)
+                with contextlib.suppress(TensorbusError):
+                    topic.ring.free_cursor(cursor, generation)
+        sub.members.clear()
+        sub.session.subscriptions.pop(sub.id, None)
+        if sub.fifo:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(sub.fifo)
+        if sub.bell >= 0:
+            self.free_bells.append(sub.bell)
+            sub.bell = -1
+
+    def _op_unsubscribe(self, session: Session, request: P.Request) -> bytes:
+        sub = session.subscriptions.get(request.fields["sub"])
+        if sub is None:
+            raise P.ProtocolViolation(
+                "no_such_subscription",
+                f"subscription {request.fields['sub']} is not one of this session's",
+            )
+        self._release_subscription(sub)
+        return P.encode_reply(request.id)
+
+    # -- introspection -----------------------------------------------------
+
+    def _selected(self, pattern: str | None) -> list[Topic]:
+        if pattern is None:
+            return [t for t in self.topics.values() if not is_system(t.name)]
+        validate_pattern(pattern)
+        return [t for t in self.topics.values() if matches(pattern, t.name)]
+
+    def _op_list_topics(self, session: Session, request: P.Request) -> bytes:
+        topics = []
+        for t in self._selected(request.fields.get("pattern")):
+            info = t.info()
+            info["publishers"] = sum(t.publishers.values())
+            info["subscribers"] = len(t.subscriptions)
+            topics.append(info)
+        return P.encode_reply(request.id, topics=topics)
+
+    def _op_stats(self, session: Session, request: P.Request) -> bytes:
+        topics = []
+        for t in self._selected(request.fields.get("pattern")):
+            s = t.ring.stats()
+            head = s["head"]
+            depth = max((c["lag"] for c in s["cursors"] if c["state"] == "active"), default=0)
+            topics.append(
+                {
+                    "name": t.name,
+                    "qos": t.qos,
+                    "capacity": t.capacity,
+                    "slot_size": t.slot_size,
+                    "publishers": len(s["publishers"]),
+                    "subscribers": len(s["cursors"]),
+                    "messages": head,
+                    "depth": depth,
+                    "drops": sum(c["drops"] for c in s["cursors"]),
+                    "msgs_per_s": t.meter.msgs_per_s,
+                    "bytes_per_s": t.meter.bytes_per_s,
+                    "p50_ns": t.meter.p50_ns,
+                    "p99_ns": t.meter.p99_ns,
+                }
+            )
+        broker = {
+            "pid": os.getpid(),
+            "instance": self.instance,
+            "uptime_s": time.monotonic() - self.started,
+            "sessions": len(self.sessions),
+            "topics": len(self.topics),
+            "rss_kb": _rss_kb(),
+            "bells_free": len(self.free_bells),
+            **self.counters,
+        }
+        return P.encode_reply(request.id, topics=topics, broker=broker)
+
+    # -- the monitor: liveness, pressure, slow consumers, meters ----------
+
+    async def _monitor(self) -> None:
+        last_meter = 0.0
+        while True:
+            await asyncio.sleep(self.config.monitor_interval)
+            now = time.monotonic()
+            try:
+                self._check_liveness(now)
+                self._check_pressure(now)
+                if now - last_meter >= 1.0:
+                    self._update_meters(now)
+                    last_meter = now
+            except Exception:
+                log.exception("monitor tick failed")
+
+    def _check_liveness(self, now: float) -> None:
+        timeout = 3 * self.config.heartbeat_s
+        for session in list(self.sessions.values()):
+            if session.transport == "tcp":
+                if now - session.last_seen > timeout:
+                    log.info("tcp client %s missed its heartbeats", session.name)
+                    self.counters["clients_lost"] += 1
+                    self._drop_session(session, "heartbeat timeout")
+            elif session.pidfd < 0 and not _pid_alive(session.pid):
+                self.counters["clients_lost"] += 1
+                self._drop_session(session, "process gone")
+
+    def _check_pressure(self, now: float) -> None:
+        grace = self.config.slow_consumer_grace
+        for topic in list(self.topics.values()):
+            if not topic.subscriptions or is_system(topic.name):
+                continue
+            owners = {}
+            for sub in topic.subscriptions:
+                cur = sub.members.get(topic.name)
+                if cur is not None:
+                    owners[cur] = sub
+            dropped = []
+            for index, generation, lag, drops in topic.ring.cursor_lags():
+                key = (index, generation)
+                sub = owners.get(key)
+                if sub is None:
+                    continue
+                before = topic.drops_seen.get(key, 0)
+                topic.drops_seen[key] = drops
+                if drops > before:
+                    dropped.append(
+                        {
+                            "sub": sub.id,
+                            "client": sub.session.name,
+                            "drops": drops,
+                            "new": drops - before,
+                        }
+                    )
+                behind = (
+                    (drops > before)
+                    if topic.qos == "realtime"
+                    else (topic.qos == "reliable" and lag >= topic.capacity)
+                )
+                if not behind:
+                    topic.behind_since.pop(key, None)
+                    continue
+                since = topic.behind_since.setdefault(key, now)
+                if grace > 0 and now - since >= grace:
+                    self._evict(topic, sub, key, now - since)
+            if dropped:
+                self._announce_pressure(topic, dropped)
+
+    def _evict(self, topic: Topic, sub: Subscription, key: tuple, behind_s: float) -> None:
+        topic.behind_since.pop(key, None)
+        if not topic.ring.evict_cursor(*key):
+            return
+        self.counters["evictions"] += 1
+        reason = (
+            f"slow consumer: {'full ring' if topic.qos == 'reliable' else 'dropping'} "
+            f"for {behind_s:.1f} s (grace {self.config.slow_consumer_grace:g} s)"
+        )
+        log.warning(
+            "evicting subscription %d of %s from %s: %s",
+            sub.id,
+            sub.session.name,
+            topic.name,
+            reason,
+        )
+        payload = P.encode_notice("evicted", sub=sub.id, topic=topic.name, reason=reason)
+        asyncio.get_running_loop().create_task(self._notify(sub, payload))
+
+    def _announce_pressure(self, topic: Topic, dropped: list) -> None:
+        if topic.pressure_pub is None:
+            channel, _ = self._get_or_create(
+                f"{SYSTEM_PREFIX}/pressure/{topic.name}",
+                {"qos": "realtime", "capacity": 64, "slot_size": 1024},
+                system=True,
+            )
+            topic.pressure_pub = channel.ring.publisher()
+        body = msgpack.packb(
+            {
+                "topic": topic.name,
+                "subscribers": dropped,
+                "new_drops": sum(d["new"] for d in dropped),
+                "time_ns": time.time_ns(),
+            }
+        )
+        with contextlib.suppress(TensorbusError):
+            topic.pressure_pub.send(body[:1024])
+
+    def _update_meters(self, now: float) -> None:
+        for topic in self.topics.values():
+            head = topic.ring.head
+            if (
+                head == topic.meter.head
+                and topic.meter.at is not None
+                and topic.meter.msgs_per_s == 0
+            ):
+                topic.meter.at = now
+                continue
+            s = topic.ring.stats()
+            hist = [0] * LATENCY_BUCKETS
+            for c in s["cursors"]:
+                for i, n in enumerate(c["latency"]):
+                    hist[i] += n
+            topic.meter.update(now, head, sum(p["bytes"] for p in s["publishers"]), hist)
+
+
+def _peer_credentials(frame) -> tuple[int, int] | None:
+    """(uid, pid) of an ipc peer from the kernel's SO_PEERCRED, which ZeroMQ
+    exposes as the frame property ``Peer-Address`` = ``host:uid:gid:pid``."""
+    try:
+        parts = frame.get("Peer-Address").rsplit(":", 3)
+        return int(parts[1]), int(parts[3])
+    except (zmq.ZMQError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _rss_kb() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def run(config: BrokerConfig, ready=None) -> int:
+    """Run a broker in this process until SIGTERM or SIGINT; returns an exit code."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        uvloop = None
+
+    async def main() -> int:
+        broker = Broker(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, broker.stop)
+        try:
+            await broker.start()
+        except BaseException:
+            await broker._shutdown()
+            raise
+        await broker.serve(ready)
+        return 0
+
+    if uvloop is not None:
+        return uvloop.run(main())
+    return asyncio.run(main())

@@ -1,0 +1,44 @@
+"""Where a broker listens by default, and the private directory it uses.
+
+The ipc socket, its lock file and the FIFO doorbells live in a per-user
+directory of mode 0700: ``$XDG_RUNTIME_DIR/tensorbus`` when that is set,
+else ``/tmp/tensorbus-<uid>``.
+"""
+
+import os
+import stat
+
+__all__ = ["default_ipc_path", "default_url", "ensure_private_dir", "runtime_dir"]
+
+
+def runtime_dir() -> str:
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base):
+        return os.path.join(base, "tensorbus")
+    return f"/tmp/tensorbus-{os.getuid()}"
+
+
+def default_ipc_path() -> str:
+    return os.path.join(runtime_dir(), "broker.sock")
+
+
+def default_url() -> str:
+    """``TENSORBUS_URL`` if set, else the local broker's default ipc socket."""
+    return os.environ.get("TENSORBUS_URL") or f"ipc://{default_ipc_path()}"
+
+
+def ensure_private_dir(path: str) -> str:
+    """Create ``path`` with mode 0700 if needed; refuse one that another
+    user owns or that others can enter (a planted directory)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise PermissionError(f"{path} exists and is not a directory")
+    if st.st_uid != os.getuid():
+        raise PermissionError(
+            f"{path} belongs to uid {st.st_uid}, not to this user "
+            f"({os.getuid()}); refusing to use it"
+        )
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path

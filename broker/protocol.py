@@ -1,0 +1,252 @@
+"""The control protocol between clients and the broker, as pure functions.
+
+Every message is one ZeroMQ frame holding one msgpack map. A client (DEALER)
+sends requests; the broker (ROUTER) answers each with one reply carrying the
+request's ``id``, and may also send *notices* on its own. docs/protocol.md is
+the normative description; this module is its only implementation, and
+neither side builds or parses a message any other way.
+
+Nothing here does I/O: each function maps bytes to values or values to bytes
+and raises :class:`ProtocolViolation` (with an error code and a sentence)
+for anything malformed, so the broker can answer it and carry on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+__all__ = [
+    "ERROR_CODES",
+    "MAX_MESSAGE_BYTES",
+    "NOTICES",
+    "OPS",
+    "PROTOCOL_VERSION",
+    "QOS_CLASSES",
+    "ProtocolViolation",
+    "Reply",
+    "Request",
+    "decode_reply",
+    "decode_request",
+    "encode_error",
+    "encode_notice",
+    "encode_reply",
+    "encode_request",
+]
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_ID = 2**63 - 1
+
+# QoS class -> ring policy. "latest" is an overwrite ring whose readers take
+# only the newest message.
+QOS_CLASSES = {"reliable": "block", "realtime": "overwrite", "latest": "overwrite"}
+
+ERROR_CODES = {
+    "bad_request": "not a msgpack map, or a field is missing or of the wrong type",
+    "too_large": f"the request is larger than {MAX_MESSAGE_BYTES} bytes",
+    "unsupported_version": "the request's protocol version is not served",
+    "unknown_op": "the op is not one the broker knows",
+    "no_session": "an op other than hello before hello",
+    "auth_failed": "wrong uid on ipc, or missing/wrong token on tcp",
+    "not_local": "publish/subscribe need shared memory: a client on the broker's host",
+    "bad_topic": "a topic name breaks the naming rules",
+    "bad_pattern": "a subscription pattern breaks the naming rules",
+    "bad_option": "a topic option (qos, capacity, slot_size) is out of range",
+    "topic_conflict": "the topic exists with other options",
+    "read_only_topic": "the topic belongs to the broker",
+    "no_such_topic": "the topic does not exist",
+    "no_such_subscription": "the subscription id is not one of this session's",
+    "capacity": "a broker limit (subscribers per topic, bells, topics) is reached",
+    "internal": "the broker failed; the sentence says how",
+}
+
+# Request fields per op: name -> (types, required). ``bool`` is never
+# accepted where ``int`` is asked for. Unknown fields are ignored, so a newer
+# client can talk to an older broker of the same protocol version.
+_STR = (str,)
+_INT = (int,)
+_NUM = (int, float)
+OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    "hello": {
+        "name": (_STR, False),
+        "pid": (_INT, True),
+        "protocol": (_INT, True),
+        "token": (_STR, False),
+    },
+    "create_topic": {
+        "topic": (_STR, True),
+        "qos": (_STR, False),
+        "capacity": (_INT, False),
+        "slot_size": (_INT, False),
+    },
+    "open_publisher": {
+        "topic": (_STR, True),
+        "qos": (_STR, False),
+        "capacity": (_INT, False),
+        "slot_size": (_INT, False),
+    },
+    "close_publisher": {"topic": (_STR, True)},
+    "subscribe": {"pattern": (_STR, True), "mode": (_STR, False)},
+    "unsubscribe": {"sub": (_INT, True)},
+    "list_topics": {"pattern": (_STR, False)},
+    "stats": {"pattern": (_STR, False)},
+    "heartbeat": {},
+    "bye": {},
+}
+
+NOTICES = ("attach", "evicted", "shutdown")
+
+
+class ProtocolViolation(Exception):
+    """A message that breaks the protocol: ``code`` is one of ERROR_CODES."""
+
+    def __init__(self, code: str, message: str, request_id: int | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    op: str
+    id: int
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A decoded broker message: a reply (``id`` set, ``ok`` true or false)
+    or a notice (``notice`` set, ``id`` None)."""
+
+    id: int | None
+    ok: bool
+    fields: dict[str, Any]
+    code: str | None = None
+    error: str | None = None
+    notice: str | None = None
+
+
+def _pack(obj: dict) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpack_map(raw: bytes) -> dict:
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise ProtocolViolation(
+            "too_large", f"message of {len(raw)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit"
+        )
+    try:
+        obj = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolViolation("bad_request", f"message is not valid msgpack ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ProtocolViolation(
+            "bad_request", f"message must be a msgpack map, not {type(obj).__name__}"
+        )
+    return obj
+
+
+def _type_ok(value: Any, types: tuple[type, ...]) -> bool:
+    return isinstance(value, types) and not isinstance(value, bool)
+
+
+def encode_request(op: str, request_id: int, **fields: Any) -> bytes:
+    """A request frame. Fields whose value is None are left out."""
+    body = {"v": PROTOCOL_VERSION, "op": op, "id": request_id}
+    body.update({k: v for k, v in fields.items() if v is not None})
+    return _pack(body)
+
+
+def decode_request(raw: bytes) -> Request:
+    """Parse and validate a request frame, or raise ProtocolViolation."""
+    obj = _unpack_map(raw)
+    request_id = obj.get("id")
+    if not _type_ok(request_id, _INT) or not 0 <= request_id <= MAX_ID:
+        raise ProtocolViolation("bad_request", "field 'id' must be an integer in 0..2**63-1")
+    version = obj.get("v")
+    if version != PROTOCOL_VERSION or isinstance(version, bool):
+        raise ProtocolViolation(
+            "unsupported_version",
+            f"protocol version {version!r} is not "
+            f"served; this broker speaks version {PROTOCOL_VERSION}",
+            request_id,
+        )
+    op = obj.get("op")
+    if not isinstance(op, str):
+        raise ProtocolViolation("bad_request", "field 'op' must be a string", request_id)
+    schema = OPS.get(op)
+    if schema is None:
+        raise ProtocolViolation(
+            "unknown_op", f"unknown op {op[:40]!r}; known ops: {', '.join(OPS)}", request_id
+        )
+    fields = {}
+    for name, (types, required) in schema.items():
+        if name not in obj or obj[name] is None:
+            if required:
+                raise ProtocolViolation(
+                    "bad_request", f"op {op!r} needs field {name!r}", request_id
+                )
+            continue
+        value = obj[name]
+        if not _type_ok(value, types):
+            raise ProtocolViolation(
+                "bad_request",
+                f"field {name!r} of op {op!r} must be "
+                f"{' or '.join(t.__name__ for t in types)}, not "
+                f"{type(value).__name__}",
+                request_id,
+            )
+        fields[name] = value
+    return Request(op, request_id, fields)
+
+
+def encode_reply(request_id: int, **result: Any) -> bytes:
+    body = {"v": PROTOCOL_VERSION, "id": request_id, "ok": True}
+    body.update(result)
+    return _pack(body)
+
+
+def encode_error(request_id: int | None, code: str, message: str) -> bytes:
+    if code not in ERROR_CODES:
+        raise ValueError(f"unknown error code {code!r}")
+    return _pack(
+        {"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "code": code, "error": message}
+    )
+
+
+def encode_notice(kind: str, **fields: Any) -> bytes:
+    if kind not in NOTICES:
+        raise ValueError(f"unknown notice {kind!r}")
+    body = {"v": PROTOCOL_VERSION, "notice": kind}
+    body.update(fields)
+    return _pack(body)
+
+
+def decode_reply(raw: bytes) -> Reply:
+    """Parse a frame from the broker: a reply or a notice."""
+    obj = _unpack_map(raw)
+    if obj.get("v") != PROTOCOL_VERSION:
+        raise ProtocolViolation(
+            "unsupported_version",
+            f"broker speaks protocol version {obj.get('v')!r}, this client {PROTOCOL_VERSION}",
+        )
+    notice = obj.pop("notice", None)
+    if notice is not None:
+        if not isinstance(notice, str):
+            raise ProtocolViolation("bad_request", "field 'notice' must be a string")
+        obj.pop("v", None)
+        return Reply(None, True, obj, notice=notice)
+    request_id = obj.pop("id", None)
+    ok = obj.pop("ok", None)
+    if not isinstance(ok, bool):
+        raise ProtocolViolation("bad_request", "reply field 'ok' must be a boolean")
+    obj.pop("v", None)
+    if ok:
+        return Reply(request_id, True, obj)
+    code = obj.pop("code", "internal")
+    error = obj.pop("error", "the broker gave no reason")
+    return Reply(request_id, False, obj, code=str(code), error=str(error))

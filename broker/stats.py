@@ -1,0 +1,78 @@
+"""Per-topic rates and delivery-latency percentiles, as pure arithmetic.
+
+Every cursor keeps a histogram of delivery latencies (publish timestamp to
+receive) in half-octave buckets (tb_layout.h: bucket ``i`` starts at
+``2 ** ((i + 12) / 2)`` ns). The broker sums the histograms of a topic's
+cursors once a second; the difference between two sums is the histogram of
+that second, from which p50/p99 are read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+__all__ = ["LATENCY_BUCKETS", "TopicMeter", "bucket_bounds_ns", "percentile_ns"]
+
+LATENCY_BUCKETS = 48
+_FIRST = 12
+
+
+def bucket_bounds_ns(i: int) -> tuple[float, float]:
+    """The latency range ``[low, high)`` in ns that bucket ``i`` counts."""
+    low = 0.0 if i == 0 else 2 ** ((i + _FIRST) / 2)
+    high = math.inf if i == LATENCY_BUCKETS - 1 else 2 ** ((i + _FIRST + 1) / 2)
+    return low, high
+
+
+def percentile_ns(hist: Sequence[int], q: float) -> float | None:
+    """The ``q``-quantile (0..1) of a bucket histogram, as the geometric
+    middle of the bucket it falls in (error within a quarter octave), or
+    None for an empty histogram."""
+    total = sum(hist)
+    if total <= 0:
+        return None
+    rank = q * total
+    seen = 0
+    for i, count in enumerate(hist):
+        seen += count
+        if seen >= rank and count:
+            low, high = bucket_bounds_ns(i)
+            if math.isinf(high):
+                return low
+            return math.sqrt(max(low, 1.0) * high)
+    return None
+
+
+class TopicMeter:
+    """Turns a topic's cumulative counters into per-second figures."""
+
+    __slots__ = ("at", "head", "bytes", "hist", "msgs_per_s", "bytes_per_s", "p50_ns", "p99_ns")
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+        self.head = 0
+        self.bytes = 0
+        self.hist = [0] * LATENCY_BUCKETS
+        self.msgs_per_s = 0.0
+        self.bytes_per_s = 0.0
+        self.p50_ns: float | None = None
+        self.p99_ns: float | None = None
+
+    def update(self, now: float, head: int, total_bytes: int, hist: Sequence[int]) -> None:
+        """Take a new sample of the cumulative counters at time ``now``.
+        Counters that went down (a cursor or publisher left) count as 0."""
+        if self.at is not None and now > self.at:
+            dt = now - self.at
+            self.msgs_per_s = max(0, head - self.head) / dt
+            self.bytes_per_s = max(0, total_bytes - self.bytes) / dt
+            delta = [max(0, a - b) for a, b in zip(hist, self.hist, strict=True)]
+            if sum(delta):
+                self.p50_ns = percentile_ns(delta, 0.50)
+                self.p99_ns = percentile_ns(delta, 0.99)
+            elif self.msgs_per_s == 0:
+                self.p50_ns = self.p99_ns = None
+        self.at = now
+        self.head = head
+        self.bytes = total_bytes
+        self.hist = list(hist)

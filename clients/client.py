@@ -1,0 +1,491 @@
+"""The pub/sub client: what applications code against.
+
+A :class:`Client` holds one control connection to the broker (a ZeroMQ
+DEALER speaking broker/protocol.py). Publishing and receiving do not touch
+that connection: a :class:`Publisher` writes straight into its topic's
+shared-memory ring, and a :class:`Subscriber` reads the rings of every topic
+its pattern matches through one doorbell (an Inbox). The broker is asked only
+to open, subscribe and close, and it tells a subscriber when a new topic
+matches its pattern (a notice).
+
+A client is not thread-safe for receiving: use one subscriber per thread.
+Requests to the broker are serialized by a lock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import zmq
+
+from tensorbus._core import BellTable, Inbox, Message, Ring, SlowConsumer
+from tensorbus._core import Subscriber as _RingSubscriber
+from tensorbus._core.errors import ReceiveTimeout
+from tensorbus.broker import protocol as P
+from tensorbus.broker.paths import default_url
+from tensorbus.broker.topics import validate_pattern, validate_topic
+from tensorbus.clients.errors import (
+    BrokerUnavailable,
+    ClientClosed,
+    ProtocolError,
+    error_for,
+)
+
+__all__ = ["Client", "Message", "Publisher", "Subscriber", "connect"]
+
+DEFAULT_TIMEOUT = 5.0
+
+# Clients alive in this process, invalidated in a forked child: the child
+# shares the parent's cursors and socket, and must not use either.
+_LIVE_CLIENTS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _invalidate_after_fork() -> None:
+    for client in list(_LIVE_CLIENTS):
+        client._forked()
+
+
+os.register_at_fork(after_in_child=_invalidate_after_fork)
+
+
+def connect(
+    url: str | None = None,
+    *,
+    name: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    token: str | None = None,
+) -> Client:
+    """Connect to a broker and say hello.
+
+    ``url``: ``ipc:///path`` (a broker on this host: publish and subscribe)
+    or ``tcp://host:port`` (introspection only, for now); default
+    ``TENSORBUS_URL``, else this user's default ipc socket. ``token``:
+    default ``TENSORBUS_TOKEN``. Raises BrokerUnavailable if no broker
+    answers within ``timeout`` seconds."""
+    return Client(url, name=name, timeout=timeout, token=token)
+
+
+class Client:
+    """A connection to the broker. Use as a context manager, or ``close()``."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        name: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        token: str | None = None,
+    ):
+        self.url = url or default_url()
+        if not self.url.startswith(("ipc://", "tcp://")):
+            raise ValueError(f"broker url must start with ipc:// or tcp://, not {self.url!r}")
+        self.name = name or f"{os.path.basename(sys.argv[0] or 'python')}[{os.getpid()}]"
+        self.timeout = timeout
+        self._pid = os.getpid()
+        self._lock = threading.RLock()
+        self._ids = itertools.count(1)
+        self._closed = False
+        self._rings: dict[str, Ring] = {}
+        self._subscriptions: dict[int, Subscriber] = {}
+        self._publishers: list[Publisher] = []
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.url)
+        self._heartbeat_thread = None
+        try:
+            hello = self._request(
+                "hello",
+                name=self.name,
+                pid=os.getpid(),
+                protocol=P.PROTOCOL_VERSION,
+                token=token or os.environ.get("TENSORBUS_TOKEN"),
+            )
+        except BaseException:
+            self._ctx.destroy(0)
+            raise
+        self.local = bool(hello.get("local"))
+        self.broker_pid = hello.get("broker_pid")
+        self._bells: BellTable | None = None
+        if self.local:
+            bells = hello["bells"]
+            self._bells = BellTable.attach(bells["name"], bells["fifo_dir"])
+        else:
+            self._start_heartbeats(float(hello.get("heartbeat_s", 2.0)))
+        _LIVE_CLIENTS.add(self)
+
+    # -- the control connection -------------------------------------------
+
+    def _check(self) -> None:
+        if self._pid != os.getpid():
+            raise ClientClosed(
+                "this client was created before a fork(); a child process "
+                "must connect() its own client"
+            )
+        if self._closed:
+            raise ClientClosed("the client is closed")
+
+    def _request(self, op: str, **fields: Any) -> dict:
+        """Send one request and wait for its reply; notices that arrive
+        meanwhile are dispatched to their subscribers."""
+        with self._lock:
+            request_id = next(self._ids)
+            self._sock.send(P.encode_request(op, request_id, **fields))
+            deadline = time.monotonic() + self.timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
+                    if time.monotonic() < deadline:
+                        continue
+                    raise BrokerUnavailable(
+                        f"no tensorbus broker answered {op!r} at {self.url} within "
+                        f"{self.timeout:g} s (is `tensorbus serve` running?)",
+                        "unavailable",
+                    )
+                reply = self._read_frame()
+                if reply is None or reply.notice is not None:
+                    continue
+                if reply.id != request_id:
+                    continue  # the late answer of a request that timed out
+                if not reply.ok:
+                    raise error_for(reply.code, reply.error)
+                return reply.fields
+
+    def _read_frame(self) -> P.Reply | None:
+        raw = self._sock.recv()
+        try:
+            reply = P.decode_reply(raw)
+        except P.ProtocolViolation as exc:
+            raise ProtocolError(f"the broker sent a malformed message: {exc}") from None
+        if reply.notice is not None:
+            self._dispatch_notice(reply)
+        return reply
+
+    def _drain_notices(self, wait: float = 0.0) -> None:
+        """Read what the broker sent on its own, waiting up to ``wait``
+        seconds for the first frame."""
+        with self._lock:
+            if self._sock.poll(int(wait * 1000)):
+                while True:
+                    self._read_frame()
+                    if not self._sock.poll(0):
+                        break
+
+    def _dispatch_notice(self, reply: P.Reply) -> None:
+        if reply.notice == "shutdown":
+            for sub in list(self._subscriptions.values()):
+                sub._broker_gone = reply.fields.get("reason", "the broker shut down")
+            return
+        sub = self._subscriptions.get(reply.fields.get("sub"))
+        if sub is not None:
+            sub._on_notice(reply.notice, reply.fields)
+
+    def _start_heartbeats(self, period: float) -> None:
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(period):
+                try:
+                    self._request("heartbeat")
+                except Exception:
+                    return
+
+        self._heartbeat_stop = stop
+        self._heartbeat_thread = threading.Thread(
+            target=beat, name="tensorbus-heartbeat", daemon=True
+        )
+        self._heartbeat_thread.start()
+
+    def _ring(self, info: dict) -> Ring:
+        ring = self._rings.get(info["ring"])
+        if ring is None:
+            ring = Ring.attach(info["ring"], bells=self._bells)
+            self._rings[info["ring"]] = ring
+        return ring
+
+    # -- the public API ----------------------------------------------------
+
+    def create_topic(
+        self,
+        topic: str,
+        *,
+        qos: str = "reliable",
+        capacity: int | None = None,
+        slot_size: int | None = None,
+    ) -> dict:
+        """Create ``topic`` with these options (or check that it exists with
+        them: TopicError if not). QoS: ``reliable`` (every message, the
+        publisher waits for credit), ``realtime`` (newest wins, drops
+        counted), ``latest`` (last value only)."""
+        self._check()
+        validate_topic(topic)
+        return self._request(
+            "create_topic", topic=topic, qos=qos, capacity=capacity, slot_size=slot_size
+        )["topic"]
+
+    def publisher(
+        self,
+        topic: str,
+        *,
+        qos: str | None = None,
+        capacity: int | None = None,
+        slot_size: int | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> Publisher:
+        """A publisher on ``topic``, creating the topic with these options
+        (defaults: reliable, broker's capacity and slot size) if it does not
+        exist. ``timeout``: how long a reliable ``send`` waits for credit."""
+        self._check()
+        validate_topic(topic)
+        info = self._request(
+            "open_publisher", topic=topic, qos=qos, capacity=capacity, slot_size=slot_size
+        )["topic"]
+        pub = Publisher(self, info, timeout)
+        self._publishers.append(pub)
+        return pub
+
+    def subscribe(self, pattern: str) -> Subscriber:
+        """Receive every topic matching ``pattern`` (``*``: one level,
+        ``>``: the rest), including topics created later."""
+        self._check()
+        validate_pattern(pattern)
+        reply = self._request("subscribe", pattern=pattern, mode="sync")
+        sub = Subscriber(self, reply, pattern)
+        self._subscriptions[sub.id] = sub
+        return sub
+
+    def topics(self, pattern: str | None = None) -> list[dict]:
+        """The broker's topics (matching ``pattern``), with their options."""
+        self._check()
+        return self._request("list_topics", pattern=pattern)["topics"]
+
+    def stats(self, pattern: str | None = None) -> dict:
+        """Per-topic counters and rates, and the broker's own figures."""
+        self._check()
+        return self._request("stats", pattern=pattern)
+
+    def close(self) -> None:
+        """Close every publisher and subscriber, say bye, disconnect."""
+        if self._closed or self._pid != os.getpid():
+            self._closed = True
+            return
+        for sub in list(self._subscriptions.values()):
+            sub.close()
+        for pub in list(self._publishers):
+            pub.close()
+        if self._heartbeat_thread is not None:
+            self._heartbeat_stop.set()
+        try:
+            saved, self.timeout = self.timeout, min(self.timeout, 1.0)
+            self._request("bye")
+            self.timeout = saved
+        except Exception:
+            pass  # the broker is gone: nothing to say bye to
+        self._closed = True
+        for ring in self._rings.values():
+            if not ring.endpoints:
+                ring.detach()
+        self._rings.clear()
+        self._ctx.destroy(0)
+        _LIVE_CLIENTS.discard(self)
+
+    def _forked(self) -> None:
+        # The child must neither use nor release what the parent holds.
+        self._pid = -1
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<tensorbus.Client {self.name!r} {self.url} {'closed' if self._closed else ''}>"
+
+
+class Publisher:
+    """Publishes on one topic straight into its shared-memory ring.
+
+    ``send(data, *, timeout=None)`` takes bytes or any C-contiguous buffer
+    (numpy arrays included) up to the topic's slot size and returns the
+    message's sequence number. On a reliable topic it waits up to
+    ``timeout`` (default: the publisher's) for the slowest subscriber, then
+    raises BackpressureError."""
+
+    def __init__(self, client: Client, info: dict, timeout: float):
+        self.client = client
+        self.topic: str = info["name"]
+        self.qos: str = info["qos"]
+        self.slot_size: int = info["slot_size"]
+        self._pub = client._ring(info).publisher(timeout=timeout)
+        # The hot path is the core's send itself: no Python frame in between.
+        self.send = self._pub.send
+        self._closed = False
+
+    def send(self, data, *, timeout: float | None = None) -> int:
+        return self._pub.send(data, timeout=timeout)
+
+    @property
+    def published(self) -> int:
+        return self._pub.published
+
+    @property
+    def dropped(self) -> int:
+        """Realtime topics: own messages overtaken before they were written."""
+        return self._pub.dropped
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._pub.close()
+        client = self.client
+        if self in client._publishers:
+            client._publishers.remove(self)
+        if not client._closed and client._pid == os.getpid():
+            try:
+                client._request("close_publisher", topic=self.topic)
+            except Exception:
+                pass
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<tensorbus.Publisher {self.topic!r} {self.qos}>"
+
+
+class Subscriber:
+    """Receives every topic matching a pattern.
+
+    ``recv()`` returns a :class:`Message` (``topic``, ``seq``,
+    ``timestamp_ns``, ``data``); ``recv_batch()`` takes what has arrived in
+    one call; iterating yields messages until the subscriber is closed.
+    Messages of one topic arrive in publish order; topics are interleaved."""
+
+    def __init__(self, client: Client, reply: dict, pattern: str):
+        self.client = client
+        self.pattern = pattern
+        self.id: int = reply["sub"]
+        self._inbox = Inbox(client._bells, reply["bell"]["index"])
+        self._evicted: dict[str, str] = {}
+        self._broker_gone: str | None = None
+        self._closed = False
+        for member in reply["members"]:
+            self._attach(member)
+
+    def _attach(self, member: dict) -> None:
+        info = member["topic"]
+        ring = self.client._ring(info)
+        core = _RingSubscriber(ring, cursor=member["cursor"], generation=member["generation"])
+        self._inbox.add(info["name"], core)
+
+    def _on_notice(self, kind: str, fields: dict) -> None:
+        if kind == "attach":
+            self._attach(fields)
+        elif kind == "evicted":
+            self._evicted[fields.get("topic", "?")] = fields.get("reason", "slow consumer")
+
+    def _news(self) -> None:
+        """The bell's notice flag was up: read the broker's notices."""
+        self._inbox.notice()
+        self.client._drain_notices(wait=0.2)
+
+    def _raise_evicted(self, exc: SlowConsumer) -> None:
+        reasons = "; ".join(f"{t}: {r}" for t, r in self._evicted.items())
+        raise SlowConsumer(f"{exc}" + (f" ({reasons})" if reasons else "")) from None
+
+    def recv(self, timeout: float | None = None) -> Message:
+        """The next message of any matching topic; waits up to ``timeout``
+        seconds (None: forever), then raises ReceiveTimeout. Raises
+        SlowConsumer once evicted, BrokerUnavailable once the broker is gone."""
+        if self._closed:
+            raise ClientClosed("the subscriber is closed")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._broker_gone and not self._inbox.topic_names:
+                raise BrokerUnavailable(f"the broker went away: {self._broker_gone}", "unavailable")
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                msg = self._inbox.recv(left)
+            except SlowConsumer as exc:
+                self.client._drain_notices(wait=0.2)
+                self._raise_evicted(exc)
+            if msg is not None:
+                return msg
+            self._news()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ReceiveTimeout(f"no message on {self.pattern!r} within {timeout:g} s")
+
+    def recv_batch(self, max_n: int = 256, max_wait: float | None = None) -> list[Message]:
+        """Up to ``max_n`` messages: waits up to ``max_wait`` seconds for the
+        first (None: forever), then takes only what has already arrived.
+        Returns an empty list if nothing came within ``max_wait``."""
+        if self._closed:
+            raise ClientClosed("the subscriber is closed")
+        deadline = None if max_wait is None else time.monotonic() + max_wait
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                batch = self._inbox.recv_batch(max_n, left)
+            except ReceiveTimeout:
+                return []
+            except SlowConsumer as exc:
+                self.client._drain_notices(wait=0.2)
+                self._raise_evicted(exc)
+            if batch:
+                return batch
+            self._news()
+            if self._broker_gone and not self._inbox.topic_names:
+                raise BrokerUnavailable(f"the broker went away: {self._broker_gone}", "unavailable")
+
+    def __iter__(self) -> Iterator[Message]:
+        while not self._closed:
+            try:
+                yield self.recv()
+            except ClientClosed:
+                return
+
+    @property
+    def topics(self) -> list[str]:
+        """The topics this subscription reads now."""
+        return self._inbox.topic_names
+
+    def close(self) -> None:
+        """Stop receiving; the broker frees this subscription's cursors."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.client._pid != os.getpid():
+            return
+        self._inbox.close()
+        self.client._subscriptions.pop(self.id, None)
+        if not self.client._closed:
+            try:
+                self.client._request("unsubscribe", sub=self.id)
+            except Exception:
+                pass
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<tensorbus.Subscriber {self.pattern!r} topics={self.topics}>"

@@ -1,0 +1,83 @@
+"""The exceptions the client raises, and the map from the broker's error
+codes (docs/protocol.md) to them. Each is a TensorbusError, so one except
+clause catches everything tensorbus raises."""
+
+from tensorbus._core.errors import (
+    BackpressureError,
+    MessageTooLargeError,
+    ReceiveTimeout,
+    SlowConsumer,
+    TensorbusError,
+)
+
+__all__ = [
+    "AuthError",
+    "BackpressureError",
+    "BrokerError",
+    "BrokerUnavailable",
+    "ClientClosed",
+    "MessageTooLargeError",
+    "NotLocalError",
+    "ProtocolError",
+    "ReceiveTimeout",
+    "SlowConsumer",
+    "TopicError",
+    "error_for",
+]
+
+
+class BrokerError(TensorbusError):
+    """The broker refused a request; ``code`` is its error code."""
+
+    def __init__(self, message: str, code: str = "internal"):
+        super().__init__(message)
+        self.code = code
+
+
+class BrokerUnavailable(BrokerError, ConnectionError):
+    """No broker answered, or the broker went away."""
+
+
+class ProtocolError(BrokerError):
+    """A message broke the control protocol (either side)."""
+
+
+class TopicError(BrokerError, ValueError):
+    """A bad topic name, pattern or option, or a topic that clashes."""
+
+
+class AuthError(BrokerError, PermissionError):
+    """The broker did not accept this client's uid or token."""
+
+
+class NotLocalError(BrokerError):
+    """Publishing and subscribing need the broker on this host (ipc://)."""
+
+
+class ClientClosed(TensorbusError):
+    """The client was closed, or belongs to the parent of a forked process."""
+
+
+_BY_CODE = {
+    "bad_request": ProtocolError,
+    "too_large": ProtocolError,
+    "unsupported_version": ProtocolError,
+    "unknown_op": ProtocolError,
+    "no_session": ProtocolError,
+    "auth_failed": AuthError,
+    "not_local": NotLocalError,
+    "bad_topic": TopicError,
+    "bad_pattern": TopicError,
+    "bad_option": TopicError,
+    "topic_conflict": TopicError,
+    "read_only_topic": TopicError,
+    "no_such_topic": TopicError,
+    "no_such_subscription": BrokerError,
+    "capacity": BrokerError,
+    "internal": BrokerError,
+}
+
+
+def error_for(code: str, message: str) -> BrokerError:
+    """The exception for a broker error reply."""
+    return _BY_CODE.get(code, BrokerError)(f"{message} [{code}]", code)

@@ -1,0 +1,5 @@
+import sys
+
+from tensorbus.cli import main
+
+sys.exit(main())

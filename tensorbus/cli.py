@@ -1,0 +1,337 @@
+"""The ``tensorbus`` command: run the broker and talk to it.
+
+tensorbus serve [--ipc PATH] [--tcp HOST:PORT] [--log-level L] ...
+tensorbus topics [PATTERN]
+tensorbus stats [--watch [SECONDS]]
+tensorbus pub TOPIC DATA [--count N] [--interval S]
+tensorbus sub PATTERN [--count N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+import tomllib
+
+from tensorbus._core.errors import TensorbusError
+from tensorbus.broker.daemon import BrokerConfig, BrokerStartError, run
+from tensorbus.clients.client import connect
+
+__all__ = ["main"]
+
+
+def _url_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--url",
+        default=None,
+        help="broker to talk to: ipc:///path or tcp://host:port "
+        "(default: $TENSORBUS_URL, else this user's local broker)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="tensorbus",
+        description="Low-latency message broker "
+        "for ML clusters: shared-memory pub/sub on one host.",
+    )
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser(
+        "serve",
+        help="run the broker daemon in the foreground",
+        description="Run the broker. Prints one line 'tensorbus ready "
+        "<endpoint>...' on stdout once it accepts clients; SIGTERM or "
+        "SIGINT shut it down and remove every segment it made.",
+    )
+    s.add_argument("--config", help="TOML file of options (the flags' long names, with _)")
+    s.add_argument(
+        "--ipc",
+        dest="ipc_path",
+        help="ipc socket path (default: "
+        "$XDG_RUNTIME_DIR/tensorbus/broker.sock or /tmp/tensorbus-$UID/broker.sock)",
+    )
+    s.add_argument(
+        "--tcp",
+        help="also serve the control protocol on HOST:PORT (tools such "
+        "as topics and stats); a non-loopback HOST needs a token or --insecure",
+    )
+    s.add_argument(
+        "--token-file",
+        help="file holding the token tcp clients must present (default: $TENSORBUS_TOKEN)",
+    )
+    s.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback --tcp address without a token",
+    )
+    s.add_argument(
+        "--capacity",
+        dest="default_capacity",
+        type=int,
+        help="default slots per topic ring (power of two; default 256)",
+    )
+    s.add_argument(
+        "--slot-size",
+        dest="default_slot_size",
+        type=int,
+        help="default largest message in bytes (default 4096)",
+    )
+    s.add_argument("--max-subscribers", type=int, help="subscriptions per topic (default 64)")
+    s.add_argument(
+        "--max-subscriptions",
+        dest="max_bells",
+        type=int,
+        help="subscriptions on this host (default 4096)",
+    )
+    s.add_argument("--max-topics", type=int, help="topics on this broker (default 4096)")
+    s.add_argument(
+        "--slow-consumer-grace",
+        type=float,
+        metavar="SECONDS",
+        help="evict a subscriber that stays too far behind this long "
+        "(reliable: ring full; realtime: still dropping); 0 = never (default)",
+    )
+    s.add_argument(
+        "--heartbeat",
+        dest="heartbeat_s",
+        type=float,
+        metavar="SECONDS",
+        help="heartbeat period asked of tcp clients (default 2)",
+    )
+    s.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+
+    t = sub.add_parser("topics", help="list topics", description="List the broker's topics.")
+    t.add_argument("pattern", nargs="?", default=None, help="only topics matching this pattern")
+    t.add_argument("--json", action="store_true", help="print JSON")
+    _url_arg(t)
+
+    st = sub.add_parser(
+        "stats",
+        help="per-topic statistics",
+        description="Per topic: publishers, subscribers, msgs/s, bytes/s, "
+        "depth (slowest subscriber's lag), drops, p50/p99 delivery latency "
+        "(from the messages' timestamps) over the last second.",
+    )
+    st.add_argument("pattern", nargs="?", default=None)
+    st.add_argument(
+        "--watch",
+        nargs="?",
+        const=1.0,
+        type=float,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 1) until Ctrl-C",
+    )
+    st.add_argument("--count", type=int, default=None, help="with --watch: stop after N tables")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    _url_arg(st)
+
+    p = sub.add_parser(
+        "pub",
+        help="publish a message",
+        description="Publish DATA on TOPIC (DATA '-' publishes each line of stdin).",
+    )
+    p.add_argument("topic")
+    p.add_argument("data")
+    p.add_argument("--qos", choices=["reliable", "realtime", "latest"], default=None)
+    p.add_argument("--count", type=int, default=1, help="send it N times")
+    p.add_argument("--interval", type=float, default=0.0, help="seconds between sends")
+    _url_arg(p)
+
+    r = sub.add_parser(
+        "sub",
+        help="print messages",
+        description="Print the messages of "
+        "every topic matching PATTERN ('*' one level, '>' the rest).",
+    )
+    r.add_argument("pattern")
+    r.add_argument("--count", type=int, default=None, help="exit after N messages")
+    r.add_argument("--timeout", type=float, default=None, help="exit after SECONDS of silence")
+    r.add_argument("--json", action="store_true", help="one JSON object per message")
+    _url_arg(r)
+    return top
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s tensorbus %(levelname)s %(message)s",
+    )
+    options = {}
+    if args.config:
+        with open(args.config, "rb") as f:
+            options.update(tomllib.load(f))
+    known = {f.name for f in dataclasses.fields(BrokerConfig)}
+    unknown = set(options) - known - {"token_file"}
+    if unknown:
+        print(
+            f"tensorbus: unknown option(s) in {args.config}: {', '.join(sorted(unknown))}",
+            file=sys.stderr,
+        )
+        return 2
+    for name in known | {"token_file"}:
+        value = getattr(args, name, None)
+        if value is not None:
+            options[name] = value
+    token_file = options.pop("token_file", None)
+    if token_file:
+        with open(token_file) as f:
+            options["token"] = f.read().strip()
+    elif "token" not in options and os.environ.get("TENSORBUS_TOKEN"):
+        options["token"] = os.environ["TENSORBUS_TOKEN"]
+    config = BrokerConfig(**options)
+
+    def ready(endpoints: list[str]) -> None:
+        print("tensorbus ready " + " ".join(endpoints), flush=True)
+
+    try:
+        return run(config, ready)
+    except (BrokerStartError, PermissionError) as exc:
+        print(f"tensorbus: {exc}", file=sys.stderr)
+        return 1
+
+
+def _fmt_rate(x: float, unit: str = "") -> str:
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= scale:
+            return f"{x / scale:.1f}{suffix}{unit}"
+    return f"{x:.0f}{unit}"
+
+
+def _fmt_ns(ns: float | None) -> str:
+    if ns is None:
+        return "-"
+    if ns >= 1e6:
+        return f"{ns / 1e6:.1f}ms"
+    if ns >= 1e3:
+        return f"{ns / 1e3:.1f}us"
+    return f"{ns:.0f}ns"
+
+
+def stats_table(stats: dict) -> str:
+    """The ``tensorbus stats`` table for one stats reply."""
+    rows = [("TOPIC", "QOS", "PUBS", "SUBS", "MSGS/S", "BYTES/S", "DEPTH", "DROPS", "P50", "P99")]
+    for t in sorted(stats["topics"], key=lambda t: t["name"]):
+        rows.append(
+            (
+                t["name"],
+                t["qos"],
+                str(t["publishers"]),
+                str(t["subscribers"]),
+                _fmt_rate(t["msgs_per_s"]),
+                _fmt_rate(t["bytes_per_s"], "B"),
+                str(t["depth"]),
+                str(t["drops"]),
+                _fmt_ns(t["p50_ns"]),
+                _fmt_ns(t["p99_ns"]),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    b = stats["broker"]
+    lines.append(
+        f"broker pid {b['pid']}: {b['topics']} topics, {b['sessions']} clients, "
+        f"rss {b['rss_kb'] / 1024:.1f} MiB, up {b['uptime_s']:.0f} s"
+    )
+    return "\n".join(lines)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    with connect(args.url, name="tensorbus-stats") as client:
+        n = 0
+        while True:
+            stats = client.stats(args.pattern)
+            if args.json:
+                print(json.dumps(stats), flush=True)
+            else:
+                if args.watch and sys.stdout.isatty():
+                    print("\x1b[H\x1b[2J", end="")
+                print(stats_table(stats), flush=True)
+            n += 1
+            if not args.watch or (args.count is not None and n >= args.count):
+                return 0
+            time.sleep(args.watch)
+
+
+def _topics(args: argparse.Namespace) -> int:
+    with connect(args.url, name="tensorbus-topics") as client:
+        topics = client.topics(args.pattern)
+    if args.json:
+        print(json.dumps(topics))
+        return 0
+    for t in sorted(topics, key=lambda t: t["name"]):
+        print(
+            f"{t['name']}\t{t['qos']}\tcapacity={t['capacity']}\tslot={t['slot_size']}\t"
+            f"pubs={t['publishers']}\tsubs={t['subscribers']}"
+        )
+    return 0
+
+
+def _pub(args: argparse.Namespace) -> int:
+    with connect(args.url, name="tensorbus-pub") as client:
+        pub = client.publisher(args.topic, qos=args.qos)
+        lines = (
+            (line.rstrip("\n").encode() for line in sys.stdin)
+            if args.data == "-"
+            else (args.data.encode() for _ in range(args.count))
+        )
+        for data in lines:
+            pub.send(data)
+            if args.interval:
+                time.sleep(args.interval)
+        pub.close()
+    return 0
+
+
+def _sub(args: argparse.Namespace) -> int:
+    from tensorbus.clients.errors import ReceiveTimeout
+
+    with connect(args.url, name="tensorbus-sub") as client, client.subscribe(args.pattern) as sub:
+        n = 0
+        while args.count is None or n < args.count:
+            try:
+                msg = sub.recv(timeout=args.timeout)
+            except ReceiveTimeout:
+                return 0
+            payload = bytes(msg.data)
+            if args.json:
+                print(
+                    json.dumps(
+                        {
+                            "topic": msg.topic,
+                            "seq": msg.seq,
+                            "timestamp_ns": msg.timestamp_ns,
+                            "data": payload.decode(errors="replace"),
+                        }
+                    ),
+                    flush=True,
+                )
+            else:
+                print(f"{msg.topic} {payload.decode(errors='replace')}", flush=True)
+            n += 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"serve": _serve, "topics": _topics, "stats": _stats, "pub": _pub, "sub": _sub}[
+        args.command
+    ]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except TensorbusError as exc:
+        print(f"tensorbus: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
