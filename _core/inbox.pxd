@@ -42,6 +42,7 @@ cdef class Inbox:
     cdef int n
     cdef int next           # round-robin start
     cdef int armed          # asyncio: sleepers counted in by arm()
+    cdef readonly int closed_members  # members dropped because their ring closed
     cdef Waiter waiter
     cdef int64_t slice_ns
 

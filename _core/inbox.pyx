@@ -186,16 +186,20 @@ cdef class Inbox:
             if st == ST_OK:
                 m = Message.__new__(Message)
                 m.payload = sub._take(s)
+                if m.payload is None:
+                    st = ST_EVICTED
                 m.topic = <str>self.topics[i]
                 m.seq = sub.last_seq
                 m.timestamp_ns = sub.last_timestamp_ns
                 m.flags = sub.last_flags
-                self.next = i + 1
-                return m
+                if st == ST_OK:
+                    self.next = i + 1
+                    return m
             if st == ST_EVICTED:
                 raise SlowConsumer(f"this subscription was evicted from topic "
                                    f"{self.topics[i]!r}: it stayed too far behind")
             if st == ST_CLOSED:
+                self.closed_members += 1
                 self.topics.pop(i)
                 self.subs.pop(i)
                 self._rebuild()
@@ -216,7 +220,9 @@ cdef class Inbox:
     def recv(self, timeout=None):
         """Wait up to ``timeout`` seconds (None: no limit) for a message.
         Returns None when the broker raised the notice flag (read the
-        control socket, then call again). Raises ReceiveTimeout."""
+        control socket, then call again) or a member's ring closed.
+        Raises ReceiveTimeout."""
+        cdef int closed_before = self.closed_members
         cdef Message m = self._poll_one()
         if m is not None:
             return m
@@ -228,7 +234,7 @@ cdef class Inbox:
                 raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
             deadline = tb_now_ns() + <int64_t>(timeout * 1e9)
         while True:
-            if tb_load_acq32(&self.bell.notice):
+            if tb_load_acq32(&self.bell.notice) or self.closed_members != closed_before:
                 return None
             now = tb_now_ns()
             if deadline >= 0 and now >= deadline:

@@ -982,7 +982,7 @@ cdef class Subscriber:
         self.last_timestamp_ns = 0
         self.last_flags = 0
         cdef RingView *v = self.v
-        cdef uint32_t i
+        cdef uint32_t i, state
         cdef tb_cursor_t *c
         if cursor is None:
             i = ring._join(os.getpid(), 0, 0)
@@ -992,8 +992,10 @@ cdef class Subscriber:
                 raise ValueError(f"cursor {cursor} is outside ring {ring.name!r}")
             i = cursor
             c = &v.cursors[i]
-            if (tb_load_acq32(&c.state) != TB_CURSOR_ACTIVE or c.generation != generation
-                    or c.owner_pid != <uint32_t>os.getpid()):
+            # EVICTED is adopted too: the first read then raises SlowConsumer.
+            state = tb_load_acq32(&c.state)
+            if ((state != TB_CURSOR_ACTIVE and state != TB_CURSOR_EVICTED)
+                    or c.generation != generation or c.owner_pid != <uint32_t>os.getpid()):
                 raise TensorbusError(f"cursor {cursor} of ring {ring.name!r} is not an active "
                                      f"cursor of generation {generation} owned by this process")
             if c.bell_ref and (ring.bells is None or c.bell_ref > ring.bells.count):
@@ -1027,6 +1029,10 @@ cdef class Subscriber:
                 self.pos = head - 1  # older values are superseded, not lost
                 tb_store_rel64(&self.cur.position, self.pos)
         while True:
+            # An evicted cursor no longer holds publishers back, so its next
+            # slots may be rewritten under it: stop at once.
+            if tb_load_rlx32(&self.cur.state) == TB_CURSOR_EVICTED:
+                return ST_EVICTED
             s = slot_at(v, self.pos)
             c = tb_load_acq64(&s.commit)
             if v.policy == TB_POLICY_BLOCK:
@@ -1080,8 +1086,11 @@ cdef class Subscriber:
         return cursor_ready(self.v, self.cur, self.pos, self.latest)
 
     cdef bytes _take(self, tb_slot_header_t *s):
-        """Copy out the message ``_poll`` found, note its metadata, consume it."""
+        """Copy out the message ``_poll`` found, note its metadata, consume it.
+        Returns None if the cursor was evicted meanwhile (the copy may be torn)."""
         data = PyBytes_FromStringAndSize(payload_of(s), s.length)
+        if tb_load_acq32(&self.cur.state) == TB_CURSOR_EVICTED:
+            return None
         self._note(s)
         self._advance()
         return data

@@ -134,7 +134,7 @@ typedef struct {
 } tb_slot_header_t;
 
 _Static_assert(sizeof(tb_ring_header_t) <= TB_HEADER_BYTES, "ring header too large");
-_Static_assert(sizeof(tb_cursor_t) == TB_CURSOR_BYTES, "cursor entry must be 128 B");
+_Static_assert(sizeof(tb_cursor_t) == TB_CURSOR_BYTES, "cursor entry must be 384 B");
 _Static_assert(sizeof(tb_publisher_t) == TB_PUBLISHER_BYTES, "publisher record must be 64 B");
 _Static_assert(sizeof(tb_bell_t) == TB_BELL_BYTES, "bell must be 64 B");
 _Static_assert(sizeof(tb_bells_header_t) == 64, "bell table header must be 64 B");

@@ -162,8 +162,11 @@ class Broker:
         if not self.config.tcp:
             return None
         host, sep, port = self.config.tcp.rpartition(":")
-        if not sep or not port.isdigit() or not host:
-            raise BrokerStartError(f"--tcp must be HOST:PORT, not {self.config.tcp!r}")
+        if not sep or not (port.isdigit() or port == "*") or not host:
+            raise BrokerStartError(
+                f"--tcp must be HOST:PORT (PORT may be * for any free "
+                f"port), not {self.config.tcp!r}"
+            )
         host = host.strip("[]")
         try:
             loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
@@ -174,7 +177,7 @@ class Broker:
                 f"refusing to serve tcp on non-loopback address {host!r} without a token: "
                 "set --token-file or TENSORBUS_TOKEN, or pass --insecure"
             )
-        return host, int(port)
+        return host, 0 if port == "*" else int(port)
 
     def _take_lock(self) -> None:
         ensure_private_dir(os.path.dirname(os.path.abspath(self.ipc_path)))
@@ -293,7 +296,7 @@ class Broker:
             for sub in session.subscriptions.values():
                 with contextlib.suppress(Exception):
                     self.bells.notify(sub.bell)
-            self._drop_session(session, "broker shutdown", notify=False)
+            self._drop_session(session, "broker shutdown")
         for topic in self.topics.values():
             with contextlib.suppress(Exception):
                 topic.ring.close()
@@ -412,7 +415,10 @@ class Broker:
             request.id,
             instance=self.instance,
             local=transport == "ipc",
-            bells={"name": self.bells.name, "fifo_dir": self.fifo_dir},
+            # Segment names and paths are for clients that can map them.
+            bells={"name": self.bells.name, "fifo_dir": self.fifo_dir}
+            if transport == "ipc"
+            else None,
             heartbeat_s=self.config.heartbeat_s,
             broker_pid=os.getpid(),
         )
@@ -439,7 +445,7 @@ class Broker:
             os.close(session.pidfd)
             session.pidfd = -1
 
-    def _drop_session(self, session: Session, reason: str, notify: bool = True) -> None:
+    def _drop_session(self, session: Session, reason: str) -> None:
         """Release everything a session holds: cursors, doorbells and (if
         its process is gone) its half-done publishes."""
         self.sessions.pop(session.key, None)
@@ -502,7 +508,7 @@ class Broker:
                 )
         return qos, capacity, slot_size
 
-    def _get_or_create(self, name: str, f: dict, *, system: bool = False) -> tuple[Topic, bool]:
+    def _get_or_create(self, name: str, f: dict) -> tuple[Topic, bool]:
         existing = self.topics.get(name)
         qos, capacity, slot_size = self._topic_options(f, existing)
         if existing is not None:
@@ -534,7 +540,16 @@ class Broker:
         for session in list(self.sessions.values()):
             for sub in session.subscriptions.values():
                 if matches(sub.pattern, name):
-                    self._attach(sub, topic, announce=True)
+                    try:
+                        self._attach(sub, topic, announce=True)
+                    except CapacityError:
+                        log.warning(
+                            "topic %s: no cursor left for subscription %d of %s "
+                            "(--max-subscribers)",
+                            name,
+                            sub.id,
+                            session.name,
+                        )
         return topic, True
 
     def _attach(self, sub: Subscription, topic: Topic, announce: bool) -> tuple[int, int]:
@@ -556,8 +571,19 @@ class Broker:
         if sub.bell >= 0:
             self.bells.notify(sub.bell)
 
+    def _user_topic(self, name: object) -> str:
+        try:
+            return validate_topic(name)
+        except TopicNameError:
+            if isinstance(name, str) and is_system(name):
+                raise P.ProtocolViolation(
+                    "read_only_topic",
+                    f"topic {name!r} belongs to the broker; clients may only subscribe to it",
+                ) from None
+            raise
+
     def _op_create_topic(self, session: Session, request: P.Request) -> bytes:
-        name = validate_topic(request.fields["topic"])
+        name = self._user_topic(request.fields["topic"])
         topic, created = self._get_or_create(name, request.fields)
         return P.encode_reply(request.id, topic=topic.info(), created=created)
 
@@ -572,16 +598,7 @@ class Broker:
 
     def _op_open_publisher(self, session: Session, request: P.Request) -> bytes:
         self._require_local(session, "publishing")
-        name = request.fields["topic"]
-        try:
-            validate_topic(name)
-        except TopicNameError:
-            if isinstance(name, str) and is_system(name):
-                raise P.ProtocolViolation(
-                    "read_only_topic",
-                    f"topic {name!r} belongs to the broker; clients may only subscribe to it",
-                ) from None
-            raise
+        name = self._user_topic(request.fields["topic"])
         topic, created = self._get_or_create(name, request.fields)
         session.publishing[name] = session.publishing.get(name, 0) + 1
         topic.publishers[session.key] = topic.publishers.get(session.key, 0) + 1
@@ -814,20 +831,19 @@ class Broker:
         if topic.pressure_pub is None:
             channel, _ = self._get_or_create(
                 f"{SYSTEM_PREFIX}/pressure/{topic.name}",
-                {"qos": "realtime", "capacity": 64, "slot_size": 1024},
-                system=True,
+                {"qos": "realtime", "capacity": 64, "slot_size": 8192},
             )
             topic.pressure_pub = channel.ring.publisher()
         body = msgpack.packb(
             {
                 "topic": topic.name,
-                "subscribers": dropped,
+                "subscribers": dropped[:32],  # bounded: one notice fits one slot
                 "new_drops": sum(d["new"] for d in dropped),
                 "time_ns": time.time_ns(),
             }
         )
         with contextlib.suppress(TensorbusError):
-            topic.pressure_pub.send(body[:1024])
+            topic.pressure_pub.send(body)
 
     def _update_meters(self, now: float) -> None:
         for topic in self.topics.values():

@@ -68,7 +68,6 @@ ERROR_CODES = {
 # client can talk to an older broker of the same protocol version.
 _STR = (str,)
 _INT = (int,)
-_NUM = (int, float)
 OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "hello": {
         "name": (_STR, False),
@@ -168,7 +167,7 @@ def decode_request(raw: bytes) -> Request:
     if not _type_ok(request_id, _INT) or not 0 <= request_id <= MAX_ID:
         raise ProtocolViolation("bad_request", "field 'id' must be an integer in 0..2**63-1")
     version = obj.get("v")
-    if version != PROTOCOL_VERSION or isinstance(version, bool):
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolViolation(
             "unsupported_version",
             f"protocol version {version!r} is not "

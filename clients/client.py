@@ -27,7 +27,7 @@ import zmq
 
 from tensorbus._core import BellTable, Inbox, Message, Ring, SlowConsumer
 from tensorbus._core import Subscriber as _RingSubscriber
-from tensorbus._core.errors import ReceiveTimeout
+from tensorbus._core.errors import ReceiveTimeout, TensorbusError
 from tensorbus.broker import protocol as P
 from tensorbus.broker.paths import default_url
 from tensorbus.broker.topics import validate_pattern, validate_topic
@@ -152,7 +152,9 @@ class Client:
                 reply = self._read_frame()
                 if reply is None or reply.notice is not None:
                     continue
-                if reply.id != request_id:
+                # An error without an id answers a request the broker could
+                # not parse; only one of ours is in flight, so it is this one.
+                if reply.id != request_id and not (reply.id is None and not reply.ok):
                     continue  # the late answer of a request that timed out
                 if not reply.ok:
                     raise error_for(reply.code, reply.error)
@@ -397,7 +399,10 @@ class Subscriber:
 
     def _on_notice(self, kind: str, fields: dict) -> None:
         if kind == "attach":
-            self._attach(fields)
+            try:
+                self._attach(fields)
+            except TensorbusError:
+                pass  # freed before we got here: the broker shut down or dropped us
         elif kind == "evicted":
             self._evicted[fields.get("topic", "?")] = fields.get("reason", "slow consumer")
 

@@ -3,12 +3,17 @@ are always stopped by the test that started them."""
 
 import multiprocessing
 import os
+import select
+import signal
+import subprocess
+import sys
 
 import pytest
 
 from tensorbus._core import Ring
 
 SPAWN = multiprocessing.get_context("spawn")
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture
@@ -47,3 +52,99 @@ def procs():
         if p.is_alive():
             p.kill()
         p.join(5)
+
+
+class Daemon:
+    """A real ``tensorbus serve`` subprocess on a private socket path."""
+
+    def __init__(self, tmp_path, *args, env=None):
+        self.ipc_path = str(tmp_path / "run" / "broker.sock")
+        self.args = args
+        cmd = [sys.executable, "-m", "tensorbus", "serve", "--ipc", self.ipc_path, *args]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        self.endpoints = self._wait_ready()
+        self.url = self.endpoints[0]
+        self.instance = f"d{self.proc.pid}"
+
+    def _wait_ready(self, timeout=15.0):
+        ready = select.select([self.proc.stdout], [], [], timeout)[0]
+        line = self.proc.stdout.readline() if ready else ""
+        if not line.startswith("tensorbus ready "):
+            self.proc.kill()
+            err = self.proc.stderr.read()
+            raise RuntimeError(f"daemon did not start: {line!r} {err}")
+        return line.split()[2:]
+
+    def segments(self):
+        return [n for n in os.listdir("/dev/shm") if f"-{self.instance}-" in n]
+
+    def stop(self, sig=signal.SIGTERM, timeout=10.0):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            stream.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def daemon_factory(tmp_path):
+    """Start daemons with extra ``serve`` arguments; all stopped at the end."""
+    started = []
+
+    def start(*args, env=None, path=None):
+        d = Daemon(path or tmp_path, *args, env=env)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def daemon(daemon_factory):
+    return daemon_factory()
+
+
+@pytest.fixture
+def popen():
+    """Start worker subprocesses (tests/bus_workers.py); all killed at the end."""
+    started = []
+
+    def start(*args):
+        p = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "bus_workers.py"), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.wait(5)
+        p.stdout.close()
+        p.stderr.close()
+
+
+def read_line(proc, timeout=10.0):
+    """The next stdout line of a worker, or fail with its stderr."""
+    if select.select([proc.stdout], [], [], timeout)[0]:
+        line = proc.stdout.readline()
+        if line:
+            return line.strip()
+    raise AssertionError(
+        f"worker said nothing within {timeout} s: {proc.stderr.read()[-2000:]}"
+        if proc.poll() is not None
+        else f"worker silent for {timeout} s"
+    )

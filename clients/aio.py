@@ -1,0 +1,405 @@
+"""The asyncio client: the same API as :mod:`tensorbus.clients.client`, with
+``await`` where the sync client would wait.
+
+No thread spins or blocks per subscriber: each asyncio subscription sleeps
+on a FIFO doorbell the event loop watches (``loop.add_reader``), which a
+publisher writes one byte to only when the subscription announced a sleep.
+Control requests go through ``zmq.asyncio``; one reader task matches
+replies to requests and hands notices to their subscriptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import sys
+import time
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from tensorbus._core import BackpressureError, BellTable, Inbox, Message, Ring, SlowConsumer
+from tensorbus._core import Subscriber as _RingSubscriber
+from tensorbus._core.errors import ReceiveTimeout, TensorbusError
+from tensorbus.broker import protocol as P
+from tensorbus.broker.paths import default_url
+from tensorbus.broker.topics import validate_pattern, validate_topic
+from tensorbus.clients.errors import BrokerUnavailable, ClientClosed, error_for
+
+__all__ = ["AsyncClient", "AsyncPublisher", "AsyncSubscriber", "connect"]
+
+DEFAULT_TIMEOUT = 5.0
+STALL_CHECK_S = 0.25  # how often a sleeping subscriber looks for a dead publisher's claim
+
+
+async def connect(
+    url: str | None = None,
+    *,
+    name: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    token: str | None = None,
+) -> AsyncClient:
+    """Connect to a broker (see :func:`tensorbus.connect`)."""
+    client = AsyncClient(url, name=name, timeout=timeout)
+    try:
+        await client._hello(token or os.environ.get("TENSORBUS_TOKEN"))
+    except BaseException:
+        await client._teardown()
+        raise
+    return client
+
+
+class AsyncClient:
+    """An asyncio connection to the broker; ``async with`` or ``await close()``."""
+
+    def __init__(
+        self, url: str | None = None, *, name: str | None = None, timeout: float = DEFAULT_TIMEOUT
+    ):
+        self.url = url or default_url()
+        if not self.url.startswith(("ipc://", "tcp://")):
+            raise ValueError(f"broker url must start with ipc:// or tcp://, not {self.url!r}")
+        self.name = name or f"{os.path.basename(sys.argv[0] or 'python')}[{os.getpid()}]"
+        self.timeout = timeout
+        self.local = False
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._subscriptions: dict[int, AsyncSubscriber] = {}
+        self._publishers: list[AsyncPublisher] = []
+        self._rings: dict[str, Ring] = {}
+        self._bells: BellTable | None = None
+        self._closed = False
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.url)
+        self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+        self._heartbeat: asyncio.Task | None = None
+
+    async def _hello(self, token: str | None) -> None:
+        hello = await self._request(
+            "hello", name=self.name, pid=os.getpid(), protocol=P.PROTOCOL_VERSION, token=token
+        )
+        self.local = bool(hello.get("local"))
+        if self.local:
+            self._bells = BellTable.attach(hello["bells"]["name"], hello["bells"]["fifo_dir"])
+        else:
+            period = float(hello.get("heartbeat_s", 2.0))
+            self._heartbeat = asyncio.get_running_loop().create_task(self._beat(period))
+
+    async def _beat(self, period: float) -> None:
+        while True:
+            await asyncio.sleep(period)
+            with contextlib.suppress(Exception):
+                await self._request("heartbeat")
+
+    async def _read_loop(self) -> None:
+        while True:
+            raw = await self._sock.recv()
+            try:
+                reply = P.decode_reply(raw)
+            except P.ProtocolViolation:
+                continue
+            if reply.notice is not None:
+                self._dispatch_notice(reply)
+                continue
+            if reply.id is None and not reply.ok and len(self._pending) == 1:
+                # an error for a request the broker could not parse: ours
+                fut = self._pending.pop(next(iter(self._pending)))
+            else:
+                fut = self._pending.pop(reply.id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(reply)
+
+    def _dispatch_notice(self, reply: P.Reply) -> None:
+        if reply.notice == "shutdown":
+            for sub in list(self._subscriptions.values()):
+                sub._notices.append(("shutdown", reply.fields))
+                sub._wake()
+            return
+        sub = self._subscriptions.get(reply.fields.get("sub"))
+        if sub is not None:
+            sub._notices.append((reply.notice, reply.fields))
+            sub._wake()
+
+    async def _request(self, op: str, **fields: Any) -> dict:
+        if self._closed:
+            raise ClientClosed("the client is closed")
+        request_id = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = fut
+        try:
+            await self._sock.send(P.encode_request(op, request_id, **fields))
+            reply = await asyncio.wait_for(fut, self.timeout)
+        except TimeoutError:
+            raise BrokerUnavailable(
+                f"no tensorbus broker answered {op!r} at {self.url} within "
+                f"{self.timeout:g} s (is `tensorbus serve` running?)",
+                "unavailable",
+            ) from None
+        finally:
+            self._pending.pop(request_id, None)
+        if not reply.ok:
+            raise error_for(reply.code, reply.error)
+        return reply.fields
+
+    def _ring(self, info: dict) -> Ring:
+        ring = self._rings.get(info["ring"])
+        if ring is None:
+            ring = Ring.attach(info["ring"], bells=self._bells)
+            self._rings[info["ring"]] = ring
+        return ring
+
+    async def create_topic(
+        self,
+        topic: str,
+        *,
+        qos: str = "reliable",
+        capacity: int | None = None,
+        slot_size: int | None = None,
+    ) -> dict:
+        validate_topic(topic)
+        reply = await self._request(
+            "create_topic", topic=topic, qos=qos, capacity=capacity, slot_size=slot_size
+        )
+        return reply["topic"]
+
+    async def publisher(
+        self,
+        topic: str,
+        *,
+        qos: str | None = None,
+        capacity: int | None = None,
+        slot_size: int | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> AsyncPublisher:
+        validate_topic(topic)
+        info = (
+            await self._request(
+                "open_publisher", topic=topic, qos=qos, capacity=capacity, slot_size=slot_size
+            )
+        )["topic"]
+        pub = AsyncPublisher(self, info, timeout)
+        self._publishers.append(pub)
+        return pub
+
+    async def subscribe(self, pattern: str) -> AsyncSubscriber:
+        validate_pattern(pattern)
+        reply = await self._request("subscribe", pattern=pattern, mode="async")
+        sub = AsyncSubscriber(self, reply, pattern)
+        self._subscriptions[sub.id] = sub
+        return sub
+
+    async def topics(self, pattern: str | None = None) -> list[dict]:
+        return (await self._request("list_topics", pattern=pattern))["topics"]
+
+    async def stats(self, pattern: str | None = None) -> dict:
+        return await self._request("stats", pattern=pattern)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        for sub in list(self._subscriptions.values()):
+            await sub.close()
+        for pub in list(self._publishers):
+            await pub.close()
+        with contextlib.suppress(Exception):
+            saved, self.timeout = self.timeout, min(self.timeout, 1.0)
+            await self._request("bye")
+            self.timeout = saved
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        self._closed = True
+        for task in (self._reader, self._heartbeat):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        for ring in self._rings.values():
+            if not ring.endpoints:
+                ring.detach()
+        self._rings.clear()
+        self._ctx.destroy(0)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+class AsyncPublisher:
+    """Publishes into a topic's ring. Never blocks the event loop: a full
+    reliable ring is retried with short sleeps until the timeout."""
+
+    def __init__(self, client: AsyncClient, info: dict, timeout: float):
+        self.client = client
+        self.topic: str = info["name"]
+        self.qos: str = info["qos"]
+        self.timeout = timeout
+        self._pub = client._ring(info).publisher(timeout=timeout)
+        self._closed = False
+
+    async def send(self, data, *, timeout: float | None = None) -> int:
+        """Publish ``data``; on a full reliable ring wait (asynchronously) up
+        to ``timeout`` seconds for credit, then raise BackpressureError."""
+        try:
+            return self._pub.send(data, timeout=0)
+        except BackpressureError:
+            pass
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        nap = 0.0001
+        while True:
+            await asyncio.sleep(nap)
+            nap = min(nap * 2, 0.01)
+            try:
+                return self._pub.send(data, timeout=0)
+            except BackpressureError:
+                if time.monotonic() >= deadline:
+                    raise BackpressureError(
+                        f"topic {self.topic!r} is full: no credit within {limit:g} s"
+                    ) from None
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._pub.close()
+        if self in self.client._publishers:
+            self.client._publishers.remove(self)
+        with contextlib.suppress(Exception):
+            await self.client._request("close_publisher", topic=self.topic)
+
+
+class AsyncSubscriber:
+    """``await sub.recv()``, ``await sub.recv_batch()``, ``async for msg in sub``."""
+
+    def __init__(self, client: AsyncClient, reply: dict, pattern: str):
+        self.client = client
+        self.pattern = pattern
+        self.id: int = reply["sub"]
+        bell = reply["bell"]
+        self._inbox = Inbox(client._bells, bell["index"])
+        # O_RDWR: we hold a writer ourselves, so the pipe never reads as EOF
+        # (which would make it readable forever) while no publisher has it open.
+        self._fd = os.open(bell["fifo"], os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._notices: list[tuple[str, dict]] = []
+        self._waiter: asyncio.Future | None = None
+        self._evicted: dict[str, str] = {}
+        self._broker_gone: str | None = None
+        self._closed = False
+        for member in reply["members"]:
+            self._attach(member)
+
+    def _attach(self, member: dict) -> None:
+        info = member["topic"]
+        core = _RingSubscriber(
+            self.client._ring(info), cursor=member["cursor"], generation=member["generation"]
+        )
+        self._inbox.add(info["name"], core)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _process_notices(self) -> None:
+        self._inbox.notice()
+        while self._notices:
+            kind, fields = self._notices.pop(0)
+            if kind == "attach":
+                try:
+                    self._attach(fields)
+                except TensorbusError:
+                    pass  # freed before we got here: the broker shut down or dropped us
+            elif kind == "evicted":
+                self._evicted[fields.get("topic", "?")] = fields.get("reason", "slow consumer")
+            elif kind == "shutdown":
+                self._broker_gone = fields.get("reason", "the broker shut down")
+
+    def _drain_fifo(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._fd, 4096):
+                pass
+
+    def _poll(self) -> Message | None:
+        try:
+            return self._inbox.poll()
+        except SlowConsumer as exc:
+            reasons = "; ".join(f"{t}: {r}" for t, r in self._evicted.items())
+            raise SlowConsumer(f"{exc}" + (f" ({reasons})" if reasons else "")) from None
+
+    async def recv(self, timeout: float | None = None) -> Message:
+        """The next message of any matching topic; ReceiveTimeout after
+        ``timeout`` seconds (None: no limit)."""
+        if self._closed:
+            raise ClientClosed("the subscriber is closed")
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._process_notices()
+            msg = self._poll()
+            if msg is not None:
+                return msg
+            if self._broker_gone and not self._inbox.topic_names:
+                raise BrokerUnavailable(f"the broker went away: {self._broker_gone}", "unavailable")
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise ReceiveTimeout(f"no message on {self.pattern!r} within {timeout:g} s")
+            if self._notices or not self._inbox.arm():
+                continue
+            self._waiter = loop.create_future()
+            loop.add_reader(self._fd, self._wake)
+            try:
+                wait = STALL_CHECK_S if left is None else min(left, STALL_CHECK_S)
+                done, _ = await asyncio.wait([self._waiter], timeout=wait)
+            finally:
+                loop.remove_reader(self._fd)
+                self._waiter = None
+                self._inbox.disarm()
+                self._drain_fifo()
+            if not done:
+                self._inbox.check_stalls()
+
+    async def recv_batch(self, max_n: int = 256, max_wait: float | None = None) -> list:
+        """Up to ``max_n`` messages: waits up to ``max_wait`` for the first,
+        then takes what has already arrived; [] if nothing came."""
+        try:
+            out = [await self.recv(max_wait)]
+        except ReceiveTimeout:
+            return []
+        while len(out) < max_n:
+            msg = self._poll()
+            if msg is None:
+                break
+            out.append(msg)
+        return out
+
+    def __aiter__(self) -> AsyncSubscriber:
+        return self
+
+    async def __anext__(self) -> Message:
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            return await self.recv()
+        except ClientClosed:
+            raise StopAsyncIteration from None
+
+    @property
+    def topics(self) -> list[str]:
+        return self._inbox.topic_names
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._wake()
+        self._inbox.close()
+        os.close(self._fd)
+        self.client._subscriptions.pop(self.id, None)
+        with contextlib.suppress(Exception):
+            await self.client._request("unsubscribe", sub=self.id)

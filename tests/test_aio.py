@@ -1,0 +1,59 @@
+"""The asyncio client against a real daemon."""
+
+import asyncio
+
+import pytest
+
+import tensorbus
+import tensorbus.aio
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_asyncio_end_to_end(daemon):
+    async def main():
+        async with await tensorbus.aio.connect(daemon.url) as c:
+            sub = await c.subscribe("aio/>")
+            pub = await c.publisher("aio/a", capacity=8)
+
+            async def produce():
+                for i in range(50):  # more than the ring holds: send awaits credit
+                    await pub.send(i.to_bytes(2, "little"))
+                late = await c.publisher("aio/b")
+                await late.send(b"late")
+
+            task = asyncio.create_task(produce())
+            got = []
+            async for msg in sub:
+                got.append((msg.topic, bytes(msg.data)))
+                if len(got) == 51:
+                    break
+            await task
+            assert [int.from_bytes(d, "little") for t, d in got if t == "aio/a"] == list(range(50))
+            assert ("aio/b", b"late") in got
+            with pytest.raises(tensorbus.ReceiveTimeout):
+                await sub.recv(timeout=0.1)
+            batch_pub = await c.publisher("aio/c")
+            for i in range(5):
+                await batch_pub.send(bytes([i]))
+            batch = await sub.recv_batch(10, 1.0)
+            assert [m.data[0] for m in batch] == [0, 1, 2, 3, 4]
+
+    asyncio.run(main())
+
+
+def test_asyncio_and_sync_clients_interoperate(daemon):
+    async def main():
+        async with await tensorbus.aio.connect(daemon.url) as c:
+            sub = await c.subscribe("mix/x")
+            loop = asyncio.get_running_loop()
+
+            def publish():
+                with tensorbus.connect(daemon.url) as sync:
+                    sync.publisher("mix/x").send(b"from a thread")
+
+            await loop.run_in_executor(None, publish)
+            msg = await sub.recv(timeout=3)
+            assert bytes(msg.data) == b"from a thread"
+
+    asyncio.run(main())
