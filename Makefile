@@ -13,10 +13,12 @@ $(STAMP): $(SOURCES)
 	$(PY) -m pip install --quiet -e '.[dev,perf]'
 	touch $(STAMP)
 
-# The main job: tensorbus's ring beside its peers, latency and throughput.
+# The main job: a broker with a pub/sub demo and its live stats (everything it
+# starts is stopped), then tensorbus beside its peers, latency and throughput.
 demo: $(STAMP)
-	$(PY) perf/perf.py lat --backend ring,zmq,mp,iox2 --size 64
-	$(PY) perf/perf.py thr --backend ring,zmq,mp,iox2 --size 64
+	$(PY) examples/pubsub_demo.py --seconds 4
+	$(PY) perf/perf.py lat --backend bus,ring,zmq,nats,redis,iox2 --size 64
+	$(PY) perf/perf.py thr --backend bus,ring,zmq --size 64
 
 test: $(STAMP)
 	$(PY) -m pytest
