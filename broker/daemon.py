@@ -644,8 +644,17 @@ class Broker:
         sub = Subscription(next(self.ids), session, pattern, mode, bell, generation, fifo)
         session.subscriptions[sub.id] = sub
         members = []
+        # A pattern without wildcards names one topic: no scan of every topic.
+        literal = "*" not in pattern and ">" not in pattern
+        candidates = (
+            [self.topics[pattern]]
+            if literal and pattern in self.topics
+            else []
+            if literal
+            else list(self.topics.values())
+        )
         try:
-            for topic in self.topics.values():
+            for topic in candidates:
                 if matches(pattern, topic.name):
                     cursor, gen = self._attach(sub, topic, announce=False)
                     members.append({"topic": topic.info(), "cursor": cursor, "generation": gen})

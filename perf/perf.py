@@ -2,15 +2,21 @@
 """tensorbus benchmarks: one harness, one backend per transport, every number
 printed beside its peers measured in the same run.
 
-    python perf/perf.py lat --backend ring,zmq,mp,iox2 --size 64
-    python perf/perf.py thr --backend ring,zmq --size 64 --json out.json
+    python perf/perf.py lat --backend ring,bus,zmq,mp,iox2,nats,redis --size 64
+    python perf/perf.py thr --backend ring,bus,zmq --size 64 --json out.json
     python perf/perf.py idle
+    python perf/perf.py control --topics 1000 --clients 200
 
 lat: ping-pong round trip between two processes (p50 / p99 / mean, us).
 thr: one-way messages from one process to another (msgs/s and GB/s).
 idle: CPU a ring subscriber burns while waiting for nothing.
+control: the broker daemon's control plane: subscribe + unsubscribe ops/s of
+many clients at once, over many topics, and the daemon's RSS around them.
 Backends run interleaved, ``--repeat`` times, so machine noise hits all of
-them alike; the table quotes medians and ratios to the first backend.
+them alike; the table quotes medians and ratios to the first backend. A
+backend this machine cannot run (a package or server program missing) is
+skipped with a note. bus, nats and redis start their own broker or server
+for every run and stop it afterwards.
 """
 
 import argparse
@@ -23,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from backends import load  # noqa: E402
+from backends import load, missing  # noqa: E402
 
 UNITS = {
     "": 1,
@@ -47,7 +53,12 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * UNITS[match.group(2).lower()]
 
 
+CONTROL_TARGET = 20_000  # subscribe + unsubscribe ops/s the daemon should sustain
+
+
 def default_count(mode: str, size: int) -> int:
+    if mode == "control":
+        return 50  # subscribe/unsubscribe cycles per client
     if mode == "lat":
         return 20_000 if size <= 65536 else max(200, (256 << 20) // size)
     return max(20, min(200_000, (2 << 30) // max(size, 1)))
@@ -126,6 +137,26 @@ def run_idle(names, seconds):
     return out
 
 
+def run_control(topics, clients, cycles, repeat):
+    bus = load("bus")
+    runs = [bus.control(topics, clients, cycles) for _ in range(repeat)]
+    median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    return [
+        record(
+            "bus",
+            "control",
+            0,
+            topics=topics,
+            clients=clients,
+            cycles=cycles,
+            runs=repeat,
+            target_ops_per_s=CONTROL_TARGET,
+            **median,
+            per_run=runs,
+        )
+    ]
+
+
 def table(records):
     if not records:
         return
@@ -155,6 +186,34 @@ def table(records):
                 f"{r['backend']:<8}{r['msgs_per_s']:>14,.0f}{r['gb_per_s']:>10.3f}"
                 f"{base['msgs_per_s'] / r['msgs_per_s']:>10.2f}"
             )
+    elif mode == "control":
+        r, mib = base, 1 / 1024
+        print(
+            f"\ncontrol plane, {r['topics']} topics, {r['clients']} clients x {r['cycles']} "
+            f"subscribe+unsubscribe cycles each (median of {r['runs']} runs)"
+        )
+        print(
+            f"{'subscribe+unsubscribe':<24}{r['ops_per_s']:>12,.0f} ops/s"
+            f"   target >= {r['target_ops_per_s']:,} ops/s: "
+            f"{r['ops_per_s'] / r['target_ops_per_s']:.2f}x "
+            f"({'met' if r['ops_per_s'] >= r['target_ops_per_s'] else 'NOT met'})"
+        )
+        print(
+            f"{'':<24}{r['daemon_cpu_percent']:>12.0f} % of one core: the daemon's CPU "
+            f"during the cycles"
+        )
+        print(f"{'create_topic':<24}{r['topics_per_s']:>12,.0f} topics/s")
+        print(
+            f"{'daemon RSS MiB':<24}{'empty':>12}{'+topics':>10}{'before':>10}{'after':>10}"
+            f"{'after-before':>14}"
+        )
+        print(
+            f"{'':<24}{r['rss_kb_empty'] * mib:>12.1f}{r['rss_kb_topics'] * mib:>10.1f}"
+            f"{r['rss_kb_before'] * mib:>10.1f}{r['rss_kb_after'] * mib:>10.1f}"
+            f"{(r['rss_kb_after'] - r['rss_kb_before']) * mib:>+14.1f}"
+        )
+        if r["subscriptions_left"]:
+            print(f"WARNING: {r['subscriptions_left']:g} subscriptions still held after the cycles")
     else:
         print(f"\nidle subscriber, {base['seconds']:g} s waiting for nothing")
         for r in records:
@@ -163,28 +222,50 @@ def table(records):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["lat", "thr", "idle"])
+    parser.add_argument("mode", choices=["lat", "thr", "idle", "control"])
     parser.add_argument(
         "--backend",
         help="comma-separated; the first is the one the ratios describe "
-        "(default: ring,zmq,mp,iox2; for idle: ring)",
+        "(default: ring,zmq,mp,iox2; for idle: ring; control measures bus only)",
     )
     parser.add_argument("--size", type=parse_size, default=64, help="message size, e.g. 64, 4KiB")
-    parser.add_argument("--count", type=int, help="messages per run (default: by mode and size)")
+    parser.add_argument(
+        "--count",
+        type=int,
+        help="messages per run (default: by mode and size); "
+        "control: subscribe/unsubscribe cycles per client (default 50)",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="interleaved runs per backend")
     parser.add_argument("--seconds", type=float, default=2.0, help="idle: how long to wait")
+    parser.add_argument("--topics", type=int, default=1000, help="control: topics to create")
+    parser.add_argument("--clients", type=int, default=200, help="control: clients cycling")
     parser.add_argument("--json", metavar="PATH", help="also write the records as JSON")
     args = parser.parse_args(argv)
-    default = "ring" if args.mode == "idle" else "ring,zmq,mp,iox2"
-    names = [n.strip() for n in (args.backend or default).split(",") if n.strip()]
-    for name in names:
-        load(name)  # fail fast on an unknown or uninstalled backend
+    default = {"idle": "ring", "control": "bus"}.get(args.mode, "ring,zmq,mp,iox2")
+    if args.mode == "control":
+        if args.backend not in (None, "bus"):
+            parser.error("control measures the bus backend only")
+        if args.topics < 1 or args.clients < 1:
+            parser.error("--topics and --clients must be at least 1")
+    names = []
+    for name in (n.strip() for n in (args.backend or default).split(",")):
+        if not name:
+            continue
+        why = missing(name)  # also fails fast on an unknown backend
+        if why:
+            print(f"({name} skipped: {why})")
+        else:
+            names.append(name)
+    if not names:
+        raise SystemExit("no backend left to run")
     count = args.count or default_count(args.mode, args.size)
     started = time.time()
     if args.mode == "lat":
         records = run_lat(names, args.size, count, args.repeat)
     elif args.mode == "thr":
         records = run_thr(names, args.size, count, args.repeat)
+    elif args.mode == "control":
+        records = run_control(args.topics, args.clients, count, args.repeat)
     else:
         records = run_idle(names, args.seconds)
     table(records)

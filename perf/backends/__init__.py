@@ -5,14 +5,27 @@ ping-pong with a peer process.
 
 ``thr(size, count) -> (received, seconds)``: one-way messages to a peer
 process, timed from the first send to the peer's receipt of the last.
+
+A module that needs something this machine may lack (a package, a server
+program) also has ``missing() -> str | None``: why it cannot run, or None.
 """
 
 import importlib
 
-BACKENDS = ("ring", "zmq", "mp", "iox2")
+BACKENDS = ("ring", "zmq", "mp", "iox2", "bus", "nats", "redis")
+
+# Backends whose module must not bear the name of the package it measures
+# (a module nats.py would shadow nats for whoever puts backends/ on sys.path).
+MODULES = {"nats": "nats_ps", "redis": "redis_ps"}
 
 
 def load(name: str):
     if name not in BACKENDS:
         raise SystemExit(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
-    return importlib.import_module(f"backends.{name}")
+    return importlib.import_module(f"backends.{MODULES.get(name, name)}")
+
+
+def missing(name: str) -> str | None:
+    """Why backend ``name`` cannot run on this machine; None if it can."""
+    check = getattr(load(name), "missing", None)
+    return check() if check is not None else None

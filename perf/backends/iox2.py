@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import importlib.util
 import multiprocessing as mp
 import os
 import queue
@@ -58,6 +59,13 @@ class _Names:
             root=f"/tmp/iox2_{tag}/",
             base=f"perf/{tag}",
         )
+
+
+def missing() -> str | None:
+    """Why this backend cannot run here (perf.py then skips it); None if it can."""
+    if importlib.util.find_spec("iceoryx2") is None:
+        return "the iceoryx2 package is not installed (pip install 'tensorbus[perf]')"
+    return None
 
 
 def _iox2() -> Any:

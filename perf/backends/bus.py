@@ -1,0 +1,274 @@
+"""tensorbus through its public client API, with a broker daemon of its own.
+
+Every call starts ``python -m tensorbus serve --ipc <tmp>/b.sock``, waits
+for its "tensorbus ready" line, and stops it (SIGTERM: the daemon removes its
+segments) when done, whatever happened:
+
+* ``lat``: ping-pong over two reliable topics (bench/ping, bench/pong); the
+  peer echoes each message's data with its own publisher.
+* ``thr``: one publisher streams ``count`` messages on bench/data; the peer
+  takes them with ``recv_batch``.
+* ``control``: the control plane (perf.py's control mode): topic creation,
+  and subscribe/unsubscribe cycles of many clients at once.
+"""
+
+import contextlib
+import os
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+
+import tensorbus
+
+from backends._peer import PEER_TIMEOUT, SPAWN, peer, result_of, server, time_round_trips
+
+NAME = "bus"
+PING, PONG, DATA = "bench/ping", "bench/pong", "bench/data"
+CAPACITY = 4096
+RING_BYTES = 256 << 20  # bounds capacity * slot size for large messages
+BATCH = 256  # recv_batch's max_n
+
+CONTROL_PROCS = 4  # processes sharing the control mode's clients, one thread per client
+CREATORS = 4  # clients creating the control mode's topics, one thread each
+# stats() of a broker with 1000 topics is over the protocol's 64 KiB reply limit
+# (ProtocolError): ask for the broker's own figures with a pattern no topic matches.
+NO_TOPIC = "perf/none"
+
+
+def _slot(size: int) -> int:
+    return max(size, 64)
+
+
+def _options(size: int) -> dict:
+    """One topic's options: reliable, CAPACITY slots (fewer, a power of two,
+    where CAPACITY slots of this size would exceed RING_BYTES)."""
+    capacity = CAPACITY
+    while capacity > 2 and capacity * _slot(size) > RING_BYTES:
+        capacity //= 2
+    return {"qos": "reliable", "capacity": capacity, "slot_size": _slot(size)}
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+
+
+def _unlink_segments(pid: int) -> None:
+    """Remove what a killed daemon left in /dev/shm: its segments are named
+    after its pid, so nothing of anyone else's is touched."""
+    prefix = f"tb-{os.getuid()}-d{pid}-"
+    for name in os.listdir("/dev/shm"):
+        if name.startswith(prefix):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join("/dev/shm", name))
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def daemon():
+    """A broker of its own; yields (url, pid). Always stopped (SIGTERM: it
+    removes its segments and socket) and cleaned up after."""
+    with tempfile.TemporaryDirectory(prefix="tb-perf-bus-") as folder:
+        path = os.path.join(folder, "b.sock")
+        argv = [sys.executable, "-m", "tensorbus", "serve", "--ipc", path]
+        pids = []
+        try:
+            with server(argv, "tensorbus serve", ready_line="tensorbus ready") as proc:
+                pids.append(proc.pid)
+                yield f"ipc://{path}", proc.pid
+        finally:
+            for pid in pids:
+                _unlink_segments(pid)
+
+
+def _echo(url: str, size: int, total: int, ready, result) -> None:
+    with tensorbus.connect(url, name="perf-bus-echo") as client:
+        sub = client.subscribe(PING)
+        pub = client.publisher(PONG, timeout=60, **_options(size))
+        ready.put(True)
+        for _ in range(total):
+            pub.send(sub.recv(timeout=60).data)
+        result.put(True)
+
+
+def lat(size: int, count: int, warmup: int) -> list[int]:
+    with daemon() as (url, _), tensorbus.connect(url, name="perf-bus-ping") as client:
+        for topic in (PING, PONG):
+            client.create_topic(topic, **_options(size))
+        sub = client.subscribe(PONG)
+        with peer(_echo, url, size, warmup + count) as (_, result):
+            pub = client.publisher(PING, timeout=60, **_options(size))
+            msg = bytes(size)
+
+            def round_trip():
+                pub.send(msg)
+                sub.recv(timeout=60)
+
+            times = time_round_trips(round_trip, count, warmup)
+            result_of(result, NAME)
+    return times
+
+
+def _sink(url: str, count: int, ready, result) -> None:
+    with tensorbus.connect(url, name="perf-bus-sink") as client:
+        sub = client.subscribe(DATA)
+        ready.put(True)
+        received = 0
+        while received < count:
+            batch = sub.recv_batch(BATCH, 60)
+            if not batch:
+                break
+            received += len(batch)
+        result.put((received, time.perf_counter()))
+
+
+def thr(size: int, count: int) -> tuple[int, float]:
+    with daemon() as (url, _), tensorbus.connect(url, name="perf-bus-source") as client:
+        client.create_topic(DATA, **_options(size))
+        with peer(_sink, url, count) as (_, result):
+            pub = client.publisher(DATA, timeout=60, **_options(size))
+            msg = bytes(size)
+            t0 = time.perf_counter()
+            for _ in range(count):
+                pub.send(msg)
+            received, t1 = result_of(result, NAME)
+    return received, t1 - t0
+
+
+# ------------------------------------------------------------- control plane
+
+
+def _topic(i: int) -> str:
+    return f"ctl/t{i}"
+
+
+def _threads(work, items) -> None:
+    """Run ``work(item)`` for every item, one thread each; re-raise the first error."""
+    errors = []
+
+    def run(item):
+        try:
+            work(item)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(item,)) for item in items]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def _cycler(
+    url: str, first: int, n: int, total: int, topics: int, cycles: int, go, abort, ready, result
+) -> None:
+    """Clients ``first`` .. ``first + n - 1`` of ``total``, each in a thread
+    of its own, subscribing to one topic and unsubscribing, ``cycles`` times;
+    client i goes round the topics i * span .. i * span + span - 1 (span:
+    topics per client), so that together they touch every topic."""
+    span = max(1, topics // total)
+    clients = []
+    try:
+        for i in range(first, first + n):
+            clients.append(tensorbus.connect(url, name=f"perf-ctl-{i}", timeout=60))
+        ready.put(True)
+        if not go.wait(PEER_TIMEOUT):
+            raise RuntimeError(f"no go within {PEER_TIMEOUT:g} s")
+        if abort.is_set():
+            return
+
+        def cycle(i):
+            client = clients[i - first]
+            for j in range(cycles):
+                client.subscribe(_topic((i * span + j % span) % topics)).close()
+
+        _threads(cycle, range(first, first + n))
+        result.put((2 * n * cycles, time.perf_counter(), None))
+    except BaseException as exc:
+        ready.put(False)  # in case it failed before ready: the caller waits on it
+        result.put((0, 0.0, f"{type(exc).__name__}: {exc}"))
+        raise
+    finally:
+        for client in clients:
+            client.close()
+
+
+def _cycles(url: str, pid: int, probe, topics: int, clients: int, cycles: int) -> dict:
+    """The cycles of control(): ``clients`` clients in CONTROL_PROCS
+    processes, connected first, then all cycling at once on a go."""
+    go, abort = SPAWN.Event(), SPAWN.Event()
+    shares = [
+        clients // CONTROL_PROCS + (p < clients % CONTROL_PROCS) for p in range(CONTROL_PROCS)
+    ]
+    out = {}
+    with contextlib.ExitStack() as stack:
+        try:
+            results, first = [], 0
+            for n in shares:
+                if n:
+                    _, result = stack.enter_context(
+                        peer(_cycler, url, first, n, clients, topics, cycles, go, abort)
+                    )
+                    results.append(result)
+                    first += n
+            bells = probe.stats(NO_TOPIC)["broker"]["bells_free"]
+            out["rss_kb_before"] = _rss_kb(pid)
+            cpu0, t0 = _cpu_s(pid), time.perf_counter()
+            go.set()
+            reports = [result_of(result, NAME) for result in results]
+            cpu1, t1 = _cpu_s(pid), time.perf_counter()
+            out["rss_kb_after"] = _rss_kb(pid)
+        finally:
+            if not go.is_set():  # an error before the go: the processes waiting for it end now
+                abort.set()
+                go.set()
+        failed = [error for _, _, error in reports if error]
+        if failed:
+            raise RuntimeError(f"a control-mode client failed: {failed[0]}")
+        out["ops"] = sum(ops for ops, _, _ in reports)
+        out["seconds"] = max(t1 for _, t1, _ in reports) - t0
+        out["ops_per_s"] = out["ops"] / out["seconds"]
+        # Near 100: the daemon (one thread) is the bottleneck, not the clients.
+        out["daemon_cpu_percent"] = 100 * (cpu1 - cpu0) / (t1 - t0)
+        # Every unsubscribe gave its doorbell back (close() does not say if it failed).
+        out["subscriptions_left"] = bells - probe.stats(NO_TOPIC)["broker"]["bells_free"]
+    return out
+
+
+def control(topics: int, clients: int, cycles: int) -> dict:
+    """Create ``topics`` topics (CREATORS clients at once), then let
+    ``clients`` clients subscribe and unsubscribe ``cycles`` times each, all
+    at once. Returns the rates, and the daemon's RSS along the way (KiB)."""
+    with daemon() as (url, pid):
+        out = {"rss_kb_empty": _rss_kb(pid)}
+        creators = []
+        try:
+            for k in range(CREATORS):
+                creators.append(tensorbus.connect(url, name=f"perf-ctl-creator{k}", timeout=60))
+
+            def create(k):
+                for i in range(k, topics, CREATORS):
+                    creators[k].create_topic(_topic(i), capacity=16, slot_size=256)
+
+            t0 = time.perf_counter()
+            _threads(create, range(CREATORS))
+            out["topics_per_s"] = topics / (time.perf_counter() - t0)
+            out["rss_kb_topics"] = _rss_kb(pid)
+            out.update(_cycles(url, pid, creators[0], topics, clients, cycles))
+        finally:
+            for client in creators:
+                client.close()
+    return out
