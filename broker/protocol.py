@@ -37,7 +37,8 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
-MAX_MESSAGE_BYTES = 64 * 1024
+MAX_MESSAGE_BYTES = 64 * 1024  # requests
+MAX_REPLY_BYTES = 64 * 1024 * 1024
 MAX_ID = 2**63 - 1
 
 # QoS class -> ring policy. "latest" is an overwrite ring whose readers take
@@ -133,8 +134,8 @@ def _pack(obj: dict) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def _unpack_map(raw: bytes) -> dict:
-    if len(raw) > MAX_MESSAGE_BYTES:
+def _unpack_map(raw: bytes, limit: int = MAX_MESSAGE_BYTES) -> dict:
+    if len(raw) > limit:
         raise ProtocolViolation(
             "too_large", f"message of {len(raw)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit"
         )
@@ -226,8 +227,9 @@ def encode_notice(kind: str, **fields: Any) -> bytes:
 
 
 def decode_reply(raw: bytes) -> Reply:
-    """Parse a frame from the broker: a reply or a notice."""
-    obj = _unpack_map(raw)
+    """Parse a frame from the broker: a reply or a notice. Replies may be
+    larger than requests (stats of thousands of topics)."""
+    obj = _unpack_map(raw, MAX_REPLY_BYTES)
     if obj.get("v") != PROTOCOL_VERSION:
         raise ProtocolViolation(
             "unsupported_version",

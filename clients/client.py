@@ -278,6 +278,8 @@ class Client:
         if self._closed or self._pid != os.getpid():
             self._closed = True
             return
+        # Goodbyes to a broker that may be gone should not wait 5 s each.
+        self.timeout = min(self.timeout, 1.0)
         for sub in list(self._subscriptions.values()):
             sub.close()
         for pub in list(self._publishers):

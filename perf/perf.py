@@ -202,6 +202,10 @@ def table(records):
             f"{'':<24}{r['daemon_cpu_percent']:>12.0f} % of one core: the daemon's CPU "
             f"during the cycles"
         )
+        print(
+            f"{'':<24}{r['ops_per_daemon_cpu_s']:>12,.0f} ops per CPU second of the daemon "
+            f"(its ceiling with a core to itself)"
+        )
         print(f"{'create_topic':<24}{r['topics_per_s']:>12,.0f} topics/s")
         print(
             f"{'daemon RSS MiB':<24}{'empty':>12}{'+topics':>10}{'before':>10}{'after':>10}"

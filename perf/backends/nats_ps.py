@@ -38,6 +38,9 @@ PING, DATA = "bench.ping", "bench.data"
 # The server's defaults (1 MB messages, 64 MB queued for a client before it
 # counts as slow) would stop large-message runs: raised for every run alike.
 CONFIG = "max_payload: 64MB\nmax_pending: 1GB\n"
+# A request whose reply is this late has lost its server or its peer (a
+# request in flight when the server dies waits this long before it fails).
+REPLY_TIMEOUT = 10.0
 
 
 def missing() -> str | None:
@@ -109,7 +112,7 @@ async def _ping(url: str, size: int, count: int, warmup: int) -> list[int]:
         msg = bytes(size)
 
         async def round_trip():
-            await nc.request(PING, msg, timeout=60)
+            await nc.request(PING, msg, timeout=REPLY_TIMEOUT)
 
         return await time_round_trips_async(round_trip, count, warmup)
     finally:
