@@ -196,18 +196,6 @@ cdef class BellTable:
     def fifo_path(self, uint32_t index, uint32_t generation) -> str:
         return os.path.join(self.fifo_dir, f"bell.{index}.{generation}")
 
-    def kind(self, uint32_t index) -> str:
-        cdef tb_bell_t *b = self.bell(index)
-        if b == NULL:
-            raise IndexError(f"bell {index} is outside the table of {self.count}")
-        return "fifo" if b.kind == TB_BELL_FIFO else "futex"
-
-    def generation(self, uint32_t index) -> int:
-        cdef tb_bell_t *b = self.bell(index)
-        if b == NULL:
-            raise IndexError(f"bell {index} is outside the table of {self.count}")
-        return tb_load_acq32(&b.generation)
-
     # -- the subscriber's side ---------------------------------------------
 
     def take_notice(self, uint32_t index) -> bool:

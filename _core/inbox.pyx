@@ -24,7 +24,7 @@ from tensorbus._core.atomic cimport (
 )
 from tensorbus._core.bells cimport BellTable
 from tensorbus._core.layout cimport tb_slot_header_t
-from tensorbus._core.ring cimport Ring, Subscriber, cursor_ready
+from tensorbus._core.ring cimport Subscriber, cursor_ready, timeout_to_ns
 from tensorbus._core.wait cimport Waiter
 
 from tensorbus._core.errors import (
@@ -101,7 +101,7 @@ cdef bint inbox_ready(void *p) noexcept nogil:
 cdef class Inbox:
     """Subscribers of several rings sharing doorbell ``bell_index``."""
 
-    def __cinit__(self, BellTable bells, uint32_t bell_index, spin_us=None):
+    def __cinit__(self, BellTable bells, uint32_t bell_index, Waiter waiter=None, spin_us=None):
         if bell_index >= bells.count:
             raise ValueError(f"bell {bell_index} is outside the table of {bells.count}")
         self.bells = bells
@@ -114,7 +114,7 @@ cdef class Inbox:
         self.n = 0
         self.next = 0
         self.armed = 0
-        self.waiter = Waiter(spin_us)
+        self.waiter = waiter if waiter is not None else Waiter(spin_us)
         self.slice_ns = 50000000  # 50 ms: bounds how late signals and stall repairs are seen
 
     def __dealloc__(self):
@@ -144,9 +144,6 @@ cdef class Inbox:
     @property
     def topic_names(self) -> list:
         return list(self.topics)
-
-    def members_of(self) -> list:
-        return list(zip(self.topics, self.subs))
 
     cdef _rebuild(self):
         cdef int n = len(self.subs), k
@@ -184,17 +181,17 @@ cdef class Inbox:
             sub = <Subscriber>self.subs[i]
             st = sub._poll(&s)
             if st == ST_OK:
-                m = Message.__new__(Message)
-                m.payload = sub._take(s)
-                if m.payload is None:
-                    st = ST_EVICTED
-                m.topic = <str>self.topics[i]
-                m.seq = sub.last_seq
-                m.timestamp_ns = sub.last_timestamp_ns
-                m.flags = sub.last_flags
-                if st == ST_OK:
+                payload = sub._take(s)
+                if payload is not None:
+                    m = Message.__new__(Message)
+                    m.payload = payload
+                    m.topic = <str>self.topics[i]
+                    m.seq = sub.last_seq
+                    m.timestamp_ns = sub.last_timestamp_ns
+                    m.flags = sub.last_flags
                     self.next = i + 1
                     return m
+                st = ST_EVICTED  # evicted while we copied: the copy may be torn
             if st == ST_EVICTED:
                 raise SlowConsumer(f"this subscription was evicted from topic "
                                    f"{self.topics[i]!r}: it stayed too far behind")
@@ -226,13 +223,11 @@ cdef class Inbox:
         cdef Message m = self._poll_one()
         if m is not None:
             return m
-        cdef int64_t deadline = -1, now, slice_ns
+        cdef int64_t timeout_ns = timeout_to_ns(timeout)
+        cdef int64_t deadline = -1 if timeout_ns < 0 else tb_now_ns() + timeout_ns
+        cdef int64_t now, slice_ns
         cdef InboxWait w
         cdef bint ready
-        if timeout is not None:
-            if timeout < 0:
-                raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
-            deadline = tb_now_ns() + <int64_t>(timeout * 1e9)
         while True:
             if tb_load_acq32(&self.bell.notice) or self.closed_members != closed_before:
                 return None
@@ -253,22 +248,22 @@ cdef class Inbox:
                 return m
             if not ready:
                 PyErr_CheckSignals()
-                for sub in self.subs:
-                    (<Subscriber>sub)._check_stall()  # a dead publisher's claim: repair
+                self.check_stalls()  # a dead publisher's claim: repair
 
-    def recv_batch(self, int max_n, timeout=None) -> list:
-        """Up to ``max_n`` messages: waits up to ``timeout`` for the first,
-        then takes only what is already there. May return an empty list
-        when the broker raised the notice flag."""
-        if max_n < 1:
-            raise ValueError(f"max_n must be >= 1, got {max_n}")
-        first = self.recv(timeout)
-        if first is None:
-            return []
-        cdef list out = [first]
+    def take(self, int max_n) -> list:
+        """Up to ``max_n`` messages that have already arrived, without
+        waiting. An eviction found after some messages were taken ends the
+        batch instead of raising, so none of them is lost: the next call
+        raises SlowConsumer."""
+        cdef list out = []
         cdef Message m
         while len(out) < max_n:
-            m = self._poll_one()
+            try:
+                m = self._poll_one()
+            except SlowConsumer:
+                if out:
+                    break
+                raise
             if m is None:
                 break
             out.append(m)

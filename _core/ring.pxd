@@ -51,6 +51,10 @@ cdef inline bint cursor_ready(RingView *v, tb_cursor_t *cur, int64_t pos,
             or tb_load_rlx32(&cur.state) != TB_CURSOR_ACTIVE)
 
 
+# None -> -1 (no limit); seconds -> ns; TypeError/ValueError with a sentence.
+cdef int64_t timeout_to_ns(object timeout) except -2
+
+
 cdef class Ring:
     cdef readonly Segment segment
     cdef RingView v
@@ -68,7 +72,7 @@ cdef class Ring:
     cdef uint32_t _join(self, uint32_t owner_pid, uint32_t bell_ref, uint32_t flags) except? 0xFFFFFFFF
 
     @staticmethod
-    cdef Ring _open(Segment seg, object spin_us, BellTable bells)
+    cdef Ring _open(Segment seg, object spin_us, BellTable bells, Waiter waiter)
 
 
 cdef class Publisher:
@@ -116,11 +120,11 @@ cdef class Subscriber:
     cdef readonly int last_flags
 
     cdef int _poll(self, tb_slot_header_t **out) noexcept nogil
-    cdef bint _ready(self) noexcept nogil
     cdef bytes _take(self, tb_slot_header_t *s)
     cdef void _advance(self) noexcept nogil
     cdef tb_slot_header_t *_next(self, object timeout) except NULL
     cdef _check_stall(self)
+    cdef _raise_evicted(self)
     cdef void _note(self, tb_slot_header_t *s) noexcept
     cdef _drop_view(self)
     cdef void _free_cursor(self) noexcept nogil

@@ -192,15 +192,12 @@ cdef struct WaitCtx:
     RingView *v
     tb_cursor_t *cur
     int64_t pos
+    bint latest
 
 
 cdef bint data_ready(void *p) noexcept nogil:
     cdef WaitCtx *ctx = <WaitCtx *>p
-    cdef int64_t c = tb_load_acq64(&slot_at(ctx.v, ctx.pos).commit)
-    if c == ctx.pos or (c & ~TB_WRITING) > ctx.pos:
-        return True
-    return (tb_load_rlx32(&ctx.v.h.closed) != 0
-            or tb_load_rlx32(&ctx.cur.state) == TB_CURSOR_EVICTED)
+    return cursor_ready(ctx.v, ctx.cur, ctx.pos, ctx.latest)
 
 
 cdef bint credit_ready(void *p) noexcept nogil:
@@ -215,7 +212,8 @@ cdef bint credit_ready(void *p) noexcept nogil:
 
 
 cdef int64_t timeout_to_ns(object timeout) except -2:
-    """None -> -1 (no limit); seconds -> ns; a clear error for anything else."""
+    """None -> -1 (no limit); seconds -> ns; a clear error for anything else.
+    Shared with the inbox (declared in ring.pxd)."""
     if timeout is None:
         return -1
     cdef double t
@@ -253,14 +251,16 @@ cdef class Ring:
     @staticmethod
     def create(str name=None, *, int capacity=1024, int slot_size=4096, str policy="block",
                int max_cursors=64, int max_publishers=64, str instance="solo",
-               spin_us=None, BellTable bells=None) -> Ring:
+               spin_us=None, BellTable bells=None, Waiter waiter=None) -> Ring:
         """Create a ring segment (mode 0600) and map it.
 
         ``capacity`` is the number of slots (a power of two), ``slot_size``
         the largest message in bytes, ``policy`` ``"block"`` or
         ``"overwrite"``. ``name`` defaults to a fresh unguessable
         ``tb-<uid>-<instance>-ring.<random>``. ``bells``: the broker's bell
-        table, needed to wake subscribers whose cursors name one of its bells."""
+        table, needed to wake subscribers whose cursors name one of its bells.
+        ``waiter``: a wait policy to share (one per process is enough); by
+        default a new one from ``spin_us``."""
         if policy not in POLICIES:
             raise ValueError(f"policy must be 'block' or 'overwrite', not {policy!r}")
         if capacity < 2 or capacity > MAX_CAPACITY or capacity & (capacity - 1):
@@ -301,11 +301,11 @@ cdef class Ring:
         # The magic goes last: an attacher that sees it sees a whole header.
         (<uint64_t *>&h.magic)[0] = TB_RING_MAGIC
         tb_fence_sc()
-        return Ring._open(seg, spin_us, bells)
+        return Ring._open(seg, spin_us, bells, waiter)
 
     @staticmethod
     def attach(str name, *, spin_us=None, double init_timeout=1.0,
-               BellTable bells=None) -> Ring:
+               BellTable bells=None, Waiter waiter=None) -> Ring:
         """Map an existing ring, checking its magic, version and geometry."""
         cdef Segment seg = Segment.attach(name)
         if seg.size < TB_HEADER_BYTES:
@@ -321,10 +321,10 @@ cdef class Ring:
         except BaseException:
             seg.close()
             raise
-        return Ring._open(seg, spin_us, bells)
+        return Ring._open(seg, spin_us, bells, waiter)
 
     @staticmethod
-    cdef Ring _open(Segment seg, object spin_us, BellTable bells):
+    cdef Ring _open(Segment seg, object spin_us, BellTable bells, Waiter waiter):
         cdef Ring r = Ring.__new__(Ring)
         cdef tb_ring_header_t *h = <tb_ring_header_t *>seg.base
         r.segment = seg
@@ -339,7 +339,7 @@ cdef class Ring:
         r.v.slots = seg.base + h.slots_offset
         r.v.cursors = <tb_cursor_t *>(seg.base + h.cursors_offset)
         r.v.records = <tb_publisher_t *>(seg.base + h.publishers_offset)
-        r.waiter = Waiter(spin_us)
+        r.waiter = waiter if waiter is not None else Waiter(spin_us)
         r.bells = bells
         r.slice_ns = 50000000   # 50 ms
         r.stall_ns = 200000000  # 200 ms
@@ -834,6 +834,7 @@ cdef class Publisher:
         ctx.v = self.v
         ctx.cur = NULL
         ctx.pos = 0
+        ctx.latest = False
         while True:
             if big:
                 with nogil:
@@ -1080,11 +1081,6 @@ cdef class Subscriber:
                     return ST_CLOSED
             return ST_EMPTY
 
-    cdef bint _ready(self) noexcept nogil:
-        """Cheap check for a waiter: is there something to read (a message,
-        a lap, a close or an eviction)? ``_poll`` then tells which."""
-        return cursor_ready(self.v, self.cur, self.pos, self.latest)
-
     cdef bytes _take(self, tb_slot_header_t *s):
         """Copy out the message ``_poll`` found, note its metadata, consume it.
         Returns None if the cursor was evicted meanwhile (the copy may be torn)."""
@@ -1131,14 +1127,14 @@ cdef class Subscriber:
             bell_sleeping = &bell.sleeping
         ctx.v = self.v
         ctx.cur = self.cur
+        ctx.latest = self.latest
         while True:
             if st == ST_OK:
                 return s
             if st == ST_CLOSED:
                 raise RingClosedError(f"ring {self.ring.name!r} is closed and drained")
             if st == ST_EVICTED:
-                raise RingClosedError(f"this subscriber's cursor on ring "
-                                      f"{self.ring.name!r} was evicted or reclaimed")
+                self._raise_evicted()
             now = tb_now_ns()
             if deadline >= 0 and now >= deadline:
                 raise ReceiveTimeout(f"no message on ring {self.ring.name!r} within "
@@ -1161,6 +1157,10 @@ cdef class Subscriber:
                     st = ST_EVICTED  # the entry was reclaimed (and maybe reused)
                     continue
                 self._check_stall()
+
+    cdef _raise_evicted(self):
+        raise RingClosedError(f"this subscriber's cursor on ring {self.ring.name!r} was "
+                              "evicted or reclaimed")
 
     cdef _check_stall(self):
         """A sequence was claimed but is not filled after stall_ns: its
@@ -1191,10 +1191,9 @@ cdef class Subscriber:
         (None: no limit). Raises ReceiveTimeout, or RingClosedError once the
         ring is closed and drained. Metadata: ``last_seq``,
         ``last_timestamp_ns``, ``last_flags``."""
-        cdef tb_slot_header_t *s = self._next(timeout)
-        data = PyBytes_FromStringAndSize(payload_of(s), s.length)
-        self._note(s)
-        self._advance()
+        data = self._take(self._next(timeout))
+        if data is None:
+            self._raise_evicted()
         return data
 
     def recv_into(self, buffer, timeout=None) -> int:

@@ -11,22 +11,21 @@ replies to requests and hands notices to their subscriptions.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import os
-import sys
 import time
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from tensorbus._core import BackpressureError, BellTable, Inbox, Message, Ring, SlowConsumer
-from tensorbus._core import Subscriber as _RingSubscriber
-from tensorbus._core.errors import ReceiveTimeout, TensorbusError
+from tensorbus._core import BackpressureError, Message
+from tensorbus._core.errors import ReceiveTimeout
 from tensorbus.broker import protocol as P
-from tensorbus.broker.paths import default_url
 from tensorbus.broker.topics import validate_pattern, validate_topic
+from tensorbus.clients._shared import Mappings, Subscription, client_name, resolve_url
 from tensorbus.clients.errors import BrokerUnavailable, ClientClosed, error_for
 
 __all__ = ["AsyncClient", "AsyncPublisher", "AsyncSubscriber", "connect"]
@@ -58,18 +57,15 @@ class AsyncClient:
     def __init__(
         self, url: str | None = None, *, name: str | None = None, timeout: float = DEFAULT_TIMEOUT
     ):
-        self.url = url or default_url()
-        if not self.url.startswith(("ipc://", "tcp://")):
-            raise ValueError(f"broker url must start with ipc:// or tcp://, not {self.url!r}")
-        self.name = name or f"{os.path.basename(sys.argv[0] or 'python')}[{os.getpid()}]"
+        self.url = resolve_url(url)
+        self.name = client_name(name)
         self.timeout = timeout
         self.local = False
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._subscriptions: dict[int, AsyncSubscriber] = {}
         self._publishers: list[AsyncPublisher] = []
-        self._rings: dict[str, Ring] = {}
-        self._bells: BellTable | None = None
+        self._maps: Mappings | None = None
         self._closed = False
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
@@ -84,7 +80,7 @@ class AsyncClient:
         )
         self.local = bool(hello.get("local"))
         if self.local:
-            self._bells = BellTable.attach(hello["bells"]["name"], hello["bells"]["fifo_dir"])
+            self._maps = Mappings(hello)
         else:
             period = float(hello.get("heartbeat_s", 2.0))
             self._heartbeat = asyncio.get_running_loop().create_task(self._beat(period))
@@ -115,14 +111,12 @@ class AsyncClient:
 
     def _dispatch_notice(self, reply: P.Reply) -> None:
         if reply.notice == "shutdown":
-            for sub in list(self._subscriptions.values()):
-                sub._notices.append(("shutdown", reply.fields))
-                sub._wake()
-            return
-        sub = self._subscriptions.get(reply.fields.get("sub"))
-        if sub is not None:
-            sub._notices.append((reply.notice, reply.fields))
-            sub._wake()
+            targets = list(self._subscriptions.values())
+        else:
+            sub = self._subscriptions.get(reply.fields.get("sub"))
+            targets = [] if sub is None else [sub]
+        for sub in targets:
+            sub._queue_notice(reply.notice, reply.fields)
 
     async def _request(self, op: str, **fields: Any) -> dict:
         if self._closed:
@@ -144,13 +138,6 @@ class AsyncClient:
         if not reply.ok:
             raise error_for(reply.code, reply.error)
         return reply.fields
-
-    def _ring(self, info: dict) -> Ring:
-        ring = self._rings.get(info["ring"])
-        if ring is None:
-            ring = Ring.attach(info["ring"], bells=self._bells)
-            self._rings[info["ring"]] = ring
-        return ring
 
     async def create_topic(
         self,
@@ -218,10 +205,8 @@ class AsyncClient:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        for ring in self._rings.values():
-            if not ring.endpoints:
-                ring.detach()
-        self._rings.clear()
+        if self._maps is not None:
+            self._maps.detach()
         self._ctx.destroy(0)
 
     async def __aenter__(self) -> AsyncClient:
@@ -240,7 +225,7 @@ class AsyncPublisher:
         self.topic: str = info["name"]
         self.qos: str = info["qos"]
         self.timeout = timeout
-        self._pub = client._ring(info).publisher(timeout=timeout)
+        self._pub = client._maps.ring(info).publisher(timeout=timeout)
         self._closed = False
 
     async def send(self, data, *, timeout: float | None = None) -> int:
@@ -275,62 +260,33 @@ class AsyncPublisher:
             await self.client._request("close_publisher", topic=self.topic)
 
 
-class AsyncSubscriber:
+class AsyncSubscriber(Subscription):
     """``await sub.recv()``, ``await sub.recv_batch()``, ``async for msg in sub``."""
 
     def __init__(self, client: AsyncClient, reply: dict, pattern: str):
+        super().__init__(client._maps, reply, pattern)
         self.client = client
-        self.pattern = pattern
-        self.id: int = reply["sub"]
-        bell = reply["bell"]
-        self._inbox = Inbox(client._bells, bell["index"])
         # O_RDWR: we hold a writer ourselves, so the pipe never reads as EOF
         # (which would make it readable forever) while no publisher has it open.
-        self._fd = os.open(bell["fifo"], os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        self._notices: list[tuple[str, dict]] = []
+        self._fd = os.open(reply["bell"]["fifo"], os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        # Notices wait here until recv is between sleeps: an armed inbox
+        # cannot take a new member.
+        self._notices: collections.deque[tuple[str, dict]] = collections.deque()
         self._waiter: asyncio.Future | None = None
-        self._evicted: dict[str, str] = {}
-        self._broker_gone: str | None = None
         self._closed = False
-        for member in reply["members"]:
-            self._attach(member)
 
-    def _attach(self, member: dict) -> None:
-        info = member["topic"]
-        core = _RingSubscriber(
-            self.client._ring(info), cursor=member["cursor"], generation=member["generation"]
-        )
-        self._inbox.add(info["name"], core)
+    def _queue_notice(self, kind: str, fields: dict) -> None:
+        self._notices.append((kind, fields))
+        self._wake()
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def _process_notices(self) -> None:
-        self._inbox.notice()
-        while self._notices:
-            kind, fields = self._notices.pop(0)
-            if kind == "attach":
-                try:
-                    self._attach(fields)
-                except TensorbusError:
-                    pass  # freed before we got here: the broker shut down or dropped us
-            elif kind == "evicted":
-                self._evicted[fields.get("topic", "?")] = fields.get("reason", "slow consumer")
-            elif kind == "shutdown":
-                self._broker_gone = fields.get("reason", "the broker shut down")
-
     def _drain_fifo(self) -> None:
         with contextlib.suppress(BlockingIOError):
             while os.read(self._fd, 4096):
                 pass
-
-    def _poll(self) -> Message | None:
-        try:
-            return self._inbox.poll()
-        except SlowConsumer as exc:
-            reasons = "; ".join(f"{t}: {r}" for t, r in self._evicted.items())
-            raise SlowConsumer(f"{exc}" + (f" ({reasons})" if reasons else "")) from None
 
     async def recv(self, timeout: float | None = None) -> Message:
         """The next message of any matching topic; ReceiveTimeout after
@@ -340,12 +296,13 @@ class AsyncSubscriber:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            self._process_notices()
-            msg = self._poll()
-            if msg is not None:
-                return msg
-            if self._broker_gone and not self._inbox.topic_names:
-                raise BrokerUnavailable(f"the broker went away: {self._broker_gone}", "unavailable")
+            self._inbox.notice()
+            while self._notices:
+                self.on_notice(*self._notices.popleft())
+            batch = self._take(1)
+            if batch:
+                return batch[0]
+            self._check_broker()
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise ReceiveTimeout(f"no message on {self.pattern!r} within {timeout:g} s")
@@ -368,15 +325,10 @@ class AsyncSubscriber:
         """Up to ``max_n`` messages: waits up to ``max_wait`` for the first,
         then takes what has already arrived; [] if nothing came."""
         try:
-            out = [await self.recv(max_wait)]
+            first = await self.recv(max_wait)
         except ReceiveTimeout:
             return []
-        while len(out) < max_n:
-            msg = self._poll()
-            if msg is None:
-                break
-            out.append(msg)
-        return out
+        return [first, *self._take(max_n - 1)]
 
     def __aiter__(self) -> AsyncSubscriber:
         return self
@@ -388,10 +340,6 @@ class AsyncSubscriber:
             return await self.recv()
         except ClientClosed:
             raise StopAsyncIteration from None
-
-    @property
-    def topics(self) -> list[str]:
-        return self._inbox.topic_names
 
     async def close(self) -> None:
         if self._closed:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 import threading
 import time
 import weakref
@@ -25,12 +24,11 @@ from typing import Any
 
 import zmq
 
-from tensorbus._core import BellTable, Inbox, Message, Ring, SlowConsumer
-from tensorbus._core import Subscriber as _RingSubscriber
-from tensorbus._core.errors import ReceiveTimeout, TensorbusError
+from tensorbus._core import Message, SlowConsumer
+from tensorbus._core.errors import ReceiveTimeout
 from tensorbus.broker import protocol as P
-from tensorbus.broker.paths import default_url
 from tensorbus.broker.topics import validate_pattern, validate_topic
+from tensorbus.clients._shared import Mappings, Subscription, client_name, resolve_url
 from tensorbus.clients.errors import (
     BrokerUnavailable,
     ClientClosed,
@@ -83,16 +81,14 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
         token: str | None = None,
     ):
-        self.url = url or default_url()
-        if not self.url.startswith(("ipc://", "tcp://")):
-            raise ValueError(f"broker url must start with ipc:// or tcp://, not {self.url!r}")
-        self.name = name or f"{os.path.basename(sys.argv[0] or 'python')}[{os.getpid()}]"
+        self.url = resolve_url(url)
+        self.name = client_name(name)
         self.timeout = timeout
         self._pid = os.getpid()
         self._lock = threading.RLock()
         self._ids = itertools.count(1)
         self._closed = False
-        self._rings: dict[str, Ring] = {}
+        self._maps: Mappings | None = None
         self._subscriptions: dict[int, Subscriber] = {}
         self._publishers: list[Publisher] = []
         self._ctx = zmq.Context()
@@ -113,10 +109,8 @@ class Client:
             raise
         self.local = bool(hello.get("local"))
         self.broker_pid = hello.get("broker_pid")
-        self._bells: BellTable | None = None
         if self.local:
-            bells = hello["bells"]
-            self._bells = BellTable.attach(bells["name"], bells["fifo_dir"])
+            self._maps = Mappings(hello)
         else:
             self._start_heartbeats(float(hello.get("heartbeat_s", 2.0)))
         _LIVE_CLIENTS.add(self)
@@ -182,12 +176,12 @@ class Client:
 
     def _dispatch_notice(self, reply: P.Reply) -> None:
         if reply.notice == "shutdown":
-            for sub in list(self._subscriptions.values()):
-                sub._broker_gone = reply.fields.get("reason", "the broker shut down")
-            return
-        sub = self._subscriptions.get(reply.fields.get("sub"))
-        if sub is not None:
-            sub._on_notice(reply.notice, reply.fields)
+            targets = list(self._subscriptions.values())
+        else:
+            sub = self._subscriptions.get(reply.fields.get("sub"))
+            targets = [] if sub is None else [sub]
+        for sub in targets:
+            sub.on_notice(reply.notice, reply.fields)
 
     def _start_heartbeats(self, period: float) -> None:
         stop = threading.Event()
@@ -204,13 +198,6 @@ class Client:
             target=beat, name="tensorbus-heartbeat", daemon=True
         )
         self._heartbeat_thread.start()
-
-    def _ring(self, info: dict) -> Ring:
-        ring = self._rings.get(info["ring"])
-        if ring is None:
-            ring = Ring.attach(info["ring"], bells=self._bells)
-            self._rings[info["ring"]] = ring
-        return ring
 
     # -- the public API ----------------------------------------------------
 
@@ -293,10 +280,8 @@ class Client:
         except Exception:
             pass  # the broker is gone: nothing to say bye to
         self._closed = True
-        for ring in self._rings.values():
-            if not ring.endpoints:
-                ring.detach()
-        self._rings.clear()
+        if self._maps is not None:
+            self._maps.detach()
         self._ctx.destroy(0)
         _LIVE_CLIENTS.discard(self)
 
@@ -333,7 +318,7 @@ class Publisher:
         self.topic: str = info["name"]
         self.qos: str = info["qos"]
         self.slot_size: int = info["slot_size"]
-        self._pub = client._ring(info).publisher(timeout=timeout)
+        self._pub = client._maps.ring(info).publisher(timeout=timeout)
         # The hot path is the core's send itself: no Python frame in between.
         self.send = self._pub.send
         self._closed = False
@@ -374,7 +359,7 @@ class Publisher:
         return f"<tensorbus.Publisher {self.topic!r} {self.qos}>"
 
 
-class Subscriber:
+class Subscriber(Subscription):
     """Receives every topic matching a pattern.
 
     ``recv()`` returns a :class:`Message` (``topic``, ``seq``,
@@ -383,39 +368,9 @@ class Subscriber:
     Messages of one topic arrive in publish order; topics are interleaved."""
 
     def __init__(self, client: Client, reply: dict, pattern: str):
+        super().__init__(client._maps, reply, pattern)
         self.client = client
-        self.pattern = pattern
-        self.id: int = reply["sub"]
-        self._inbox = Inbox(client._bells, reply["bell"]["index"])
-        self._evicted: dict[str, str] = {}
-        self._broker_gone: str | None = None
         self._closed = False
-        for member in reply["members"]:
-            self._attach(member)
-
-    def _attach(self, member: dict) -> None:
-        info = member["topic"]
-        ring = self.client._ring(info)
-        core = _RingSubscriber(ring, cursor=member["cursor"], generation=member["generation"])
-        self._inbox.add(info["name"], core)
-
-    def _on_notice(self, kind: str, fields: dict) -> None:
-        if kind == "attach":
-            try:
-                self._attach(fields)
-            except TensorbusError:
-                pass  # freed before we got here: the broker shut down or dropped us
-        elif kind == "evicted":
-            self._evicted[fields.get("topic", "?")] = fields.get("reason", "slow consumer")
-
-    def _news(self) -> None:
-        """The bell's notice flag was up: read the broker's notices."""
-        self._inbox.notice()
-        self.client._drain_notices(wait=0.2)
-
-    def _raise_evicted(self, exc: SlowConsumer) -> None:
-        reasons = "; ".join(f"{t}: {r}" for t, r in self._evicted.items())
-        raise SlowConsumer(f"{exc}" + (f" ({reasons})" if reasons else "")) from None
 
     def recv(self, timeout: float | None = None) -> Message:
         """The next message of any matching topic; waits up to ``timeout``
@@ -425,17 +380,19 @@ class Subscriber:
             raise ClientClosed("the subscriber is closed")
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if self._broker_gone and not self._inbox.topic_names:
-                raise BrokerUnavailable(f"the broker went away: {self._broker_gone}", "unavailable")
+            if self._broker_gone:  # (inline: this loop is the receive hot path)
+                self._check_broker()
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 msg = self._inbox.recv(left)
             except SlowConsumer as exc:
-                self.client._drain_notices(wait=0.2)
-                self._raise_evicted(exc)
+                self.client._drain_notices(wait=0.2)  # the eviction notice has the reason
+                raise self._slow_consumer(exc) from None
             if msg is not None:
                 return msg
-            self._news()
+            # The bell's notice flag was up (or a ring closed): read the news.
+            self._inbox.notice()
+            self.client._drain_notices(wait=0.2)
             if deadline is not None and time.monotonic() >= deadline:
                 raise ReceiveTimeout(f"no message on {self.pattern!r} within {timeout:g} s")
 
@@ -443,23 +400,11 @@ class Subscriber:
         """Up to ``max_n`` messages: waits up to ``max_wait`` seconds for the
         first (None: forever), then takes only what has already arrived.
         Returns an empty list if nothing came within ``max_wait``."""
-        if self._closed:
-            raise ClientClosed("the subscriber is closed")
-        deadline = None if max_wait is None else time.monotonic() + max_wait
-        while True:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                batch = self._inbox.recv_batch(max_n, left)
-            except ReceiveTimeout:
-                return []
-            except SlowConsumer as exc:
-                self.client._drain_notices(wait=0.2)
-                self._raise_evicted(exc)
-            if batch:
-                return batch
-            self._news()
-            if self._broker_gone and not self._inbox.topic_names:
-                raise BrokerUnavailable(f"the broker went away: {self._broker_gone}", "unavailable")
+        try:
+            first = self.recv(max_wait)
+        except ReceiveTimeout:
+            return []
+        return [first, *self._take(max_n - 1)]
 
     def __iter__(self) -> Iterator[Message]:
         while not self._closed:
@@ -467,11 +412,6 @@ class Subscriber:
                 yield self.recv()
             except ClientClosed:
                 return
-
-    @property
-    def topics(self) -> list[str]:
-        """The topics this subscription reads now."""
-        return self._inbox.topic_names
 
     def close(self) -> None:
         """Stop receiving; the broker frees this subscription's cursors."""

@@ -1,0 +1,116 @@
+"""What the sync and the asyncio client share: the shared memory a client
+maps (rings, the broker's bell table, one wait policy) and the state of one
+subscription (its inbox, and what the broker's notices told it).
+
+Nothing here does I/O on the control socket; each client does that its own
+way (blocking or awaiting) and hands notices to :meth:`Subscription.on_notice`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from tensorbus._core import BellTable, Inbox, Message, Ring, SlowConsumer, Waiter
+from tensorbus._core import Subscriber as _RingSubscriber
+from tensorbus._core.errors import TensorbusError
+from tensorbus.broker.paths import default_url
+from tensorbus.clients.errors import BrokerUnavailable
+
+__all__ = ["Mappings", "Subscription", "client_name", "resolve_url"]
+
+
+def resolve_url(url: str | None) -> str:
+    url = url or default_url()
+    if not url.startswith(("ipc://", "tcp://")):
+        raise ValueError(f"broker url must start with ipc:// or tcp://, not {url!r}")
+    return url
+
+
+def client_name(name: str | None) -> str:
+    return name or f"{os.path.basename(sys.argv[0] or 'python')}[{os.getpid()}]"
+
+
+class Mappings:
+    """The rings a client has attached (one mapping per ring, shared by its
+    publishers and subscribers), the broker's bell table, and one wait
+    policy for all of them."""
+
+    __slots__ = ("bells", "rings", "waiter")
+
+    def __init__(self, hello: dict):
+        bells = hello["bells"]
+        self.bells = BellTable.attach(bells["name"], bells["fifo_dir"])
+        self.rings: dict[str, Ring] = {}
+        self.waiter = Waiter()
+
+    def ring(self, info: dict) -> Ring:
+        ring = self.rings.get(info["ring"])
+        if ring is None:
+            ring = Ring.attach(info["ring"], bells=self.bells, waiter=self.waiter)
+            self.rings[info["ring"]] = ring
+        return ring
+
+    def inbox(self, bell: dict) -> Inbox:
+        return Inbox(self.bells, bell["index"], waiter=self.waiter)
+
+    def detach(self) -> None:
+        """Unmap every ring no endpoint uses any more."""
+        for ring in self.rings.values():
+            if not ring.endpoints:
+                ring.detach()
+        self.rings.clear()
+
+
+class Subscription:
+    """One subscription's receiving state, whatever the client's style."""
+
+    def __init__(self, maps: Mappings, reply: dict, pattern: str):
+        self.pattern = pattern
+        self.id: int = reply["sub"]
+        self._maps = maps
+        self._inbox = maps.inbox(reply["bell"])
+        self._evicted: dict[str, str] = {}
+        self._broker_gone: str | None = None
+        for member in reply["members"]:
+            self._attach(member)
+
+    def _attach(self, member: dict) -> None:
+        info = member["topic"]
+        core = _RingSubscriber(
+            self._maps.ring(info), cursor=member["cursor"], generation=member["generation"]
+        )
+        self._inbox.add(info["name"], core)
+
+    def on_notice(self, kind: str, fields: dict) -> None:
+        """Apply a notice of the broker: a new topic to read, an eviction, a shutdown."""
+        if kind == "attach":
+            try:
+                self._attach(fields)
+            except TensorbusError:
+                pass  # freed before we got here: the broker shut down or dropped us
+        elif kind == "evicted":
+            self._evicted[fields.get("topic", "?")] = fields.get("reason", "slow consumer")
+        elif kind == "shutdown":
+            self._broker_gone = fields.get("reason", "the broker shut down")
+
+    def _slow_consumer(self, exc: SlowConsumer) -> SlowConsumer:
+        """``exc`` with the reasons the broker gave."""
+        reasons = "; ".join(f"{t}: {r}" for t, r in self._evicted.items())
+        return SlowConsumer(f"{exc}" + (f" ({reasons})" if reasons else ""))
+
+    def _check_broker(self) -> None:
+        if self._broker_gone and not self._inbox.topic_names:
+            raise BrokerUnavailable(f"the broker went away: {self._broker_gone}", "unavailable")
+
+    def _take(self, max_n: int) -> list[Message]:
+        """What has already arrived, up to ``max_n``, without waiting."""
+        try:
+            return self._inbox.take(max_n)
+        except SlowConsumer as exc:
+            raise self._slow_consumer(exc) from None
+
+    @property
+    def topics(self) -> list[str]:
+        """The topics this subscription reads now."""
+        return self._inbox.topic_names
