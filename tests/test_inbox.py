@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tensorbus._core import BellTable, Inbox, ReceiveTimeout, Ring, SlowConsumer, Subscriber
+from tensorbus._core import BellTable, Inbox, ReceiveTimeout, SlowConsumer, Subscriber
 
 pytestmark = pytest.mark.timeout(30)
 
