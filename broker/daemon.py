@@ -94,11 +94,14 @@ class Topic:
     capacity: int
     slot_size: int
     ring: Ring
-    publishers: dict = field(default_factory=dict)  # session key -> count
-    subscriptions: set = field(default_factory=set)  # Subscription
+    # The cursors the broker handed out on this ring, keyed as the ring
+    # reports them: (index, generation) -> Subscription. Publishers are
+    # counted from the ring's own records.
+    cursors: dict = field(default_factory=dict)
     meter: TopicMeter = field(default_factory=TopicMeter)
     drops_seen: dict = field(default_factory=dict)  # (cursor, generation) -> drops
     behind_since: dict = field(default_factory=dict)  # (cursor, generation) -> monotonic
+    checked_head: int = -1  # the head at the last pressure check
     pressure_pub: object = None
 
     def info(self) -> dict:
@@ -455,7 +458,6 @@ class Broker:
         for name in session.publishing:
             topic = self.topics.get(name)
             if topic is not None:
-                topic.publishers.pop(session.key, None)
                 with contextlib.suppress(TensorbusError):
                     topic.ring.repair()  # pads claims and frees records of dead pids
         session.publishing.clear()
@@ -557,7 +559,7 @@ class Broker:
             sub.session.pid, bell=sub.bell + 1, latest=topic.qos == "latest"
         )
         sub.members[topic.name] = (cursor, generation)
-        topic.subscriptions.add(sub)
+        topic.cursors[(cursor, generation)] = sub
         if announce:
             payload = P.encode_notice(
                 "attach", sub=sub.id, topic=topic.info(), cursor=cursor, generation=generation
@@ -601,22 +603,15 @@ class Broker:
         name = self._user_topic(request.fields["topic"])
         topic, created = self._get_or_create(name, request.fields)
         session.publishing[name] = session.publishing.get(name, 0) + 1
-        topic.publishers[session.key] = topic.publishers.get(session.key, 0) + 1
         return P.encode_reply(request.id, topic=topic.info(), created=created)
 
     def _op_close_publisher(self, session: Session, request: P.Request) -> bytes:
         name = request.fields["topic"]
-        topic = self.topics.get(name)
-        if topic is None or not session.publishing.get(name):
+        if not session.publishing.get(name):
             raise P.ProtocolViolation("no_such_topic", f"this session has no publisher on {name!r}")
         session.publishing[name] -= 1
         if not session.publishing[name]:
             del session.publishing[name]
-        count = topic.publishers.get(session.key, 1) - 1
-        if count:
-            topic.publishers[session.key] = count
-        else:
-            topic.publishers.pop(session.key, None)
         return P.encode_reply(request.id)
 
     # -- subscriptions -----------------------------------------------------
@@ -672,7 +667,7 @@ class Broker:
         for name, (cursor, generation) in sub.members.items():
             topic = self.topics.get(name)
             if topic is not None:
-                topic.subscriptions.discard(sub)
+                topic.cursors.pop((cursor, generation), None)
                 topic.drops_seen.pop((cursor, generation), None)
                 topic.behind_since.pop((cursor, generation), None)
                 with contextlib.suppress(TensorbusError):
@@ -708,8 +703,8 @@ class Broker:
         topics = []
         for t in self._selected(request.fields.get("pattern")):
             info = t.info()
-            info["publishers"] = sum(t.publishers.values())
-            info["subscribers"] = len(t.subscriptions)
+            info["publishers"] = len(t.ring.stats()["publishers"])
+            info["subscribers"] = len(t.cursors)
             topics.append(info)
         return P.encode_reply(request.id, topics=topics)
 
@@ -726,7 +721,7 @@ class Broker:
                     "capacity": t.capacity,
                     "slot_size": t.slot_size,
                     "publishers": len(s["publishers"]),
-                    "subscribers": len(s["cursors"]),
+                    "subscribers": len(t.cursors),
                     "messages": head,
                     "depth": depth,
                     "drops": sum(c["drops"] for c in s["cursors"]),
@@ -779,17 +774,16 @@ class Broker:
     def _check_pressure(self, now: float) -> None:
         grace = self.config.slow_consumer_grace
         for topic in list(self.topics.values()):
-            if not topic.subscriptions or is_system(topic.name):
+            if not topic.cursors or is_system(topic.name):
                 continue
-            owners = {}
-            for sub in topic.subscriptions:
-                cur = sub.members.get(topic.name)
-                if cur is not None:
-                    owners[cur] = sub
+            head = topic.ring.head
+            if head == topic.checked_head and not topic.behind_since:
+                continue  # nothing published and nobody behind since the last look
+            topic.checked_head = head
             dropped = []
             for index, generation, lag, drops in topic.ring.cursor_lags():
                 key = (index, generation)
-                sub = owners.get(key)
+                sub = topic.cursors.get(key)
                 if sub is None:
                     continue
                 before = topic.drops_seen.get(key, 0)
@@ -803,11 +797,10 @@ class Broker:
                             "new": drops - before,
                         }
                     )
-                behind = (
-                    (drops > before)
-                    if topic.qos == "realtime"
-                    else (topic.qos == "reliable" and lag >= topic.capacity)
-                )
+                if topic.qos == "realtime":
+                    behind = drops > before
+                else:
+                    behind = topic.qos == "reliable" and lag >= topic.capacity
                 if not behind:
                     topic.behind_since.pop(key, None)
                     continue
@@ -857,12 +850,8 @@ class Broker:
     def _update_meters(self, now: float) -> None:
         for topic in self.topics.values():
             head = topic.ring.head
-            if (
-                head == topic.meter.head
-                and topic.meter.at is not None
-                and topic.meter.msgs_per_s == 0
-            ):
-                topic.meter.at = now
+            if head == topic.meter.head and topic.meter.msgs_per_s == 0:
+                topic.meter.at = now  # idle, and already shown as idle: skip the scan
                 continue
             s = topic.ring.stats()
             hist = [0] * LATENCY_BUCKETS
