@@ -153,7 +153,8 @@ class Broker:
         self.bells: BellTable | None = None
         self.fifo_dir = ""
         self.ctx: zmq.asyncio.Context | None = None
-        self.sockets: list[tuple[zmq.asyncio.Socket, str]] = []
+        # (socket the loop waits on, a blocking shadow of it for NOBLOCK I/O, transport)
+        self.sockets: list[tuple[zmq.asyncio.Socket, zmq.Socket, str]] = []
         self.lock_fd = -1
         self.started = time.monotonic()
         self.stopping: asyncio.Event | None = None
@@ -240,7 +241,7 @@ class Broker:
             sock = self._socket()
             sock.bind(f"ipc://{self.ipc_path}")
             os.chmod(self.ipc_path, 0o600)
-            self.sockets.append((sock, "ipc"))
+            self.sockets.append((sock, zmq.Socket.shadow(sock.underlying), "ipc"))
             self.endpoints.append(f"ipc://{self.ipc_path}")
             if tcp:
                 tsock = self._socket()
@@ -251,7 +252,7 @@ class Broker:
                     raise BrokerStartError(
                         f"cannot listen on tcp://{self.config.tcp}: {exc}"
                     ) from None
-                self.sockets.append((tsock, "tcp"))
+                self.sockets.append((tsock, zmq.Socket.shadow(tsock.underlying), "tcp"))
                 self.endpoints.append(tsock.getsockopt_string(zmq.LAST_ENDPOINT))
         finally:
             os.umask(old_umask)
@@ -272,9 +273,7 @@ class Broker:
             await self.start()
         if ready is not None:
             ready(self.endpoints)
-        tasks = [
-            asyncio.create_task(self._receive(sock, transport)) for sock, transport in self.sockets
-        ]
+        tasks = [asyncio.create_task(self._receive(*entry)) for entry in self.sockets]
         tasks.append(asyncio.create_task(self._monitor()))
         try:
             await self.stopping.wait()
@@ -292,10 +291,9 @@ class Broker:
         """Tell every client, close every ring, unlink everything we made."""
         log.info("shutting down: %d topic(s), %d session(s)", len(self.topics), len(self.sessions))
         for session in list(self.sessions.values()):
-            with contextlib.suppress(zmq.ZMQError):
-                await self._send(
-                    session.key, P.encode_notice("shutdown", reason="the broker is shutting down")
-                )
+            self._send(
+                session.key, P.encode_notice("shutdown", reason="the broker is shutting down")
+            )
             for sub in session.subscriptions.values():
                 with contextlib.suppress(Exception):
                     self.bells.notify(sub.bell)
@@ -312,7 +310,7 @@ class Broker:
             self.bells = None
         if self.fifo_dir:
             shutil.rmtree(self.fifo_dir, ignore_errors=True)
-        for sock, _ in self.sockets:
+        for sock, _, _ in self.sockets:
             sock.close(0)
         self.sockets.clear()
         if self.lock_fd >= 0:  # the socket file is ours only while we hold the lock
@@ -328,23 +326,34 @@ class Broker:
 
     # -- the request loop --------------------------------------------------
 
-    async def _send(self, key: tuple, payload: bytes) -> None:
+    def _send(self, key: tuple, payload: bytes) -> None:
+        """Send to one client. A ROUTER never blocks on send (it drops for a
+        peer that is gone or over its high-water mark), so no await."""
         sock, identity = key
-        await sock.send_multipart([identity, payload])
+        with contextlib.suppress(zmq.ZMQError):
+            sock.send_multipart([identity, payload], zmq.NOBLOCK)
 
-    async def _receive(self, sock: zmq.asyncio.Socket, transport: str) -> None:
+    async def _receive(
+        self, waitable: zmq.asyncio.Socket, sock: zmq.Socket, transport: str
+    ) -> None:
+        """Wait until requests are queued, then serve what is there (at most
+        a burst, so the monitor still runs) without a future per message."""
         while True:
-            frames = await sock.recv_multipart(copy=False)
-            identity = frames[0].bytes
-            try:
-                reply = self._handle(sock, transport, frames)
-            except Exception as exc:  # the broker never dies of a client's bytes
-                log.exception("request failed")
-                reply = P.encode_error(None, "internal", f"the broker failed: {exc}")
-            if reply is not None:
-                self.counters["requests"] += 1
-                with contextlib.suppress(zmq.ZMQError):
-                    await sock.send_multipart([identity, reply])
+            await waitable.poll(zmq.POLLIN)
+            for _ in range(256):
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                try:
+                    reply = self._handle(sock, transport, frames)
+                except Exception as exc:  # the broker never dies of a client's bytes
+                    log.exception("request failed")
+                    reply = P.encode_error(None, "internal", f"the broker failed: {exc}")
+                if reply is not None:
+                    self.counters["requests"] += 1
+                    self._send((sock, frames[0].bytes), reply)
+            await asyncio.sleep(0)
 
     def _handle(self, sock, transport: str, frames) -> bytes | None:
         key = (sock, frames[0].bytes)
@@ -564,12 +573,13 @@ class Broker:
             payload = P.encode_notice(
                 "attach", sub=sub.id, topic=topic.info(), cursor=cursor, generation=generation
             )
-            asyncio.get_running_loop().create_task(self._notify(sub, payload))
+            self._notify(sub, payload)
         return cursor, generation
 
-    async def _notify(self, sub: Subscription, payload: bytes) -> None:
-        with contextlib.suppress(zmq.ZMQError):
-            await self._send(sub.session.key, payload)
+    def _notify(self, sub: Subscription, payload: bytes) -> None:
+        """Send a notice, then raise the bell's notice flag so a sleeping
+        subscriber wakes and reads it."""
+        self._send(sub.session.key, payload)
         if sub.bell >= 0:
             self.bells.notify(sub.bell)
 
@@ -826,8 +836,7 @@ class Broker:
             topic.name,
             reason,
         )
-        payload = P.encode_notice("evicted", sub=sub.id, topic=topic.name, reason=reason)
-        asyncio.get_running_loop().create_task(self._notify(sub, payload))
+        self._notify(sub, P.encode_notice("evicted", sub=sub.id, topic=topic.name, reason=reason))
 
     def _announce_pressure(self, topic: Topic, dropped: list) -> None:
         if topic.pressure_pub is None:

@@ -67,8 +67,7 @@ class AsyncClient:
         self._publishers: list[AsyncPublisher] = []
         self._maps: Mappings | None = None
         self._closed = False
-        self._ctx = zmq.asyncio.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(self.url)
         self._reader = asyncio.get_running_loop().create_task(self._read_loop())
@@ -207,7 +206,7 @@ class AsyncClient:
                     await task
         if self._maps is not None:
             self._maps.detach()
-        self._ctx.destroy(0)
+        self._sock.close(0)
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -91,8 +91,9 @@ class Client:
         self._maps: Mappings | None = None
         self._subscriptions: dict[int, Subscriber] = {}
         self._publishers: list[Publisher] = []
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
+        # pyzmq's per-process context (recreated after a fork): one I/O
+        # thread for all clients of the process, not one each.
+        self._sock = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(self.url)
         self._heartbeat_thread = None
@@ -105,7 +106,7 @@ class Client:
                 token=token or os.environ.get("TENSORBUS_TOKEN"),
             )
         except BaseException:
-            self._ctx.destroy(0)
+            self._sock.close(0)
             raise
         self.local = bool(hello.get("local"))
         self.broker_pid = hello.get("broker_pid")
@@ -282,7 +283,7 @@ class Client:
         self._closed = True
         if self._maps is not None:
             self._maps.detach()
-        self._ctx.destroy(0)
+        self._sock.close(0)
         _LIVE_CLIENTS.discard(self)
 
     def _forked(self) -> None:
