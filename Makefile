@@ -10,7 +10,7 @@ SOURCES := pyproject.toml setup.py $(wildcard _core/*.pyx _core/*.pxd _core/*.h)
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,perf]'
+	$(PY) -m pip install --quiet -e '.[dev,perf,torch]'
 	touch $(STAMP)
 
 # The main job: a broker with a pub/sub demo and its live stats (everything it

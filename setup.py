@@ -36,11 +36,11 @@ def core_extension(name: str) -> Extension:
         [f"_core/{name}.pyx"],
         include_dirs=["_core"],
         extra_compile_args=["-O2", "-std=gnu11", "-Wno-unused-function"],
-        libraries=["rt"],
+        libraries=["rt", "pthread"],
     )
 
 
-extensions = [core_extension(n) for n in ("segment", "wait", "bells", "ring", "inbox")]
+extensions = [core_extension(n) for n in ("segment", "wait", "bells", "arena", "ring", "inbox")]
 
 setup(
     packages=["tensorbus", "tensorbus._core", "tensorbus.broker", "tensorbus.clients"],

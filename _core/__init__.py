@@ -1,13 +1,16 @@
-"""The shared-memory data plane: segments, topic rings and waiting.
+"""The shared-memory data plane: segments, topic rings, the tensor arena and
+waiting.
 
 Nothing here imports asyncio, sockets or any other tensorbus package.
 """
 
+from tensorbus._core.arena import Arena, Hold, Holder, Loan, parse_size
 from tensorbus._core.bells import BellTable
 from tensorbus._core.errors import (
     BackpressureError,
     CapacityError,
     ClaimLostError,
+    HoldLimitError,
     LayoutMismatchError,
     MessageTooLargeError,
     ReceiveTimeout,
@@ -25,13 +28,18 @@ from tensorbus._core.segment import Segment, check_segment_name, segment_name
 from tensorbus._core.wait import SpinRegistry, Waiter
 
 __all__ = [
+    "Arena",
     "BackpressureError",
     "BellTable",
     "Inbox",
     "Message",
     "CapacityError",
     "ClaimLostError",
+    "Hold",
+    "HoldLimitError",
+    "Holder",
     "LayoutMismatchError",
+    "Loan",
     "MessageTooLargeError",
     "POLICIES",
     "Publisher",
@@ -49,5 +57,6 @@ __all__ = [
     "ViewInUseError",
     "Waiter",
     "check_segment_name",
+    "parse_size",
     "segment_name",
 ]

@@ -22,6 +22,9 @@ cdef extern from "tb_atomic.h" nogil:
     bint tb_cas32(uint32_t *p, uint32_t expected, uint32_t desired)
     uint64_t tb_fetch_add_u64(uint64_t *p, uint64_t v)
     uint64_t tb_load_rlx_u64(const uint64_t *p)
+    uint64_t tb_load_acq_u64(const uint64_t *p)
+    uint64_t tb_fetch_and_u64(uint64_t *p, uint64_t v)
+    bint tb_cas_u64(uint64_t *p, uint64_t *expected, uint64_t desired)
 
     void tb_fence_acq()
     void tb_fence_rel()

@@ -19,6 +19,7 @@ __all__ = [
     "CapacityError",
     "ClaimLostError",
     "SlowConsumer",
+    "HoldLimitError",
 ]
 
 
@@ -72,3 +73,8 @@ class ClaimLostError(TensorbusError):
 
 class SlowConsumer(RingClosedError):
     """This subscriber fell too far behind for too long and was evicted."""
+
+
+class HoldLimitError(TensorbusError):
+    """A client holds views of too many arena blocks (its ``max_holds``):
+    leaked views must not silently starve publishers."""

@@ -2,8 +2,9 @@
 # pattern matches, sharing one doorbell, read round-robin.
 from libc.stdint cimport int64_t, uint32_t
 
+from tensorbus._core.arena cimport Hold
 from tensorbus._core.bells cimport BellTable
-from tensorbus._core.layout cimport tb_bell_t, tb_cursor_t
+from tensorbus._core.layout cimport tb_bell_t, tb_cursor_t, tb_slot_header_t
 from tensorbus._core.ring cimport RingView, Subscriber
 from tensorbus._core.wait cimport Waiter
 
@@ -14,7 +15,12 @@ cdef class Message:
     cdef readonly int64_t timestamp_ns  # CLOCK_REALTIME at publish
     cdef readonly int flags
     cdef bytes payload                  # inline messages are copied out of the slot
-    cdef object view                    # the memoryview handed out as .data
+    cdef object view                    # what .data handed out (memoryview or ndarray)
+    cdef Hold hold                      # arena messages: keeps the block alive
+    cdef readonly str dtype             # tensors: the dtype tag; None for plain bytes
+    cdef readonly tuple shape           # tensors: the shape
+    cdef bytes meta_bytes               # tensors: the application's 32 bytes
+    cdef Py_ssize_t size                # bytes of data
 
 
 # What a nogil waiter needs of one member, pointing into the Subscriber.
@@ -48,3 +54,5 @@ cdef class Inbox:
 
     cdef _rebuild(self)
     cdef Message _poll_one(self)
+    cdef Message _take_tensor(self, Subscriber sub, tb_slot_header_t *s, int i)
+    cdef _skip(self, Subscriber sub, str why)

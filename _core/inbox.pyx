@@ -19,13 +19,37 @@ from tensorbus._core.atomic cimport (
     tb_fence_sc,
     tb_fetch_add32,
     tb_fetch_sub32,
+    tb_fetch_add_u64,
     tb_load_acq32,
     tb_now_ns,
 )
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdint cimport uint64_t
+
+cdef extern from "<string.h>" nogil:
+    size_t strnlen(const char *s, size_t maxlen)
+
+from tensorbus._core.arena cimport Hold, Holder
 from tensorbus._core.bells cimport BellTable
-from tensorbus._core.layout cimport tb_slot_header_t
-from tensorbus._core.ring cimport Subscriber, cursor_ready, timeout_to_ns
+from tensorbus._core.layout cimport (
+    TB_CURSOR_EVICTED,
+    TB_DESC_BYTES,
+    TB_DTYPE_BYTES,
+    TB_MAX_NDIM,
+    TB_META_BYTES,
+    TB_MSG_ARENA,
+    TB_MSG_INLINE,
+    TB_MSG_TENSOR,
+    TB_SLOT_HEADER_BYTES,
+    tb_slot_header_t,
+    tb_tensor_desc_t,
+)
+from tensorbus._core.ring cimport Subscriber, cursor_ready, reclaim_passed, timeout_to_ns
 from tensorbus._core.wait cimport Waiter
+
+import numpy as _np
+
+from tensorbus._core import tensors as _tensors
 
 from tensorbus._core.errors import (
     ReceiveTimeout,
@@ -36,6 +60,8 @@ from tensorbus._core.errors import (
 
 __all__ = ["Inbox", "Message"]
 
+_TAGS = {}  # dtype tag bytes -> str, so a steady stream decodes nothing
+
 cdef enum Status:  # as in ring.pyx
     ST_OK = 0
     ST_EMPTY = 1
@@ -44,36 +70,104 @@ cdef enum Status:  # as in ring.pyx
 
 
 cdef class Message:
-    """One received message. ``data`` is a read-only memoryview of the
-    payload (a copy taken out of the ring slot, so it never dangles);
-    ``release()`` drops it early."""
+    """One received message.
+
+    ``data`` is what was sent: a read-only memoryview for bytes and buffers,
+    a read-only numpy array (same dtype and shape) for arrays and tensors.
+    Small payloads were copied out of the ring slot; large tensors are views
+    of the arena block, which stays reserved while ``data`` or any view made
+    from it lives. ``release()`` (or leaving a ``with`` block) drops the
+    message's own references early; ``as_torch()`` gives a torch tensor over
+    the same memory."""
 
     @property
-    def data(self) -> memoryview:
-        if self.payload is None:
+    def data(self):
+        if self.view is not None:
+            return self.view
+        if self.payload is None and self.hold is None:
             raise TensorbusError("the message was released")
-        if self.view is None:
+        if self.dtype is None:
             self.view = memoryview(self.payload)
+        else:
+            self.view = self._array(False)
         return self.view
+
+    def _array(self, bint writable):
+        src = self.hold if self.hold is not None else self.payload
+        if self.dtype == _tensors.BYTES_TAG:
+            mv = memoryview(src)
+            return mv if writable else mv.toreadonly()
+        dt = _tensors.numpy_dtype(self.dtype)
+        try:
+            arr = _np.frombuffer(src, dtype=dt, count=self.size // dt.itemsize).reshape(self.shape)
+        except ValueError as exc:
+            raise TensorbusError(f"message {self.seq} of {self.topic!r} has an inconsistent "
+                                 f"tensor descriptor ({self.dtype}, {self.shape}, "
+                                 f"{self.size} bytes): {exc}") from None
+        if not writable:
+            arr.flags.writeable = False
+        elif not arr.flags.writeable:
+            arr = arr.copy()  # an inline payload: small, and bytes are immutable
+        return arr
+
+    def as_torch(self):
+        """A torch tensor of the message's data: over the same arena memory
+        for large tensors (do not write it: other subscribers see the same
+        block; ``.clone()`` first), a copy for small inline ones."""
+        if self.payload is None and self.hold is None:
+            raise TensorbusError("the message was released")
+        if self.dtype is None or self.dtype == _tensors.BYTES_TAG:
+            import torch
+            return torch.frombuffer(bytearray(self.payload if self.hold is None
+                                              else memoryview(self.hold)), dtype=torch.uint8)
+        return _tensors.to_torch(self._array(True), self.dtype)
+
+    def __dlpack__(self, **kwargs):
+        return self.data.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return (1, 0)  # kDLCPU
+
+    @property
+    def is_tensor(self) -> bool:
+        """True for arrays and tensors (``data`` is an ndarray)."""
+        return self.dtype is not None and self.dtype != _tensors.BYTES_TAG
+
+    @property
+    def zero_copy(self) -> bool:
+        """True if ``data`` views the arena rather than a copy."""
+        return self.hold is not None
+
+    @property
+    def meta(self):
+        """The 32 bytes of application metadata sent with a tensor, or None."""
+        return self.meta_bytes
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.payload is None else len(self.payload)
+        return self.size
 
     def __bytes__(self):
-        if self.payload is None:
+        if self.payload is None and self.hold is None:
             raise TensorbusError("the message was released")
+        if self.hold is not None:
+            return bytes(memoryview(self.hold))
         return self.payload
 
     def __len__(self):
-        return self.nbytes
+        return self.size
 
     def release(self) -> None:
-        """Let go of the payload; ``data`` is invalid afterwards."""
-        if self.view is not None:
-            self.view.release()
-            self.view = None
+        """Drop this message's references to its data. An arena block goes
+        back once no view made from ``data`` is alive either."""
+        if self.view is not None and type(self.view) is memoryview:
+            try:
+                self.view.release()
+            except BufferError:
+                pass  # something still views it: it keeps the data alive
+        self.view = None
         self.payload = None
+        self.hold = None
 
     def __enter__(self):
         return self
@@ -82,7 +176,8 @@ cdef class Message:
         self.release()
 
     def __repr__(self):
-        return (f"<Message topic={self.topic!r} seq={self.seq} nbytes={self.nbytes} "
+        kind = f" {self.dtype}{list(self.shape)}" if self.dtype is not None else ""
+        return (f"<Message topic={self.topic!r} seq={self.seq} nbytes={self.size}{kind} "
                 f"timestamp_ns={self.timestamp_ns}>")
 
 
@@ -181,10 +276,17 @@ cdef class Inbox:
             sub = <Subscriber>self.subs[i]
             st = sub._poll(&s)
             if st == ST_OK:
+                if s.type != TB_MSG_INLINE:
+                    m = self._take_tensor(sub, s, i)
+                    if m is not None:
+                        self.next = i + 1
+                        return m
+                    continue  # a stale arena message was skipped: look again
                 payload = sub._take(s)
                 if payload is not None:
                     m = Message.__new__(Message)
                     m.payload = payload
+                    m.size = len(payload)
                     m.topic = <str>self.topics[i]
                     m.seq = sub.last_seq
                     m.timestamp_ns = sub.last_timestamp_ns
@@ -204,6 +306,71 @@ cdef class Inbox:
                 k = 0
                 continue
             k += 1
+        return None
+
+    cdef Message _take_tensor(self, Subscriber sub, tb_slot_header_t *s, int i):
+        """Take the tensor message ``s`` (a TENSOR copy or an ARENA hold) and
+        consume it. None if its arena block is already gone (an overwrite
+        ring lapped us): counted as a drop and skipped."""
+        cdef tb_tensor_desc_t *d = <tb_tensor_desc_t *>((<char *>s) + TB_SLOT_HEADER_BYTES)
+        cdef Holder holder
+        cdef Hold hold = None
+        cdef bytes payload = None
+        cdef Message m
+        cdef uint32_t ndim = d.ndim
+        cdef uint64_t nbytes = d.nbytes
+        cdef int k
+        if s.length < TB_DESC_BYTES or ndim > TB_MAX_NDIM:
+            return self._skip(sub, "a malformed tensor descriptor")
+        tag_raw = PyBytes_FromStringAndSize(d.dtype, strnlen(d.dtype, TB_DTYPE_BYTES))
+        tag = _TAGS.get(tag_raw)
+        if tag is None:
+            tag = _TAGS[tag_raw] = tag_raw.decode("ascii", "replace")
+        shape = tuple([d.shape[k] for k in range(ndim)])
+        meta = PyBytes_FromStringAndSize(<char *>d.meta, TB_META_BYTES)
+        if s.type == TB_MSG_TENSOR:
+            if nbytes > s.length - TB_DESC_BYTES:
+                return self._skip(sub, "a tensor longer than its slot")
+            payload = PyBytes_FromStringAndSize((<char *>d) + TB_DESC_BYTES, nbytes)
+            if tb_load_acq32(&sub.cur.state) == TB_CURSOR_EVICTED:
+                raise SlowConsumer(f"this subscription was evicted from topic "
+                                   f"{self.topics[i]!r}: it stayed too far behind")
+        elif s.type == TB_MSG_ARENA:
+            holder = sub.ring.holder
+            if holder is None:
+                raise TensorbusError(f"topic {self.topics[i]!r} carries arena tensors but "
+                                     "this subscription has no arena holder")
+            if d.offset + nbytes > holder.arena.a.data_size:
+                return self._skip(sub, "an arena descriptor outside the arena")
+            if not holder.acquire(d.block, d.generation):
+                return self._skip(sub, None)  # overwritten and freed before we got it
+            hold = Hold._make(holder, d.block, d.offset, nbytes)
+            if tb_load_acq32(&sub.cur.state) == TB_CURSOR_EVICTED:
+                raise SlowConsumer(f"this subscription was evicted from topic "
+                                   f"{self.topics[i]!r}: it stayed too far behind")
+        else:
+            return self._skip(sub, f"unknown message type {s.type}")
+        sub._note(s)
+        sub._advance()
+        if hold is not None:
+            reclaim_passed(sub.v)
+        m = Message.__new__(Message)
+        m.payload = payload
+        m.hold = hold
+        m.dtype = tag
+        m.shape = shape
+        m.meta_bytes = meta
+        m.size = nbytes
+        m.topic = <str>self.topics[i]
+        m.seq = sub.last_seq
+        m.timestamp_ns = sub.last_timestamp_ns
+        m.flags = sub.last_flags
+        return m
+
+    cdef _skip(self, Subscriber sub, str why):
+        """Consume a message that cannot be delivered, counting it as a drop."""
+        tb_fetch_add_u64(&sub.cur.drops, 1)
+        sub._advance()
         return None
 
     def poll(self):

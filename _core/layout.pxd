@@ -1,7 +1,7 @@
 # The ring segment's byte layout (tb_layout.h). Fields that different
 # processes write often live on separate 64-byte lines; see docs/ring.md for
 # the protocol that reads and writes them.
-from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 
 cdef extern from "tb_layout.h" nogil:
@@ -35,6 +35,7 @@ cdef extern from "tb_layout.h" nogil:
         TB_BELL_FUTEX
         TB_BELL_FIFO
         TB_CURSOR_LATEST
+        TB_RING_KEEP_LAST
 
     ctypedef struct tb_doorbell_t:
         uint32_t seq          # bumped by every wake; the futex word
@@ -70,11 +71,13 @@ cdef extern from "tb_layout.h" nogil:
         uint64_t publishers_offset
         uint64_t slots_offset
         int64_t created_ns
+        uint32_t flags        # TB_RING_KEEP_LAST
         int64_t head          # next sequence to claim (own line)
         uint32_t closed       # set once; wakes everyone
         uint32_t cursor_hwm   # publishers scan cursors [0, hwm)
         uint32_t publisher_hwm
         uint32_t sleepers     # subscribers inside futex_wait: publishers wake only if > 0
+        int64_t reclaim_hint  # arena block references below this sequence are dropped
         tb_doorbell_t space   # publishers waiting for credit sleep here
 
     ctypedef struct tb_cursor_t:
@@ -104,3 +107,61 @@ cdef extern from "tb_layout.h" nogil:
         uint16_t flags        # the application's
         int64_t timestamp_ns
         uint32_t publisher
+
+    # -- tensors and the arena ---------------------------------------------
+    uint32_t TB_DESC_BYTES
+    uint32_t TB_MAX_NDIM
+    uint32_t TB_META_BYTES
+    uint32_t TB_DTYPE_BYTES
+    uint32_t TB_NO_BLOCK
+    uint64_t TB_ARENA_MAGIC
+    uint32_t TB_ARENA_VERSION
+    uint32_t TB_ARENA_HEADER_BYTES
+    uint32_t TB_ARENA_BLOCK_BYTES
+    uint32_t TB_ARENA_MAX_ORDERS
+    uint32_t TB_ARENA_MAX_BLOCKS
+    uint64_t TB_HOLD_OWNER
+    uint32_t TB_MAX_HOLDERS
+    uint32_t TB_NIL
+
+    enum:
+        TB_MSG_TENSOR
+        TB_MSG_ARENA
+        TB_BLOCK_FREE
+        TB_BLOCK_USED
+
+    ctypedef struct tb_tensor_desc_t:
+        uint32_t block        # arena block; TB_NO_BLOCK when the data follows inline
+        uint32_t generation   # the block's generation at publish: holds check it
+        uint64_t offset       # byte offset of the data in the arena's data segment
+        uint64_t nbytes
+        int64_t reclaim       # the sequence whose ring reference is pending, -1 once dropped
+        char dtype[16]        # numpy dtype.str, "bfloat16" or "bytes"
+        uint32_t ndim
+        int64_t shape[8]
+        uint8_t meta[32]      # the application's
+
+    ctypedef struct tb_arena_header_t:
+        uint64_t magic
+        uint32_t version
+        uint32_t nblocks      # minimum blocks (one entry each)
+        uint32_t min_shift    # log2 of the minimum block size
+        uint32_t max_order    # largest block: 2^max_order minimum blocks
+        uint32_t creator_pid
+        uint64_t data_size
+        char mutex[64]        # robust, process-shared pthread mutex
+        uint32_t free_head[48]  # per order; TB_NIL when empty
+        uint64_t used_bytes
+        uint64_t allocs
+        uint64_t frees
+        uint64_t failed
+        uint64_t repairs
+
+    ctypedef struct tb_block_t:
+        uint64_t holds        # bit 0 owner/ring, bit i holder slot i
+        uint32_t generation   # bumped by every allocation
+        uint32_t state_order  # head entries: state | order << 8
+        uint32_t next         # free-list links
+        uint32_t prev
+        uint32_t owner        # holder slot of the allocating client
+        uint64_t nbytes

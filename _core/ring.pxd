@@ -3,6 +3,7 @@
 # docs/ring.md describes the protocol; tb_layout.h the bytes.
 from libc.stdint cimport int64_t, uint16_t, uint32_t
 
+from tensorbus._core.arena cimport Arena, Holder, tb_arena_t
 from tensorbus._core.atomic cimport tb_load_acq64, tb_load_rlx32, tb_load_rlx64
 from tensorbus._core.bells cimport BellTable
 from tensorbus._core.layout cimport (
@@ -31,6 +32,8 @@ cdef struct RingView:
     uint32_t max_cursors
     uint32_t max_publishers
     uint32_t policy
+    tb_arena_t *arena     # the broker's tensor arena; NULL for a ring without one
+    int64_t keep          # 1: the newest message's block outlives its readers ("latest")
 
 
 cdef inline tb_slot_header_t *slot_at(RingView *v, int64_t seq) noexcept nogil:
@@ -54,12 +57,17 @@ cdef inline bint cursor_ready(RingView *v, tb_cursor_t *cur, int64_t pos,
 # None -> -1 (no limit); seconds -> ns; TypeError/ValueError with a sentence.
 cdef int64_t timeout_to_ns(object timeout) except -2
 
+# Drop the arena references of messages every subscriber has passed.
+cdef void reclaim_passed(RingView *v) noexcept nogil
+
 
 cdef class Ring:
     cdef readonly Segment segment
     cdef RingView v
     cdef readonly Waiter waiter
     cdef readonly BellTable bells  # the broker's doorbells that cursors may name; None standalone
+    cdef readonly Arena arena      # where large messages live; None for a ring without one
+    cdef readonly Holder holder    # this client's holds and loans; None where it only reclaims
     cdef int64_t slice_ns     # longest single sleep: bounds signal and repair latency
     cdef int64_t stall_ns     # a claimed-but-uncommitted slot older than this triggers repair
 
@@ -72,7 +80,8 @@ cdef class Ring:
     cdef uint32_t _join(self, uint32_t owner_pid, uint32_t bell_ref, uint32_t flags) except? 0xFFFFFFFF
 
     @staticmethod
-    cdef Ring _open(Segment seg, object spin_us, BellTable bells, Waiter waiter)
+    cdef Ring _open(Segment seg, object spin_us, BellTable bells, Waiter waiter, Arena arena,
+                    Holder holder)
 
 
 cdef class Publisher:
@@ -87,11 +96,20 @@ cdef class Publisher:
     cdef object reservation   # the memoryview reserve() handed out
     cdef Py_ssize_t reserved
     cdef bint closed
+    cdef public Py_ssize_t inline_max  # larger messages go to the arena (if there is one)
+    cdef object loans         # block -> open Loan of this publisher (weak values)
 
-    cdef int _publish(self, const char *data, uint32_t n, uint16_t flags, int64_t *seq) noexcept nogil
+    cdef int _publish(self, const char *hdr, uint32_t hn, const char *data, uint32_t n,
+                      uint16_t type, uint16_t flags, int64_t *seq) noexcept nogil
     cdef int _overtaken(self, int64_t head, int64_t *seq) noexcept nogil
-    cdef int64_t _send(self, const char *data, Py_ssize_t n, int flags, object timeout) except -1
+    cdef int64_t _send(self, const char *hdr, Py_ssize_t hn, const char *data, Py_ssize_t n,
+                       int type, int flags, object timeout) except -1
     cdef _raise_backpressure(self, int64_t timeout_ns)
+    cdef int64_t _send_object(self, object data, int flags, object timeout, object meta) except -1
+    cdef int64_t _send_array(self, object arr, str tag, int flags, object timeout,
+                             object meta) except -1
+    cdef object _loan_block(self, Py_ssize_t nbytes, object timeout)
+    cdef object _own_loan(self, size_t address, Py_ssize_t nbytes)
 
 
 cdef class _SlotView:

@@ -66,8 +66,15 @@ from tensorbus._core.layout cimport (
     TB_CURSOR_FREE,
     TB_CURSOR_JOINING,
     TB_HEADER_BYTES,
+    TB_DESC_BYTES,
+    TB_MAX_NDIM,
+    TB_META_BYTES,
+    TB_MSG_ARENA,
     TB_MSG_INLINE,
     TB_MSG_PAD,
+    TB_MSG_TENSOR,
+    TB_NO_BLOCK,
+    TB_RING_KEEP_LAST,
     TB_POLICY_BLOCK,
     TB_POLICY_OVERWRITE,
     TB_PUB_CLAIMED,
@@ -88,10 +95,18 @@ from tensorbus._core.layout cimport (
     tb_publisher_t,
     tb_ring_header_t,
     tb_slot_header_t,
+    tb_tensor_desc_t,
 )
+from tensorbus._core.arena cimport Arena, Holder, Loan, tb_arena_drop_owner
 from tensorbus._core.bells cimport BellTable
 from tensorbus._core.segment cimport Segment
 from tensorbus._core.wait cimport Waiter
+
+import weakref
+
+import numpy as _np
+
+from tensorbus._core import tensors as _tensors
 
 from tensorbus._core.errors import (
     BackpressureError,
@@ -110,6 +125,8 @@ cdef extern from *:
     int __builtin_clzll(unsigned long long x) nogil
 
 __all__ = ["Ring", "Publisher", "Subscriber", "POLICIES"]
+
+_ndarray = _np.ndarray
 
 POLICIES = {"block": TB_POLICY_BLOCK, "overwrite": TB_POLICY_OVERWRITE}
 _POLICY_NAMES = {v: k for k, v in POLICIES.items()}
@@ -179,6 +196,44 @@ cdef inline void bump_max32(uint32_t *word, uint32_t value) noexcept nogil:
         seen = tb_load_acq32(word)
         if seen >= value or tb_cas32(word, seen, value):
             return
+
+
+cdef inline void reclaim_slot(RingView *v, tb_slot_header_t *s, int64_t seq) noexcept nogil:
+    """Drop the arena reference of the message ``seq`` in slot ``s``, unless
+    someone already did. The block and generation are read before the CAS on
+    ``reclaim``: if it still names ``seq``, nobody has begun to reuse the
+    slot, so they are that message's."""
+    cdef tb_tensor_desc_t *d = <tb_tensor_desc_t *>payload_of(s)
+    cdef uint32_t block = d.block, gen = d.generation
+    if tb_cas64(&d.reclaim, seq, -1):
+        tb_arena_drop_owner(v.arena, block, gen)
+
+
+cdef void reclaim_passed(RingView *v) noexcept nogil:
+    """Drop the arena references of the messages every active cursor has
+    read (all but the newest on "latest" rings), from the ring's hint on."""
+    if v.arena == NULL:
+        return
+    cdef int64_t head = tb_load_acq64(&v.h.head)
+    cdef int64_t upto = slowest_cursor(v, head)
+    cdef int64_t lo = tb_load_acq64(&v.h.reclaim_hint), seq
+    cdef tb_slot_header_t *s
+    if upto > head - v.keep:
+        upto = head - v.keep
+    if lo < head - v.capacity:
+        lo = head - v.capacity  # older slots were reused: their writers dropped them
+    if lo >= upto:
+        return
+    seq = lo
+    while seq < upto:
+        s = slot_at(v, seq)
+        if tb_load_acq64(&s.commit) == seq and s.type == TB_MSG_ARENA:
+            reclaim_slot(v, s, seq)
+        seq += 1
+    while True:  # advance the hint, never backwards
+        lo = tb_load_acq64(&v.h.reclaim_hint)
+        if lo >= upto or tb_cas64(&v.h.reclaim_hint, lo, upto):
+            break
 
 
 cdef inline void nap_ms(long ms) noexcept nogil:
@@ -251,7 +306,8 @@ cdef class Ring:
     @staticmethod
     def create(str name=None, *, int capacity=1024, int slot_size=4096, str policy="block",
                int max_cursors=64, int max_publishers=64, str instance="solo",
-               spin_us=None, BellTable bells=None, Waiter waiter=None) -> Ring:
+               spin_us=None, BellTable bells=None, Waiter waiter=None,
+               Arena arena=None, Holder holder=None, bint keep_last=False) -> Ring:
         """Create a ring segment (mode 0600) and map it.
 
         ``capacity`` is the number of slots (a power of two), ``slot_size``
@@ -260,7 +316,10 @@ cdef class Ring:
         ``tb-<uid>-<instance>-ring.<random>``. ``bells``: the broker's bell
         table, needed to wake subscribers whose cursors name one of its bells.
         ``waiter``: a wait policy to share (one per process is enough); by
-        default a new one from ``spin_us``."""
+        default a new one from ``spin_us``. ``arena``: where messages larger
+        than a slot live (``holder``: this client's holds and loans in it,
+        needed to publish or receive them). ``keep_last``: the newest
+        message's arena block outlives its readers (QoS "latest")."""
         if policy not in POLICIES:
             raise ValueError(f"policy must be 'block' or 'overwrite', not {policy!r}")
         if capacity < 2 or capacity > MAX_CAPACITY or capacity & (capacity - 1):
@@ -290,6 +349,7 @@ cdef class Ring:
         h.publishers_offset = layout["publishers_offset"]
         h.slots_offset = layout["slots_offset"]
         h.created_ns = tb_realtime_ns()
+        h.flags = TB_RING_KEEP_LAST if keep_last else 0
         h.head = 0
         cdef char *slots = seg.base + h.slots_offset
         cdef int64_t i
@@ -301,11 +361,12 @@ cdef class Ring:
         # The magic goes last: an attacher that sees it sees a whole header.
         (<uint64_t *>&h.magic)[0] = TB_RING_MAGIC
         tb_fence_sc()
-        return Ring._open(seg, spin_us, bells, waiter)
+        return Ring._open(seg, spin_us, bells, waiter, arena, holder)
 
     @staticmethod
     def attach(str name, *, spin_us=None, double init_timeout=1.0,
-               BellTable bells=None, Waiter waiter=None) -> Ring:
+               BellTable bells=None, Waiter waiter=None, Arena arena=None,
+               Holder holder=None) -> Ring:
         """Map an existing ring, checking its magic, version and geometry."""
         cdef Segment seg = Segment.attach(name)
         if seg.size < TB_HEADER_BYTES:
@@ -321,11 +382,16 @@ cdef class Ring:
         except BaseException:
             seg.close()
             raise
-        return Ring._open(seg, spin_us, bells, waiter)
+        return Ring._open(seg, spin_us, bells, waiter, arena, holder)
 
     @staticmethod
-    cdef Ring _open(Segment seg, object spin_us, BellTable bells, Waiter waiter):
+    cdef Ring _open(Segment seg, object spin_us, BellTable bells, Waiter waiter, Arena arena,
+                    Holder holder):
         cdef Ring r = Ring.__new__(Ring)
+        if holder is not None:
+            if arena is not None and arena is not holder.arena:
+                raise ValueError("holder belongs to another arena")
+            arena = holder.arena
         cdef tb_ring_header_t *h = <tb_ring_header_t *>seg.base
         r.segment = seg
         r.v.h = h
@@ -341,6 +407,10 @@ cdef class Ring:
         r.v.records = <tb_publisher_t *>(seg.base + h.publishers_offset)
         r.waiter = waiter if waiter is not None else Waiter(spin_us)
         r.bells = bells
+        r.arena = arena
+        r.holder = holder
+        r.v.arena = &arena.a if arena is not None else NULL
+        r.v.keep = 1 if h.flags & TB_RING_KEEP_LAST else 0
         r.slice_ns = 50000000   # 50 ms
         r.stall_ns = 200000000  # 200 ms
         return r
@@ -597,6 +667,51 @@ cdef class Ring:
         s.timestamp_ns = tb_realtime_ns()
         return 1 if tb_cas64(&s.commit, c, seq) else 0
 
+    def reclaim(self) -> int:
+        """Drop the arena references of every message all subscribers have
+        read (the broker calls it when it frees cursors). Returns the number
+        of references dropped."""
+        self._check_open()
+        cdef RingView *v = &self.v
+        if v.arena == NULL:
+            return 0
+        cdef int64_t head = tb_load_acq64(&v.h.head)
+        cdef int64_t upto = slowest_cursor(v, head), seq
+        cdef tb_slot_header_t *s
+        cdef tb_tensor_desc_t *d
+        cdef int n = 0
+        if upto > head - v.keep:
+            upto = head - v.keep
+        seq = max(0, head - v.capacity)
+        while seq < upto:
+            s = slot_at(v, seq)
+            if tb_load_acq64(&s.commit) == seq and s.type == TB_MSG_ARENA:
+                d = <tb_tensor_desc_t *>payload_of(s)
+                if tb_load_acq64(&d.reclaim) == seq:
+                    reclaim_slot(v, s, seq)
+                    n += 1
+            seq += 1
+        return n
+
+    def arena_refs(self) -> set:
+        """``(block, generation)`` of every arena block a message in this ring
+        still references (the broker checks a dead publisher's loans)."""
+        self._check_open()
+        cdef RingView *v = &self.v
+        cdef int64_t head = tb_load_acq64(&v.h.head), seq
+        cdef tb_slot_header_t *s
+        cdef tb_tensor_desc_t *d
+        out = set()
+        seq = max(0, head - v.capacity)
+        while seq < head:
+            s = slot_at(v, seq)
+            if s.type == TB_MSG_ARENA:
+                d = <tb_tensor_desc_t *>payload_of(s)
+                if tb_load_acq64(&d.reclaim) == seq:
+                    out.add((d.block, d.generation))
+            seq += 1
+        return out
+
     # -- introspection -----------------------------------------------------
 
     def stats(self) -> dict:
@@ -733,12 +848,15 @@ cdef class Publisher:
         self.index = i
         self.cached_min = -(1 << 62)
         self.stall_since = 0
+        self.inline_max = self.v.slot_size
+        self.loans = weakref.WeakValueDictionary()
         self.closed = False
         ring.endpoints += 1
 
-    cdef int _publish(self, const char *data, uint32_t n, uint16_t flags,
-                      int64_t *seq) noexcept nogil:
-        """Claim, copy and commit one message. Never leaves a claim held."""
+    cdef int _publish(self, const char *hdr, uint32_t hn, const char *data, uint32_t n,
+                      uint16_t type, uint16_t flags, int64_t *seq) noexcept nogil:
+        """Claim, copy (``hdr`` then ``data``) and commit one message. Never
+        leaves a claim held."""
         cdef RingView *v = self.v
         cdef tb_publisher_t *rec = self.rec
         cdef tb_slot_header_t *s
@@ -767,6 +885,8 @@ cdef class Publisher:
                 if tb_cas64(&v.h.head, head, head + 1):
                     break
             tb_store_rel32(&rec.state, TB_PUB_CLAIMED)
+            if s.type == TB_MSG_ARENA and v.arena != NULL:
+                reclaim_slot(v, s, head - v.capacity)  # usually done already
         else:
             tb_store_rel32(&rec.state, TB_PUB_CLAIMING)
             head = tb_fetch_add64(&v.h.head, 1)
@@ -788,22 +908,29 @@ cdef class Publisher:
                 if prev >= head:
                     return self._overtaken(head, seq)
                 if tb_cas64(&s.commit, prev, head | TB_WRITING):
+                    if prev >= 0 and s.type == TB_MSG_ARENA and v.arena != NULL:
+                        reclaim_slot(v, s, prev)  # we overwrite it: its block goes
                     prev = head | TB_WRITING
                     break
             tb_fence_rel()  # the WRITING mark is visible before any payload byte
 
-        s.length = n
-        s.type = TB_MSG_INLINE
+        s.length = hn + n
+        s.type = type
         s.flags = flags
         s.timestamp_ns = tb_realtime_ns()
         s.publisher = self.index
-        memcpy(payload_of(s), data, n)
+        if hn:
+            memcpy(payload_of(s), hdr, hn)
+            if type == TB_MSG_ARENA:
+                # The ring's reference to the block, dropped once everyone passed.
+                (<tb_tensor_desc_t *>payload_of(s)).reclaim = head
+        memcpy(payload_of(s) + hn, data, n)
         ok = tb_cas64(&s.commit, prev, head)  # release: payload before commit
         tb_store_rel32(&rec.state, TB_PUB_IDLE)
         if not ok:
             return ST_LOST
         rec.published += 1  # single writer: the record's owner
-        rec.bytes += n
+        rec.bytes += n if type != TB_MSG_ARENA else (<tb_tensor_desc_t *>hdr).nbytes
         seq[0] = head
         tb_fence_sc()  # commit before reading "sleepers": see docs/ring.md
         if tb_load_rlx32(&v.h.sleepers):
@@ -816,12 +943,14 @@ cdef class Publisher:
         seq[0] = head
         return ST_DROPPED
 
-    cdef int64_t _send(self, const char *data, Py_ssize_t n, int flags, object timeout) except -1:
+    cdef int64_t _send(self, const char *hdr, Py_ssize_t hn, const char *data, Py_ssize_t n,
+                       int type, int flags, object timeout) except -1:
         if self.closed:
             raise RingClosedError("publisher is closed")
-        if n > self.v.slot_size:
-            raise MessageTooLargeError(f"message of {n} bytes does not fit the ring's "
-                                       f"slot size of {self.v.slot_size} bytes")
+        if hn + n > self.v.slot_size:
+            raise MessageTooLargeError(
+                f"message of {n} bytes does not fit the ring's slot size of "
+                f"{self.v.slot_size} bytes")
         if flags < 0 or flags > 0xFFFF:
             raise ValueError(f"flags must fit in 16 bits (0..65535), got {flags}")
         cdef int64_t timeout_ns = (<int64_t>(self.default_timeout * 1e9) if timeout is None
@@ -838,9 +967,11 @@ cdef class Publisher:
         while True:
             if big:
                 with nogil:
-                    st = self._publish(data, <uint32_t>n, <uint16_t>flags, &seq)
+                    st = self._publish(hdr, <uint32_t>hn, data, <uint32_t>n, <uint16_t>type,
+                                       <uint16_t>flags, &seq)
             else:
-                st = self._publish(data, <uint32_t>n, <uint16_t>flags, &seq)
+                st = self._publish(hdr, <uint32_t>hn, data, <uint32_t>n, <uint16_t>type,
+                                   <uint16_t>flags, &seq)
             if st == ST_OK or st == ST_DROPPED:
                 self.stall_since = 0
                 return seq
@@ -876,22 +1007,218 @@ cdef class Publisher:
             f"ring {self.ring.name!r} is full: no credit within {timeout_ns / 1e9:g} s; "
             f"the slowest subscriber is {lag} messages behind (capacity {self.v.capacity})")
 
-    def send(self, data, *, int flags=0, timeout=None) -> int:
-        """Publish ``data`` (bytes or any C-contiguous buffer) and return its
-        sequence number. On a full block ring wait up to ``timeout`` seconds
-        (default: the publisher's) for credit, then raise BackpressureError."""
+    def send(self, data, *, int flags=0, timeout=None, meta=None) -> int:
+        """Publish ``data`` and return its sequence number.
+
+        ``data``: bytes or any buffer (received as a memoryview); a numpy
+        array, a torch CPU tensor or a ``__dlpack__`` object (received as an
+        array of the same dtype and shape). Up to ``inline_max`` bytes go in
+        the ring slot; larger ones are copied once into the arena, and an
+        array from :meth:`loan` is sent with no copy at all. A non-contiguous
+        array is made contiguous by that one copy. ``meta``: up to 32 bytes
+        of the application's, carried with tensors.
+
+        On a full reliable ring (or a full arena) wait up to ``timeout``
+        seconds (default: the publisher's), then raise BackpressureError."""
+        if type(data) is bytes and meta is None:
+            if PyBytes_GET_SIZE(data) <= self.inline_max:
+                return self._send(NULL, 0, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data),
+                                  TB_MSG_INLINE, flags, timeout)
+        return self._send_object(data, flags, timeout, meta)
+
+    cdef int64_t _send_object(self, object data, int flags, object timeout, object meta) except -1:
         cdef Py_buffer buf
-        if type(data) is bytes:
-            return self._send(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), flags, timeout)
+        cdef int64_t seq
+        if self.v.arena == NULL:
+            # A ring outside a broker (no arena) carries bytes: any buffer, raw.
+            if meta is not None:
+                raise ValueError("meta needs a ring with an arena (a broker's topic)")
+            try:
+                PyObject_GetBuffer(data, &buf, PyBUF_C_CONTIGUOUS)
+            except (TypeError, ValueError, BufferError) as exc:
+                raise TypeError(f"send() takes bytes or a C-contiguous buffer, not "
+                                f"{type(data).__name__}: {exc}") from None
+            try:
+                return self._send(NULL, 0, <const char *>buf.buf, buf.len, TB_MSG_INLINE,
+                                  flags, timeout)
+            finally:
+                PyBuffer_Release(&buf)
+        if isinstance(data, _ndarray):
+            return self._send_array(data, None, flags, timeout, meta)
+        if isinstance(data, _np.generic):  # a numpy scalar: a 0-d array
+            return self._send_array(_np.asarray(data), None, flags, timeout, meta)
+        arr, tag = _tensors.from_object(data)
+        if arr is not None:
+            return self._send_array(arr, tag, flags, timeout, meta)
         try:
             PyObject_GetBuffer(data, &buf, PyBUF_C_CONTIGUOUS)
         except (TypeError, ValueError, BufferError) as exc:
-            raise TypeError(f"send() takes bytes or a C-contiguous buffer, not "
+            raise TypeError(f"send() takes bytes, a buffer, a numpy array or a tensor, not "
                             f"{type(data).__name__}: {exc}") from None
         try:
-            return self._send(<const char *>buf.buf, buf.len, flags, timeout)
+            if buf.len <= self.inline_max and meta is None:
+                return self._send(NULL, 0, <const char *>buf.buf, buf.len, TB_MSG_INLINE,
+                                  flags, timeout)
         finally:
             PyBuffer_Release(&buf)
+        # A large buffer (or one with meta): a 1-d byte tensor the receiver sees as bytes.
+        return self._send_array(_np.frombuffer(data, dtype=_np.uint8), _tensors.BYTES_TAG,
+                                flags, timeout, meta)
+
+    cdef int64_t _send_array(self, object arr, str tag, int flags, object timeout,
+                             object meta) except -1:
+        cdef tb_tensor_desc_t d
+        cdef Py_buffer buf
+        cdef Py_ssize_t nbytes, k
+        cdef bint have_buf = False
+        cdef Loan loan = None
+        cdef char *base
+        cdef bytes tag_b
+        if self.closed:
+            raise RingClosedError("publisher is closed")
+        if tag is None:
+            tag = _tensors.tag_of(arr)
+        elif arr.ndim > TB_MAX_NDIM:
+            raise ValueError(f"cannot send a {arr.ndim}-d array: at most {TB_MAX_NDIM} "
+                             "dimensions")
+        memset(&d, 0, sizeof(d))
+        tag_b = tag.encode()
+        memcpy(d.dtype, <const char *>tag_b, len(tag_b))
+        shape = arr.shape
+        d.ndim = len(shape)
+        for k in range(d.ndim):
+            d.shape[k] = shape[k]
+        if meta is not None:
+            mb = bytes(meta)
+            if len(mb) > TB_META_BYTES:
+                raise ValueError(f"meta is {len(mb)} bytes; at most {TB_META_BYTES} fit")
+            memcpy(d.meta, <const char *>mb, len(mb))
+        d.block = TB_NO_BLOCK
+        nbytes = arr.nbytes
+        d.nbytes = nbytes
+        try:
+            PyObject_GetBuffer(arr, &buf, PyBUF_C_CONTIGUOUS)
+            have_buf = True
+        except (ValueError, BufferError):
+            pass  # not contiguous: one copy below makes it so
+        try:
+            if have_buf and self.v.arena != NULL:
+                base = self.v.arena.data
+                if base <= <char *>buf.buf < base + self.v.arena.data_size:
+                    loan = self._own_loan(<size_t>buf.buf, nbytes)
+                    if loan is not None:
+                        # Zero copy: the array lives in our loaned block.
+                        d.block = loan.block
+                        d.generation = loan.generation
+                        d.offset = <uint64_t>(<char *>buf.buf - base)
+                        seq = self._send(<const char *>&d, TB_DESC_BYTES, NULL, 0,
+                                         TB_MSG_ARENA, flags, timeout)
+                        loan.mark_sent()
+                        del self.loans[loan.block]
+                        reclaim_passed(self.v)
+                        return seq
+            if TB_DESC_BYTES + nbytes <= self.inline_max:
+                if not have_buf:
+                    arr = _np.ascontiguousarray(arr)
+                    PyObject_GetBuffer(arr, &buf, PyBUF_C_CONTIGUOUS)
+                    have_buf = True
+                return self._send(<const char *>&d, TB_DESC_BYTES, <const char *>buf.buf,
+                                  nbytes, TB_MSG_TENSOR, flags, timeout)
+            # One copy into a fresh block, then publish its descriptor.
+            loan = self._loan_block(nbytes, timeout)
+            if have_buf:
+                if nbytes >= NOGIL_COPY_BYTES:
+                    with nogil:
+                        memcpy(loan.ptr, buf.buf, nbytes)
+                else:
+                    memcpy(loan.ptr, buf.buf, nbytes)
+            else:
+                _np.copyto(_np.ndarray(shape, dtype=arr.dtype, buffer=loan), arr)
+            d.block = loan.block
+            d.generation = loan.generation
+            d.offset = loan.offset
+            seq = self._send(<const char *>&d, TB_DESC_BYTES, NULL, 0, TB_MSG_ARENA, flags,
+                             timeout)
+            loan.mark_sent()
+            reclaim_passed(self.v)
+            return seq
+        finally:
+            if have_buf:
+                PyBuffer_Release(&buf)
+
+    cdef object _own_loan(self, size_t address, Py_ssize_t nbytes):
+        """The open loan of this publisher that [address, address + nbytes)
+        lies in, or None (then the array is copied like any other)."""
+        cdef Loan loan
+        for loan in list(self.loans.values()):
+            if (loan.open and <size_t>loan.ptr <= address
+                    and address + nbytes <= <size_t>loan.ptr + loan.nbytes):
+                return loan
+        return None
+
+    cdef object _loan_block(self, Py_ssize_t nbytes, object timeout):
+        """A block of ``nbytes`` from the arena. A full arena: reliable rings
+        wait up to ``timeout`` (reclaiming what subscribers have passed),
+        realtime ones raise at once."""
+        if self.v.arena == NULL or self.ring.holder is None:
+            raise MessageTooLargeError(
+                f"a message of {nbytes} bytes needs the arena, and ring {self.ring.name!r} "
+                "was attached without one")
+        arena = self.ring.arena
+        owner = self.ring.holder.slot
+        loan = arena.loan(nbytes, owner)
+        if loan is not None:
+            return loan
+        cdef int64_t timeout_ns = (<int64_t>(self.default_timeout * 1e9) if timeout is None
+                                   else timeout_to_ns(timeout))
+        cdef int64_t start = tb_now_ns(), nap_ns = 20000
+        cdef timespec ts
+        while True:
+            with nogil:
+                reclaim_passed(self.v)
+            loan = arena.loan(nbytes, owner)
+            if loan is not None:
+                return loan
+            now = tb_now_ns()
+            if self.v.policy != TB_POLICY_BLOCK or (0 <= timeout_ns <= now - start):
+                st = arena.stats()
+                raise BackpressureError(
+                    f"the arena has no free block of {arena.block_bytes(nbytes)} bytes "
+                    + (f"within {timeout_ns / 1e9:g} s" if self.v.policy == TB_POLICY_BLOCK
+                       else "(realtime topics do not wait)")
+                    + f": {st['used']} of {st['size']} bytes are in use by unread messages "
+                    "and views subscribers still hold")
+            ts.tv_sec = 0
+            ts.tv_nsec = nap_ns
+            with nogil:
+                nanosleep(&ts, NULL)
+            if nap_ns < 2000000:
+                nap_ns *= 2
+            PyErr_CheckSignals()
+
+    def loan(self, shape, dtype="float32"):
+        """A writable numpy array of ``shape`` and ``dtype`` (numpy, a string
+        or a torch dtype) living in the arena: fill it, then ``send`` it with
+        no copy. Once sent it belongs to the subscribers: do not write it
+        again. Dropped unsent, its block returns to the arena. Waits for
+        space like ``send``."""
+        if self.closed:
+            raise RingClosedError("publisher is closed")
+        dt, tag = _tensors.loan_dtype(dtype)
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        if len(shape) > TB_MAX_NDIM:
+            raise ValueError(f"at most {TB_MAX_NDIM} dimensions, not {len(shape)}")
+        nbytes = dt.itemsize
+        for n in shape:
+            if n < 0:
+                raise ValueError(f"negative dimension in shape {shape}")
+            nbytes *= n
+        loan = self._loan_block(nbytes, None)
+        self.loans[loan.block] = loan
+        arr = _np.ndarray(shape, dtype=dt, buffer=loan)
+        if tag == _tensors.BF16_TAG:
+            return _tensors.to_torch(arr, tag)  # bfloat16 exists only as a torch tensor
+        return arr
 
     def reserve(self, Py_ssize_t nbytes) -> memoryview:
         """A writable buffer of ``nbytes`` to fill, then :meth:`commit`.
@@ -918,7 +1245,8 @@ cdef class Publisher:
         cdef Py_ssize_t n = self.reserved if nbytes is None else nbytes
         if n < 0 or n > self.reserved:
             raise ValueError(f"commit({nbytes}) outside the {self.reserved} reserved bytes")
-        seq = self._send(<const char *>PyByteArray_AS_STRING(self.staging), n, flags, timeout)
+        seq = self._send(NULL, 0, <const char *>PyByteArray_AS_STRING(self.staging), n,
+                         TB_MSG_INLINE, flags, timeout)
         self.reservation = None
         return seq
 
@@ -1084,6 +1412,9 @@ cdef class Subscriber:
     cdef bytes _take(self, tb_slot_header_t *s):
         """Copy out the message ``_poll`` found, note its metadata, consume it.
         Returns None if the cursor was evicted meanwhile (the copy may be torn)."""
+        if s.type != TB_MSG_INLINE:
+            raise TypeError(f"message {self.pos} of ring {self.ring.name!r} is a tensor: "
+                            "receive it through a client subscription")
         data = PyBytes_FromStringAndSize(payload_of(s), s.length)
         if tb_load_acq32(&self.cur.state) == TB_CURSOR_EVICTED:
             return None
@@ -1205,6 +1536,9 @@ cdef class Subscriber:
         cdef uint32_t n
         try:
             s = self._next(timeout)
+            if s.type != TB_MSG_INLINE:
+                raise TypeError(f"message {self.pos} of ring {self.ring.name!r} is a tensor: "
+                                "receive it through a client subscription")
             n = s.length
             if n > buf.len:
                 raise ValueError(f"message of {n} bytes does not fit the {buf.len}-byte buffer")

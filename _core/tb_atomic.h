@@ -40,6 +40,11 @@ static inline int tb_cas32(uint32_t *p, uint32_t expected, uint32_t desired) {
 }
 static inline uint64_t tb_fetch_add_u64(uint64_t *p, uint64_t v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 static inline uint64_t tb_load_rlx_u64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+static inline uint64_t tb_load_acq_u64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline uint64_t tb_fetch_and_u64(uint64_t *p, uint64_t v) { return __atomic_fetch_and(p, v, __ATOMIC_ACQ_REL); }
+static inline int tb_cas_u64(uint64_t *p, uint64_t *expected, uint64_t desired) {
+    return __atomic_compare_exchange_n(p, expected, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE);
+}
 
 static inline void tb_fence_acq(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
 static inline void tb_fence_rel(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }

@@ -9,7 +9,7 @@
 #include <stdint.h>
 
 #define TB_RING_MAGIC 0x314752425342ULL /* "BSBRG1" */
-#define TB_RING_VERSION 2u
+#define TB_RING_VERSION 3u
 #define TB_HEADER_BYTES 512u
 #define TB_CURSOR_BYTES 384u
 #define TB_PUBLISHER_BYTES 64u
@@ -29,10 +29,15 @@
 enum { TB_POLICY_BLOCK = 1, TB_POLICY_OVERWRITE = 2 };
 enum { TB_CURSOR_FREE = 0, TB_CURSOR_JOINING = 1, TB_CURSOR_ACTIVE = 2, TB_CURSOR_EVICTED = 3 };
 enum { TB_PUB_FREE = 0, TB_PUB_IDLE = 1, TB_PUB_CLAIMING = 2, TB_PUB_CLAIMED = 3 };
-enum { TB_MSG_INLINE = 0, TB_MSG_PAD = 1 };
+/* A slot holds raw bytes (INLINE), nothing (PAD: a dead publisher's hole),
+ * a tensor descriptor followed by the tensor's bytes (TENSOR), or a
+ * descriptor of a tensor in the arena (ARENA). */
+enum { TB_MSG_INLINE = 0, TB_MSG_PAD = 1, TB_MSG_TENSOR = 2, TB_MSG_ARENA = 3 };
 enum { TB_BELL_FUTEX = 0, TB_BELL_FIFO = 1 };
 /* cursor flags */
 enum { TB_CURSOR_LATEST = 1 }; /* reads only the newest message (QoS "latest") */
+/* ring flags */
+enum { TB_RING_KEEP_LAST = 1 }; /* the newest message's arena block outlives its readers (QoS "latest") */
 
 typedef struct {
     uint32_t seq;      /* bumped by every wake; the futex word */
@@ -79,7 +84,8 @@ typedef struct {
     uint64_t publishers_offset;
     uint64_t slots_offset;
     int64_t created_ns;       /* CLOCK_REALTIME */
-    char _pad0[128 - 80];
+    uint32_t flags;           /* TB_RING_KEEP_LAST */
+    char _pad0[128 - 84];
     /* line 2: the next sequence to claim, hot for every publisher */
     int64_t head;
     char _pad1[56];
@@ -88,7 +94,10 @@ typedef struct {
     uint32_t cursor_hwm;      /* cursor entries [0, hwm) may be in use */
     uint32_t publisher_hwm;   /* publisher records [0, hwm) may be in use */
     uint32_t sleepers;        /* subscribers of this ring inside futex_wait */
-    char _pad2[48];
+    /* arena rings: sequences below this have had their block references
+     * dropped (or are being dropped); sweeps start here */
+    int64_t reclaim_hint;
+    char _pad2[40];
     /* line 4: publishers waiting for credit sleep here (block rings) */
     tb_doorbell_t space;
     char _pad3[48];
@@ -133,11 +142,94 @@ typedef struct {
     uint32_t _reserved;
 } tb_slot_header_t;
 
+/* ---- tensors and the arena (docs/arena.md) ---------------------------- */
+
+#define TB_DESC_BYTES 160u
+#define TB_MAX_NDIM 8u
+#define TB_META_BYTES 32u
+#define TB_DTYPE_BYTES 16u
+#define TB_NO_BLOCK 0xFFFFFFFFu
+
+/* The first bytes of a TENSOR or ARENA slot's payload. */
+typedef struct {
+    uint32_t block;             /* arena block index; TB_NO_BLOCK when inline */
+    uint32_t generation;        /* the block's generation when it was published */
+    uint64_t offset;            /* arena: byte offset of the data in the data segment */
+    uint64_t nbytes;            /* bytes of tensor data */
+    /* arena: the sequence whose ring reference is still to be dropped, or -1
+     * once dropped. Whoever CASes it from its sequence to -1 drops it, so the
+     * reference is dropped exactly once even if the slot is being reused. */
+    int64_t reclaim;
+    char dtype[TB_DTYPE_BYTES]; /* numpy dtype.str ("<f4"), "bfloat16" or "bytes" */
+    uint32_t ndim;
+    uint32_t _reserved;
+    int64_t shape[TB_MAX_NDIM];
+    uint8_t meta[TB_META_BYTES];  /* the application's (DDP: step, bucket, chunk...) */
+    char _pad[8];
+} tb_tensor_desc_t;
+
+#define TB_ARENA_MAGIC 0x314e455241425354ULL /* "TSBARENA1" */
+#define TB_ARENA_VERSION 1u
+#define TB_ARENA_HEADER_BYTES 4096u
+#define TB_ARENA_BLOCK_BYTES 64u
+#define TB_ARENA_MAX_ORDERS 48u
+#define TB_ARENA_MAX_BLOCKS 65536u
+#define TB_HOLD_OWNER 1ULL /* bit 0 of `holds`: the loan, then the ring's reference */
+#define TB_MAX_HOLDERS 63u /* bits 1..63: one per client holding views */
+#define TB_NIL 0xFFFFFFFFu
+
+enum { TB_BLOCK_FREE = 0, TB_BLOCK_USED = 1 };
+
+/* The arena's metadata segment: this header, then one entry per minimum
+ * block. The data lives in a separate segment. The allocator is a buddy
+ * system under a robust process-shared mutex; each block's head entry is
+ * the truth (`state_order` = state | order << 8, written in one store), so a
+ * process that dies inside the lock leaves something a walk can rebuild
+ * the free lists from. */
+typedef struct {
+    uint64_t magic;
+    uint32_t version;
+    uint32_t nblocks;          /* minimum blocks, each with an entry */
+    uint32_t min_shift;        /* log2 of the minimum block size */
+    uint32_t max_order;        /* largest block: 2^max_order minimum blocks */
+    uint32_t creator_pid;
+    uint32_t _pad0;
+    uint64_t data_size;        /* bytes of the data segment */
+    char _pad1[64 - 40];
+    /* line 1..: under the mutex */
+    char mutex[64];            /* pthread_mutex_t, robust and process-shared */
+    uint32_t free_head[TB_ARENA_MAX_ORDERS]; /* per order, TB_NIL if empty */
+    uint64_t used_bytes;       /* sum of allocated block sizes */
+    uint64_t allocs;
+    uint64_t frees;
+    uint64_t failed;           /* allocations that found no space */
+    uint64_t repairs;          /* free lists rebuilt after a holder died */
+} tb_arena_header_t;
+
+typedef struct {
+    /* Who keeps the block alive: bit 0 its owner (the publisher's loan,
+     * then the ring), bit i the client in holder slot i. Changed with
+     * CAS / fetch_and, so a crash leaves it consistent. */
+    uint64_t holds;
+    uint32_t generation;       /* bumped on every allocation */
+    uint32_t state_order;      /* head entries: state | order << 8 */
+    uint32_t next;             /* free list links (free head entries) */
+    uint32_t prev;
+    uint32_t owner;            /* holder slot of the client that allocated it */
+    uint32_t _pad0;
+    uint64_t nbytes;           /* bytes asked for */
+    char _pad[64 - 40];
+} tb_block_t;
+
 _Static_assert(sizeof(tb_ring_header_t) <= TB_HEADER_BYTES, "ring header too large");
 _Static_assert(sizeof(tb_cursor_t) == TB_CURSOR_BYTES, "cursor entry must be 384 B");
 _Static_assert(sizeof(tb_publisher_t) == TB_PUBLISHER_BYTES, "publisher record must be 64 B");
 _Static_assert(sizeof(tb_bell_t) == TB_BELL_BYTES, "bell must be 64 B");
 _Static_assert(sizeof(tb_bells_header_t) == 64, "bell table header must be 64 B");
 _Static_assert(sizeof(tb_slot_header_t) == TB_SLOT_HEADER_BYTES, "slot header must be 32 B");
+
+_Static_assert(sizeof(tb_tensor_desc_t) == TB_DESC_BYTES, "tensor descriptor must be 160 B");
+_Static_assert(sizeof(tb_arena_header_t) <= TB_ARENA_HEADER_BYTES, "arena header too large");
+_Static_assert(sizeof(tb_block_t) == TB_ARENA_BLOCK_BYTES, "block entry must be 64 B");
 
 #endif /* TB_LAYOUT_H */

@@ -1,7 +1,8 @@
 """The broker daemon: one per host, an asyncio (uvloop) control plane.
 
-It owns every shared-memory segment (topic rings and the doorbell table),
-allocates the cursors subscribers read with, and answers the control
+It owns every shared-memory segment (topic rings, the doorbell table and the
+tensor arena), allocates the cursors subscribers read with and the arena
+holder slots, and answers the control
 protocol (broker/protocol.py) on a ZeroMQ ROUTER socket. Messages never pass
 through it: publishers and subscribers on this host meet in the rings.
 
@@ -10,7 +11,8 @@ What it watches:
 * clients on ipc are checked by uid on every message, from the kernel's
   SO_PEERCRED (ZeroMQ's ``Peer-Address`` frame property), and their pid is
   watched with a pidfd: a client killed with -9 is seen within milliseconds
-  and its cursors, doorbells and half-done publishes are released;
+  and its cursors, doorbells, half-done publishes, arena loans and the
+  arena blocks it held views of are released;
 * clients on tcp (tools: ``topics``, ``stats``) send heartbeats;
 * realtime topics: subscribers' drop counters, announced on
   ``$sys/pressure/<topic>``; optionally, subscribers that stay too far behind
@@ -37,12 +39,14 @@ import zmq
 import zmq.asyncio
 
 from tensorbus._core import (
+    Arena,
     BellTable,
     CapacityError,
     Ring,
     SegmentError,
     TensorbusError,
 )
+from tensorbus._core.arena import MAX_HOLDERS
 from tensorbus.broker import protocol as P
 from tensorbus.broker.paths import default_ipc_path, ensure_private_dir
 from tensorbus.broker.stats import LATENCY_BUCKETS, TopicMeter
@@ -55,7 +59,7 @@ from tensorbus.broker.topics import (
     validate_topic,
 )
 
-__all__ = ["Broker", "BrokerConfig", "BrokerStartError"]
+__all__ = ["Broker", "BrokerConfig", "BrokerStartError", "default_arena_size"]
 
 log = logging.getLogger("tensorbus.broker")
 
@@ -82,6 +86,7 @@ class BrokerConfig:
     max_publishers: int = 64
     max_bells: int = 4096  # concurrent subscriptions on this host
     max_topics: int = 4096
+    arena_size: int | None = None  # bytes; None: default_arena_size()
     slow_consumer_grace: float = 0.0  # seconds; 0 disables eviction
     heartbeat_s: float = 2.0
     monitor_interval: float = 0.2
@@ -136,6 +141,7 @@ class Session:
     last_seen: float = 0.0
     subscriptions: dict = field(default_factory=dict)  # id -> Subscription
     publishing: dict = field(default_factory=dict)  # topic name -> count
+    holder: int = 0  # arena holder slot (1..63); 0: none
 
 
 class Broker:
@@ -151,6 +157,11 @@ class Broker:
         self.ids = itertools.count(1)
         self.free_bells: list[int] = []
         self.bells: BellTable | None = None
+        self.arena: Arena | None = None
+        self.free_holders: list[int] = []
+        # Holder slots of clients that said bye while their process may still
+        # view arena blocks: released when that process exits. pidfd -> slot.
+        self.parked_holders: dict[int, int] = {}
         self.fifo_dir = ""
         self.ctx: zmq.asyncio.Context | None = None
         # (socket the loop waits on, a blocking shadow of it for NOBLOCK I/O, transport)
@@ -235,6 +246,15 @@ class Broker:
         self.fifo_dir = ensure_private_dir(os.path.join(run_dir, f"bells-{self.instance}"))
         self.bells = BellTable.create(self.config.max_bells, self.fifo_dir, instance=self.instance)
         self.free_bells = list(range(self.config.max_bells - 1, -1, -1))
+        size = self.config.arena_size or default_arena_size()
+        try:
+            self.arena = Arena.create(size, instance=self.instance)
+        except (SegmentError, ValueError) as exc:
+            raise BrokerStartError(
+                f"cannot create the tensor arena of {size} bytes: {exc}"
+            ) from None
+        self.free_holders = list(range(MAX_HOLDERS, 0, -1))
+        log.info("arena: %s", self.arena)
         self.ctx = zmq.asyncio.Context()
         old_umask = os.umask(0o077)
         try:
@@ -304,6 +324,12 @@ class Broker:
             with contextlib.suppress(Exception):
                 topic.ring.unlink()
         self.topics.clear()
+        for fd in list(self.parked_holders):
+            self._unpark(fd)
+        if self.arena is not None:
+            with contextlib.suppress(Exception):
+                self.arena.unlink()
+            self.arena = None
         if self.bells is not None:
             with contextlib.suppress(Exception):
                 self.bells.segment.unlink()
@@ -421,6 +447,10 @@ class Broker:
         )
         if transport == "ipc":
             session.pidfd = self._watch_pid(session)
+            if self.free_holders:
+                session.holder = self.free_holders.pop()
+            else:
+                log.warning("no arena holder slot left for %s: it cannot use tensors", session.name)
         self.sessions[key] = session
         log.info("hello from %s (pid %d, %s)", session.name, pid, transport)
         return P.encode_reply(
@@ -429,6 +459,13 @@ class Broker:
             local=transport == "ipc",
             # Segment names and paths are for clients that can map them.
             bells={"name": self.bells.name, "fifo_dir": self.fifo_dir}
+            if transport == "ipc"
+            else None,
+            arena={
+                "meta": self.arena.meta.name,
+                "data": self.arena.data.name,
+                "holder": session.holder,
+            }
             if transport == "ipc"
             else None,
             heartbeat_s=self.config.heartbeat_s,
@@ -457,11 +494,11 @@ class Broker:
             os.close(session.pidfd)
             session.pidfd = -1
 
-    def _drop_session(self, session: Session, reason: str) -> None:
-        """Release everything a session holds: cursors, doorbells and (if
-        its process is gone) its half-done publishes."""
+    def _drop_session(self, session: Session, reason: str, views_alive: bool = False) -> None:
+        """Release everything a session holds: cursors, doorbells, (if its
+        process is gone) its half-done publishes, and its arena holder slot
+        (parked until the process exits if it may still view blocks)."""
         self.sessions.pop(session.key, None)
-        self._unwatch(session)
         for sub in list(session.subscriptions.values()):
             self._release_subscription(sub)
         for name in session.publishing:
@@ -470,10 +507,50 @@ class Broker:
                 with contextlib.suppress(TensorbusError):
                     topic.ring.repair()  # pads claims and frees records of dead pids
         session.publishing.clear()
+        if session.holder:
+            if views_alive and session.pidfd >= 0:
+                self._park(session)
+            else:
+                self._release_holder(session.holder)
+            session.holder = 0
+        self._unwatch(session)
         log.debug("session %s dropped: %s", session.name, reason)
 
+    def _release_holder(self, slot: int) -> None:
+        """A client is gone: clear its holds, and drop the loans it never
+        published (blocks it allocated that no ring message references)."""
+        held = self.arena.release_holder(slot)
+        owned = self.arena.owned_by(slot)
+        if owned:
+            referenced = set()
+            for topic in self.topics.values():
+                with contextlib.suppress(TensorbusError):
+                    referenced |= topic.ring.arena_refs()
+            for block, generation in owned:
+                if (block, generation) not in referenced:
+                    self.arena.drop_owner(block, generation)
+        if held or owned:
+            log.debug("holder %d released: %d held, %d owned", slot, held, len(owned))
+        self.free_holders.append(slot)
+
+    def _park(self, session: Session) -> None:
+        """Keep ``session``'s holder slot until its process exits: numpy
+        views it made before saying bye may still be read."""
+        fd, session.pidfd = session.pidfd, -1
+        asyncio.get_running_loop().remove_reader(fd)
+        self.parked_holders[fd] = session.holder
+        asyncio.get_running_loop().add_reader(fd, self._unpark, fd)
+
+    def _unpark(self, fd: int) -> None:
+        slot = self.parked_holders.pop(fd, 0)
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(fd)
+        os.close(fd)
+        if slot and self.arena is not None:
+            self._release_holder(slot)
+
     def _op_bye(self, session: Session, request: P.Request) -> bytes:
-        self._drop_session(session, "bye")
+        self._drop_session(session, "bye", views_alive=bool(request.fields.get("holds")))
         return P.encode_reply(request.id)
 
     def _op_heartbeat(self, session: Session, request: P.Request) -> bytes:
@@ -539,6 +616,8 @@ class Broker:
                 instance=self.instance,
                 bells=self.bells,
                 spin_us=0,
+                arena=self.arena,
+                keep_last=qos == "latest",
             )
         except SegmentError as exc:
             raise P.ProtocolViolation(
@@ -682,6 +761,7 @@ class Broker:
                 topic.behind_since.pop((cursor, generation), None)
                 with contextlib.suppress(TensorbusError):
                     topic.ring.free_cursor(cursor, generation)
+                    topic.ring.reclaim()  # blocks only this cursor still pinned
         sub.members.clear()
         sub.session.subscriptions.pop(sub.id, None)
         if sub.fifo:
@@ -749,6 +829,8 @@ class Broker:
             "topics": len(self.topics),
             "rss_kb": _rss_kb(),
             "bells_free": len(self.free_bells),
+            "arena": self.arena.stats() if self.arena is not None else None,
+            "holders_free": len(self.free_holders),
             **self.counters,
         }
         return P.encode_reply(request.id, topics=topics, broker=broker)
@@ -868,6 +950,17 @@ class Broker:
                 for i, n in enumerate(c["latency"]):
                     hist[i] += n
             topic.meter.update(now, head, sum(p["bytes"] for p in s["publishers"]), hist)
+
+
+def default_arena_size() -> int:
+    """1 GiB, or a quarter of /dev/shm where that is smaller (containers
+    often give it 64 MiB)."""
+    try:
+        st = os.statvfs("/dev/shm")
+        shm = st.f_blocks * st.f_frsize
+    except OSError:
+        shm = 0
+    return max(1 << 22, min(1 << 30, shm // 4)) if shm else 1 << 26
 
 
 def _peer_credentials(frame) -> tuple[int, int] | None:

@@ -94,7 +94,7 @@ OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "list_topics": {"pattern": (_STR, False)},
     "stats": {"pattern": (_STR, False)},
     "heartbeat": {},
-    "bye": {},
+    "bye": {"holds": (_INT, False)},
 }
 
 NOTICES = ("attach", "evicted", "shutdown")

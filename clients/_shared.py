@@ -1,5 +1,6 @@
 """What the sync and the asyncio client share: the shared memory a client
-maps (rings, the broker's bell table, one wait policy) and the state of one
+maps (rings, the broker's bell table and tensor arena, one wait policy) and
+the state of one
 subscription (its inbox, and what the broker's notices told it).
 
 Nothing here does I/O on the control socket; each client does that its own
@@ -11,13 +12,18 @@ from __future__ import annotations
 import os
 import sys
 
-from tensorbus._core import BellTable, Inbox, Message, Ring, SlowConsumer, Waiter
+from tensorbus._core import Arena, BellTable, Inbox, Message, Ring, SlowConsumer, Waiter
 from tensorbus._core import Subscriber as _RingSubscriber
 from tensorbus._core.errors import TensorbusError
 from tensorbus.broker.paths import default_url
 from tensorbus.clients.errors import BrokerUnavailable
 
-__all__ = ["Mappings", "Subscription", "client_name", "resolve_url"]
+__all__ = ["INLINE_MAX", "Mappings", "Subscription", "client_name", "resolve_url"]
+
+# Where a copy through the ring slot stops being cheaper than the arena's
+# zero-copy receive (perf/perf.py crossover measures it); topics with the
+# default 4 KiB slots switch at their slot size.
+INLINE_MAX = 65536
 
 
 def resolve_url(url: str | None) -> str:
@@ -33,23 +39,40 @@ def client_name(name: str | None) -> str:
 
 class Mappings:
     """The rings a client has attached (one mapping per ring, shared by its
-    publishers and subscribers), the broker's bell table, and one wait
-    policy for all of them."""
+    publishers and subscribers), the broker's bell table and tensor arena
+    with this client's holds in it, and one wait policy for all of them."""
 
-    __slots__ = ("bells", "rings", "waiter")
+    __slots__ = ("arena", "bells", "holder", "rings", "waiter")
 
-    def __init__(self, hello: dict):
+    def __init__(self, hello: dict, max_holds: int = 1024):
         bells = hello["bells"]
         self.bells = BellTable.attach(bells["name"], bells["fifo_dir"])
+        arena = hello.get("arena")
+        self.arena = Arena.attach(arena["meta"], arena["data"]) if arena else None
+        slot = arena["holder"] if arena else 0
+        # No holder slot (the broker has 63 clients using tensors): this
+        # client can still use bytes and small inline tensors.
+        self.holder = self.arena.holder(slot, max_holds) if slot else None
         self.rings: dict[str, Ring] = {}
         self.waiter = Waiter()
 
     def ring(self, info: dict) -> Ring:
         ring = self.rings.get(info["ring"])
         if ring is None:
-            ring = Ring.attach(info["ring"], bells=self.bells, waiter=self.waiter)
+            ring = Ring.attach(
+                info["ring"],
+                bells=self.bells,
+                waiter=self.waiter,
+                arena=self.arena,
+                holder=self.holder,
+            )
             self.rings[info["ring"]] = ring
         return ring
+
+    @property
+    def holds(self) -> int:
+        """Arena blocks this client still holds views of."""
+        return self.holder.held if self.holder is not None else 0
 
     def inbox(self, bell: dict) -> Inbox:
         return Inbox(self.bells, bell["index"], waiter=self.waiter)

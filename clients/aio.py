@@ -25,7 +25,13 @@ from tensorbus._core import BackpressureError, Message
 from tensorbus._core.errors import ReceiveTimeout
 from tensorbus.broker import protocol as P
 from tensorbus.broker.topics import validate_pattern, validate_topic
-from tensorbus.clients._shared import Mappings, Subscription, client_name, resolve_url
+from tensorbus.clients._shared import (
+    INLINE_MAX,
+    Mappings,
+    Subscription,
+    client_name,
+    resolve_url,
+)
 from tensorbus.clients.errors import BrokerUnavailable, ClientClosed, error_for
 
 __all__ = ["AsyncClient", "AsyncPublisher", "AsyncSubscriber", "connect"]
@@ -40,9 +46,10 @@ async def connect(
     name: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     token: str | None = None,
+    max_holds: int = 1024,
 ) -> AsyncClient:
     """Connect to a broker (see :func:`tensorbus.connect`)."""
-    client = AsyncClient(url, name=name, timeout=timeout)
+    client = AsyncClient(url, name=name, timeout=timeout, max_holds=max_holds)
     try:
         await client._hello(token or os.environ.get("TENSORBUS_TOKEN"))
     except BaseException:
@@ -55,9 +62,15 @@ class AsyncClient:
     """An asyncio connection to the broker; ``async with`` or ``await close()``."""
 
     def __init__(
-        self, url: str | None = None, *, name: str | None = None, timeout: float = DEFAULT_TIMEOUT
+        self,
+        url: str | None = None,
+        *,
+        name: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_holds: int = 1024,
     ):
         self.url = resolve_url(url)
+        self.max_holds = max_holds
         self.name = client_name(name)
         self.timeout = timeout
         self.local = False
@@ -79,7 +92,7 @@ class AsyncClient:
         )
         self.local = bool(hello.get("local"))
         if self.local:
-            self._maps = Mappings(hello)
+            self._maps = Mappings(hello, self.max_holds)
         else:
             period = float(hello.get("heartbeat_s", 2.0))
             self._heartbeat = asyncio.get_running_loop().create_task(self._beat(period))
@@ -160,14 +173,16 @@ class AsyncClient:
         capacity: int | None = None,
         slot_size: int | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        inline_max: int | None = None,
     ) -> AsyncPublisher:
+        """See :meth:`tensorbus.Client.publisher`."""
         validate_topic(topic)
         info = (
             await self._request(
                 "open_publisher", topic=topic, qos=qos, capacity=capacity, slot_size=slot_size
             )
         )["topic"]
-        pub = AsyncPublisher(self, info, timeout)
+        pub = AsyncPublisher(self, info, timeout, inline_max)
         self._publishers.append(pub)
         return pub
 
@@ -193,7 +208,7 @@ class AsyncClient:
             await pub.close()
         with contextlib.suppress(Exception):
             saved, self.timeout = self.timeout, min(self.timeout, 1.0)
-            await self._request("bye")
+            await self._request("bye", holds=self._maps.holds if self._maps else 0)
             self.timeout = saved
         await self._teardown()
 
@@ -219,19 +234,30 @@ class AsyncPublisher:
     """Publishes into a topic's ring. Never blocks the event loop: a full
     reliable ring is retried with short sleeps until the timeout."""
 
-    def __init__(self, client: AsyncClient, info: dict, timeout: float):
+    def __init__(
+        self, client: AsyncClient, info: dict, timeout: float, inline_max: int | None = None
+    ):
         self.client = client
         self.topic: str = info["name"]
         self.qos: str = info["qos"]
         self.timeout = timeout
         self._pub = client._maps.ring(info).publisher(timeout=timeout)
+        self._pub.inline_max = min(
+            info["slot_size"], INLINE_MAX if inline_max is None else max(0, inline_max)
+        )
         self._closed = False
 
-    async def send(self, data, *, timeout: float | None = None) -> int:
-        """Publish ``data``; on a full reliable ring wait (asynchronously) up
-        to ``timeout`` seconds for credit, then raise BackpressureError."""
+    def loan(self, shape, dtype="float32"):
+        """A writable array in the arena to fill and ``send`` with no copy
+        (see :meth:`tensorbus.Publisher.loan`). It does not wait for space."""
+        return self._pub.loan(shape, dtype)
+
+    async def send(self, data, *, timeout: float | None = None, meta: bytes | None = None) -> int:
+        """Publish ``data`` (what :meth:`tensorbus.Publisher.send` takes); on
+        a full reliable ring wait (asynchronously) up to ``timeout`` seconds
+        for credit, then raise BackpressureError."""
         try:
-            return self._pub.send(data, timeout=0)
+            return self._pub.send(data, timeout=0, meta=meta)
         except BackpressureError:
             pass
         limit = self.timeout if timeout is None else timeout
@@ -241,7 +267,7 @@ class AsyncPublisher:
             await asyncio.sleep(nap)
             nap = min(nap * 2, 0.01)
             try:
-                return self._pub.send(data, timeout=0)
+                return self._pub.send(data, timeout=0, meta=meta)
             except BackpressureError:
                 if time.monotonic() >= deadline:
                     raise BackpressureError(

@@ -28,7 +28,13 @@ from tensorbus._core import Message, SlowConsumer
 from tensorbus._core.errors import ReceiveTimeout
 from tensorbus.broker import protocol as P
 from tensorbus.broker.topics import validate_pattern, validate_topic
-from tensorbus.clients._shared import Mappings, Subscription, client_name, resolve_url
+from tensorbus.clients._shared import (
+    INLINE_MAX,
+    Mappings,
+    Subscription,
+    client_name,
+    resolve_url,
+)
 from tensorbus.clients.errors import (
     BrokerUnavailable,
     ClientClosed,
@@ -59,15 +65,17 @@ def connect(
     name: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     token: str | None = None,
+    max_holds: int = 1024,
 ) -> Client:
     """Connect to a broker and say hello.
 
     ``url``: ``ipc:///path`` (a broker on this host: publish and subscribe)
     or ``tcp://host:port`` (introspection only, for now); default
     ``TENSORBUS_URL``, else this user's default ipc socket. ``token``:
-    default ``TENSORBUS_TOKEN``. Raises BrokerUnavailable if no broker
-    answers within ``timeout`` seconds."""
-    return Client(url, name=name, timeout=timeout, token=token)
+    default ``TENSORBUS_TOKEN``. ``max_holds``: how many arena blocks this
+    client may hold views of at once before ``recv`` raises HoldLimitError.
+    Raises BrokerUnavailable if no broker answers within ``timeout`` seconds."""
+    return Client(url, name=name, timeout=timeout, token=token, max_holds=max_holds)
 
 
 class Client:
@@ -80,6 +88,7 @@ class Client:
         name: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         token: str | None = None,
+        max_holds: int = 1024,
     ):
         self.url = resolve_url(url)
         self.name = client_name(name)
@@ -111,7 +120,11 @@ class Client:
         self.local = bool(hello.get("local"))
         self.broker_pid = hello.get("broker_pid")
         if self.local:
-            self._maps = Mappings(hello)
+            try:
+                self._maps = Mappings(hello, max_holds)
+            except BaseException:
+                self._sock.close(0)
+                raise
         else:
             self._start_heartbeats(float(hello.get("heartbeat_s", 2.0)))
         _LIVE_CLIENTS.add(self)
@@ -228,16 +241,20 @@ class Client:
         capacity: int | None = None,
         slot_size: int | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        inline_max: int | None = None,
     ) -> Publisher:
         """A publisher on ``topic``, creating the topic with these options
         (defaults: reliable, broker's capacity and slot size) if it does not
-        exist. ``timeout``: how long a reliable ``send`` waits for credit."""
+        exist. ``timeout``: how long a reliable ``send`` waits for credit
+        (or arena space). ``inline_max``: messages up to this many bytes are
+        copied through the ring slot, larger ones go through the arena
+        (default: ``min(slot_size, INLINE_MAX)``)."""
         self._check()
         validate_topic(topic)
         info = self._request(
             "open_publisher", topic=topic, qos=qos, capacity=capacity, slot_size=slot_size
         )["topic"]
-        pub = Publisher(self, info, timeout)
+        pub = Publisher(self, info, timeout, inline_max)
         self._publishers.append(pub)
         return pub
 
@@ -276,7 +293,9 @@ class Client:
             self._heartbeat_stop.set()
         try:
             saved, self.timeout = self.timeout, min(self.timeout, 1.0)
-            self._request("bye")
+            # Views of arena blocks may outlive the client: the broker then
+            # keeps our holds until this process exits.
+            self._request("bye", holds=self._maps.holds if self._maps else 0)
             self.timeout = saved
         except Exception:
             pass  # the broker is gone: nothing to say bye to
@@ -290,6 +309,8 @@ class Client:
         # The child must neither use nor release what the parent holds.
         self._pid = -1
         self._closed = True
+        if self._maps is not None and self._maps.holder is not None:
+            self._maps.holder.forget()
 
     @property
     def closed(self) -> bool:
@@ -308,24 +329,40 @@ class Client:
 class Publisher:
     """Publishes on one topic straight into its shared-memory ring.
 
-    ``send(data, *, timeout=None)`` takes bytes or any C-contiguous buffer
-    (numpy arrays included) up to the topic's slot size and returns the
-    message's sequence number. On a reliable topic it waits up to
-    ``timeout`` (default: the publisher's) for the slowest subscriber, then
-    raises BackpressureError."""
+    ``send(data, *, timeout=None, meta=None)`` takes bytes, any buffer, a
+    numpy array, a torch CPU tensor or a ``__dlpack__`` object and returns
+    the message's sequence number. Small messages are copied into the ring
+    slot; large ones are copied once into the arena, and arrays from
+    :meth:`loan` are sent with no copy. On a reliable topic it waits up to
+    ``timeout`` (default: the publisher's) for the slowest subscriber (and
+    for arena space), then raises BackpressureError."""
 
-    def __init__(self, client: Client, info: dict, timeout: float):
+    def __init__(self, client: Client, info: dict, timeout: float, inline_max: int | None):
         self.client = client
         self.topic: str = info["name"]
         self.qos: str = info["qos"]
         self.slot_size: int = info["slot_size"]
         self._pub = client._maps.ring(info).publisher(timeout=timeout)
+        self._pub.inline_max = min(
+            self.slot_size, INLINE_MAX if inline_max is None else max(0, inline_max)
+        )
         # The hot path is the core's send itself: no Python frame in between.
         self.send = self._pub.send
+        self.loan = self._pub.loan
         self._closed = False
 
-    def send(self, data, *, timeout: float | None = None) -> int:
-        return self._pub.send(data, timeout=timeout)
+    def send(self, data, *, timeout: float | None = None, meta: bytes | None = None) -> int:
+        return self._pub.send(data, timeout=timeout, meta=meta)
+
+    def loan(self, shape, dtype="float32"):
+        """A writable array of ``shape`` and ``dtype`` in the arena: fill it,
+        then ``send`` it with no copy (it then belongs to the subscribers)."""
+        return self._pub.loan(shape, dtype)
+
+    @property
+    def inline_max(self) -> int:
+        """Messages up to this size travel in the ring slot."""
+        return self._pub.inline_max
 
     @property
     def published(self) -> int:

@@ -4,6 +4,7 @@ clause catches everything tensorbus raises."""
 
 from tensorbus._core.errors import (
     BackpressureError,
+    HoldLimitError,
     MessageTooLargeError,
     ReceiveTimeout,
     SlowConsumer,
@@ -16,11 +17,13 @@ __all__ = [
     "BrokerError",
     "BrokerUnavailable",
     "ClientClosed",
+    "HoldLimitError",
     "MessageTooLargeError",
     "NotLocalError",
     "ProtocolError",
     "ReceiveTimeout",
     "SlowConsumer",
+    "TensorbusError",
     "TopicError",
     "error_for",
 ]

@@ -18,6 +18,7 @@ import sys
 import time
 import tomllib
 
+from tensorbus._core.arena import parse_size
 from tensorbus._core.errors import TensorbusError
 from tensorbus.broker.daemon import BrokerConfig, BrokerStartError, run
 from tensorbus.clients.client import connect
@@ -91,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
         help="subscriptions on this host (default 4096)",
     )
     s.add_argument("--max-topics", type=int, help="topics on this broker (default 4096)")
+    s.add_argument(
+        "--arena-size",
+        type=parse_size,
+        metavar="SIZE",
+        help="shared memory for large messages and tensors, e.g. 4GiB "
+        "(default 1GiB, or a quarter of /dev/shm if smaller)",
+    )
     s.add_argument(
         "--slow-consumer-grace",
         type=float,
@@ -205,6 +213,13 @@ def _fmt_rate(x: float, unit: str = "") -> str:
     return f"{x:.0f}{unit}"
 
 
+def _fmt_bytes(n: int) -> str:
+    for scale, suffix in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if n >= scale:
+            return f"{n / scale:.1f} {suffix}"
+    return f"{n} B"
+
+
 def _fmt_ns(ns: float | None) -> str:
     if ns is None:
         return "-"
@@ -240,6 +255,13 @@ def stats_table(stats: dict) -> str:
         f"broker pid {b['pid']}: {b['topics']} topics, {b['sessions']} clients, "
         f"rss {b['rss_kb'] / 1024:.1f} MiB, up {b['uptime_s']:.0f} s"
     )
+    arena = b.get("arena")
+    if arena:
+        lines.append(
+            f"arena: {_fmt_bytes(arena['used'])} of {_fmt_bytes(arena['size'])} in use, "
+            f"largest free block {_fmt_bytes(arena['largest_free'])}, "
+            f"{arena['allocs']} allocations"
+        )
     return "\n".join(lines)
 
 

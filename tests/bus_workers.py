@@ -40,6 +40,33 @@ def publisher(url, topic, count, size, mode="send"):
         print("done", flush=True)
 
 
+def holder(url, pattern, count, mode="check"):
+    """Receive ``count`` tensors and keep every view. Print their digests,
+    then (``check``) wait for a line on stdin and print whether the held
+    views are unchanged, or (``hold``) hold them until killed."""
+    with tensorbus.connect(url) as client, client.subscribe(pattern) as sub:
+        print("ready", flush=True)
+        held = [sub.recv(timeout=20).data for _ in range(int(count))]
+        digests = [hashlib.sha256(a.tobytes()).hexdigest() for a in held]
+        print("held", flush=True)
+        if mode == "hold":
+            time.sleep(600)
+        sys.stdin.readline()
+        again = [hashlib.sha256(a.tobytes()).hexdigest() for a in held]
+        print("intact" if again == digests else "overwritten", flush=True)
+
+
+def loaner(url, topic, nbytes):
+    """Loan a block of ``nbytes`` and never send it (to be killed)."""
+    with tensorbus.connect(url) as client:
+        pub = client.publisher(topic)
+        arr = pub.loan(int(nbytes), "uint8")
+        arr[:] = 1
+        print("ready", flush=True)
+        time.sleep(600)
+
+
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
-    {"subscriber": subscriber, "publisher": publisher}[role](*args)
+    roles = {"subscriber": subscriber, "publisher": publisher, "holder": holder, "loaner": loaner}
+    roles[role](*args)

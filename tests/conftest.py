@@ -60,6 +60,8 @@ class Daemon:
     def __init__(self, tmp_path, *args, env=None):
         self.ipc_path = str(tmp_path / "run" / "broker.sock")
         self.args = args
+        if not any(str(a).startswith("--arena-size") for a in args):
+            args = (*args, "--arena-size", "64MiB")  # small: quick to create
         cmd = [sys.executable, "-m", "tensorbus", "serve", "--ipc", self.ipc_path, *args]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
@@ -121,6 +123,7 @@ def popen():
     def start(*args):
         p = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "bus_workers.py"), *args],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -133,8 +136,8 @@ def popen():
         if p.poll() is None:
             p.kill()
         p.wait(5)
-        p.stdout.close()
-        p.stderr.close()
+        for stream in (p.stdin, p.stdout, p.stderr):
+            stream.close()
 
 
 def read_line(proc, timeout=10.0):

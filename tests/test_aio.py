@@ -2,6 +2,7 @@
 
 import asyncio
 
+import numpy as np
 import pytest
 
 import tensorbus
@@ -55,5 +56,23 @@ def test_asyncio_and_sync_clients_interoperate(daemon):
             await loop.run_in_executor(None, publish)
             msg = await sub.recv(timeout=3)
             assert bytes(msg.data) == b"from a thread"
+
+    asyncio.run(main())
+
+
+def test_async_tensors_and_loans(daemon):
+    async def main():
+        async with await tensorbus.aio.connect(daemon.url) as c:
+            sub = await c.subscribe("at")
+            pub = await c.publisher("at")
+            arr = np.arange(100_000, dtype=np.float32).reshape(100, 1000)
+            await pub.send(arr, meta=b"m")
+            loaned = pub.loan((10,), "int64")
+            loaned[:] = 5
+            await pub.send(loaned)
+            m1 = await sub.recv(timeout=5)
+            m2 = await sub.recv(timeout=5)
+            assert m1.zero_copy and np.array_equal(m1.data, arr) and m1.meta[:1] == b"m"
+            assert np.array_equal(m2.data, np.full(10, 5))
 
     asyncio.run(main())
