@@ -127,6 +127,8 @@ cdef extern from *:
 __all__ = ["Ring", "Publisher", "Subscriber", "POLICIES"]
 
 _ndarray = _np.ndarray
+_TAG_OF = {}        # numpy dtype -> its tag
+_LOAN_DTYPES = {}   # loan()'s dtype argument -> (numpy dtype, tag)
 
 POLICIES = {"block": TB_POLICY_BLOCK, "overwrite": TB_POLICY_OVERWRITE}
 _POLICY_NAMES = {v: k for k, v in POLICIES.items()}
@@ -849,7 +851,7 @@ cdef class Publisher:
         self.cached_min = -(1 << 62)
         self.stall_since = 0
         self.inline_max = self.v.slot_size
-        self.loans = weakref.WeakValueDictionary()
+        self.loans = {}
         self.closed = False
         ring.endpoints += 1
 
@@ -1077,7 +1079,10 @@ cdef class Publisher:
         if self.closed:
             raise RingClosedError("publisher is closed")
         if tag is None:
-            tag = _tensors.tag_of(arr)
+            tag = _TAG_OF.get(arr.dtype)
+            if tag is None or arr.ndim > TB_MAX_NDIM:
+                tag = _tensors.tag_of(arr)  # raises with a sentence if unsupported
+                _TAG_OF[arr.dtype] = tag
         elif arr.ndim > TB_MAX_NDIM:
             raise ValueError(f"cannot send a {arr.ndim}-d array: at most {TB_MAX_NDIM} "
                              "dimensions")
@@ -1114,7 +1119,7 @@ cdef class Publisher:
                         seq = self._send(<const char *>&d, TB_DESC_BYTES, NULL, 0,
                                          TB_MSG_ARENA, flags, timeout)
                         loan.mark_sent()
-                        del self.loans[loan.block]
+                        self.loans.pop(loan.block, None)
                         reclaim_passed(self.v)
                         return seq
             if TB_DESC_BYTES + nbytes <= self.inline_max:
@@ -1148,10 +1153,15 @@ cdef class Publisher:
 
     cdef object _own_loan(self, size_t address, Py_ssize_t nbytes):
         """The open loan of this publisher that [address, address + nbytes)
-        lies in, or None (then the array is copied like any other)."""
+        lies in, or None (then the array is copied like any other). Usually
+        the array starts its loan's block: a dict lookup; else a scan."""
         cdef Loan loan
-        for loan in list(self.loans.values()):
-            if (loan.open and <size_t>loan.ptr <= address
+        cdef uint32_t block = (address - <size_t>self.v.arena.data) >> self.v.arena.min_shift
+        ref = self.loans.get(block)
+        candidates = [ref] if ref is not None else list(self.loans.values())
+        for ref in candidates:
+            loan = ref()
+            if (loan is not None and loan.state == 0 and <size_t>loan.ptr <= address
                     and address + nbytes <= <size_t>loan.ptr + loan.nbytes):
                 return loan
         return None
@@ -1204,7 +1214,14 @@ cdef class Publisher:
         space like ``send``."""
         if self.closed:
             raise RingClosedError("publisher is closed")
-        dt, tag = _tensors.loan_dtype(dtype)
+        try:
+            dt, tag = _LOAN_DTYPES[dtype]
+        except (KeyError, TypeError):  # TypeError: an unhashable dtype argument
+            dt, tag = _tensors.loan_dtype(dtype)
+            try:
+                _LOAN_DTYPES[dtype] = (dt, tag)
+            except TypeError:
+                pass
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         if len(shape) > TB_MAX_NDIM:
             raise ValueError(f"at most {TB_MAX_NDIM} dimensions, not {len(shape)}")
@@ -1214,7 +1231,7 @@ cdef class Publisher:
                 raise ValueError(f"negative dimension in shape {shape}")
             nbytes *= n
         loan = self._loan_block(nbytes, None)
-        self.loans[loan.block] = loan
+        self.loans[loan.block] = weakref.ref(loan)
         arr = _np.ndarray(shape, dtype=dt, buffer=loan)
         if tag == _tensors.BF16_TAG:
             return _tensors.to_torch(arr, tag)  # bfloat16 exists only as a torch tensor

@@ -64,6 +64,12 @@ def default_count(mode: str, size: int) -> int:
     return max(20, min(200_000, (2 << 30) // max(size, 1)))
 
 
+def warmup_count(size: int, count: int) -> int:
+    """Untimed round trips first: many for small messages (caches, branch
+    predictors, the spin policy), few for large ones (each costs a copy)."""
+    return max(1000, count // 10) if size <= 65536 else max(5, count // 10)
+
+
 def record(backend: str, mode: str, size: int, **fields) -> dict:
     base = {
         "backend": backend,
@@ -83,7 +89,7 @@ def run_lat(names, size, count, repeat):
     samples = {name: [] for name in names}
     for _ in range(repeat):
         for name in names:
-            samples[name] += load(name).lat(size, count, max(1000, count // 10))
+            samples[name] += load(name).lat(size, count, warmup_count(size, count))
     out = []
     for name in names:
         xs = sorted(samples[name])

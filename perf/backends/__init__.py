@@ -12,11 +12,23 @@ program) also has ``missing() -> str | None``: why it cannot run, or None.
 
 import importlib
 
-BACKENDS = ("ring", "zmq", "mp", "iox2", "bus", "nats", "redis")
+BACKENDS = (
+    "ring",
+    "zmq",
+    "mp",
+    "iox2",
+    "bus",
+    "bus-loan",
+    "bus-arena",
+    "memcpy",
+    "shm",
+    "nats",
+    "redis",
+)
 
 # Backends whose module must not bear the name of the package it measures
 # (a module nats.py would shadow nats for whoever puts backends/ on sys.path).
-MODULES = {"nats": "nats_ps", "redis": "redis_ps"}
+MODULES = {"nats": "nats_ps", "redis": "redis_ps", "bus-loan": "bus_loan", "bus-arena": "bus_arena"}
 
 
 def load(name: str):

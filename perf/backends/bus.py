@@ -8,6 +8,10 @@ segments) when done, whatever happened:
   peer echoes each message's data with its own publisher.
 * ``thr``: one publisher streams ``count`` messages on bench/data; the peer
   takes them with ``recv_batch``.
+
+Up to INLINE bytes a message is copied through a ring slot sized for it;
+larger ones take the default topic and go through the arena: the publisher
+copies the array in once (the copy-in path), the peer views it in place.
 * ``control``: the control plane (perf.py's control mode): topic creation,
   and subscribe/unsubscribe cycles of many clients at once.
 """
@@ -37,8 +41,11 @@ CREATORS = 4  # clients creating the control mode's topics, one thread each
 NO_TOPIC = "perf/none"
 
 
+INLINE = 64 << 10  # the client's default inline_max
+
+
 def _slot(size: int) -> int:
-    return max(size, 64)
+    return max(size, 64) if size <= INLINE else 4096
 
 
 def _options(size: int) -> dict:
@@ -47,7 +54,23 @@ def _options(size: int) -> dict:
     capacity = CAPACITY
     while capacity > 2 and capacity * _slot(size) > RING_BYTES:
         capacity //= 2
+    if size > INLINE:
+        capacity = 64  # descriptors only; the arena bounds what is in flight
     return {"qos": "reliable", "capacity": capacity, "slot_size": _slot(size)}
+
+
+def payload(size: int):
+    """What the benchmark sends: bytes inline, an array through the arena."""
+    if size <= INLINE:
+        return bytes(size)
+    import numpy as np
+
+    return np.ones(size, dtype=np.uint8)
+
+
+def arena_for(size: int) -> int:
+    """An arena that holds the messages in flight of ``size`` (a few)."""
+    return max(256 << 20, 6 * size + (64 << 20))
 
 
 def _rss_kb(pid: int) -> int:
@@ -76,12 +99,13 @@ def _cpu_s(pid: int) -> float:
 
 
 @contextmanager
-def daemon():
+def daemon(arena_size: int = 256 << 20):
     """A broker of its own; yields (url, pid). Always stopped (SIGTERM: it
     removes its segments and socket) and cleaned up after."""
     with tempfile.TemporaryDirectory(prefix="tb-perf-bus-") as folder:
         path = os.path.join(folder, "b.sock")
         argv = [sys.executable, "-m", "tensorbus", "serve", "--ipc", path]
+        argv += ["--arena-size", str(arena_size)]
         pids = []
         try:
             with server(argv, "tensorbus serve", ready_line="tensorbus ready") as proc:
@@ -103,13 +127,16 @@ def _echo(url: str, size: int, total: int, ready, result) -> None:
 
 
 def lat(size: int, count: int, warmup: int) -> list[int]:
-    with daemon() as (url, _), tensorbus.connect(url, name="perf-bus-ping") as client:
+    with (
+        daemon(arena_for(size)) as (url, _),
+        tensorbus.connect(url, name="perf-bus-ping") as client,
+    ):
         for topic in (PING, PONG):
             client.create_topic(topic, **_options(size))
         sub = client.subscribe(PONG)
         with peer(_echo, url, size, warmup + count) as (_, result):
             pub = client.publisher(PING, timeout=60, **_options(size))
-            msg = bytes(size)
+            msg = payload(size)
 
             def round_trip():
                 pub.send(msg)
@@ -134,11 +161,14 @@ def _sink(url: str, count: int, ready, result) -> None:
 
 
 def thr(size: int, count: int) -> tuple[int, float]:
-    with daemon() as (url, _), tensorbus.connect(url, name="perf-bus-source") as client:
+    with (
+        daemon(arena_for(size)) as (url, _),
+        tensorbus.connect(url, name="perf-bus-source") as client,
+    ):
         client.create_topic(DATA, **_options(size))
         with peer(_sink, url, count) as (_, result):
             pub = client.publisher(DATA, timeout=60, **_options(size))
-            msg = bytes(size)
+            msg = payload(size)
             t0 = time.perf_counter()
             for _ in range(count):
                 pub.send(msg)
