@@ -14,11 +14,15 @@ $(STAMP): $(SOURCES)
 	touch $(STAMP)
 
 # The main job: a broker with a pub/sub demo and its live stats (everything it
-# starts is stopped), then tensorbus beside its peers, latency and throughput.
+# starts is stopped), then tensorbus beside its peers, latency and throughput,
+# for small messages and for tensors (copy-in and loaned, beside memcpy).
 demo: $(STAMP)
 	$(PY) examples/pubsub_demo.py --seconds 4
 	$(PY) perf/perf.py lat --backend bus,ring,zmq,nats,redis,iox2 --size 64
 	$(PY) perf/perf.py thr --backend bus,ring,zmq --size 64
+	$(PY) perf/perf.py thr --backend bus,bus-loan,memcpy,shm,zmq --size 64MiB --count 100
+	$(PY) perf/perf.py lat --backend bus-loan,shm,zmq --size 4KiB --count 5000
+	$(PY) perf/perf.py lat --backend bus-loan,shm --size 256MiB --count 100
 
 test: $(STAMP)
 	$(PY) -m pytest

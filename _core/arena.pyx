@@ -19,7 +19,8 @@ import os
 from cpython.buffer cimport PyBuffer_FillInfo
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
-from libc.string cimport memset
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.string cimport memcpy, memset
 
 from tensorbus._core.atomic cimport tb_fence_sc, tb_load_acq_u64
 from tensorbus._core.layout cimport (
@@ -216,6 +217,17 @@ cdef class Arena:
         if i < 0:
             raise OSError(f"the arena's mutex failed ({i})")
         return Loan._make(self, <uint32_t>i, gen, nbytes)
+
+    def copy_out(self, uint64_t offset, uint64_t nbytes) -> bytes:
+        """A copy of ``nbytes`` at ``offset`` (for a client without a holder slot)."""
+        self._check()
+        if offset + nbytes > self.a.data_size:
+            raise ValueError(f"[{offset}, {offset + nbytes}) is outside the arena")
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, nbytes)
+        cdef char *dst = PyBytes_AS_STRING(out)
+        with nogil:
+            memcpy(dst, self.a.data + offset, nbytes)
+        return out
 
     def holder(self, uint32_t slot, int max_holds=1024) -> Holder:
         """The hold state of the client in holder slot ``slot`` (1..63)."""

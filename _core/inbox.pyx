@@ -52,6 +52,7 @@ import numpy as _np
 from tensorbus._core import tensors as _tensors
 
 from tensorbus._core.errors import (
+    HoldLimitError,
     ReceiveTimeout,
     RingClosedError,
     SlowConsumer,
@@ -338,13 +339,19 @@ cdef class Inbox:
         elif s.type == TB_MSG_ARENA:
             holder = sub.ring.holder
             if holder is None:
-                raise TensorbusError(f"topic {self.topics[i]!r} carries arena tensors but "
-                                     "this subscription has no arena holder")
-            if d.offset + nbytes > holder.arena.a.data_size:
-                return self._skip(sub, "an arena descriptor outside the arena")
-            if not holder.acquire(d.block, d.generation):
-                return self._skip(sub, None)  # overwritten and freed before we got it
-            hold = Hold._make(holder, d.block, d.offset, nbytes)
+                # No holder slot (the broker's 63 are taken): copy the tensor
+                # out while the ring still references its block.
+                if sub.ring.arena is None or d.offset + nbytes > sub.ring.arena.size:
+                    return self._skip(sub, "an arena descriptor outside the arena")
+                payload = sub.ring.arena.copy_out(d.offset, nbytes)
+                if not sub._still_there(s):
+                    return self._skip(sub, None)  # overwritten while we copied
+            else:
+                if d.offset + nbytes > holder.arena.a.data_size:
+                    return self._skip(sub, "an arena descriptor outside the arena")
+                if not holder.acquire(d.block, d.generation):
+                    return self._skip(sub, None)  # overwritten and freed before we got it
+                hold = Hold._make(holder, d.block, d.offset, nbytes)
             if tb_load_acq32(&sub.cur.state) == TB_CURSOR_EVICTED:
                 raise SlowConsumer(f"this subscription was evicted from topic "
                                    f"{self.topics[i]!r}: it stayed too far behind")
@@ -427,9 +434,9 @@ cdef class Inbox:
         while len(out) < max_n:
             try:
                 m = self._poll_one()
-            except SlowConsumer:
+            except (SlowConsumer, HoldLimitError):
                 if out:
-                    break
+                    break  # keep what was taken; the next call raises
                 raise
             if m is None:
                 break

@@ -139,6 +139,7 @@ cdef class Subscriber:
 
     cdef int _poll(self, tb_slot_header_t **out) noexcept nogil
     cdef bytes _take(self, tb_slot_header_t *s)
+    cdef bint _still_there(self, tb_slot_header_t *s) noexcept nogil
     cdef void _advance(self) noexcept nogil
     cdef tb_slot_header_t *_next(self, object timeout) except NULL
     cdef _check_stall(self)

@@ -1170,10 +1170,15 @@ cdef class Publisher:
         """A block of ``nbytes`` from the arena. A full arena: reliable rings
         wait up to ``timeout`` (reclaiming what subscribers have passed),
         realtime ones raise at once."""
-        if self.v.arena == NULL or self.ring.holder is None:
+        if self.v.arena == NULL:
             raise MessageTooLargeError(
                 f"a message of {nbytes} bytes needs the arena, and ring {self.ring.name!r} "
                 "was attached without one")
+        if self.ring.holder is None:
+            raise MessageTooLargeError(
+                f"a message of {nbytes} bytes needs the arena, and this client has no arena "
+                "holder slot (all 63 of the broker's are in use): it can publish up to "
+                f"inline_max ({self.inline_max}) bytes only")
         arena = self.ring.arena
         owner = self.ring.holder.slot
         loan = arena.loan(nbytes, owner)
@@ -1438,6 +1443,15 @@ cdef class Subscriber:
         self._note(s)
         self._advance()
         return data
+
+    cdef bint _still_there(self, tb_slot_header_t *s) noexcept nogil:
+        """After copying out what ``_poll`` found: is the message still in its
+        slot? Block rings: always (our cursor pins it); overwrite rings: the
+        slot was not claimed by a newer writer meanwhile."""
+        if self.v.policy == TB_POLICY_BLOCK:
+            return True
+        tb_fence_acq()  # the copy's loads before the re-check
+        return tb_load_acq64(&slot_at(self.v, self.pos).commit) == self.pos
 
     cdef void _advance(self) noexcept nogil:
         """Consume the current message: publish the new cursor position and,

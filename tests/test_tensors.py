@@ -366,3 +366,36 @@ def test_latest_keeps_the_newest_tensor_for_new_subscribers(daemon):
         gc.collect()
         assert arena_used(c) > 0  # the newest value stays for the next joiner
         assert arena_used(c) <= 2 * (1 << 18)
+
+
+def test_a_client_without_a_holder_slot_copies(daemon):
+    clients = [tensorbus.connect(daemon.url) for _ in range(63)]  # every holder slot
+    try:
+        with tensorbus.connect(daemon.url) as late, late.subscribe("ns") as sub:
+            assert late._maps.holder is None
+            pub = clients[0].publisher("ns")
+            arr = sample(np.float32, (300, 300))
+            pub.send(arr)
+            msg = sub.recv(timeout=5)
+            assert not msg.zero_copy and np.array_equal(msg.data, arr)
+            small = late.publisher("ns-small")
+            small.send(np.arange(10))  # inline still works
+            with pytest.raises(tensorbus.MessageTooLargeError, match="holder slot"):
+                small.send(arr)
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_hold_limit_ends_a_batch_without_loss(daemon):
+    with tensorbus.connect(daemon.url, max_holds=2) as c, c.subscribe("hb") as sub:
+        pub = c.publisher("hb")
+        for i in range(4):
+            pub.send(np.full(10_000, i))
+        batch = sub.recv_batch(10, 5)
+        assert [int(m.data[0]) for m in batch] == [0, 1]
+        with pytest.raises(tensorbus.HoldLimitError):
+            sub.recv_batch(10, 5)
+        batch = None
+        gc.collect()
+        assert [int(m.data[0]) for m in sub.recv_batch(10, 5)] == [2, 3]
