@@ -984,14 +984,18 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _rss_kb() -> int:
+    """The daemon's own resident memory: VmRSS less the shared-memory pages
+    it maps (the arena and rings are counted once, in /dev/shm)."""
+    fields = {}
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
+                name, _, value = line.partition(":")
+                if name in ("VmRSS", "RssShmem"):
+                    fields[name] = int(value.split()[0])
     except OSError:
         pass
-    return 0
+    return fields.get("VmRSS", 0) - fields.get("RssShmem", 0)
 
 
 def run(config: BrokerConfig, ready=None) -> int:

@@ -1,7 +1,9 @@
 """A small pub/sub story on one machine, with the live stats view.
 
 Starts a broker daemon on a private socket, a subscriber on ``demo/>``, a
-reliable gradient-like stream and a realtime telemetry stream, shows
+reliable gradient-like stream, a realtime telemetry stream and a "latest"
+stream of 4 MiB parameter tensors (loaned from the arena, sent with no
+copy, viewed in place by the subscriber), shows
 ``tensorbus stats --watch`` for a few seconds, then stops everything it
 started (the daemon unlinks every segment on SIGTERM).
 
@@ -25,10 +27,16 @@ def publish(url: str, topic: str, qos: str, rate: float, seconds: float) -> None
         end = time.monotonic() + seconds
         i = 0
         while time.monotonic() < end:
-            pub.send(i.to_bytes(8, "little") * 32)  # 256 B
+            if qos == "latest":
+                params = pub.loan((1024, 1024), "float32")  # 4 MiB in the arena
+                params.fill(i)
+                pub.send(params)  # no copy
+                time.sleep(1 / rate)
+            else:
+                pub.send(i.to_bytes(8, "little") * 32)  # 256 B
+                if i % 100 == 99:
+                    time.sleep(100 / rate)
             i += 1
-            if i % 100 == 0:
-                time.sleep(100 / rate)
 
 
 def subscribe(url: str, seconds: float) -> None:
@@ -38,6 +46,8 @@ def subscribe(url: str, seconds: float) -> None:
         while time.monotonic() < end:
             for msg in sub.recv_batch(256, max_wait=0.1):
                 counts[msg.topic] = counts.get(msg.topic, 0) + 1
+                if msg.is_tensor:  # a view of the arena block: checked in place
+                    assert msg.data[0, 0] == msg.data[-1, -1]
         print("subscriber received:", counts, flush=True)
 
 
@@ -49,7 +59,9 @@ def main() -> int:
     os.chmod(run_dir, 0o700)
     sock = os.path.join(run_dir, "broker.sock")
     cli = [sys.executable, "-m", "tensorbus"]
-    daemon = subprocess.Popen([*cli, "serve", "--ipc", sock], stdout=subprocess.PIPE, text=True)
+    daemon = subprocess.Popen(
+        [*cli, "serve", "--ipc", sock, "--arena-size", "256MiB"], stdout=subprocess.PIPE, text=True
+    )
     children = [daemon]
     try:
         ready = daemon.stdout.readline().strip()
@@ -82,6 +94,20 @@ def main() -> int:
                     "demo/telemetry",
                     "realtime",
                     "5000",
+                    str(args.seconds - 0.5),
+                ]
+            )
+        )
+        children.append(
+            subprocess.Popen(
+                [
+                    *me,
+                    "--child",
+                    "publish",
+                    url,
+                    "demo/params/0",
+                    "latest",
+                    "200",
                     str(args.seconds - 0.5),
                 ]
             )

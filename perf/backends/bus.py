@@ -74,11 +74,17 @@ def arena_for(size: int) -> int:
 
 
 def _rss_kb(pid: int) -> int:
+    """Resident memory of ``pid`` without the shared-memory pages it maps
+    (the arena is created populated: counting it would hide the rest)."""
+    fields = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "RssShmem"):
+                fields[name] = int(value.split()[0])
+    if "VmRSS" not in fields:
+        raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+    return fields["VmRSS"] - fields.get("RssShmem", 0)
 
 
 def _unlink_segments(pid: int) -> None:
