@@ -105,9 +105,9 @@ cdef class Publisher:
     cdef int64_t _send(self, const char *hdr, Py_ssize_t hn, const char *data, Py_ssize_t n,
                        int type, int flags, object timeout) except -1
     cdef _raise_backpressure(self, int64_t timeout_ns)
-    cdef int64_t _send_object(self, object data, int flags, object timeout, object meta) except -1
+    cdef int64_t _send_object(self, object data, int flags, object timeout, object meta) except -2
     cdef int64_t _send_array(self, object arr, str tag, int flags, object timeout,
-                             object meta) except -1
+                             object meta) except -2
     cdef object _loan_block(self, Py_ssize_t nbytes, object timeout)
     cdef object _own_loan(self, size_t address, Py_ssize_t nbytes)
 

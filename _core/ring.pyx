@@ -1028,7 +1028,7 @@ cdef class Publisher:
                                   TB_MSG_INLINE, flags, timeout)
         return self._send_object(data, flags, timeout, meta)
 
-    cdef int64_t _send_object(self, object data, int flags, object timeout, object meta) except -1:
+    cdef int64_t _send_object(self, object data, int flags, object timeout, object meta) except -2:
         cdef Py_buffer buf
         cdef int64_t seq
         if self.v.arena == NULL:
@@ -1068,7 +1068,7 @@ cdef class Publisher:
                                 flags, timeout, meta)
 
     cdef int64_t _send_array(self, object arr, str tag, int flags, object timeout,
-                             object meta) except -1:
+                             object meta) except -2:
         cdef tb_tensor_desc_t d
         cdef Py_buffer buf
         cdef Py_ssize_t nbytes, k
@@ -1130,7 +1130,15 @@ cdef class Publisher:
                 return self._send(<const char *>&d, TB_DESC_BYTES, <const char *>buf.buf,
                                   nbytes, TB_MSG_TENSOR, flags, timeout)
             # One copy into a fresh block, then publish its descriptor.
-            loan = self._loan_block(nbytes, timeout)
+            try:
+                loan = self._loan_block(nbytes, timeout)
+            except BackpressureError:
+                if self.v.policy == TB_POLICY_BLOCK:
+                    raise
+                # Realtime: newest wins and nothing waits; a full arena is
+                # one more drop, counted like an overtaken message.
+                tb_fetch_add_u64(&self.rec.dropped, 1)
+                return -1
             if have_buf:
                 if nbytes >= NOGIL_COPY_BYTES:
                     with nogil:
@@ -1169,7 +1177,8 @@ cdef class Publisher:
     cdef object _loan_block(self, Py_ssize_t nbytes, object timeout):
         """A block of ``nbytes`` from the arena. A full arena: reliable rings
         wait up to ``timeout`` (reclaiming what subscribers have passed),
-        realtime ones raise at once."""
+        realtime ones raise BackpressureError at once (``send`` counts it as
+        a drop instead)."""
         if self.v.arena == NULL:
             raise MessageTooLargeError(
                 f"a message of {nbytes} bytes needs the arena, and ring {self.ring.name!r} "
@@ -1211,12 +1220,12 @@ cdef class Publisher:
                 nap_ns *= 2
             PyErr_CheckSignals()
 
-    def loan(self, shape, dtype="float32"):
+    def loan(self, shape, dtype="float32", *, timeout=None):
         """A writable numpy array of ``shape`` and ``dtype`` (numpy, a string
         or a torch dtype) living in the arena: fill it, then ``send`` it with
         no copy. Once sent it belongs to the subscribers: do not write it
         again. Dropped unsent, its block returns to the arena. Waits for
-        space like ``send``."""
+        space like ``send`` (``timeout``: default the publisher's)."""
         if self.closed:
             raise RingClosedError("publisher is closed")
         try:
@@ -1235,7 +1244,7 @@ cdef class Publisher:
             if n < 0:
                 raise ValueError(f"negative dimension in shape {shape}")
             nbytes *= n
-        loan = self._loan_block(nbytes, None)
+        loan = self._loan_block(nbytes, timeout)
         self.loans[loan.block] = weakref.ref(loan)
         arr = _np.ndarray(shape, dtype=dt, buffer=loan)
         if tag == _tensors.BF16_TAG:

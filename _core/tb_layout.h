@@ -168,7 +168,7 @@ typedef struct {
     char _pad[8];
 } tb_tensor_desc_t;
 
-#define TB_ARENA_MAGIC 0x314e455241425354ULL /* "TSBARENA1" */
+#define TB_ARENA_MAGIC 0x314e455241425354ULL /* "TSBAREN1" */
 #define TB_ARENA_VERSION 1u
 #define TB_ARENA_HEADER_BYTES 4096u
 #define TB_ARENA_BLOCK_BYTES 64u

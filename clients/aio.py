@@ -247,10 +247,26 @@ class AsyncPublisher:
         )
         self._closed = False
 
-    def loan(self, shape, dtype="float32"):
+    async def loan(self, shape, dtype="float32", *, timeout: float | None = None):
         """A writable array in the arena to fill and ``send`` with no copy
-        (see :meth:`tensorbus.Publisher.loan`). It does not wait for space."""
-        return self._pub.loan(shape, dtype)
+        (see :meth:`tensorbus.Publisher.loan`); waits (asynchronously) up to
+        ``timeout`` seconds for arena space on a reliable topic."""
+        try:
+            return self._pub.loan(shape, dtype, timeout=0)
+        except BackpressureError:
+            if self.qos != "reliable":
+                raise
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        nap = 0.0001
+        while True:
+            await asyncio.sleep(nap)
+            nap = min(nap * 2, 0.01)
+            try:
+                return self._pub.loan(shape, dtype, timeout=0)
+            except BackpressureError:
+                if time.monotonic() >= deadline:
+                    raise
 
     async def send(self, data, *, timeout: float | None = None, meta: bytes | None = None) -> int:
         """Publish ``data`` (what :meth:`tensorbus.Publisher.send` takes); on

@@ -354,10 +354,11 @@ class Publisher:
     def send(self, data, *, timeout: float | None = None, meta: bytes | None = None) -> int:
         return self._pub.send(data, timeout=timeout, meta=meta)
 
-    def loan(self, shape, dtype="float32"):
+    def loan(self, shape, dtype="float32", *, timeout: float | None = None):
         """A writable array of ``shape`` and ``dtype`` in the arena: fill it,
-        then ``send`` it with no copy (it then belongs to the subscribers)."""
-        return self._pub.loan(shape, dtype)
+        then ``send`` it with no copy (it then belongs to the subscribers).
+        Waits up to ``timeout`` (default: the publisher's) for arena space."""
+        return self._pub.loan(shape, dtype, timeout=timeout)
 
     @property
     def inline_max(self) -> int:

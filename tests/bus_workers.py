@@ -66,7 +66,68 @@ def loaner(url, topic, nbytes):
         time.sleep(600)
 
 
+TENSOR_SIZES = (96, 70_000, 1 << 20, 3 << 20)  # inline, then arena blocks of 3 orders
+
+
+def tensor_publisher(url, topic, count, qos="reliable"):
+    """Publish ``count`` int64 arrays filled with their index, cycling through
+    TENSOR_SIZES bytes (every other one loaned)."""
+    import numpy as np
+
+    with tensorbus.connect(url) as client:
+        pub = client.publisher(topic, qos=qos, capacity=16, timeout=30)
+        print("ready", flush=True)
+        for i in range(int(count)):
+            n = TENSOR_SIZES[i % len(TENSOR_SIZES)] // 8
+            if i % 2 and qos == "reliable":
+                arr = pub.loan(n, "int64")
+                arr.fill(i)
+            else:
+                arr = np.full(n, i, dtype=np.int64)
+            pub.send(arr)
+        print("done", flush=True)
+
+
+def tensor_subscriber(url, pattern, count, qos="reliable"):
+    """Check ``count`` arrays of tensor_publisher (every element its index;
+    reliable: every index, in order), keeping the last few held."""
+    import collections
+
+    with tensorbus.connect(url) as client, client.subscribe(pattern) as sub:
+        print("ready", flush=True)
+        kept = collections.deque(maxlen=3)
+        last, got = collections.defaultdict(lambda: -1), 0
+        while got < int(count):
+            try:
+                msg = sub.recv(timeout=5 if qos == "reliable" else 1)
+            except tensorbus.ReceiveTimeout:
+                break
+            a = msg.data
+            i = int(a[0])
+            if not (a == i).all() or a.nbytes != TENSOR_SIZES[i % len(TENSOR_SIZES)]:
+                print(f"corrupt {i}", flush=True)
+                return
+            if (qos == "reliable" and i != last[msg.topic] + 1) or i <= last[msg.topic]:
+                print(f"order {msg.topic} {last[msg.topic]} -> {i}", flush=True)
+                return
+            last[msg.topic] = i
+            got += 1
+            kept.append(a)
+        for a in kept:  # held all along: still intact
+            if not (a == a[0]).all():
+                print("overwritten", flush=True)
+                return
+        print(f"ok {got}", flush=True)
+
+
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
-    roles = {"subscriber": subscriber, "publisher": publisher, "holder": holder, "loaner": loaner}
+    roles = {
+        "subscriber": subscriber,
+        "publisher": publisher,
+        "holder": holder,
+        "loaner": loaner,
+        "tensor_publisher": tensor_publisher,
+        "tensor_subscriber": tensor_subscriber,
+    }
     roles[role](*args)

@@ -67,7 +67,7 @@ def test_async_tensors_and_loans(daemon):
             pub = await c.publisher("at")
             arr = np.arange(100_000, dtype=np.float32).reshape(100, 1000)
             await pub.send(arr, meta=b"m")
-            loaned = pub.loan((10,), "int64")
+            loaned = await pub.loan((10,), "int64")
             loaned[:] = 5
             await pub.send(loaned)
             m1 = await sub.recv(timeout=5)
