@@ -163,6 +163,36 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=None, help="exit after SECONDS of silence")
     r.add_argument("--json", action="store_true", help="one JSON object per message")
     _url_arg(r)
+
+    ps = sub.add_parser(
+        "ps",
+        help="run a parameter-server shard",
+        description="Average the gradients of WORLD_SIZE trainers (the DDP hook "
+        "tensorbus.clients.ddp.ps_hook) for shard SHARD of NUM_SHARDS of job JOB. "
+        "Prints 'tensorbus ps ready' once subscribed; SIGTERM or SIGINT stop it.",
+    )
+    ps.add_argument("--job", required=True)
+    ps.add_argument("--shard", type=int, required=True)
+    ps.add_argument("--num-shards", type=int, default=1)
+    ps.add_argument("--world-size", type=int, required=True)
+    ps.add_argument("--mode", choices=["sync", "async"], default="sync")
+    ps.add_argument(
+        "--staleness",
+        type=int,
+        default=0,
+        metavar="K",
+        help="async: how many steps a trainer may run ahead of the slowest (default 0)",
+    )
+    ps.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="sync: fail a step missing a trainer after this long; "
+        "async: leave a silent trainer out after this long (default 30)",
+    )
+    ps.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    _url_arg(ps)
     return top
 
 
@@ -341,11 +371,48 @@ def _sub(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ps(args: argparse.Namespace) -> int:
+    import signal
+
+    from tensorbus.clients.ps import ParameterServer
+
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s tensorbus-ps %(levelname)s %(message)s",
+    )
+    with ParameterServer(
+        args.job,
+        args.shard,
+        args.num_shards,
+        args.world_size,
+        args.mode,
+        staleness=args.staleness,
+        url=args.url,
+        timeout=args.timeout,
+    ) as server:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: server.stop())
+        print(
+            f"tensorbus ps ready job={args.job} shard={args.shard}/{args.num_shards} "
+            f"world_size={args.world_size} mode={args.mode}",
+            flush=True,
+        )
+        server.serve()
+        print(f"tensorbus ps stopped: {server.stats}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"serve": _serve, "topics": _topics, "stats": _stats, "pub": _pub, "sub": _sub}[
-        args.command
-    ]
+    handler = {
+        "serve": _serve,
+        "topics": _topics,
+        "stats": _stats,
+        "pub": _pub,
+        "sub": _sub,
+        "ps": _ps,
+    }[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
