@@ -35,7 +35,6 @@ from tensorbus.clients.ps_wire import (
     KIND_ERROR,
     KIND_GRAD,
     agg_pattern,
-    bf16_to_f32,
     chunk_bounds,
     decode_meta,
     encode_meta,
@@ -249,12 +248,11 @@ class PSHookState:
         if pending is None or meta.chunk not in pending.left:
             return
         start, stop = chunk_bounds(meta.numel, meta.nchunks, meta.chunk)
-        data = msg.data
         target = pending.view[start:stop]
-        if msg.dtype == "bfloat16":
-            bf16_to_f32(data, out=target)
-        else:
-            np.copyto(target, data, casting="same_kind")
+        if msg.dtype == "<f4":
+            np.copyto(target, msg.data)
+        else:  # widen fp16/bf16 (torch converts several times faster than numpy)
+            pending.buffer[start:stop].copy_(msg.as_torch())
         msg.release()
         pending.left.discard(meta.chunk)
         if not pending.left:

@@ -38,10 +38,8 @@ from tensorbus.clients.ps_wire import (
     KIND_ERROR,
     KIND_GRAD,
     agg_topic,
-    bf16_to_f32,
     decode_meta,
     encode_meta,
-    f32_to_bf16,
     grad_topic,
     validate_job,
 )
@@ -113,7 +111,7 @@ class ParameterServer:
         self._rank_step = dict.fromkeys(range(world_size), -1)  # async: newest step per rank
         self._rank_seen = dict.fromkeys(range(world_size), time.monotonic())
         self._dead: set[int] = set()
-        self._scratch: dict[int, np.ndarray] = {}  # numel -> float32 buffer
+        self._scratch: dict[tuple, np.ndarray] = {}  # (numel, which) -> float32 buffer
         self.stats = {
             "contributions": 0,
             "aggregates": 0,
@@ -245,26 +243,7 @@ class ParameterServer:
             for a in arrays[2:]:
                 np.add(out, a, out=out)
         else:
-            acc = self._scratch.get(n)
-            if acc is None:
-                acc = self._scratch[n] = np.empty(n, dtype=np.float32)
-            for i, a in enumerate(arrays):
-                wide = bf16_to_f32(a) if tag == "bfloat16" else a
-                if i == 0:
-                    np.copyto(acc, wide, casting="same_kind")
-                else:
-                    np.add(acc, wide, out=acc, dtype=np.float32)
-            if scale != 1.0:
-                acc *= np.float32(scale)
-            if tag == "bfloat16":
-                import torch  # bfloat16 exists only as a torch dtype
-
-                bits = self._pub.loan(n, "uint16")
-                f32_to_bf16(acc, bits)
-                out = torch.from_numpy(bits).view(torch.bfloat16)
-            else:
-                out = self._pub.loan(n, np.dtype(tag))
-                np.copyto(out, acc, casting="same_kind")
+            out = self._sum_wide(msgs, arrays, tag, n, scale)
         del arrays
         self._pub.send(
             out,
@@ -273,6 +252,50 @@ class ParameterServer:
             ),
         )
         self.stats["aggregates"] += 1
+
+    def _buffer(self, n: int, which: int) -> np.ndarray:
+        """Reused float32 scratch of ``n`` elements (``which``: 0 sum, 1 staging)."""
+        buf = self._scratch.get((n, which))
+        if buf is None:
+            buf = self._scratch[(n, which)] = np.empty(n, dtype=np.float32)
+        return buf
+
+    def _sum_wide(self, msgs: list, arrays: list, tag: str, n: int, scale: float):
+        """Sum half-precision (or rescaled float32) contributions in float32
+        scratch, then narrow into a loan of the wire dtype. torch converts
+        half floats several times faster than numpy: used when present."""
+        acc = self._buffer(n, 0)
+        try:
+            import torch
+        except ImportError:
+            torch = None
+        if torch is not None:
+            acc_t, tmp_t = torch.from_numpy(acc), torch.from_numpy(self._buffer(n, 1))
+            for i, m in enumerate(msgs):
+                src = m.as_torch()  # a view of the arena block (read, never written)
+                if i == 0:
+                    acc_t.copy_(src)
+                else:
+                    tmp_t.copy_(src)
+                    acc_t.add_(tmp_t)
+            if scale != 1.0:
+                acc_t.mul_(scale)
+            wire = {"<f4": torch.float32, "<f2": torch.float16, "bfloat16": torch.bfloat16}
+            out = self._pub.loan(n, wire.get(tag, torch.float32))
+            (out if isinstance(out, torch.Tensor) else torch.from_numpy(out)).copy_(acc_t)
+            return out
+        if tag == "bfloat16":
+            raise tensorbus.TensorbusError("bfloat16 gradients need torch on the parameter server")
+        for i, a in enumerate(arrays):
+            if i == 0:
+                np.copyto(acc, a, casting="same_kind")
+            else:
+                np.add(acc, a, out=acc, dtype=np.float32)
+        if scale != 1.0:
+            acc *= np.float32(scale)
+        out = self._pub.loan(n, np.dtype(tag))
+        np.copyto(out, acc, casting="same_kind")
+        return out
 
     def _error(self, meta, text: str) -> None:
         log.error("job %s shard %d: %s", self.job, self.shard, text)

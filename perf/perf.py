@@ -6,12 +6,15 @@ printed beside its peers measured in the same run.
     python perf/perf.py thr --backend ring,bus,zmq --size 64 --json out.json
     python perf/perf.py idle
     python perf/perf.py control --topics 1000 --clients 200
+    python perf/perf.py ddp --backend allreduce,ps_hook,ps_hook_fp16
 
 lat: ping-pong round trip between two processes (p50 / p99 / mean, us).
 thr: one-way messages from one process to another (msgs/s and GB/s).
 idle: CPU a ring subscriber burns while waiting for nothing.
 control: the broker daemon's control plane: subscribe + unsubscribe ops/s of
 many clients at once, over many topics, and the daemon's RSS around them.
+ddp: DDP step time of two trainers with tensorbus's ps_hook beside DDP's own
+allreduce (gloo), same model and threads (perf/ddp_bench.py).
 Backends run interleaved, ``--repeat`` times, so machine noise hits all of
 them alike; the table quotes medians and ratios to the first backend. A
 backend this machine cannot run (a package or server program missing) is
@@ -167,6 +170,11 @@ def table(records):
     if not records:
         return
     mode, base = records[0]["mode"], records[0]
+    if mode == "ddp":
+        import ddp_bench
+
+        ddp_bench.table(records)
+        return
     if mode == "lat":
         print(
             f"\nround trip, {base['size']} B ({base['samples']} samples each; "
@@ -232,7 +240,7 @@ def table(records):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["lat", "thr", "idle", "control"])
+    parser.add_argument("mode", choices=["lat", "thr", "idle", "control", "ddp"])
     parser.add_argument(
         "--backend",
         help="comma-separated; the first is the one the ratios describe "
@@ -249,8 +257,31 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="idle: how long to wait")
     parser.add_argument("--topics", type=int, default=1000, help="control: topics to create")
     parser.add_argument("--clients", type=int, default=200, help="control: clients cycling")
+    parser.add_argument("--width", type=int, default=3072, help="ddp: the MLP's hidden width")
+    parser.add_argument("--steps", type=int, default=12, help="ddp: steps per run")
+    parser.add_argument("--warmup", type=int, default=4, help="ddp: steps not timed")
+    parser.add_argument("--threads", type=int, default=1, help="ddp: torch threads per trainer")
+    parser.add_argument("--batch", type=int, default=32, help="ddp: batch size")
     parser.add_argument("--json", metavar="PATH", help="also write the records as JSON")
     args = parser.parse_args(argv)
+    if args.mode == "ddp":
+        import ddp_bench
+
+        names = (args.backend or "allreduce,ps_hook,ps_hook_fp16").split(",")
+        bad = [n for n in names if n not in ddp_bench.BACKENDS]
+        if bad:
+            parser.error(f"ddp backends are {', '.join(ddp_bench.BACKENDS)}, not {bad}")
+        started = time.time()
+        records = ddp_bench.run(
+            names, args.width, args.steps, args.warmup, args.repeat, args.threads, args.batch
+        )
+        table(records)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(
+                    {"started": started, "cpus": os.cpu_count(), "records": records}, f, indent=2
+                )
+        return 0
     default = {"idle": "ring", "control": "bus"}.get(args.mode, "ring,zmq,mp,iox2")
     if args.mode == "control":
         if args.backend not in (None, "bus"):
