@@ -16,13 +16,17 @@ $(STAMP): $(SOURCES)
 # The main job: a broker with a pub/sub demo and its live stats (everything it
 # starts is stopped), then tensorbus beside its peers, latency and throughput,
 # for small messages and for tensors (copy-in and loaned, beside memcpy).
+# In between, two DDP trainers under torchrun train through two parameter-
+# server shards (examples/ddp_demo.py), with the live stats view.
 demo: $(STAMP)
 	$(PY) examples/pubsub_demo.py --seconds 4
+	$(PY) examples/ddp_demo.py --steps 300
 	$(PY) perf/perf.py lat --backend bus,ring,zmq,nats,redis,iox2 --size 64
 	$(PY) perf/perf.py thr --backend bus,ring,zmq --size 64
 	$(PY) perf/perf.py thr --backend bus,bus-loan,memcpy,shm,zmq --size 64MiB --count 100
 	$(PY) perf/perf.py lat --backend bus-loan,shm,zmq --size 4KiB --count 5000
 	$(PY) perf/perf.py lat --backend bus-loan,shm --size 256MiB --count 100
+	$(PY) perf/perf.py ddp --backend allreduce,ps_hook,ps_hook_fp16
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -949,7 +949,8 @@ class Broker:
             for c in s["cursors"]:
                 for i, n in enumerate(c["latency"]):
                     hist[i] += n
-            topic.meter.update(now, head, sum(p["bytes"] for p in s["publishers"]), hist)
+            sent = {(p["index"], p["pid"]): p["bytes"] for p in s["publishers"]}
+            topic.meter.update(now, head, sent, hist)
 
 
 def default_arena_size() -> int:

@@ -52,20 +52,23 @@ class TopicMeter:
     def __init__(self) -> None:
         self.at: float | None = None
         self.head = 0
-        self.bytes = 0
+        self.bytes: dict = {}  # (record index, pid) -> bytes at the last sample
         self.hist = [0] * LATENCY_BUCKETS
         self.msgs_per_s = 0.0
         self.bytes_per_s = 0.0
         self.p50_ns: float | None = None
         self.p99_ns: float | None = None
 
-    def update(self, now: float, head: int, total_bytes: int, hist: Sequence[int]) -> None:
-        """Take a new sample of the cumulative counters at time ``now``.
-        Counters that went down (a cursor or publisher left) count as 0."""
+    def update(self, now: float, head: int, publisher_bytes: dict, hist: Sequence[int]) -> None:
+        """Take a new sample of the cumulative counters at time ``now``:
+        ``publisher_bytes`` maps each live publisher record (index, pid) to
+        its byte count, so one that left does not make the total go down.
+        Counters that went down (a cursor left) count as 0."""
         if self.at is not None and now > self.at:
             dt = now - self.at
             self.msgs_per_s = max(0, head - self.head) / dt
-            self.bytes_per_s = max(0, total_bytes - self.bytes) / dt
+            sent = sum(max(0, n - self.bytes.get(k, 0)) for k, n in publisher_bytes.items())
+            self.bytes_per_s = sent / dt
             delta = [max(0, a - b) for a, b in zip(hist, self.hist, strict=True)]
             if sum(delta):
                 self.p50_ns = percentile_ns(delta, 0.50)
@@ -74,5 +77,5 @@ class TopicMeter:
                 self.p50_ns = self.p99_ns = None
         self.at = now
         self.head = head
-        self.bytes = total_bytes
+        self.bytes = dict(publisher_bytes)
         self.hist = list(hist)

@@ -85,10 +85,13 @@ def test_percentiles_fall_in_the_right_bucket():
 def test_meter_turns_counters_into_rates():
     m = TopicMeter()
     hist = [0] * LATENCY_BUCKETS
-    m.update(10.0, 0, 0, hist)
+    m.update(10.0, 0, {}, hist)
     hist[5] = 100
-    m.update(12.0, 1000, 64000, hist)
+    m.update(12.0, 1000, {(0, 7): 64000}, hist)
     assert m.msgs_per_s == 500 and m.bytes_per_s == 32000
     assert bucket_bounds_ns(5)[0] <= m.p50_ns < bucket_bounds_ns(5)[1]
-    m.update(13.0, 900, 0, hist)  # a publisher left: counters went down
-    assert m.msgs_per_s == 0 and m.bytes_per_s == 0
+    # One publisher left, another came and sent 1000 B: the rate is 1000 B/s.
+    m.update(13.0, 1000, {(1, 8): 1000}, hist)
+    assert m.msgs_per_s == 0 and m.bytes_per_s == 1000
+    m.update(14.0, 1000, {}, hist)
+    assert m.bytes_per_s == 0
