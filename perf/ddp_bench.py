@@ -167,10 +167,13 @@ def run_once(backend: str, width: int, steps: int, warmup: int, threads: int, ba
             for p in reversed(helpers):
                 _stop(p)
     step_s = [t for rep in reports for t in rep["step_s"][warmup:]]
-    return {
-        "step_ms": 1e3 * statistics.median(step_s),
-        "bytes_per_step": reports[0]["bytes"] / max(reports[0]["steps"], 1),
-    }
+    if backend == "allreduce":
+        # gloo does not count: a ring allreduce sends 2 (W - 1) / W of the
+        # gradients per trainer, W = 2.
+        sent = 4 * params_of(width) * 2 * (2 - 1) / 2
+    else:
+        sent = reports[0]["bytes"] / max(reports[0]["steps"], 1)
+    return {"step_ms": 1e3 * statistics.median(step_s), "bytes_per_step": sent}
 
 
 def run(names, width, steps, warmup, repeat, threads, batch) -> list[dict]:
