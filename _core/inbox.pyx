@@ -21,6 +21,7 @@ from tensorbus._core.atomic cimport (
     tb_fetch_sub32,
     tb_fetch_add_u64,
     tb_load_acq32,
+    tb_load_acq64,
     tb_now_ns,
 )
 from cpython.bytes cimport PyBytes_FromStringAndSize
@@ -275,15 +276,19 @@ cdef class Inbox:
         while k < self.n:
             i = (self.next + k) % self.n
             sub = <Subscriber>self.subs[i]
+            if sub.group:
+                sub.pos = tb_load_acq64(&sub.cur.position)  # shared with the other members
             st = sub._poll(&s)
             if st == ST_OK:
                 if s.type != TB_MSG_INLINE:
                     m = self._take_tensor(sub, s, i)
-                    if m is not None:
+                    if m is not None and sub.claimed:
                         self.next = i + 1
                         return m
-                    continue  # a stale arena message was skipped: look again
+                    continue  # skipped, or another member claimed it: look again
                 payload = sub._take(s)
+                if payload is not None and not sub.claimed:
+                    continue  # another member of the queue group took it
                 if payload is not None:
                     m = Message.__new__(Message)
                     m.payload = payload

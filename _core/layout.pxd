@@ -35,6 +35,7 @@ cdef extern from "tb_layout.h" nogil:
         TB_BELL_FUTEX
         TB_BELL_FIFO
         TB_CURSOR_LATEST
+        TB_CURSOR_GROUP
         TB_RING_KEEP_LAST
 
     ctypedef struct tb_doorbell_t:
@@ -78,6 +79,7 @@ cdef extern from "tb_layout.h" nogil:
         uint32_t publisher_hwm
         uint32_t sleepers     # subscribers inside futex_wait: publishers wake only if > 0
         int64_t reclaim_hint  # arena block references below this sequence are dropped
+        uint32_t responders   # request topics: queue-group members reading the ring
         tb_doorbell_t space   # publishers waiting for credit sleep here
 
     ctypedef struct tb_cursor_t:

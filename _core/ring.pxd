@@ -106,6 +106,8 @@ cdef class Publisher:
                        int type, int flags, object timeout) except -1
     cdef _raise_backpressure(self, int64_t timeout_ns)
     cdef int64_t _send_object(self, object data, int flags, object timeout, object meta) except -2
+    cdef int64_t _send_small_bytes(self, object data, bytes meta, int flags,
+                                   object timeout) except -2
     cdef int64_t _send_array(self, object arr, str tag, int flags, object timeout,
                              object meta) except -2
     cdef object _loan_block(self, Py_ssize_t nbytes, object timeout)
@@ -133,6 +135,8 @@ cdef class Subscriber:
     cdef _SlotView view       # the slot peek() exported, held until release()
     cdef bint closed
     cdef bint latest          # QoS "latest": always read the newest message
+    cdef readonly bint group  # a queue group's shared cursor: messages are claimed by CAS
+    cdef bint claimed         # group: whether the last _advance won its message
     cdef readonly int64_t last_seq
     cdef readonly int64_t last_timestamp_ns
     cdef readonly int last_flags

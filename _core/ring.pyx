@@ -87,6 +87,7 @@ from tensorbus._core.layout cimport (
     TB_SLOT_HEADER_BYTES,
     TB_SLOTS_ALIGN,
     TB_WRITING,
+    TB_CURSOR_GROUP,
     TB_CURSOR_LATEST,
     TB_LAT_BUCKETS,
     TB_LAT_FIRST,
@@ -434,16 +435,20 @@ cdef class Ring:
 
     # -- cursors handed out by a broker ------------------------------------
 
-    def join_cursor(self, uint32_t owner_pid, *, uint32_t bell=0, bint latest=False) -> tuple:
+    def join_cursor(self, uint32_t owner_pid, *, uint32_t bell=0, bint latest=False,
+                    bint group=False) -> tuple:
         """Allocate and activate a cursor for process ``owner_pid`` (which
         adopts it with ``Subscriber(ring, cursor=..., generation=...)``).
         ``bell``: 0, or 1 + the index of its doorbell in the bell table.
         ``latest``: the cursor reads only the newest message and starts at
-        the last one published. Returns ``(index, generation)``."""
+        the last one published. ``group``: a queue group's cursor, adopted
+        by every member, each message claimed by exactly one of them.
+        Returns ``(index, generation)``."""
         self._check_open()
         if bell and (self.bells is None or bell > self.bells.count):
             raise ValueError(f"bell reference {bell} is not in this ring's bell table")
-        cdef uint32_t i = self._join(owner_pid, bell, 1 if latest else 0)
+        cdef uint32_t i = self._join(owner_pid, bell, (TB_CURSOR_LATEST if latest else 0)
+                                     | (TB_CURSOR_GROUP if group else 0))
         return i, self.v.cursors[i].generation
 
     def free_cursor(self, uint32_t index, uint32_t generation) -> bool:
@@ -518,6 +523,17 @@ cdef class Ring:
         return i
 
     # -- properties --------------------------------------------------------
+
+    @property
+    def responders(self) -> int:
+        """Request topics: members of the queue group reading this ring."""
+        self._check_open()
+        return tb_load_acq32(&self.v.h.responders)
+
+    def set_responders(self, uint32_t n) -> None:
+        """The broker's count of queue-group members (see ``responders``)."""
+        self._check_open()
+        tb_store_rel32(&self.v.h.responders, n)
 
     @property
     def name(self) -> str:
@@ -1026,7 +1042,36 @@ cdef class Publisher:
             if PyBytes_GET_SIZE(data) <= self.inline_max:
                 return self._send(NULL, 0, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data),
                                   TB_MSG_INLINE, flags, timeout)
+        elif meta is not None and type(meta) is bytes and self.v.arena != NULL and (
+                type(data) is bytes or type(data) is memoryview):
+            # Small bytes with meta (requests, replies): a "bytes" tensor
+            # built right here, no numpy on the way.
+            return self._send_small_bytes(data, meta, flags, timeout)
         return self._send_object(data, flags, timeout, meta)
+
+    cdef int64_t _send_small_bytes(self, object data, bytes meta, int flags,
+                                   object timeout) except -2:
+        cdef Py_buffer buf
+        cdef tb_tensor_desc_t d
+        if PyBytes_GET_SIZE(meta) > TB_META_BYTES:
+            raise ValueError(f"meta is {PyBytes_GET_SIZE(meta)} bytes; at most "
+                             f"{TB_META_BYTES} fit")
+        PyObject_GetBuffer(data, &buf, PyBUF_C_CONTIGUOUS)
+        if TB_DESC_BYTES + buf.len > self.inline_max:
+            PyBuffer_Release(&buf)
+            return self._send_object(data, flags, timeout, meta)
+        try:
+            memset(&d, 0, sizeof(d))
+            memcpy(d.dtype, b"bytes", 5)
+            d.block = TB_NO_BLOCK
+            d.ndim = 1
+            d.shape[0] = buf.len
+            d.nbytes = buf.len
+            memcpy(d.meta, PyBytes_AS_STRING(meta), PyBytes_GET_SIZE(meta))
+            return self._send(<const char *>&d, TB_DESC_BYTES, <const char *>buf.buf, buf.len,
+                              TB_MSG_TENSOR, flags, timeout)
+        finally:
+            PyBuffer_Release(&buf)
 
     cdef int64_t _send_object(self, object data, int flags, object timeout, object meta) except -2:
         cdef Py_buffer buf
@@ -1353,9 +1398,11 @@ cdef class Subscriber:
             i = cursor
             c = &v.cursors[i]
             # EVICTED is adopted too: the first read then raises SlowConsumer.
+            # A queue group's cursor belongs to the broker and all members.
             state = tb_load_acq32(&c.state)
             if ((state != TB_CURSOR_ACTIVE and state != TB_CURSOR_EVICTED)
-                    or c.generation != generation or c.owner_pid != <uint32_t>os.getpid()):
+                    or c.generation != generation
+                    or (c.owner_pid != <uint32_t>os.getpid() and not c.flags & TB_CURSOR_GROUP)):
                 raise TensorbusError(f"cursor {cursor} of ring {ring.name!r} is not an active "
                                      f"cursor of generation {generation} owned by this process")
             if c.bell_ref and (ring.bells is None or c.bell_ref > ring.bells.count):
@@ -1366,6 +1413,8 @@ cdef class Subscriber:
         self.index = i
         self.generation = c.generation
         self.latest = (c.flags & TB_CURSOR_LATEST) != 0
+        self.group = (c.flags & TB_CURSOR_GROUP) != 0
+        self.claimed = True
         self.pos = tb_load_acq64(&c.position)
         self.stall_since = 0
         if v.policy == TB_POLICY_OVERWRITE:
@@ -1464,9 +1513,17 @@ cdef class Subscriber:
 
     cdef void _advance(self) noexcept nogil:
         """Consume the current message: publish the new cursor position and,
-        on block rings, wake publishers that sleep waiting for credit."""
-        self.pos += 1
-        tb_store_rel64(&self.cur.position, self.pos)
+        on block rings, wake publishers that sleep waiting for credit. A
+        queue-group member claims the message by CAS instead; ``claimed``
+        says whether it won (else another member has it)."""
+        if self.group:
+            self.claimed = tb_cas64(&self.cur.position, self.pos, self.pos + 1)
+            self.pos += 1
+            if not self.claimed:
+                return
+        else:
+            self.pos += 1
+            tb_store_rel64(&self.cur.position, self.pos)
         tb_fetch_add_u64(&self.cur.received, 1)
         self.stall_since = 0
         if self.v.policy == TB_POLICY_BLOCK:
@@ -1656,13 +1713,15 @@ cdef class Subscriber:
         return 0 if self.closed else tb_load_rlx_u64(&self.cur.drops)
 
     def close(self) -> None:
-        """Leave the ring: the cursor stops holding back publishers."""
+        """Leave the ring: the cursor stops holding back publishers (a queue
+        group's cursor stays: the broker frees it with its last member)."""
         if self.closed:
             return
         if self.view is not None:
             self._drop_view()
         self.closed = True
-        self._free_cursor()
+        if not self.group:
+            self._free_cursor()
         tb_fence_sc()
         self.ring._wake_publishers()
         self.ring.endpoints -= 1
@@ -1675,7 +1734,8 @@ cdef class Subscriber:
 
     def __dealloc__(self):
         if not self.closed and self.ring is not None and self.ring.v.h != NULL:
-            self._free_cursor()
+            if not self.group:
+                self._free_cursor()
             self.ring.endpoints -= 1
 
     cdef void _free_cursor(self) noexcept nogil:

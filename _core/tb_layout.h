@@ -35,7 +35,8 @@ enum { TB_PUB_FREE = 0, TB_PUB_IDLE = 1, TB_PUB_CLAIMING = 2, TB_PUB_CLAIMED = 3
 enum { TB_MSG_INLINE = 0, TB_MSG_PAD = 1, TB_MSG_TENSOR = 2, TB_MSG_ARENA = 3 };
 enum { TB_BELL_FUTEX = 0, TB_BELL_FIFO = 1 };
 /* cursor flags */
-enum { TB_CURSOR_LATEST = 1 }; /* reads only the newest message (QoS "latest") */
+enum { TB_CURSOR_LATEST = 1, /* reads only the newest message (QoS "latest") */
+       TB_CURSOR_GROUP = 2 };  /* shared by a queue group: members claim each message by CAS */
 /* ring flags */
 enum { TB_RING_KEEP_LAST = 1 }; /* the newest message's arena block outlives its readers (QoS "latest") */
 
@@ -97,7 +98,10 @@ typedef struct {
     /* arena rings: sequences below this have had their block references
      * dropped (or are being dropped); sweeps start here */
     int64_t reclaim_hint;
-    char _pad2[40];
+    /* request topics: members of the queue group reading this ring (the
+     * broker keeps it), so a request with nobody to answer fails at once */
+    uint32_t responders;
+    char _pad2[36];
     /* line 4: publishers waiting for credit sleep here (block rings) */
     tb_doorbell_t space;
     char _pad3[48];

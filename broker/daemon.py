@@ -108,6 +108,7 @@ class Topic:
     behind_since: dict = field(default_factory=dict)  # (cursor, generation) -> monotonic
     checked_head: int = -1  # the head at the last pressure check
     pressure_pub: object = None
+    owner: tuple | None = None  # private topics (reply inboxes): the session that owns it
 
     def info(self) -> dict:
         return {
@@ -129,6 +130,22 @@ class Subscription:
     bell_generation: int
     fifo: str | None
     members: dict = field(default_factory=dict)  # topic name -> (cursor, generation)
+    group: Group | None = None  # a queue-group member (request/reply responders)
+
+
+@dataclass(eq=False)
+class Group:
+    """A queue group on one topic: one cursor (the broker's) that every
+    member adopts and claims messages from by CAS, and one futex bell that
+    every member sleeps on."""
+
+    topic: str
+    name: str
+    cursor: int
+    generation: int
+    bell: int
+    bell_generation: int
+    members: set = field(default_factory=set)  # Subscription
 
 
 @dataclass(eq=False)
@@ -156,6 +173,7 @@ class Broker:
         self.sessions: dict[tuple, Session] = {}
         self.ids = itertools.count(1)
         self.free_bells: list[int] = []
+        self.groups: dict[tuple[str, str], Group] = {}  # (topic, group name) -> Group
         self.bells: BellTable | None = None
         self.arena: Arena | None = None
         self.free_holders: list[int] = []
@@ -507,6 +525,8 @@ class Broker:
                 with contextlib.suppress(TensorbusError):
                     topic.ring.repair()  # pads claims and frees records of dead pids
         session.publishing.clear()
+        for topic in [t for t in self.topics.values() if t.owner == session.key]:
+            self._remove_topic(topic)
         if session.holder:
             if views_alive and session.pidfd >= 0:
                 self._park(session)
@@ -629,7 +649,7 @@ class Broker:
         # Cursors for every live pattern before anyone can publish: no loss.
         for session in list(self.sessions.values()):
             for sub in session.subscriptions.values():
-                if matches(sub.pattern, name):
+                if sub.group is None and matches(sub.pattern, name):
                     try:
                         self._attach(sub, topic, announce=True)
                     except CapacityError:
@@ -676,6 +696,12 @@ class Broker:
     def _op_create_topic(self, session: Session, request: P.Request) -> bytes:
         name = self._user_topic(request.fields["topic"])
         topic, created = self._get_or_create(name, request.fields)
+        if request.fields.get("private"):
+            if not created and topic.owner != session.key:
+                raise P.ProtocolViolation(
+                    "topic_conflict", f"topic {name!r} exists: a private topic must be new"
+                )
+            topic.owner = session.key  # removed with the session (a reply inbox)
         return P.encode_reply(request.id, topic=topic.info(), created=created)
 
     def _require_local(self, session: Session, what: str) -> None:
@@ -707,6 +733,8 @@ class Broker:
 
     def _op_subscribe(self, session: Session, request: P.Request) -> bytes:
         self._require_local(session, "subscribing")
+        if request.fields.get("group") is not None:
+            return self._join_group(session, request)
         pattern = validate_pattern(request.fields["pattern"])
         mode = request.fields.get("mode", "sync")
         if mode not in ("sync", "async"):
@@ -752,7 +780,92 @@ class Broker:
             members=members,
         )
 
+    def _join_group(self, session: Session, request: P.Request) -> bytes:
+        """A member of queue group ``group`` on one topic: it adopts the
+        group's cursor and bell (made with the first member)."""
+        name = self._user_topic(request.fields["pattern"])
+        group = request.fields["group"]
+        validate_topic(f"g/{group}")  # a group name is one topic level
+        if "/" in group:
+            raise P.ProtocolViolation("bad_option", f"a group name is one level, not {group!r}")
+        if request.fields.get("mode", "sync") != "sync":
+            raise P.ProtocolViolation("bad_option", "queue-group members read in sync mode")
+        topic, _ = self._get_or_create(name, {})
+        g = self.groups.get((name, group))
+        if g is None:
+            if not self.free_bells:
+                raise P.ProtocolViolation(
+                    "capacity",
+                    f"all {self.config.max_bells} doorbells are in use (--max-subscriptions)",
+                )
+            bell = self.free_bells.pop()
+            bell_generation = self.bells.setup(bell, "futex", os.getpid())
+            try:
+                cursor, generation = topic.ring.join_cursor(os.getpid(), bell=bell + 1, group=True)
+            except CapacityError as exc:
+                self.free_bells.append(bell)
+                raise P.ProtocolViolation("capacity", str(exc)) from None
+            g = Group(name, group, cursor, generation, bell, bell_generation)
+            self.groups[(name, group)] = g
+        sub = Subscription(
+            next(self.ids), session, name, "sync", g.bell, g.bell_generation, None, group=g
+        )
+        sub.members[name] = (g.cursor, g.generation)
+        session.subscriptions[sub.id] = sub
+        g.members.add(sub)
+        topic.cursors[(g.cursor, g.generation)] = sub
+        topic.ring.set_responders(len(g.members))
+        return P.encode_reply(
+            request.id,
+            sub=sub.id,
+            bell={"index": g.bell, "generation": g.bell_generation, "kind": "futex", "fifo": None},
+            members=[{"topic": topic.info(), "cursor": g.cursor, "generation": g.generation}],
+            group=group,
+        )
+
+    def _leave_group(self, sub: Subscription) -> None:
+        g = sub.group
+        g.members.discard(sub)
+        sub.session.subscriptions.pop(sub.id, None)
+        sub.members.clear()
+        topic = self.topics.get(g.topic)
+        if g.members:
+            if topic is not None:
+                topic.cursors[(g.cursor, g.generation)] = next(iter(g.members))
+                topic.ring.set_responders(len(g.members))
+            return
+        del self.groups[(g.topic, g.name)]
+        if topic is not None:
+            topic.cursors.pop((g.cursor, g.generation), None)
+            with contextlib.suppress(TensorbusError):
+                topic.ring.set_responders(0)
+                topic.ring.free_cursor(g.cursor, g.generation)
+                topic.ring.reclaim()
+        self.free_bells.append(g.bell)
+
+    def _remove_topic(self, topic: Topic) -> None:
+        """A private topic's owner left: its readers lose it, the ring goes."""
+        for key, sub in list(topic.cursors.items()):
+            sub.members.pop(topic.name, None)
+            with contextlib.suppress(TensorbusError):
+                topic.ring.free_cursor(*key)
+        with contextlib.suppress(TensorbusError):
+            topic.ring.reclaim()  # no reader left: every arena block it held goes back
+        for key in [k for k in self.groups if k[0] == topic.name]:
+            g = self.groups.pop(key)
+            for sub in g.members:
+                sub.group = None
+            self.free_bells.append(g.bell)
+        self.topics.pop(topic.name, None)
+        with contextlib.suppress(Exception):
+            topic.ring.close()
+        with contextlib.suppress(Exception):
+            topic.ring.unlink()
+
     def _release_subscription(self, sub: Subscription) -> None:
+        if sub.group is not None:
+            self._leave_group(sub)
+            return
         for name, (cursor, generation) in sub.members.items():
             topic = self.topics.get(name)
             if topic is not None:
@@ -876,8 +989,8 @@ class Broker:
             for index, generation, lag, drops in topic.ring.cursor_lags():
                 key = (index, generation)
                 sub = topic.cursors.get(key)
-                if sub is None:
-                    continue
+                if sub is None or sub.group is not None:
+                    continue  # a queue group is served by whichever member is free
                 before = topic.drops_seen.get(key, 0)
                 topic.drops_seen[key] = drops
                 if drops > before:

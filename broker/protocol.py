@@ -69,6 +69,7 @@ ERROR_CODES = {
 # client can talk to an older broker of the same protocol version.
 _STR = (str,)
 _INT = (int,)
+_BOOL = (bool,)
 OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "hello": {
         "name": (_STR, False),
@@ -81,6 +82,7 @@ OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "qos": (_STR, False),
         "capacity": (_INT, False),
         "slot_size": (_INT, False),
+        "private": (_BOOL, False),
     },
     "open_publisher": {
         "topic": (_STR, True),
@@ -89,7 +91,7 @@ OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "slot_size": (_INT, False),
     },
     "close_publisher": {"topic": (_STR, True)},
-    "subscribe": {"pattern": (_STR, True), "mode": (_STR, False)},
+    "subscribe": {"pattern": (_STR, True), "mode": (_STR, False), "group": (_STR, False)},
     "unsubscribe": {"sub": (_INT, True)},
     "list_topics": {"pattern": (_STR, False)},
     "stats": {"pattern": (_STR, False)},
@@ -151,6 +153,8 @@ def _unpack_map(raw: bytes, limit: int = MAX_MESSAGE_BYTES) -> dict:
 
 
 def _type_ok(value: Any, types: tuple[type, ...]) -> bool:
+    if types == _BOOL:
+        return isinstance(value, bool)
     return isinstance(value, types) and not isinstance(value, bool)
 
 

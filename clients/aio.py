@@ -15,6 +15,7 @@ import collections
 import contextlib
 import itertools
 import os
+import secrets
 import time
 from typing import Any
 
@@ -33,6 +34,17 @@ from tensorbus.clients._shared import (
     resolve_url,
 )
 from tensorbus.clients.errors import BrokerUnavailable, ClientClosed, error_for
+from tensorbus.clients.reqrep import (
+    INBOX_CAPACITY,
+    KIND_FAILURE,
+    KIND_REQUEST,
+    NoResponders,
+    RequestTimeout,
+    ResponderError,
+    decode_meta,
+    encode_meta,
+    inbox_topic,
+)
 
 __all__ = ["AsyncClient", "AsyncPublisher", "AsyncSubscriber", "connect"]
 
@@ -79,6 +91,7 @@ class AsyncClient:
         self._subscriptions: dict[int, AsyncSubscriber] = {}
         self._publishers: list[AsyncPublisher] = []
         self._maps: Mappings | None = None
+        self._requester: _AsyncRequester | None = None
         self._closed = False
         self._sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -158,12 +171,29 @@ class AsyncClient:
         qos: str = "reliable",
         capacity: int | None = None,
         slot_size: int | None = None,
+        private: bool = False,
     ) -> dict:
+        """See :meth:`tensorbus.Client.create_topic`."""
         validate_topic(topic)
         reply = await self._request(
-            "create_topic", topic=topic, qos=qos, capacity=capacity, slot_size=slot_size
+            "create_topic",
+            topic=topic,
+            qos=qos,
+            capacity=capacity,
+            slot_size=slot_size,
+            private=private or None,
         )
         return reply["topic"]
+
+    async def request(
+        self, topic: str, data, *, timeout: float = DEFAULT_TIMEOUT, retries: int = 2
+    ) -> Message:
+        """The asyncio twin of :meth:`tensorbus.Client.request`: one
+        responder's reply, retried with the same id, NoResponders at once."""
+        if self._requester is None:
+            self._requester = _AsyncRequester(self)
+            await self._requester.open()
+        return await self._requester.request(topic, data, timeout, retries)
 
     async def publisher(
         self,
@@ -202,6 +232,8 @@ class AsyncClient:
     async def close(self) -> None:
         if self._closed:
             return
+        if self._requester is not None:
+            await self._requester.close()
         for sub in list(self._subscriptions.values()):
             await sub.close()
         for pub in list(self._publishers):
@@ -228,6 +260,71 @@ class AsyncClient:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+class _AsyncRequester:
+    """The asyncio requesting side: a private inbox read by an
+    AsyncSubscriber, a publisher per request topic (clients/reqrep.py)."""
+
+    def __init__(self, client: AsyncClient):
+        self.client = client
+        self.token = secrets.randbits(64)
+        self.topic = inbox_topic(self.token)
+        self.inbox: AsyncSubscriber | None = None
+        self.publishers: dict[str, AsyncPublisher] = {}
+        self.ids = itertools.count(1)
+        self.lock = asyncio.Lock()  # one request at a time shares the inbox
+        self.stats = {"requests": 0, "retries": 0, "late_replies": 0}
+
+    async def open(self) -> None:
+        await self.client.create_topic(self.topic, capacity=INBOX_CAPACITY, private=True)
+        self.inbox = await self.client.subscribe(self.topic)
+
+    async def request(self, topic: str, data, timeout: float, retries: int) -> Message:
+        async with self.lock:
+            pub = self.publishers.get(topic)
+            if pub is None:
+                pub = self.publishers[topic] = await self.client.publisher(topic)
+            ring = pub._pub.ring
+            if ring.responders == 0:
+                raise NoResponders(f"no responder serves requests on topic {topic!r}")
+            request_id = next(self.ids)
+            self.stats["requests"] += 1
+            for attempt in range(retries + 1):
+                if attempt:
+                    if ring.responders == 0:
+                        raise NoResponders(
+                            f"the responders of topic {topic!r} left before answering"
+                        )
+                    self.stats["retries"] += 1
+                meta = encode_meta(request_id, self.token, attempt, KIND_REQUEST)
+                await pub.send(data, meta=meta, timeout=timeout)
+                deadline = time.monotonic() + timeout
+                while (left := deadline - time.monotonic()) > 0:
+                    try:
+                        msg = await self.inbox.recv(left)
+                    except ReceiveTimeout:
+                        break
+                    try:
+                        reply = decode_meta(msg.meta)
+                    except ValueError:
+                        reply = None
+                    if reply is None or reply.id != request_id:
+                        self.stats["late_replies"] += 1
+                        continue
+                    if reply.kind == KIND_FAILURE:
+                        raise ResponderError(bytes(msg.data).decode(errors="replace"))
+                    return msg
+            raise RequestTimeout(
+                f"no reply to request {request_id} on topic {topic!r} within {timeout:g} s "
+                f"({retries + 1} attempt(s))"
+            )
+
+    async def close(self) -> None:
+        for pub in self.publishers.values():
+            await pub.close()
+        if self.inbox is not None:
+            await self.inbox.close()
 
 
 class AsyncPublisher:

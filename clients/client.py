@@ -19,7 +19,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import zmq
@@ -40,6 +40,13 @@ from tensorbus.clients.errors import (
     ClientClosed,
     ProtocolError,
     error_for,
+)
+from tensorbus.clients.reqrep import (
+    DEFAULT_GROUP,
+    Request,
+    Requester,
+    RequestStream,
+    Responder,
 )
 
 __all__ = ["Client", "Message", "Publisher", "Subscriber", "connect"]
@@ -100,6 +107,8 @@ class Client:
         self._maps: Mappings | None = None
         self._subscriptions: dict[int, Subscriber] = {}
         self._publishers: list[Publisher] = []
+        self._requester: Requester | None = None
+        self._streams: list = []  # RequestStreams and Responders
         # pyzmq's per-process context (recreated after a fork): one I/O
         # thread for all clients of the process, not one each.
         self._sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -222,15 +231,22 @@ class Client:
         qos: str = "reliable",
         capacity: int | None = None,
         slot_size: int | None = None,
+        private: bool = False,
     ) -> dict:
         """Create ``topic`` with these options (or check that it exists with
         them: TopicError if not). QoS: ``reliable`` (every message, the
         publisher waits for credit), ``realtime`` (newest wins, drops
-        counted), ``latest`` (last value only)."""
+        counted), ``latest`` (last value only). ``private``: the topic must
+        be new, and the broker removes it when this client goes."""
         self._check()
         validate_topic(topic)
         return self._request(
-            "create_topic", topic=topic, qos=qos, capacity=capacity, slot_size=slot_size
+            "create_topic",
+            topic=topic,
+            qos=qos,
+            capacity=capacity,
+            slot_size=slot_size,
+            private=private or None,
         )["topic"]
 
     def publisher(
@@ -258,15 +274,60 @@ class Client:
         self._publishers.append(pub)
         return pub
 
-    def subscribe(self, pattern: str) -> Subscriber:
+    def subscribe(self, pattern: str, *, group: str | None = None) -> Subscriber:
         """Receive every topic matching ``pattern`` (``*``: one level,
-        ``>``: the rest), including topics created later."""
+        ``>``: the rest), including topics created later. ``group``: join
+        the queue group of that name on topic ``pattern`` (no wildcards):
+        each message goes to exactly one member."""
         self._check()
-        validate_pattern(pattern)
-        reply = self._request("subscribe", pattern=pattern, mode="sync")
+        if group is None:
+            validate_pattern(pattern)
+        else:
+            validate_topic(pattern)
+        reply = self._request("subscribe", pattern=pattern, mode="sync", group=group)
         sub = Subscriber(self, reply, pattern)
         self._subscriptions[sub.id] = sub
         return sub
+
+    # -- request/reply (clients/reqrep.py) ----------------------------------
+
+    def request(
+        self,
+        topic: str,
+        data,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int = 2,
+    ) -> Message:
+        """Send ``data`` to one responder of ``topic`` and return its reply
+        (a Message). Without a reply within ``timeout`` seconds the request
+        is sent again with the same id, up to ``retries`` times, then
+        RequestTimeout. NoResponders at once if nobody serves ``topic``;
+        ResponderError if the responder's handler failed. One request at a
+        time per client."""
+        self._check()
+        if self._requester is None:
+            self._requester = Requester(self)
+        return self._requester.request(topic, data, timeout, retries)
+
+    def requests(self, topic: str, *, group: str = DEFAULT_GROUP) -> RequestStream:
+        """The requests of ``topic`` for this member of queue group
+        ``group``: ``for req in client.requests(t): req.reply(data)``."""
+        self._check()
+        stream = RequestStream(self, topic, group)
+        self._streams.append(stream)
+        return stream
+
+    def respond(
+        self, topic: str, handler: Callable[[Request], Any], *, group: str = DEFAULT_GROUP
+    ) -> Responder:
+        """Answer every request of ``topic`` with ``handler(request)``'s
+        return value, in a background thread, as a member of ``group``.
+        ``close()`` the returned Responder to stop."""
+        self._check()
+        responder = Responder(self, topic, handler, group)
+        self._streams.append(responder)
+        return responder
 
     def topics(self, pattern: str | None = None) -> list[dict]:
         """The broker's topics (matching ``pattern``), with their options."""
@@ -285,6 +346,10 @@ class Client:
             return
         # Goodbyes to a broker that may be gone should not wait 5 s each.
         self.timeout = min(self.timeout, 1.0)
+        for stream in self._streams:
+            stream.close()
+        if self._requester is not None:
+            self._requester.close()
         for sub in list(self._subscriptions.values()):
             sub.close()
         for pub in list(self._publishers):

@@ -33,6 +33,12 @@ from tensorbus.clients.errors import (  # noqa: E402
     TensorbusError,
     TopicError,
 )
+from tensorbus.clients.reqrep import (  # noqa: E402
+    NoResponders,
+    Request,
+    RequestTimeout,
+    ResponderError,
+)
 
 __all__ = [
     "AuthError",
@@ -44,10 +50,14 @@ __all__ = [
     "HoldLimitError",
     "Message",
     "MessageTooLargeError",
+    "NoResponders",
     "NotLocalError",
     "ProtocolError",
     "Publisher",
     "ReceiveTimeout",
+    "Request",
+    "RequestTimeout",
+    "ResponderError",
     "SlowConsumer",
     "Subscriber",
     "TensorbusError",

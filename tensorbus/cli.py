@@ -164,6 +164,30 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="one JSON object per message")
     _url_arg(r)
 
+    rq = sub.add_parser(
+        "request",
+        help="send one request, print the reply",
+        description="Send DATA as a request on TOPIC to one responder and print "
+        "its reply (exit 1 with the reason if there is none).",
+    )
+    rq.add_argument("topic")
+    rq.add_argument("data")
+    rq.add_argument("--timeout", type=float, default=5.0, help="seconds per attempt")
+    rq.add_argument("--retries", type=int, default=2, help="re-sends without a reply")
+    _url_arg(rq)
+
+    rp = sub.add_parser(
+        "reply",
+        help="answer requests with fixed data",
+        description="Join queue group GROUP on TOPIC and answer each request with "
+        "DATA, printing what was asked.",
+    )
+    rp.add_argument("topic")
+    rp.add_argument("data")
+    rp.add_argument("--group", default="responders", help="queue group (default responders)")
+    rp.add_argument("--count", type=int, default=None, help="exit after N requests")
+    _url_arg(rp)
+
     ps = sub.add_parser(
         "ps",
         help="run a parameter-server shard",
@@ -371,6 +395,32 @@ def _sub(args: argparse.Namespace) -> int:
     return 0
 
 
+def _text(data) -> str:
+    return bytes(data).decode(errors="replace") if not hasattr(data, "dtype") else repr(data)
+
+
+def _request_cmd(args: argparse.Namespace) -> int:
+    with connect(args.url, name="tensorbus-request") as client:
+        reply = client.request(
+            args.topic, args.data.encode(), timeout=args.timeout, retries=args.retries
+        )
+        print(_text(reply.data), flush=True)
+    return 0
+
+
+def _reply_cmd(args: argparse.Namespace) -> int:
+    with connect(args.url, name="tensorbus-reply") as client:
+        stream = client.requests(args.topic, group=args.group)
+        print(f"tensorbus reply ready on {args.topic} (group {args.group})", flush=True)
+        n = 0
+        while args.count is None or n < args.count:
+            req = stream.next()
+            print(f"{req.topic} #{req.id}: {_text(req.data)}", flush=True)
+            req.reply(args.data.encode())
+            n += 1
+    return 0
+
+
 def _ps(args: argparse.Namespace) -> int:
     import signal
 
@@ -412,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
         "pub": _pub,
         "sub": _sub,
         "ps": _ps,
+        "request": _request_cmd,
+        "reply": _reply_cmd,
     }[args.command]
     try:
         return handler(args)

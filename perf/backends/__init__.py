@@ -24,11 +24,22 @@ BACKENDS = (
     "shm",
     "nats",
     "redis",
+    "req-bus",
+    "req-zmq",
+    "req-nats",
 )
 
 # Backends whose module must not bear the name of the package it measures
 # (a module nats.py would shadow nats for whoever puts backends/ on sys.path).
-MODULES = {"nats": "nats_ps", "redis": "redis_ps", "bus-loan": "bus_loan", "bus-arena": "bus_arena"}
+MODULES = {
+    "nats": "nats_ps",
+    "redis": "redis_ps",
+    "bus-loan": "bus_loan",
+    "bus-arena": "bus_arena",
+    "req-bus": "req_bus",
+    "req-zmq": "zmq",  # its lat is REQ/REP over ipc already
+    "req-nats": "nats_ps",  # its lat is request/reply already
+}
 
 
 def load(name: str):

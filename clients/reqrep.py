@@ -1,0 +1,326 @@
+"""Request/reply on top of the rings, with at-least-once delivery.
+
+A request topic is an ordinary ring read by a *queue group*: every
+responder of the group adopts the same cursor (the broker's) and claims
+each request by CAS, so one request reaches exactly one responder, with no
+hop through the daemon. The ring's header counts the group's members, so a
+request with nobody to answer fails at once (``NoResponders``).
+
+Each requesting client has a private reply inbox (a topic
+``_inbox/<token>`` the broker removes with the client). A request carries
+its id, the inbox token and an attempt number in the descriptor's 32-byte
+meta; the reply carries the id back. A request without a reply within its
+timeout is sent again with the same id (it may reach another responder);
+late or duplicate replies are counted and dropped, never returned to the
+wrong call. Responders remember the ids they answered (a window per
+responder): a repeated id gets the remembered reply, so a handler runs once
+per id while its responder lives.
+
+Payloads are what ``Publisher.send`` takes: bytes travel inline, arrays
+keep dtype and shape, and large tensors go through the arena with no copy
+on the receiving side.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import secrets
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+from tensorbus._core import Message
+from tensorbus._core.errors import ReceiveTimeout, RingClosedError, TensorbusError
+
+__all__ = [
+    "DEFAULT_GROUP",
+    "NoResponders",
+    "Request",
+    "RequestStream",
+    "RequestTimeout",
+    "Requester",
+    "Responder",
+    "ResponderError",
+    "decode_meta",
+    "encode_meta",
+    "inbox_topic",
+]
+
+log = logging.getLogger("tensorbus.reqrep")
+
+KIND_REQUEST, KIND_REPLY, KIND_FAILURE = 0, 1, 2
+DEFAULT_GROUP = "responders"
+INBOX_CAPACITY = 64
+DEDUP_WINDOW = 1024  # ids a responder remembers, with their replies
+REPLY_TIMEOUT = 5.0  # a requester that does not read its inbox for this long loses the reply
+_META = struct.Struct("<QQHB13x")  # id, inbox token, attempt, kind: 32 bytes
+
+
+class NoResponders(TensorbusError):
+    """Nobody answers requests on this topic."""
+
+
+class RequestTimeout(ReceiveTimeout):
+    """No reply came within the timeout, after every retry."""
+
+
+class ResponderError(TensorbusError):
+    """The responder's handler raised; the message is its sentence."""
+
+
+class ReqMeta(NamedTuple):
+    id: int
+    token: int
+    attempt: int
+    kind: int
+
+
+def encode_meta(request_id: int, token: int, attempt: int, kind: int) -> bytes:
+    return _META.pack(request_id, token, attempt, kind)
+
+
+def decode_meta(raw: bytes | None) -> ReqMeta:
+    """ValueError with a sentence for anything that is not request meta."""
+    if raw is None or len(raw) != _META.size:
+        raise ValueError("a message without request meta (32 bytes)")
+    meta = ReqMeta(*_META.unpack(raw))
+    if meta.kind not in (KIND_REQUEST, KIND_REPLY, KIND_FAILURE):
+        raise ValueError(f"unknown request message kind {meta.kind}")
+    return meta
+
+
+def inbox_topic(token: int) -> str:
+    return f"_inbox/{token:016x}"
+
+
+class Requester:
+    """A client's requesting side: its reply inbox, a publisher per request
+    topic, and the request ids. Not thread-safe: one request at a time."""
+
+    def __init__(self, client):
+        self.client = client
+        self.token = secrets.randbits(64)
+        self.topic = inbox_topic(self.token)
+        client.create_topic(self.topic, capacity=INBOX_CAPACITY, private=True)
+        self.inbox = client.subscribe(self.topic)
+        self.publishers: dict[str, Any] = {}
+        self.ids = itertools.count(1)
+        self.stats = {"requests": 0, "retries": 0, "late_replies": 0}
+
+    def _publisher(self, topic: str):
+        pub = self.publishers.get(topic)
+        if pub is None:
+            pub = self.publishers[topic] = self.client.publisher(topic)
+        return pub
+
+    def request(self, topic: str, data, timeout: float, retries: int) -> Message:
+        pub = self._publisher(topic)
+        ring = pub._pub.ring
+        if ring.responders == 0:
+            raise NoResponders(f"no responder serves requests on topic {topic!r}")
+        request_id = next(self.ids)
+        self.stats["requests"] += 1
+        for attempt in range(retries + 1):
+            if attempt:
+                if ring.responders == 0:
+                    raise NoResponders(f"the responders of topic {topic!r} left before answering")
+                self.stats["retries"] += 1
+            meta = _META.pack(request_id, self.token, attempt, KIND_REQUEST)
+            pub.send(data, meta=meta, timeout=timeout)
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    msg = self.inbox.recv(left)
+                except ReceiveTimeout:
+                    break
+                raw = msg.meta
+                if raw is None or len(raw) != _META.size:
+                    self.stats["late_replies"] += 1
+                    continue
+                rid, _, _, kind = _META.unpack(raw)
+                if rid != request_id:
+                    self.stats["late_replies"] += 1  # a retried request's first answer
+                    continue
+                if kind == KIND_FAILURE:
+                    raise ResponderError(bytes(msg.data).decode(errors="replace"))
+                return msg
+        raise RequestTimeout(
+            f"no reply to request {request_id} on topic {topic!r} within {timeout:g} s "
+            f"({retries + 1} attempt(s))"
+        )
+
+    def close(self) -> None:
+        for pub in self.publishers.values():
+            pub.close()
+        self.publishers.clear()
+        self.inbox.close()
+
+
+class Request:
+    """One request as a responder sees it: ``data`` (what was sent),
+    ``topic``, ``id``; answer it with ``reply(data)`` (or ``fail(text)``)."""
+
+    __slots__ = ("message", "id", "attempt", "_token", "_stream", "answered")
+
+    def __init__(
+        self, message: Message, request_id: int, token: int, attempt: int, stream: RequestStream
+    ):
+        self.message = message
+        self.id = request_id
+        self.attempt = attempt
+        self._token = token
+        self._stream = stream
+        self.answered = False
+
+    @property
+    def data(self):
+        return self.message.data
+
+    @property
+    def topic(self) -> str:
+        return self.message.topic
+
+    def reply(self, data) -> None:
+        """Send ``data`` (anything ``Publisher.send`` takes) to the requester."""
+        self._stream._answer(self, data, KIND_REPLY)
+
+    def fail(self, text: str) -> None:
+        """Answer with an error: the requester's call raises ResponderError."""
+        self._stream._answer(self, text.encode(), KIND_FAILURE)
+
+    def __repr__(self) -> str:
+        return f"<Request {self.id} on {self.topic!r} attempt {self.attempt}>"
+
+
+_IN_PROGRESS = object()
+
+
+class RequestStream:
+    """The requests of one topic for one member of a queue group; iterate
+    it (``for req in client.requests(topic): req.reply(...)``) or call
+    :meth:`next`. Repeated ids are answered from memory, not yielded."""
+
+    def __init__(self, client, topic: str, group: str):
+        self.client = client
+        self.topic = topic
+        self.group = group
+        self._sub = client.subscribe(topic, group=group)
+        self._replies: dict[int, Any] = {}  # inbox token -> Publisher
+        self._seen: collections.OrderedDict = collections.OrderedDict()  # (token, id) -> reply
+        self.stats = {"requests": 0, "duplicates": 0, "replies": 0, "undeliverable": 0}
+        self._closed = False
+
+    def next(self, timeout: float | None = None) -> Request:
+        """The next new request; ReceiveTimeout after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            msg = self._sub.recv(left)
+            raw = msg.meta
+            if raw is None or len(raw) != _META.size:
+                log.warning("ignored a message without request meta on %s", self.topic)
+                continue
+            request_id, token, attempt, kind = _META.unpack(raw)
+            if kind != KIND_REQUEST:
+                continue
+            key = (token, request_id)
+            seen = self._seen.get(key)
+            if seen is not None:
+                self.stats["duplicates"] += 1
+                if seen is not _IN_PROGRESS:
+                    self._send(token, seen[0], request_id, seen[1])  # the remembered answer
+                continue
+            self._seen[key] = _IN_PROGRESS
+            if len(self._seen) > DEDUP_WINDOW:
+                self._seen.popitem(last=False)
+            self.stats["requests"] += 1
+            return Request(msg, request_id, token, attempt, self)
+
+    def __iter__(self) -> Iterator[Request]:
+        while not self._closed:
+            try:
+                yield self.next()
+            except (RingClosedError, TensorbusError):
+                if self._closed:
+                    return
+                raise
+
+    def _answer(self, request: Request, data, kind: int) -> None:
+        if request.answered:
+            raise TensorbusError(f"request {request.id} was already answered")
+        request.answered = True
+        self._seen[(request._token, request.id)] = (data, kind)
+        self._send(request._token, data, request.id, kind)
+
+    def _send(self, token: int, data, request_id: int, kind: int) -> None:
+        pub = self._replies.get(token)
+        try:
+            if pub is None:
+                pub = self._replies[token] = self.client.publisher(inbox_topic(token))
+            pub.send(data, meta=_META.pack(request_id, token, 0, kind), timeout=REPLY_TIMEOUT)
+            self.stats["replies"] += 1
+        except TensorbusError as exc:  # the requester is gone (its inbox with it)
+            self.stats["undeliverable"] += 1
+            log.debug("reply to %016x undeliverable: %s", token, exc)
+            stale = self._replies.pop(token, None)
+            if stale is not None:
+                stale.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._sub.close()
+        for pub in self._replies.values():
+            pub.close()
+        self._replies.clear()
+
+
+class Responder:
+    """Runs ``handler(request) -> reply data`` for every request of a topic
+    in a thread of its own; a handler that raises answers with its error."""
+
+    def __init__(self, client, topic: str, handler: Callable[[Request], Any], group: str):
+        self.stream = RequestStream(client, topic, group)
+        self.handler = handler
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"tensorbus-responder-{topic}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                req = self.stream.next(timeout=0.2)
+            except ReceiveTimeout:
+                continue
+            except TensorbusError:
+                if self._stop.is_set():
+                    return
+                raise
+            try:
+                result = self.handler(req)
+            except Exception as exc:
+                if not req.answered:
+                    req.fail(f"{type(exc).__name__}: {exc}")
+                continue
+            if not req.answered:
+                req.reply(b"" if result is None else result)
+
+    def close(self) -> None:
+        self._stop.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(2.0)
+        self.stream.close()
+
+    def __enter__(self) -> Responder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
