@@ -27,6 +27,7 @@ demo: $(STAMP)
 	$(PY) perf/perf.py lat --backend bus-loan,shm,zmq --size 4KiB --count 5000
 	$(PY) perf/perf.py lat --backend bus-loan,shm --size 256MiB --count 100
 	$(PY) perf/perf.py ddp --backend allreduce,ps_hook,ps_hook_fp16
+	$(PY) perf/perf.py lat --backend req-bus,req-zmq,req-nats --size 64
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -120,6 +120,24 @@ def tensor_subscriber(url, pattern, count, qos="reliable"):
         print(f"ok {got}", flush=True)
 
 
+def responder(url, topic, name, mode="echo"):
+    """A queue-group member: ``echo`` answers ``<name>:<data>`` (``slow``:
+    after 5 ms of work); ``stuck``
+    prints ``got <id>`` for its first request and never answers (to be
+    killed)."""
+    with tensorbus.connect(url) as client:
+        stream = client.requests(topic)
+        print("ready", flush=True)
+        while True:
+            req = stream.next()
+            if mode == "stuck":
+                print(f"got {req.id}", flush=True)
+                time.sleep(600)
+            if mode == "slow":
+                time.sleep(0.005)  # busy: the next request goes to a free member
+            req.reply(f"{name}:".encode() + bytes(req.data))
+
+
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
     roles = {
@@ -129,5 +147,6 @@ if __name__ == "__main__":
         "loaner": loaner,
         "tensor_publisher": tensor_publisher,
         "tensor_subscriber": tensor_subscriber,
+        "responder": responder,
     }
     roles[role](*args)
