@@ -51,6 +51,8 @@ cdef class Inbox:
     cdef readonly int closed_members  # members dropped because their ring closed
     cdef Waiter waiter
     cdef int64_t slice_ns
+    cdef int waiting        # threads inside recv's nogil wait: close() then defers to them
+    cdef bint close_pending
 
     cdef _rebuild(self)
     cdef Message _poll_one(self)

@@ -380,9 +380,11 @@ cdef class Inbox:
         return m
 
     cdef _skip(self, Subscriber sub, str why):
-        """Consume a message that cannot be delivered, counting it as a drop."""
-        tb_fetch_add_u64(&sub.cur.drops, 1)
+        """Consume a message that cannot be delivered, counting it as a drop
+        (a queue-group member only if it won the message)."""
         sub._advance()
+        if sub.claimed:
+            tb_fetch_add_u64(&sub.cur.drops, 1)
         return None
 
     def poll(self):
@@ -419,9 +421,14 @@ cdef class Inbox:
             w.members = self.members
             w.n = self.n
             w.bell = self.bell
+            self.waiting += 1
             with nogil:
                 ready = self.waiter.wait(inbox_ready, &w, &self.bell.seq, &self.bell.sleeping,
                                          self.sleepers, self.n, slice_ns)
+            self.waiting -= 1
+            if self.close_pending:
+                self._finish_close()  # another thread closed us while we slept
+                return None
             m = self._poll_one()
             if m is not None:
                 return m
@@ -487,7 +494,18 @@ cdef class Inbox:
             (<Subscriber>sub)._check_stall()
 
     def close(self) -> None:
-        """Close every member subscriber (their cursors are freed)."""
+        """Close every member subscriber (their cursors are freed). Called
+        from another thread while one waits in ``recv``, the waiting thread
+        finishes the close (the members it sleeps on stay valid until then)."""
+        if self.waiting:
+            self.close_pending = True
+            with nogil:
+                self.bells.ring(self.bell_index)  # end its sleep now
+            return
+        self._finish_close()
+
+    def _finish_close(self) -> None:
+        self.close_pending = False
         self.disarm()
         subs = self.subs
         self.subs = []

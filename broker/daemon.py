@@ -64,6 +64,7 @@ __all__ = ["Broker", "BrokerConfig", "BrokerStartError", "default_arena_size"]
 log = logging.getLogger("tensorbus.broker")
 
 MAX_CAPACITY = 1 << 24
+INBOX_PREFIX = "_inbox/"  # reply inboxes: private topics, never recreated by a reply
 MAX_SLOT_SIZE = 1 << 26
 
 
@@ -695,6 +696,10 @@ class Broker:
 
     def _op_create_topic(self, session: Session, request: P.Request) -> bytes:
         name = self._user_topic(request.fields["topic"])
+        if name.startswith(INBOX_PREFIX) and not request.fields.get("private"):
+            raise P.ProtocolViolation(
+                "bad_topic", f"{INBOX_PREFIX}... topics are reply inboxes: create them private"
+            )
         topic, created = self._get_or_create(name, request.fields)
         if request.fields.get("private"):
             if not created and topic.owner != session.key:
@@ -716,6 +721,9 @@ class Broker:
     def _op_open_publisher(self, session: Session, request: P.Request) -> bytes:
         self._require_local(session, "publishing")
         name = self._user_topic(request.fields["topic"])
+        if name.startswith(INBOX_PREFIX) and name not in self.topics:
+            # A reply to a requester that left: do not bring its inbox back.
+            raise P.ProtocolViolation("no_such_topic", f"reply inbox {name!r} is gone")
         topic, created = self._get_or_create(name, request.fields)
         session.publishing[name] = session.publishing.get(name, 0) + 1
         return P.encode_reply(request.id, topic=topic.info(), created=created)

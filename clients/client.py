@@ -486,6 +486,8 @@ class Subscriber(Subscription):
         while True:
             if self._broker_gone:  # (inline: this loop is the receive hot path)
                 self._check_broker()
+            if self._closed:
+                raise ClientClosed("the subscriber is closed")
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 msg = self._inbox.recv(left)

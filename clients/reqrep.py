@@ -295,6 +295,12 @@ class Responder:
         self._thread.start()
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self.stream.close()  # from this thread: never under a wait of its own
+
+    def _serve(self) -> None:
         while not self._stop.is_set():
             try:
                 req = self.stream.next(timeout=0.2)
@@ -314,10 +320,10 @@ class Responder:
                 req.reply(b"" if result is None else result)
 
     def close(self) -> None:
+        """Stop after the current handler; the thread closes the stream."""
         self._stop.set()
         if threading.current_thread() is not self._thread:
             self._thread.join(2.0)
-        self.stream.close()
 
     def __enter__(self) -> Responder:
         return self

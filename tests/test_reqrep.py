@@ -234,3 +234,38 @@ def test_cli_request_and_reply(daemon):
             replier.kill()
         replier.wait()
         replier.stdout.close()
+
+
+def test_closing_a_stream_another_thread_waits_in(daemon):
+    with tensorbus.connect(daemon.url) as srv:
+        stream = srv.requests("svc/close")
+        outcome = []
+
+        def wait():
+            try:
+                stream.next(timeout=10)
+            except Exception as exc:
+                outcome.append(type(exc).__name__)
+
+        t = threading.Thread(target=wait)
+        t.start()
+        time.sleep(0.2)  # it sleeps in the wait now
+        stream.close()
+        t.join(5)
+        assert not t.is_alive() and outcome == ["ClientClosed"], outcome
+
+
+def test_a_reply_to_a_gone_requester_does_not_recreate_its_inbox(daemon):
+    with tensorbus.connect(daemon.url) as srv:
+        stream = srv.requests("svc/gone")
+        with tensorbus.connect(daemon.url) as cli:
+            token = 0x1234
+            cli.create_topic(R.inbox_topic(token), private=True)
+            cli.publisher("svc/gone").send(b"q", meta=R.encode_meta(1, token, 0, R.KIND_REQUEST))
+        req = stream.next(timeout=5)
+        time.sleep(0.2)  # the requester's session (and inbox) are gone
+        req.reply(b"too late")
+        assert stream.stats["undeliverable"] == 1
+        assert not any(t["name"].startswith("_inbox/") for t in srv.topics())
+        with pytest.raises(tensorbus.TopicError, match="reply inboxes"):
+            srv.create_topic("_inbox/0000000000000001")
