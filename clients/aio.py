@@ -19,6 +19,7 @@ import secrets
 import time
 from typing import Any
 
+import numpy as np
 import zmq
 import zmq.asyncio
 
@@ -375,6 +376,14 @@ class AsyncPublisher:
             pass
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
+        if (
+            isinstance(data, np.ndarray)
+            and data.nbytes > self._pub.inline_max
+            and data.dtype.kind in "biufc"
+        ):
+            # Copy a large array into a loan once; each retry then sends the
+            # loan itself instead of copying the array again.
+            data = await self._loaned_copy(data, deadline)
         nap = 0.0001
         while True:
             await asyncio.sleep(nap)
@@ -386,6 +395,20 @@ class AsyncPublisher:
                     raise BackpressureError(
                         f"topic {self.topic!r} is full: no credit within {limit:g} s"
                     ) from None
+
+    async def _loaned_copy(self, arr: np.ndarray, deadline: float) -> np.ndarray:
+        nap = 0.0001
+        while True:
+            try:
+                loan = self._pub.loan(arr.shape, arr.dtype, timeout=0)
+                break
+            except BackpressureError:
+                if self.qos != "reliable" or time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(nap)
+            nap = min(nap * 2, 0.01)
+        np.copyto(loan, arr)
+        return loan
 
     async def close(self) -> None:
         if self._closed:

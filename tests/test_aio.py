@@ -76,3 +76,27 @@ def test_async_tensors_and_loans(daemon):
             assert np.array_equal(m2.data, np.full(10, 5))
 
     asyncio.run(main())
+
+
+def test_async_send_of_a_large_array_copies_once_while_waiting(daemon):
+    async def main():
+        async with await tensorbus.aio.connect(daemon.url) as c:
+            sub = await c.subscribe("big")
+            pub = await c.publisher("big", capacity=2)
+            arr = np.arange(1 << 18, dtype=np.float32)  # 1 MiB: through the arena
+            for _ in range(2):
+                await pub.send(arr)  # fills the ring
+            allocs = (await c.stats())["broker"]["arena"]["allocs"]
+
+            async def drain_later():
+                await asyncio.sleep(0.3)  # the third send retries meanwhile
+                return [await sub.recv(timeout=5) for _ in range(3)]
+
+            reader = asyncio.create_task(drain_later())
+            await pub.send(arr, timeout=5)
+            got = await reader
+            assert all(np.array_equal(m.data, arr) for m in got)
+            # The first try copied in once; the retries sent one loan (one more).
+            assert (await c.stats())["broker"]["arena"]["allocs"] - allocs <= 2
+
+    asyncio.run(main())
