@@ -53,8 +53,12 @@ cdef class Inbox:
     cdef int64_t slice_ns
     cdef int waiting        # threads inside recv's nogil wait: close() then defers to them
     cdef bint close_pending
+    cdef bint is_closed
+    cdef list live          # the subscribers the current arrays point into
+    cdef list graveyard     # (members, sleepers, subscribers) a waiter may still read
 
     cdef _rebuild(self)
+    cdef void _bury(self) noexcept
     cdef Message _poll_one(self)
     cdef Message _take_tensor(self, Subscriber sub, tb_slot_header_t *s, int i)
     cdef _skip(self, Subscriber sub, str why)

@@ -206,6 +206,8 @@ cdef class Inbox:
         self.bell = bells.bell(bell_index)
         self.subs = []
         self.topics = []
+        self.live = []
+        self.graveyard = []
         self.members = NULL
         self.sleepers = NULL
         self.n = 0
@@ -217,6 +219,8 @@ cdef class Inbox:
     def __dealloc__(self):
         free(self.members)
         free(self.sleepers)
+        if self.graveyard:
+            self._bury()
 
     def add(self, str topic, Subscriber sub) -> None:
         """Add ``sub`` (a cursor naming this inbox's bell) under ``topic``."""
@@ -258,12 +262,26 @@ cdef class Inbox:
             members[k].pos = &sub.pos
             members[k].latest = sub.latest
             sleepers[k] = &sub.v.h.sleepers
-        free(self.members)
-        free(self.sleepers)
+        if self.waiting:
+            # Another thread sleeps on the old arrays (a notice attached a
+            # topic meanwhile): keep them, and the subscribers they point
+            # into, until it wakes.
+            self.graveyard.append((<size_t>self.members, <size_t>self.sleepers, self.live))
+        else:
+            free(self.members)
+            free(self.sleepers)
         self.members = members
         self.sleepers = sleepers
+        self.live = list(self.subs)
         self.n = n
         self.next = 0
+
+    cdef void _bury(self) noexcept:
+        """Free the arrays a waiter no longer uses."""
+        for members, sleepers, _ in self.graveyard:
+            free(<void *><size_t>members)
+            free(<void *><size_t>sleepers)
+        self.graveyard = []
 
     cdef Message _poll_one(self):
         """The next message of any member, or None. Drops members whose
@@ -410,7 +428,8 @@ cdef class Inbox:
         cdef InboxWait w
         cdef bint ready
         while True:
-            if tb_load_acq32(&self.bell.notice) or self.closed_members != closed_before:
+            if (tb_load_acq32(&self.bell.notice) or self.closed_members != closed_before
+                    or self.is_closed):
                 return None
             now = tb_now_ns()
             if deadline >= 0 and now >= deadline:
@@ -426,6 +445,8 @@ cdef class Inbox:
                 ready = self.waiter.wait(inbox_ready, &w, &self.bell.seq, &self.bell.sleeping,
                                          self.sleepers, self.n, slice_ns)
             self.waiting -= 1
+            if self.graveyard and not self.waiting:
+                self._bury()
             if self.close_pending:
                 self._finish_close()  # another thread closed us while we slept
                 return None
@@ -506,6 +527,7 @@ cdef class Inbox:
 
     def _finish_close(self) -> None:
         self.close_pending = False
+        self.is_closed = True
         self.disarm()
         subs = self.subs
         self.subs = []

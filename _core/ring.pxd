@@ -97,6 +97,7 @@ cdef class Publisher:
     cdef Py_ssize_t reserved
     cdef bint closed
     cdef public Py_ssize_t inline_max  # larger messages go to the arena (if there is one)
+    cdef bint last_dropped    # the last send was overtaken on an overwrite ring (counted)
     cdef object loans         # block -> open Loan of this publisher (weak values)
 
     cdef int _publish(self, const char *hdr, uint32_t hn, const char *data, uint32_t n,

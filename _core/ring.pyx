@@ -992,6 +992,7 @@ cdef class Publisher:
                                    <uint16_t>flags, &seq)
             if st == ST_OK or st == ST_DROPPED:
                 self.stall_since = 0
+                self.last_dropped = st == ST_DROPPED
                 return seq
             if st == ST_CLOSED:
                 raise RingClosedError(f"ring {self.ring.name!r} is closed")
@@ -1163,6 +1164,8 @@ cdef class Publisher:
                         d.offset = <uint64_t>(<char *>buf.buf - base)
                         seq = self._send(<const char *>&d, TB_DESC_BYTES, NULL, 0,
                                          TB_MSG_ARENA, flags, timeout)
+                        if self.last_dropped:
+                            return seq  # overtaken, never written: the loan stays the caller's
                         loan.mark_sent()
                         self.loans.pop(loan.block, None)
                         reclaim_passed(self.v)
@@ -1197,6 +1200,9 @@ cdef class Publisher:
             d.offset = loan.offset
             seq = self._send(<const char *>&d, TB_DESC_BYTES, NULL, 0, TB_MSG_ARENA, flags,
                              timeout)
+            if self.last_dropped:
+                loan.cancel()  # overtaken, never written: nothing references the block
+                return seq
             loan.mark_sent()
             reclaim_passed(self.v)
             return seq
@@ -1468,6 +1474,12 @@ cdef class Subscriber:
                     return ST_OK
                 c = c2  # overwritten while we copied
             seqv = c & ~TB_WRITING
+            if seqv > self.pos and self.group:
+                # A queue-group member that slept while the others claimed
+                # on: catch up with the shared position (only the claim CAS
+                # ever moves it).
+                self.pos = tb_load_acq64(&self.cur.position)
+                continue
             if seqv > self.pos:
                 # Lapped (overwrite rings; on a block ring only if our cursor
                 # was wrongly freed): skip to the middle of the live window,

@@ -244,17 +244,24 @@ static inline int tb_arena_drop(tb_arena_t *a, uint32_t i, uint32_t gen, uint64_
 }
 
 /* Drop the owner's reference (bit 0) of allocation `gen` of block `i`, if
- * it still has it. Returns 1 if dropped. */
+ * it still has it. Returns 1 if dropped. Under the lock: the generation
+ * only changes there, so the check and the clear cannot straddle a free
+ * and a new allocation of the block (whose owner bit this must not take). */
 static inline int tb_arena_drop_owner(tb_arena_t *a, uint32_t i, uint32_t gen) {
     tb_block_t *e = &a->blocks[i];
     uint64_t old;
     if (i >= a->nblocks || __atomic_load_n(&e->generation, __ATOMIC_ACQUIRE) != gen)
         return 0;
-    old = tb_load_acq_u64(&e->holds);
-    do {
-        if (!(old & TB_HOLD_OWNER))
-            return 0;
-    } while (!tb_cas_u64(&e->holds, &old, old & ~TB_HOLD_OWNER));
+    if (tb_arena_lock(a))
+        return 0;
+    if (e->generation != gen || TB_ST(e) != TB_BLOCK_USED) {
+        tb_arena_unlock(a);
+        return 0;
+    }
+    old = tb_fetch_and_u64(&e->holds, ~TB_HOLD_OWNER);
+    tb_arena_unlock(a);
+    if (!(old & TB_HOLD_OWNER))
+        return 0;
     if (old == TB_HOLD_OWNER)
         tb_arena_free(a, i, gen);
     return 1;

@@ -799,6 +799,11 @@ class Broker:
         if request.fields.get("mode", "sync") != "sync":
             raise P.ProtocolViolation("bad_option", "queue-group members read in sync mode")
         topic, _ = self._get_or_create(name, {})
+        if topic.qos != "reliable":
+            raise P.ProtocolViolation(
+                "bad_option",
+                f"a queue group reads a reliable topic; {name!r} is {topic.qos}",
+            )
         g = self.groups.get((name, group))
         if g is None:
             if not self.free_bells:
@@ -863,6 +868,7 @@ class Broker:
             g = self.groups.pop(key)
             for sub in g.members:
                 sub.group = None
+                sub.bell = -1  # the group's bell, freed once here
             self.free_bells.append(g.bell)
         self.topics.pop(topic.name, None)
         with contextlib.suppress(Exception):

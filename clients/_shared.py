@@ -69,6 +69,12 @@ class Mappings:
             self.rings[info["ring"]] = ring
         return ring
 
+    def forget(self, ring: Ring) -> None:
+        """Unmap ``ring`` if none of this client's endpoints uses it."""
+        if not ring.endpoints and self.rings.get(ring.name) is ring:
+            del self.rings[ring.name]
+            ring.detach()
+
     @property
     def holds(self) -> int:
         """Arena blocks this client still holds views of."""

@@ -43,6 +43,7 @@ from tensorbus.clients.errors import (
 )
 from tensorbus.clients.reqrep import (
     DEFAULT_GROUP,
+    INBOX_PREFIX,
     Request,
     Requester,
     RequestStream,
@@ -443,10 +444,13 @@ class Publisher:
         if self._closed:
             return
         self._closed = True
+        ring = self._pub.ring
         self._pub.close()
         client = self.client
         if self in client._publishers:
             client._publishers.remove(self)
+        if self.topic.startswith(INBOX_PREFIX) and client._maps is not None:
+            client._maps.forget(ring)  # a requester's inbox: unmapped once unused
         if not client._closed and client._pid == os.getpid():
             try:
                 client._request("close_publisher", topic=self.topic)

@@ -101,7 +101,9 @@ class ParameterServer:
         self.job, self.shard, self.num_shards = job, shard, num_shards
         self.world_size, self.mode, self.staleness = world_size, mode, staleness
         self.timeout = timeout
-        self.client = tensorbus.connect(url, name=name or f"ps-{job}-{shard}")
+        # It holds every input of a step until the step is complete (W per
+        # chunk in flight): no per-client cap below the arena's own size.
+        self.client = tensorbus.connect(url, name=name or f"ps-{job}-{shard}", max_holds=1 << 20)
         self._sub = self.client.subscribe(grad_topic(job, shard))
         self._pub = self.client.publisher(agg_topic(job, shard), timeout=timeout)
         self._stop = threading.Event()
@@ -130,6 +132,9 @@ class ParameterServer:
             try:
                 msg = self._sub.recv(timeout=POLL_S)
             except tensorbus.ReceiveTimeout:
+                msg = None
+            except tensorbus.HoldLimitError as exc:  # cannot happen below the arena's size
+                log.error("job %s shard %d: %s", self.job, self.shard, exc)
                 msg = None
             try:
                 if msg is not None:
@@ -200,6 +205,14 @@ class ParameterServer:
         # Keyed by layout too: DDP rebuilds its buckets after the first step,
         # and contributions of different layouts cannot be averaged.
         key = (meta.bucket, meta.chunk, meta.nchunks, meta.numel)
+        if key not in self._latest:
+            # A new layout of this bucket (DDP rebuilt it): this rank's inputs
+            # in the old ones are no longer wanted; let their blocks go.
+            layout = (meta.nchunks, meta.numel)
+            for old in [k for k in self._latest if k[0] == meta.bucket and k[2:] != layout]:
+                self._latest[old].msgs.pop(rank, None)
+                if not self._latest[old].msgs and not any(w[2] == old for w in self._waiting):
+                    del self._latest[old]
         latest = self._latest.setdefault(key, _Latest())
         latest.msgs[rank] = (meta.step, msg, meta)
         self._waiting.append((rank, meta.step, key))

@@ -57,6 +57,7 @@ DEFAULT_GROUP = "responders"
 INBOX_CAPACITY = 64
 DEDUP_WINDOW = 1024  # ids a responder remembers, with their replies
 REPLY_TIMEOUT = 5.0  # a requester that does not read its inbox for this long loses the reply
+REPLY_PUBLISHERS = 64  # reply publishers a responder keeps open (one per recent requester)
 _META = struct.Struct("<QQHB13x")  # id, inbox token, attempt, kind: 32 bytes
 
 
@@ -93,8 +94,11 @@ def decode_meta(raw: bytes | None) -> ReqMeta:
     return meta
 
 
+INBOX_PREFIX = "_inbox/"
+
+
 def inbox_topic(token: int) -> str:
-    return f"_inbox/{token:016x}"
+    return f"{INBOX_PREFIX}{token:016x}"
 
 
 class Requester:
@@ -212,7 +216,8 @@ class RequestStream:
         self.topic = topic
         self.group = group
         self._sub = client.subscribe(topic, group=group)
-        self._replies: dict[int, Any] = {}  # inbox token -> Publisher
+        # inbox token -> Publisher, least recently used first
+        self._replies: collections.OrderedDict = collections.OrderedDict()
         self._seen: collections.OrderedDict = collections.OrderedDict()  # (token, id) -> reply
         self.stats = {"requests": 0, "duplicates": 0, "replies": 0, "undeliverable": 0}
         self._closed = False
@@ -263,7 +268,11 @@ class RequestStream:
         pub = self._replies.get(token)
         try:
             if pub is None:
+                while len(self._replies) >= REPLY_PUBLISHERS:  # the least recently used goes
+                    self._replies.popitem(last=False)[1].close()
                 pub = self._replies[token] = self.client.publisher(inbox_topic(token))
+            else:
+                self._replies.move_to_end(token)
             pub.send(data, meta=_META.pack(request_id, token, 0, kind), timeout=REPLY_TIMEOUT)
             self.stats["replies"] += 1
         except TensorbusError as exc:  # the requester is gone (its inbox with it)

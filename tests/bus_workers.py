@@ -138,6 +138,20 @@ def responder(url, topic, name, mode="echo"):
             req.reply(f"{name}:".encode() + bytes(req.data))
 
 
+def group_reader(url, topic, group="g"):
+    """A queue-group member that reads until 2 s of silence, then prints
+    every number it claimed."""
+    with tensorbus.connect(url) as client, client.subscribe(topic, group=group) as sub:
+        print("ready", flush=True)
+        got = []
+        while True:
+            try:
+                got.append(int(bytes(sub.recv(timeout=2).data)))
+            except tensorbus.ReceiveTimeout:
+                break
+        print(" ".join(map(str, got)), flush=True)
+
+
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
     roles = {
@@ -148,5 +162,6 @@ if __name__ == "__main__":
         "tensor_publisher": tensor_publisher,
         "tensor_subscriber": tensor_subscriber,
         "responder": responder,
+        "group_reader": group_reader,
     }
     roles[role](*args)
