@@ -44,7 +44,7 @@ class Mappings:
 
     __slots__ = ("arena", "bells", "holder", "rings", "waiter")
 
-    def __init__(self, hello: dict, max_holds: int = 1024):
+    def __init__(self, hello: dict, max_holds: int = 1024, spin_us: float | None = None):
         bells = hello["bells"]
         self.bells = BellTable.attach(bells["name"], bells["fifo_dir"])
         arena = hello.get("arena")
@@ -54,7 +54,8 @@ class Mappings:
         # client can still use bytes and small inline tensors.
         self.holder = self.arena.holder(slot, max_holds) if slot else None
         self.rings: dict[str, Ring] = {}
-        self.waiter = Waiter()
+        # spin_us=0: never spin or yield, sleep at once (servers, background threads).
+        self.waiter = Waiter(spin_us) if spin_us != 0 else Waiter(0, yield_us=0)
 
     def ring(self, info: dict) -> Ring:
         ring = self.rings.get(info["ring"])

@@ -74,6 +74,7 @@ def connect(
     timeout: float = DEFAULT_TIMEOUT,
     token: str | None = None,
     max_holds: int = 1024,
+    spin_us: float | None = None,
 ) -> Client:
     """Connect to a broker and say hello.
 
@@ -82,8 +83,13 @@ def connect(
     ``TENSORBUS_URL``, else this user's default ipc socket. ``token``:
     default ``TENSORBUS_TOKEN``. ``max_holds``: how many arena blocks this
     client may hold views of at once before ``recv`` raises HoldLimitError.
-    Raises BrokerUnavailable if no broker answers within ``timeout`` seconds."""
-    return Client(url, name=name, timeout=timeout, token=token, max_holds=max_holds)
+    ``spin_us``: how long a waiting receive spins before it sleeps (default
+    ``TENSORBUS_SPIN_US``, else 50; 0: sleep at once, for servers and
+    background threads that must not take a core). Raises BrokerUnavailable
+    if no broker answers within ``timeout`` seconds."""
+    return Client(
+        url, name=name, timeout=timeout, token=token, max_holds=max_holds, spin_us=spin_us
+    )
 
 
 class Client:
@@ -97,6 +103,7 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
         token: str | None = None,
         max_holds: int = 1024,
+        spin_us: float | None = None,
     ):
         self.url = resolve_url(url)
         self.name = client_name(name)
@@ -131,7 +138,7 @@ class Client:
         self.broker_pid = hello.get("broker_pid")
         if self.local:
             try:
-                self._maps = Mappings(hello, max_holds)
+                self._maps = Mappings(hello, max_holds, spin_us)
             except BaseException:
                 self._sock.close(0)
                 raise

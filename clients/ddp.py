@@ -120,7 +120,10 @@ class PSHookState:
         self._lock = threading.Lock()
         self._failed: str | None = None
         self._residuals: dict[int, torch.Tensor] = {}
-        self.client = tensorbus.connect(url, name=f"ddp-{job}-rank{rank}", timeout=timeout)
+        # The receiver thread sleeps, never spins: the cores are the trainer's.
+        self.client = tensorbus.connect(
+            url, name=f"ddp-{job}-rank{rank}", timeout=timeout, spin_us=0
+        )
         try:
             # Subscribed before anything is sent: no aggregate can be missed.
             self._sub = self.client.subscribe(agg_pattern(job))

@@ -103,7 +103,10 @@ class ParameterServer:
         self.timeout = timeout
         # It holds every input of a step until the step is complete (W per
         # chunk in flight): no per-client cap below the arena's own size.
-        self.client = tensorbus.connect(url, name=name or f"ps-{job}-{shard}", max_holds=1 << 20)
+        # It never spins (it shares the cores with the trainers).
+        self.client = tensorbus.connect(
+            url, name=name or f"ps-{job}-{shard}", max_holds=1 << 20, spin_us=0
+        )
         self._sub = self.client.subscribe(grad_topic(job, shard))
         self._pub = self.client.publisher(agg_topic(job, shard), timeout=timeout)
         self._stop = threading.Event()
