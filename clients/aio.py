@@ -35,17 +35,7 @@ from tensorbus.clients._shared import (
     resolve_url,
 )
 from tensorbus.clients.errors import BrokerUnavailable, ClientClosed, error_for
-from tensorbus.clients.reqrep import (
-    INBOX_CAPACITY,
-    KIND_FAILURE,
-    KIND_REQUEST,
-    NoResponders,
-    RequestTimeout,
-    ResponderError,
-    decode_meta,
-    encode_meta,
-    inbox_topic,
-)
+from tensorbus.clients.reqrep import INBOX_CAPACITY, Call, inbox_topic
 
 __all__ = ["AsyncClient", "AsyncPublisher", "AsyncSubscriber", "connect"]
 
@@ -286,40 +276,20 @@ class _AsyncRequester:
             pub = self.publishers.get(topic)
             if pub is None:
                 pub = self.publishers[topic] = await self.client.publisher(topic)
-            ring = pub._pub.ring
-            if ring.responders == 0:
-                raise NoResponders(f"no responder serves requests on topic {topic!r}")
-            request_id = next(self.ids)
-            self.stats["requests"] += 1
-            for attempt in range(retries + 1):
-                if attempt:
-                    if ring.responders == 0:
-                        raise NoResponders(
-                            f"the responders of topic {topic!r} left before answering"
-                        )
-                    self.stats["retries"] += 1
-                meta = encode_meta(request_id, self.token, attempt, KIND_REQUEST)
-                await pub.send(data, meta=meta, timeout=timeout)
+            call = Call(
+                topic, next(self.ids), self.token, pub._pub.ring, timeout, retries, self.stats
+            )
+            while True:
+                await pub.send(data, meta=call.next_meta(), timeout=timeout)
                 deadline = time.monotonic() + timeout
                 while (left := deadline - time.monotonic()) > 0:
                     try:
                         msg = await self.inbox.recv(left)
                     except ReceiveTimeout:
                         break
-                    try:
-                        reply = decode_meta(msg.meta)
-                    except ValueError:
-                        reply = None
-                    if reply is None or reply.id != request_id:
-                        self.stats["late_replies"] += 1
-                        continue
-                    if reply.kind == KIND_FAILURE:
-                        raise ResponderError(bytes(msg.data).decode(errors="replace"))
-                    return msg
-            raise RequestTimeout(
-                f"no reply to request {request_id} on topic {topic!r} within {timeout:g} s "
-                f"({retries + 1} attempt(s))"
-            )
+                    reply = call.answer(msg)
+                    if reply is not None:
+                        return reply
 
     async def close(self) -> None:
         for pub in self.publishers.values():

@@ -37,6 +37,7 @@ from tensorbus._core import Message
 from tensorbus._core.errors import ReceiveTimeout, RingClosedError, TensorbusError
 
 __all__ = [
+    "Call",
     "DEFAULT_GROUP",
     "NoResponders",
     "Request",
@@ -101,6 +102,48 @@ def inbox_topic(token: int) -> str:
     return f"{INBOX_PREFIX}{token:016x}"
 
 
+class Call:
+    """One request's protocol without I/O, shared by the sync and asyncio
+    requesters: the meta of each attempt, what a reply means, when to give
+    up. ``stats`` counts requests, retries and late replies."""
+
+    __slots__ = ("topic", "id", "token", "ring", "timeout", "retries", "attempt", "stats")
+
+    def __init__(self, topic, request_id, token, ring, timeout, retries, stats):
+        if ring.responders == 0:
+            raise NoResponders(f"no responder serves requests on topic {topic!r}")
+        self.topic, self.id, self.token, self.ring = topic, request_id, token, ring
+        self.timeout, self.retries, self.stats = timeout, retries, stats
+        self.attempt = -1
+        stats["requests"] += 1
+
+    def next_meta(self) -> bytes:
+        """The meta of the next attempt; RequestTimeout after the last one,
+        NoResponders if the group left meanwhile."""
+        self.attempt += 1
+        if self.attempt > self.retries:
+            raise RequestTimeout(
+                f"no reply to request {self.id} on topic {self.topic!r} within "
+                f"{self.timeout:g} s ({self.retries + 1} attempt(s))"
+            )
+        if self.attempt:
+            if self.ring.responders == 0:
+                raise NoResponders(f"the responders of topic {self.topic!r} left before answering")
+            self.stats["retries"] += 1
+        return _META.pack(self.id, self.token, self.attempt, KIND_REQUEST)
+
+    def answer(self, msg: Message) -> Message | None:
+        """``msg`` if it answers this call (ResponderError if it reports a
+        failure); None, counted, for a late answer to an earlier call."""
+        raw = msg.meta
+        if raw is None or len(raw) != _META.size or _META.unpack(raw)[0] != self.id:
+            self.stats["late_replies"] += 1
+            return None
+        if _META.unpack(raw)[3] == KIND_FAILURE:
+            raise ResponderError(bytes(msg.data).decode(errors="replace"))
+        return msg
+
+
 class Requester:
     """A client's requesting side: its reply inbox, a publisher per request
     topic, and the request ids. Not thread-safe: one request at a time."""
@@ -123,42 +166,18 @@ class Requester:
 
     def request(self, topic: str, data, timeout: float, retries: int) -> Message:
         pub = self._publisher(topic)
-        ring = pub._pub.ring
-        if ring.responders == 0:
-            raise NoResponders(f"no responder serves requests on topic {topic!r}")
-        request_id = next(self.ids)
-        self.stats["requests"] += 1
-        for attempt in range(retries + 1):
-            if attempt:
-                if ring.responders == 0:
-                    raise NoResponders(f"the responders of topic {topic!r} left before answering")
-                self.stats["retries"] += 1
-            meta = _META.pack(request_id, self.token, attempt, KIND_REQUEST)
-            pub.send(data, meta=meta, timeout=timeout)
+        call = Call(topic, next(self.ids), self.token, pub._pub.ring, timeout, retries, self.stats)
+        while True:
+            pub.send(data, meta=call.next_meta(), timeout=timeout)
             deadline = time.monotonic() + timeout
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
+            while (left := deadline - time.monotonic()) > 0:
                 try:
                     msg = self.inbox.recv(left)
                 except ReceiveTimeout:
                     break
-                raw = msg.meta
-                if raw is None or len(raw) != _META.size:
-                    self.stats["late_replies"] += 1
-                    continue
-                rid, _, _, kind = _META.unpack(raw)
-                if rid != request_id:
-                    self.stats["late_replies"] += 1  # a retried request's first answer
-                    continue
-                if kind == KIND_FAILURE:
-                    raise ResponderError(bytes(msg.data).decode(errors="replace"))
-                return msg
-        raise RequestTimeout(
-            f"no reply to request {request_id} on topic {topic!r} within {timeout:g} s "
-            f"({retries + 1} attempt(s))"
-        )
+                reply = call.answer(msg)
+                if reply is not None:
+                    return reply
 
     def close(self) -> None:
         for pub in self.publishers.values():
