@@ -153,7 +153,9 @@ def lat(size: int, count: int, warmup: int) -> list[int]:
     return times
 
 
-def _sink(url: str, count: int, ready, result) -> None:
+def sink(url: str, count: int, ready, result) -> None:
+    """The thr peer: take ``count`` messages of bench/data in batches (each
+    batch's arena views are dropped with it)."""
     with tensorbus.connect(url, name="perf-bus-sink") as client:
         sub = client.subscribe(DATA)
         ready.put(True)
@@ -172,7 +174,7 @@ def thr(size: int, count: int) -> tuple[int, float]:
         tensorbus.connect(url, name="perf-bus-source") as client,
     ):
         client.create_topic(DATA, **_options(size))
-        with peer(_sink, url, count) as (_, result):
+        with peer(sink, url, count) as (_, result):
             pub = client.publisher(DATA, timeout=60, **_options(size))
             msg = payload(size)
             t0 = time.perf_counter()

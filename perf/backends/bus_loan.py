@@ -12,7 +12,7 @@ import time
 import tensorbus
 
 from backends._peer import peer, result_of, time_round_trips
-from backends.bus import BATCH, DATA, PING, PONG, arena_for, daemon
+from backends.bus import DATA, PING, PONG, arena_for, daemon, sink
 
 NAME = "bus-loan"
 OPTIONS = {"qos": "reliable", "capacity": 64}
@@ -50,27 +50,13 @@ def lat(size: int, count: int, warmup: int) -> list[int]:
     return times
 
 
-def _sink(url: str, count: int, ready, result) -> None:
-    with tensorbus.connect(url, name="perf-loan-sink") as client:
-        sub = client.subscribe(DATA)
-        ready.put(True)
-        received = 0
-        while received < count:
-            batch = sub.recv_batch(BATCH, 60)
-            if not batch:
-                break
-            received += len(batch)
-            del batch
-        result.put((received, time.perf_counter()))
-
-
 def thr(size: int, count: int) -> tuple[int, float]:
     with (
         daemon(arena_for(size)) as (url, _),
         tensorbus.connect(url, name="perf-loan-source") as client,
     ):
         client.create_topic(DATA, **OPTIONS)
-        with peer(_sink, url, count) as (_, result):
+        with peer(sink, url, count) as (_, result):
             pub = client.publisher(DATA, timeout=60, **OPTIONS)
             t0 = time.perf_counter()
             for _ in range(count):
