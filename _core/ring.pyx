@@ -1091,13 +1091,15 @@ cdef class Publisher:
                                   flags, timeout)
             finally:
                 PyBuffer_Release(&buf)
-        if isinstance(data, _ndarray):
-            return self._send_array(data, None, flags, timeout, meta)
-        if isinstance(data, _np.generic):  # a numpy scalar: a 0-d array
-            return self._send_array(_np.asarray(data), None, flags, timeout, meta)
-        arr, tag = _tensors.from_object(data)
-        if arr is not None:
-            return self._send_array(arr, tag, flags, timeout, meta)
+        cdef type kind = type(data)
+        if kind is not memoryview and kind is not bytearray:  # plain buffers skip the probes
+            if isinstance(data, _ndarray):
+                return self._send_array(data, None, flags, timeout, meta)
+            if isinstance(data, _np.generic):  # a numpy scalar: a 0-d array
+                return self._send_array(_np.asarray(data), None, flags, timeout, meta)
+            arr, tag = _tensors.from_object(data)
+            if arr is not None:
+                return self._send_array(arr, tag, flags, timeout, meta)
         try:
             PyObject_GetBuffer(data, &buf, PyBUF_C_CONTIGUOUS)
         except (TypeError, ValueError, BufferError) as exc:

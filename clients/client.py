@@ -497,8 +497,6 @@ class Subscriber(Subscription):
         while True:
             if self._broker_gone:  # (inline: this loop is the receive hot path)
                 self._check_broker()
-            if self._closed:
-                raise ClientClosed("the subscriber is closed")
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 msg = self._inbox.recv(left)
@@ -507,6 +505,8 @@ class Subscriber(Subscription):
                 raise self._slow_consumer(exc) from None
             if msg is not None:
                 return msg
+            if self._closed:  # closed from another thread while we waited
+                raise ClientClosed("the subscriber is closed")
             # The bell's notice flag was up (or a ring closed): read the news.
             self._inbox.notice()
             self.client._drain_notices(wait=0.2)
