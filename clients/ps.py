@@ -250,7 +250,7 @@ class ParameterServer:
             self._error(meta, "trainers sent different dtypes or sizes for the same chunk")
             return
         n = arrays[0].size
-        if tag == "<f4" and scale == 1.0:
+        if tag == "<f4":
             out = self._pub.loan(n, "float32")
             if len(arrays) == 1:
                 np.copyto(out, arrays[0])
@@ -258,6 +258,8 @@ class ParameterServer:
                 np.add(arrays[0], arrays[1], out=out)
             for a in arrays[2:]:
                 np.add(out, a, out=out)
+            if scale != 1.0:
+                out *= np.float32(scale)
         else:
             out = self._sum_wide(msgs, arrays, tag, n, scale)
         del arrays
@@ -277,7 +279,7 @@ class ParameterServer:
         return buf
 
     def _sum_wide(self, msgs: list, arrays: list, tag: str, n: int, scale: float):
-        """Sum half-precision (or rescaled float32) contributions in float32
+        """Sum half-precision contributions in float32
         scratch, then narrow into a loan of the wire dtype. torch converts
         half floats several times faster than numpy: used when present."""
         acc = self._buffer(n, 0)
@@ -296,7 +298,7 @@ class ParameterServer:
                     acc_t.add_(tmp_t)
             if scale != 1.0:
                 acc_t.mul_(scale)
-            wire = {"<f4": torch.float32, "<f2": torch.float16, "bfloat16": torch.bfloat16}
+            wire = {"<f2": torch.float16, "bfloat16": torch.bfloat16}
             out = self._pub.loan(n, wire.get(tag, torch.float32))
             (out if isinstance(out, torch.Tensor) else torch.from_numpy(out)).copy_(acc_t)
             return out
