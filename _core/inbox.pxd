@@ -61,4 +61,5 @@ cdef class Inbox:
     cdef void _bury(self) noexcept
     cdef Message _poll_one(self)
     cdef Message _take_tensor(self, Subscriber sub, tb_slot_header_t *s, int i)
-    cdef _skip(self, Subscriber sub, str why)
+    cdef _evicted(self, int i)
+    cdef _skip(self, Subscriber sub)

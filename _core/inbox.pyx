@@ -319,8 +319,7 @@ cdef class Inbox:
                     return m
                 st = ST_EVICTED  # evicted while we copied: the copy may be torn
             if st == ST_EVICTED:
-                raise SlowConsumer(f"this subscription was evicted from topic "
-                                   f"{self.topics[i]!r}: it stayed too far behind")
+                raise self._evicted(i)
             if st == ST_CLOSED:
                 self.closed_members += 1
                 self.topics.pop(i)
@@ -345,7 +344,7 @@ cdef class Inbox:
         cdef uint64_t nbytes = d.nbytes
         cdef int k
         if s.length < TB_DESC_BYTES or ndim > TB_MAX_NDIM:
-            return self._skip(sub, "a malformed tensor descriptor")
+            return self._skip(sub)  # a malformed tensor descriptor
         tag_raw = PyBytes_FromStringAndSize(d.dtype, strnlen(d.dtype, TB_DTYPE_BYTES))
         tag = _TAGS.get(tag_raw)
         if tag is None:
@@ -354,32 +353,28 @@ cdef class Inbox:
         meta = PyBytes_FromStringAndSize(<char *>d.meta, TB_META_BYTES)
         if s.type == TB_MSG_TENSOR:
             if nbytes > s.length - TB_DESC_BYTES:
-                return self._skip(sub, "a tensor longer than its slot")
+                return self._skip(sub)  # a tensor longer than its slot
             payload = PyBytes_FromStringAndSize((<char *>d) + TB_DESC_BYTES, nbytes)
-            if tb_load_acq32(&sub.cur.state) == TB_CURSOR_EVICTED:
-                raise SlowConsumer(f"this subscription was evicted from topic "
-                                   f"{self.topics[i]!r}: it stayed too far behind")
         elif s.type == TB_MSG_ARENA:
             holder = sub.ring.holder
             if holder is None:
                 # No holder slot (the broker's 63 are taken): copy the tensor
                 # out while the ring still references its block.
                 if sub.ring.arena is None or d.offset + nbytes > sub.ring.arena.size:
-                    return self._skip(sub, "an arena descriptor outside the arena")
+                    return self._skip(sub)  # an arena descriptor outside the arena
                 payload = sub.ring.arena.copy_out(d.offset, nbytes)
                 if not sub._still_there(s):
-                    return self._skip(sub, None)  # overwritten while we copied
+                    return self._skip(sub)  # overwritten while we copied
             else:
                 if d.offset + nbytes > holder.arena.a.data_size:
-                    return self._skip(sub, "an arena descriptor outside the arena")
+                    return self._skip(sub)  # an arena descriptor outside the arena
                 if not holder.acquire(d.block, d.generation):
-                    return self._skip(sub, None)  # overwritten and freed before we got it
+                    return self._skip(sub)  # overwritten and freed before we got it
                 hold = Hold._make(holder, d.block, d.offset, nbytes)
-            if tb_load_acq32(&sub.cur.state) == TB_CURSOR_EVICTED:
-                raise SlowConsumer(f"this subscription was evicted from topic "
-                                   f"{self.topics[i]!r}: it stayed too far behind")
         else:
-            return self._skip(sub, f"unknown message type {s.type}")
+            return self._skip(sub)  # an unknown message type
+        if tb_load_acq32(&sub.cur.state) == TB_CURSOR_EVICTED:
+            raise self._evicted(i)  # evicted while we copied: the copy may be torn
         sub._note(s)
         sub._advance()
         if hold is not None:
@@ -397,7 +392,11 @@ cdef class Inbox:
         m.flags = sub.last_flags
         return m
 
-    cdef _skip(self, Subscriber sub, str why):
+    cdef _evicted(self, int i):
+        return SlowConsumer(f"this subscription was evicted from topic "
+                            f"{self.topics[i]!r}: it stayed too far behind")
+
+    cdef _skip(self, Subscriber sub):
         """Consume a message that cannot be delivered, counting it as a drop
         (a queue-group member only if it won the message)."""
         sub._advance()

@@ -201,7 +201,7 @@ cdef inline void bump_max32(uint32_t *word, uint32_t value) noexcept nogil:
             return
 
 
-cdef inline void reclaim_slot(RingView *v, tb_slot_header_t *s, int64_t seq) noexcept nogil:
+cdef inline int reclaim_slot(RingView *v, tb_slot_header_t *s, int64_t seq) noexcept nogil:
     """Drop the arena reference of the message ``seq`` in slot ``s``, unless
     someone already did. The block and generation are read before the CAS on
     ``reclaim``: if it still names ``seq``, nobody has begun to reuse the
@@ -210,33 +210,52 @@ cdef inline void reclaim_slot(RingView *v, tb_slot_header_t *s, int64_t seq) noe
     cdef uint32_t block = d.block, gen = d.generation
     if tb_cas64(&d.reclaim, seq, -1):
         tb_arena_drop_owner(v.arena, block, gen)
+        return 1
+    return 0
+
+
+cdef int reclaim_window(RingView *v, int64_t lo, int64_t *upto) noexcept nogil:
+    """Drop the arena references of the messages in ``[lo, upto)`` that
+    every active cursor has read (all but the newest on "latest" rings;
+    ``upto`` is set to that bound). Slots older than a ring's worth were
+    reused, and their writers dropped them. Returns how many it dropped."""
+    cdef int64_t head = tb_load_acq64(&v.h.head), seq
+    cdef tb_slot_header_t *s
+    cdef int n = 0
+    upto[0] = slowest_cursor(v, head)
+    if upto[0] > head - v.keep:
+        upto[0] = head - v.keep
+    seq = lo if lo > head - v.capacity else head - v.capacity
+    if seq < 0:
+        seq = 0
+    while seq < upto[0]:
+        s = slot_at(v, seq)
+        if tb_load_acq64(&s.commit) == seq and s.type == TB_MSG_ARENA:
+            n += reclaim_slot(v, s, seq)
+        seq += 1
+    return n
 
 
 cdef void reclaim_passed(RingView *v) noexcept nogil:
     """Drop the arena references of the messages every active cursor has
-    read (all but the newest on "latest" rings), from the ring's hint on."""
+    read, from the ring's hint on, and move the hint."""
     if v.arena == NULL:
         return
-    cdef int64_t head = tb_load_acq64(&v.h.head)
-    cdef int64_t upto = slowest_cursor(v, head)
-    cdef int64_t lo = tb_load_acq64(&v.h.reclaim_hint), seq
-    cdef tb_slot_header_t *s
-    if upto > head - v.keep:
-        upto = head - v.keep
-    if lo < head - v.capacity:
-        lo = head - v.capacity  # older slots were reused: their writers dropped them
-    if lo >= upto:
-        return
-    seq = lo
-    while seq < upto:
-        s = slot_at(v, seq)
-        if tb_load_acq64(&s.commit) == seq and s.type == TB_MSG_ARENA:
-            reclaim_slot(v, s, seq)
-        seq += 1
+    cdef int64_t upto, lo
+    reclaim_window(v, tb_load_acq64(&v.h.reclaim_hint), &upto)
     while True:  # advance the hint, never backwards
         lo = tb_load_acq64(&v.h.reclaim_hint)
         if lo >= upto or tb_cas64(&v.h.reclaim_hint, lo, upto):
             break
+
+
+cdef int put_meta(tb_tensor_desc_t *d, bytes meta) except -1:
+    """Copy the application's meta into a descriptor, or say why it does not fit."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(meta)
+    if n > TB_META_BYTES:
+        raise ValueError(f"meta is {n} bytes; at most {TB_META_BYTES} fit")
+    memcpy(d.meta, PyBytes_AS_STRING(meta), n)
+    return 0
 
 
 cdef inline void nap_ms(long ms) noexcept nogil:
@@ -690,26 +709,10 @@ cdef class Ring:
         read (the broker calls it when it frees cursors). Returns the number
         of references dropped."""
         self._check_open()
-        cdef RingView *v = &self.v
-        if v.arena == NULL:
+        if self.v.arena == NULL:
             return 0
-        cdef int64_t head = tb_load_acq64(&v.h.head)
-        cdef int64_t upto = slowest_cursor(v, head), seq
-        cdef tb_slot_header_t *s
-        cdef tb_tensor_desc_t *d
-        cdef int n = 0
-        if upto > head - v.keep:
-            upto = head - v.keep
-        seq = max(0, head - v.capacity)
-        while seq < upto:
-            s = slot_at(v, seq)
-            if tb_load_acq64(&s.commit) == seq and s.type == TB_MSG_ARENA:
-                d = <tb_tensor_desc_t *>payload_of(s)
-                if tb_load_acq64(&d.reclaim) == seq:
-                    reclaim_slot(v, s, seq)
-                    n += 1
-            seq += 1
-        return n
+        cdef int64_t upto
+        return reclaim_window(&self.v, 0, &upto)  # the whole window, whatever the hint says
 
     def arena_refs(self) -> set:
         """``(block, generation)`` of every arena block a message in this ring
@@ -1054,9 +1057,6 @@ cdef class Publisher:
                                    object timeout) except -2:
         cdef Py_buffer buf
         cdef tb_tensor_desc_t d
-        if PyBytes_GET_SIZE(meta) > TB_META_BYTES:
-            raise ValueError(f"meta is {PyBytes_GET_SIZE(meta)} bytes; at most "
-                             f"{TB_META_BYTES} fit")
         PyObject_GetBuffer(data, &buf, PyBUF_C_CONTIGUOUS)
         if TB_DESC_BYTES + buf.len > self.inline_max:
             PyBuffer_Release(&buf)
@@ -1068,7 +1068,7 @@ cdef class Publisher:
             d.ndim = 1
             d.shape[0] = buf.len
             d.nbytes = buf.len
-            memcpy(d.meta, PyBytes_AS_STRING(meta), PyBytes_GET_SIZE(meta))
+            put_meta(&d, meta)
             return self._send(<const char *>&d, TB_DESC_BYTES, <const char *>buf.buf, buf.len,
                               TB_MSG_TENSOR, flags, timeout)
         finally:
@@ -1076,23 +1076,13 @@ cdef class Publisher:
 
     cdef int64_t _send_object(self, object data, int flags, object timeout, object meta) except -2:
         cdef Py_buffer buf
-        cdef int64_t seq
-        if self.v.arena == NULL:
-            # A ring outside a broker (no arena) carries bytes: any buffer, raw.
-            if meta is not None:
-                raise ValueError("meta needs a ring with an arena (a broker's topic)")
-            try:
-                PyObject_GetBuffer(data, &buf, PyBUF_C_CONTIGUOUS)
-            except (TypeError, ValueError, BufferError) as exc:
-                raise TypeError(f"send() takes bytes or a C-contiguous buffer, not "
-                                f"{type(data).__name__}: {exc}") from None
-            try:
-                return self._send(NULL, 0, <const char *>buf.buf, buf.len, TB_MSG_INLINE,
-                                  flags, timeout)
-            finally:
-                PyBuffer_Release(&buf)
         cdef type kind = type(data)
-        if kind is not memoryview and kind is not bytearray:  # plain buffers skip the probes
+        cdef bint arena = self.v.arena != NULL
+        if not arena and meta is not None:
+            raise ValueError("meta needs a ring with an arena (a broker's topic)")
+        # A ring outside a broker (no arena) carries bytes: any buffer, raw.
+        # Plain buffers skip the tensor probes: this is the echo's hot path.
+        if arena and kind is not memoryview and kind is not bytearray:
             if isinstance(data, _ndarray):
                 return self._send_array(data, None, flags, timeout, meta)
             if isinstance(data, _np.generic):  # a numpy scalar: a 0-d array
@@ -1103,10 +1093,11 @@ cdef class Publisher:
         try:
             PyObject_GetBuffer(data, &buf, PyBUF_C_CONTIGUOUS)
         except (TypeError, ValueError, BufferError) as exc:
-            raise TypeError(f"send() takes bytes, a buffer, a numpy array or a tensor, not "
-                            f"{type(data).__name__}: {exc}") from None
+            raise TypeError(f"send() takes bytes or a C-contiguous buffer (or, on a broker's "
+                            f"topic, a numpy array or a tensor), not {type(data).__name__}: "
+                            f"{exc}") from None
         try:
-            if buf.len <= self.inline_max and meta is None:
+            if meta is None and (buf.len <= self.inline_max or not arena):
                 return self._send(NULL, 0, <const char *>buf.buf, buf.len, TB_MSG_INLINE,
                                   flags, timeout)
         finally:
@@ -1142,10 +1133,7 @@ cdef class Publisher:
         for k in range(d.ndim):
             d.shape[k] = shape[k]
         if meta is not None:
-            mb = bytes(meta)
-            if len(mb) > TB_META_BYTES:
-                raise ValueError(f"meta is {len(mb)} bytes; at most {TB_META_BYTES} fit")
-            memcpy(d.meta, <const char *>mb, len(mb))
+            put_meta(&d, bytes(meta))
         d.block = TB_NO_BLOCK
         nbytes = arr.nbytes
         d.nbytes = nbytes

@@ -49,7 +49,7 @@ from tensorbus._core import (
 from tensorbus._core.arena import MAX_HOLDERS
 from tensorbus.broker import protocol as P
 from tensorbus.broker.paths import default_ipc_path, ensure_private_dir
-from tensorbus.broker.stats import LATENCY_BUCKETS, TopicMeter
+from tensorbus.broker.stats import LATENCY_BUCKETS, TopicMeter, private_rss_kb
 from tensorbus.broker.topics import (
     SYSTEM_PREFIX,
     TopicNameError,
@@ -747,14 +747,8 @@ class Broker:
         mode = request.fields.get("mode", "sync")
         if mode not in ("sync", "async"):
             raise P.ProtocolViolation("bad_option", f"mode must be 'sync' or 'async', not {mode!r}")
-        if not self.free_bells:
-            raise P.ProtocolViolation(
-                "capacity",
-                f"all {self.config.max_bells} doorbells are in use (--max-subscriptions)",
-            )
-        bell = self.free_bells.pop()
         kind = "fifo" if mode == "async" else "futex"
-        generation = self.bells.setup(bell, kind, session.pid)
+        bell, generation = self._take_bell(kind, session.pid)
         fifo = None
         if kind == "fifo":
             fifo = self.bells.fifo_path(bell, generation)
@@ -788,6 +782,16 @@ class Broker:
             members=members,
         )
 
+    def _take_bell(self, kind: str, owner_pid: int) -> tuple[int, int]:
+        """A free doorbell set up as ``kind``: (index, generation)."""
+        if not self.free_bells:
+            raise P.ProtocolViolation(
+                "capacity",
+                f"all {self.config.max_bells} doorbells are in use (--max-subscriptions)",
+            )
+        bell = self.free_bells.pop()
+        return bell, self.bells.setup(bell, kind, owner_pid)
+
     def _join_group(self, session: Session, request: P.Request) -> bytes:
         """A member of queue group ``group`` on one topic: it adopts the
         group's cursor and bell (made with the first member)."""
@@ -806,13 +810,7 @@ class Broker:
             )
         g = self.groups.get((name, group))
         if g is None:
-            if not self.free_bells:
-                raise P.ProtocolViolation(
-                    "capacity",
-                    f"all {self.config.max_bells} doorbells are in use (--max-subscriptions)",
-                )
-            bell = self.free_bells.pop()
-            bell_generation = self.bells.setup(bell, "futex", os.getpid())
+            bell, bell_generation = self._take_bell("futex", os.getpid())
             try:
                 cursor, generation = topic.ring.join_cursor(os.getpid(), bell=bell + 1, group=True)
             except CapacityError as exc:
@@ -954,7 +952,7 @@ class Broker:
             "uptime_s": time.monotonic() - self.started,
             "sessions": len(self.sessions),
             "topics": len(self.topics),
-            "rss_kb": _rss_kb(),
+            "rss_kb": private_rss_kb() or 0,
             "bells_free": len(self.free_bells),
             "arena": self.arena.stats() if self.arena is not None else None,
             "holders_free": len(self.free_holders),
@@ -1109,21 +1107,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _rss_kb() -> int:
-    """The daemon's own resident memory: VmRSS less the shared-memory pages
-    it maps (the arena and rings are counted once, in /dev/shm)."""
-    fields = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                name, _, value = line.partition(":")
-                if name in ("VmRSS", "RssShmem"):
-                    fields[name] = int(value.split()[0])
-    except OSError:
-        pass
-    return fields.get("VmRSS", 0) - fields.get("RssShmem", 0)
 
 
 def run(config: BrokerConfig, ready=None) -> int:

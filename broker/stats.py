@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["LATENCY_BUCKETS", "TopicMeter", "bucket_bounds_ns", "percentile_ns"]
+__all__ = ["LATENCY_BUCKETS", "TopicMeter", "bucket_bounds_ns", "percentile_ns", "private_rss_kb"]
 
 LATENCY_BUCKETS = 48
 _FIRST = 12
@@ -79,3 +79,21 @@ class TopicMeter:
         self.head = head
         self.bytes = dict(publisher_bytes)
         self.hist = list(hist)
+
+
+def private_rss_kb(pid: int | str = "self") -> int | None:
+    """Resident memory of process ``pid`` in KiB, less the shared memory it
+    maps (rings and the arena are counted once, in /dev/shm); None if
+    /proc cannot say."""
+    fields = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name in ("VmRSS", "RssShmem"):
+                    fields[name] = int(value.split()[0])
+    except OSError:
+        return None
+    if "VmRSS" not in fields:
+        return None
+    return fields["VmRSS"] - fields.get("RssShmem", 0)

@@ -1,7 +1,6 @@
 """What trainers and parameter servers say to each other, as pure functions:
 topic names, the 32-byte meta every gradient and aggregate carries, how a
-bucket is cut into chunks and the chunks spread over shards, and the
-bfloat16 conversions numpy lacks.
+bucket is cut into chunks and the chunks spread over shards.
 
 Topics are per shard, not per bucket (DDP rebuilds its buckets after the
 first step): trainers publish on ``grad/<job>/<shard>``, shard ``i``
@@ -15,8 +14,6 @@ import math
 import struct
 from typing import NamedTuple
 
-import numpy as np
-
 from tensorbus.broker.topics import validate_topic
 
 __all__ = [
@@ -28,11 +25,9 @@ __all__ = [
     "Meta",
     "agg_pattern",
     "agg_topic",
-    "bf16_to_f32",
     "chunk_bounds",
     "decode_meta",
     "encode_meta",
-    "f32_to_bf16",
     "grad_topic",
     "nchunks_of",
     "shard_of",
@@ -114,25 +109,3 @@ def shard_of(bucket: int, chunk: int, num_shards: int) -> int:
     by its index; a large one's chunks go round the shards from there, so
     every shard gets an even share (BytePS-style partitioning)."""
     return (bucket + chunk) % num_shards
-
-
-def bf16_to_f32(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """bfloat16 (as uint16 bits) -> float32, exactly."""
-    wide = bits.astype(np.uint32) << 16
-    if out is None:
-        return wide.view(np.float32)
-    np.copyto(out, wide.view(np.float32))
-    return out
-
-
-def f32_to_bf16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """float32 -> bfloat16 bits (uint16), rounding to nearest even as torch does."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    nan = np.isnan(x)
-    if nan.any():
-        rounded[nan] = 0x7FC0
-    if out is None:
-        return rounded
-    np.copyto(out, rounded)
-    return out

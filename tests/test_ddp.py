@@ -56,17 +56,6 @@ def test_chunks_spread_evenly_over_shards():
     assert {W.shard_of(b, 0, 3) for b in range(3)} == {0, 1, 2}  # small buckets by index
 
 
-def test_bf16_conversions_match_torch():
-    torch = pytest.importorskip("torch")
-    x = np.random.default_rng(0).standard_normal(10_000).astype(np.float32) * 1e3
-    x[:3] = [np.inf, -0.0, 1e-40]
-    bits = W.f32_to_bf16(x)
-    expect = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    assert np.array_equal(bits, expect)
-    back = W.bf16_to_f32(bits)
-    assert np.array_equal(back, torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float())
-
-
 # -- the server against numpy trainers ----------------------------------------
 
 
@@ -179,6 +168,14 @@ def procs_ddp():
         p.stderr.close()
 
 
+def _outcome(proc, timeout=30) -> str:
+    """A trainer's last line: ``done ...`` or ``error <sentence>``."""
+    line = ""
+    while not line.startswith(("error", "done")):
+        line = read_line(proc, timeout)
+    return line
+
+
 def _train(procs_ddp, tmp_path, tag, *extra, steps=6, wait=True):
     port, out = _free_port(), str(tmp_path / f"{tag}.pt")
     ranks = [
@@ -192,9 +189,7 @@ def _train(procs_ddp, tmp_path, tag, *extra, steps=6, wait=True):
     for r in ranks:
         assert read_line(r, 60) == "ready"
     for r in ranks:
-        line = ""
-        while not line.startswith(("done", "error")):
-            line = read_line(r, 60)
+        line = _outcome(r, 60)
         assert line.startswith("done"), line
     import torch
 
@@ -284,19 +279,22 @@ def test_async_mode_trains_within_its_staleness(daemon, procs_ddp, tmp_path):
     assert stats["aggregates"] > 0 and stats["max_lead"] <= 2
 
 
-def test_async_mode_goes_on_without_a_stalled_trainer(daemon, procs_ddp, tmp_path):
-    (server,) = _servers(procs_ddp, daemon.url, "ad", 1, "--mode", "async", "--staleness", "1",
-                         "--timeout", "1")  # fmt: skip
-    port, out = _free_port(), str(tmp_path / "ad.pt")
-    common = ["--port", str(port), "--out", out, "--url", daemon.url, "--job", "ad",
-              "--steps", "8", "--timeout", "20"]  # fmt: skip
+def _rank0_with_rank1_stalled(procs_ddp, tmp_path, url, job, steps, timeout) -> str:
+    """Train rank 0 while rank 1 stops before step 2; rank 0's outcome."""
+    port, out = _free_port(), str(tmp_path / f"{job}.pt")
+    common = ["--port", str(port), "--out", out, "--url", url, "--job", job,
+              "--steps", str(steps), "--timeout", str(timeout)]  # fmt: skip
     ok = procs_ddp("--rank", "0", *common)
     stalled = procs_ddp("--rank", "1", "--stall-at", "2", *common)
     for r in (ok, stalled):
         assert read_line(r, 60) == "ready"
-    line = ""
-    while not line.startswith(("error", "done")):
-        line = read_line(ok, 30)
+    return _outcome(ok)
+
+
+def test_async_mode_goes_on_without_a_stalled_trainer(daemon, procs_ddp, tmp_path):
+    (server,) = _servers(procs_ddp, daemon.url, "ad", 1, "--mode", "async", "--staleness", "1",
+                         "--timeout", "1")  # fmt: skip
+    line = _rank0_with_rank1_stalled(procs_ddp, tmp_path, daemon.url, "ad", 8, 20)
     assert line.startswith("done"), line
     assert _stop_server(server)["dropped_ranks"] == 1
 
@@ -311,23 +309,12 @@ def test_a_killed_server_fails_the_trainers_clearly(daemon, procs_ddp, tmp_path)
     server.kill()
     t0 = time.monotonic()
     for r in ranks:
-        line = ""
-        while not line.startswith(("error", "done")):
-            line = read_line(r, 30)
+        line = _outcome(r)
         assert line.startswith("error") and "parameter-server shard(s) 0" in line, line
     assert time.monotonic() - t0 < 15
 
 
 def test_a_stalled_trainer_fails_the_other_clearly(daemon, procs_ddp, tmp_path):
     _servers(procs_ddp, daemon.url, "st", 1, "--timeout", "1")
-    port, out = _free_port(), str(tmp_path / "st.pt")
-    common = ["--port", str(port), "--out", out, "--url", daemon.url, "--job", "st",
-              "--steps", "5", "--timeout", "10"]  # fmt: skip
-    ok = procs_ddp("--rank", "0", *common)
-    stalled = procs_ddp("--rank", "1", "--stall-at", "2", *common)
-    for r in (ok, stalled):
-        assert read_line(r, 60) == "ready"
-    line = ""
-    while not line.startswith(("error", "done")):
-        line = read_line(ok, 30)
+    line = _rank0_with_rank1_stalled(procs_ddp, tmp_path, daemon.url, "st", 5, 10)
     assert line.startswith("error") and "rank(s) 1 sent no gradient for step 2" in line, line

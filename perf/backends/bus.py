@@ -25,6 +25,7 @@ import time
 from contextlib import contextmanager
 
 import tensorbus
+from tensorbus.broker.stats import private_rss_kb
 
 from backends._peer import PEER_TIMEOUT, SPAWN, peer, result_of, server, time_round_trips
 
@@ -74,17 +75,11 @@ def arena_for(size: int) -> int:
 
 
 def _rss_kb(pid: int) -> int:
-    """Resident memory of ``pid`` without the shared-memory pages it maps
-    (the arena is created populated: counting it would hide the rest)."""
-    fields = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            name, _, value = line.partition(":")
-            if name in ("VmRSS", "RssShmem"):
-                fields[name] = int(value.split()[0])
-    if "VmRSS" not in fields:
+    """The daemon's resident memory less the shared memory it maps (KiB)."""
+    kb = private_rss_kb(pid)
+    if kb is None:
         raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
-    return fields["VmRSS"] - fields.get("RssShmem", 0)
+    return kb
 
 
 def _unlink_segments(pid: int) -> None:
@@ -122,35 +117,45 @@ def daemon(arena_size: int = 256 << 20):
                 _unlink_segments(pid)
 
 
-def _echo(url: str, size: int, total: int, ready, result) -> None:
+def echo(url: str, size: int, total: int, options: dict, ready, result) -> None:
+    """The lat peer: send every ping's data back as a pong."""
     with tensorbus.connect(url, name="perf-bus-echo") as client:
         sub = client.subscribe(PING)
-        pub = client.publisher(PONG, timeout=60, **_options(size))
+        pub = client.publisher(PONG, timeout=60, **options)
         ready.put(True)
         for _ in range(total):
             pub.send(sub.recv(timeout=60).data)
         result.put(True)
 
 
-def lat(size: int, count: int, warmup: int) -> list[int]:
+def ping_pong(
+    name: str, size: int, count: int, warmup: int, options: dict, send, peer_fn=echo
+) -> list[int]:
+    """Round trips through a broker of our own: ``send(pub)`` publishes a
+    ping with a publisher of ``options``, the peer (``peer_fn``) answers."""
     with (
         daemon(arena_for(size)) as (url, _),
-        tensorbus.connect(url, name="perf-bus-ping") as client,
+        tensorbus.connect(url, name=f"perf-{name}-ping") as client,
     ):
+        topic_options = {k: v for k, v in options.items() if k != "inline_max"}
         for topic in (PING, PONG):
-            client.create_topic(topic, **_options(size))
+            client.create_topic(topic, **topic_options)
         sub = client.subscribe(PONG)
-        with peer(_echo, url, size, warmup + count) as (_, result):
-            pub = client.publisher(PING, timeout=60, **_options(size))
-            msg = payload(size)
+        with peer(peer_fn, url, size, warmup + count, options) as (_, result):
+            pub = client.publisher(PING, timeout=60, **options)
 
             def round_trip():
-                pub.send(msg)
-                sub.recv(timeout=60)
+                send(pub)
+                sub.recv(timeout=60).release()
 
             times = time_round_trips(round_trip, count, warmup)
-            result_of(result, NAME)
+            result_of(result, name)
     return times
+
+
+def lat(size: int, count: int, warmup: int) -> list[int]:
+    msg = payload(size)
+    return ping_pong(NAME, size, count, warmup, _options(size), lambda pub: pub.send(msg))
 
 
 def sink(url: str, count: int, ready, result) -> None:

@@ -11,17 +11,17 @@ import time
 
 import tensorbus
 
-from backends._peer import peer, result_of, time_round_trips
-from backends.bus import DATA, PING, PONG, arena_for, daemon, sink
+from backends._peer import peer, result_of
+from backends.bus import DATA, PING, PONG, arena_for, daemon, ping_pong, sink
 
 NAME = "bus-loan"
 OPTIONS = {"qos": "reliable", "capacity": 64}
 
 
-def _echo(url: str, size: int, total: int, ready, result) -> None:
+def _echo(url: str, size: int, total: int, options: dict, ready, result) -> None:
     with tensorbus.connect(url, name="perf-loan-echo") as client:
         sub = client.subscribe(PING)
-        pub = client.publisher(PONG, timeout=60, **OPTIONS)
+        pub = client.publisher(PONG, timeout=60, **options)
         ready.put(True)
         for _ in range(total):
             msg = sub.recv(timeout=60)
@@ -31,23 +31,9 @@ def _echo(url: str, size: int, total: int, ready, result) -> None:
 
 
 def lat(size: int, count: int, warmup: int) -> list[int]:
-    with (
-        daemon(arena_for(size)) as (url, _),
-        tensorbus.connect(url, name="perf-loan-ping") as client,
-    ):
-        for topic in (PING, PONG):
-            client.create_topic(topic, **OPTIONS)
-        sub = client.subscribe(PONG)
-        with peer(_echo, url, size, warmup + count) as (_, result):
-            pub = client.publisher(PING, timeout=60, **OPTIONS)
-
-            def round_trip():
-                pub.send(pub.loan(size, "uint8"))
-                sub.recv(timeout=60).release()
-
-            times = time_round_trips(round_trip, count, warmup)
-            result_of(result, NAME)
-    return times
+    return ping_pong(
+        NAME, size, count, warmup, OPTIONS, lambda pub: pub.send(pub.loan(size, "uint8")), _echo
+    )
 
 
 def thr(size: int, count: int) -> tuple[int, float]:
