@@ -1,0 +1,1217 @@
+"""Bridges: the daemon's side of links to other daemons and light clients.
+
+Design notes (docs/bridge.md has the full story):
+
+* Everything runs on the daemon's event loop; nothing here blocks. The
+  bridge reads local rings through cursors the broker allocates for it (one
+  internal subscription per peer and priority class, each with a FIFO bell
+  the loop watches) and publishes what arrives into local rings with its
+  own publishers, from its own mapping of the rings and its own arena
+  holder slot. So a message crosses the network once per host: local fan-out
+  is the ring's.
+* Order: one cursor per topic and link reads the ring in order, one
+  publisher per topic and link writes it in order: per-publisher order holds.
+* Credit (hard detail 12): the receiver grants per-topic windows (messages
+  and bytes, INITIAL_WINDOW_* up front) and returns them as it commits into
+  its ring. A reliable topic at zero credit is taken out of the bridge's
+  inbox, so its cursor stalls and local publishers block on a full ring: a
+  slow remote subscriber slows the publisher and nothing is dropped.
+  Realtime and latest topics never stall: out of credit, the bridge drops
+  and counts.
+* Batching is opportunistic: the bridge sends what it took as soon as its
+  inbox is empty, coalescing what queued meanwhile (up to BATCH_BYTES), so a
+  lone small message never waits for a timer.
+* Priorities: control > params > gradients by topic prefix. The bridge
+  drains the classes in that order while the link's bytes in flight stay
+  under INFLIGHT_BYTES.
+* Liveness: heartbeats on the link channel; a link silent for three
+  periods is down. The dialing side reconnects with backoff. Outbound
+  cursors survive a link for ``link_grace_s`` (reliable publishers feel
+  backpressure meanwhile); then they are freed, and reliable topics fed by
+  the lost link get a gap marker so their subscribers raise GapError
+  instead of silently missing messages.
+* Loops: messages a bridge published carry FLAG_BRIDGED and are never
+  forwarded to another daemon, so a full mesh carries each message once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import secrets
+import time
+import uuid
+
+import msgpack
+import numpy as np
+import zmq
+
+from tensorbus._core import (
+    FLAG_BRIDGED,
+    FLAG_GAP,
+    BackpressureError,
+    Inbox,
+    Ring,
+    Subscriber,
+    TensorbusError,
+    Waiter,
+)
+from tensorbus._core import tensors as _tensors
+from tensorbus.broker import peer_wire as W
+from tensorbus.broker import protocol as P
+from tensorbus.broker.topics import is_system, matches
+
+__all__ = ["Bridge", "PRIORITY_NAMES", "priority_of"]
+
+log = logging.getLogger("tensorbus.bridge")
+
+PRIORITY_NAMES = ("control", "params", "gradients")
+DEFAULT_PRIORITIES = (
+    ("control/", 0),
+    ("ctl/", 0),
+    ("params/", 1),
+    ("agg/", 1),
+    ("grad/", 2),
+)
+DEFAULT_PRIORITY = 1
+BATCH_BYTES = 64 << 10  # inline entries up to this; a batch is sent at this size
+INFLIGHT_BYTES = 16 << 20  # beyond this (and one message), lower classes wait
+TAKE = 8  # messages taken from an inbox at a time
+BACKOFF_MIN_S = 0.05
+BACKOFF_MAX_S = 5.0
+NOT_FORWARDED = ("_inbox/",)  # reply inboxes are private to their host
+
+
+def priority_of(name: str, table=DEFAULT_PRIORITIES) -> int:
+    """0 (control), 1 (params) or 2 (gradients) for topic ``name``."""
+    for prefix, level in table:
+        if name.startswith(prefix):
+            return level
+    return DEFAULT_PRIORITY
+
+
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+class OutTopic:
+    """A local topic forwarded on one peer's link."""
+
+    __slots__ = (
+        "name",
+        "id",
+        "qos",
+        "prio",
+        "sub",
+        "key",
+        "credit_msgs",
+        "credit_bytes",
+        "parked",
+        "sent",
+        "dropped",
+        "announced",
+    )
+
+    def __init__(self, name: str, tid: int, qos: str, prio: int, sub: Subscriber, key):
+        self.name = name
+        self.id = tid
+        self.qos = qos
+        self.prio = prio
+        self.sub = sub
+        self.key = key  # (cursor, generation) the broker handed out
+        self.credit_msgs = W.INITIAL_WINDOW_MSGS
+        self.credit_bytes = W.INITIAL_WINDOW_BYTES
+        self.parked = False
+        self.sent = 0  # sequence of the next message on this link epoch
+        self.dropped = 0
+        self.announced = False
+
+
+class InTopic:
+    """A topic that arrives on one peer's link, published into the local ring."""
+
+    __slots__ = ("id", "name", "qos", "pub", "backlog", "received", "slot_size")
+
+    def __init__(self, tid: int, name: str, qos: str, pub, slot_size: int):
+        self.id = tid
+        self.name = name
+        self.qos = qos
+        self.pub = pub
+        self.backlog: collections.deque = collections.deque()
+        self.received = 0
+        self.slot_size = slot_size
+
+
+class Peer:
+    """One remote party: another daemon (``kind="peer"``) or a light client
+    (``kind="client"``). Outlives its links: outbound cursors and what was
+    received per topic survive a reconnect to the same instance."""
+
+    def __init__(self, bridge: Bridge, kind: str, url: str | None = None):
+        self.bridge = bridge
+        self.kind = kind
+        self.url = url  # dialed peers: where to dial
+        self.node: str | None = None  # the remote daemon's node id
+        self.node_hint: str | None = None  # dialed peers: its node id from hello
+        self.name = url or "?"
+        self.boot_id = ""
+        self.state = "connecting"
+        self.link: Link | None = None
+        self.since = time.monotonic()
+        self.patterns: set[str] = set()  # the remote side's interest
+        self.sent_interest: set[str] = set()
+        self.out: dict[str, OutTopic] = {}
+        self.out_ids = 0
+        self.classes: list = [None, None, None]  # per priority: (Subscription, Inbox, fd)
+        self.in_topics: dict[int, InTopic] = {}
+        self.received: dict[str, int] = {}  # topic -> messages received from this instance
+        self.grants: dict[int, list] = {}
+        self.kick_pending = False
+        self.armed = False
+        self.backlogged: set[int] = set()
+        self.grace_handle: asyncio.TimerHandle | None = None
+        self.counters = collections.Counter()
+        self.dialer: asyncio.Task | None = None
+
+    # -- interest and outbound cursors -----------------------------------
+
+    def wants(self, name: str) -> bool:
+        if is_system(name) or name.startswith(NOT_FORWARDED):
+            return False
+        return any(matches(p, name) for p in self.patterns)
+
+    def set_interest(self, add: list, remove: list) -> None:
+        for pattern in add:
+            if isinstance(pattern, str):
+                self.patterns.add(pattern)
+        for pattern in remove:
+            self.patterns.discard(pattern)
+        self.disarm()
+        broker = self.bridge.broker
+        if self.patterns and self.classes[0] is None:
+            for prio in range(3):
+                sub, bell = broker.open_bridge_subscription(
+                    self,
+                    lambda name, p=prio: self.wants(name) and self.prio(name) == p,
+                    self._attach,
+                )
+                inbox = Inbox(broker.bells, bell["index"], waiter=self.bridge.waiter)
+                fd = os.open(bell["fifo"], os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+                self.classes[prio] = (sub, inbox, fd)
+                asyncio.get_running_loop().add_reader(fd, self._fifo_ready, fd)
+        for name in [n for n in self.out if not self.wants(n)]:
+            self._detach(name)
+        if self.classes[0] is not None:
+            for sub, _, _ in self.classes:
+                broker.refresh_bridge_subscription(sub)
+            if not self.patterns:
+                self.close_outbound()
+        self.kick()
+
+    def prio(self, name: str) -> int:
+        return priority_of(name, self.bridge.priorities)
+
+    def _attach(self, sub, topic, cursor: int, generation: int) -> None:
+        """The broker gave this peer a cursor on ``topic`` (a match)."""
+        self.disarm()
+        ring = self.bridge.ring(topic.ring.name)
+        core = Subscriber(ring, cursor=cursor, generation=generation)
+        prio = self.prio(topic.name)
+        self.out_ids += 1
+        t = OutTopic(topic.name, self.out_ids, topic.qos, prio, core, (cursor, generation))
+        self.out[topic.name] = t
+        self.classes[prio][1].add(topic.name, core)
+        if self.link is not None and self.link.up:
+            self._announce(t)
+        self.kick()
+
+    def _detach(self, name: str) -> None:
+        t = self.out.pop(name)
+        if not t.parked:
+            self.classes[t.prio][1].remove(name)
+        t.sub.close()
+        self.bridge.broker.drop_bridge_cursor(self.classes[t.prio][0], name)
+
+    def close_outbound(self) -> None:
+        """Free every outbound cursor and the class subscriptions."""
+        self.disarm()
+        for name in list(self.out):
+            self._detach(name)
+        loop = asyncio.get_running_loop()
+        for entry in self.classes:
+            if entry is None:
+                continue
+            sub, inbox, fd = entry
+            with contextlib.suppress(Exception):
+                loop.remove_reader(fd)
+            os.close(fd)
+            inbox.close()
+            self.bridge.broker.close_bridge_subscription(sub)
+        self.classes = [None, None, None]
+
+    def _announce(self, t: OutTopic) -> None:
+        topic = self.bridge.broker.topics.get(t.name)
+        if topic is None:
+            return
+        self.link.send_control(
+            W.encode_control(
+                "topic",
+                id=t.id,
+                name=t.name,
+                qos=topic.qos,
+                capacity=topic.capacity,
+                slot_size=topic.slot_size,
+            )
+        )
+        t.announced = True
+
+    # -- the send pump -----------------------------------------------------
+
+    def _fifo_ready(self, fd: int) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(fd, 4096):
+                pass
+        self.kick()
+
+    def disarm(self) -> None:
+        if self.armed:
+            for entry in self.classes:
+                if entry is not None:
+                    entry[1].disarm()
+            self.armed = False
+
+    def kick(self) -> None:
+        """Pump soon (once, however many events ask)."""
+        if not self.kick_pending:
+            self.kick_pending = True
+            asyncio.get_running_loop().call_soon(self._pump)
+
+    def _pump(self) -> None:
+        self.kick_pending = False
+        self.disarm()
+        link = self.link
+        if link is None or not link.up or self.classes[0] is None:
+            return
+        while True:
+            batch = bytearray()
+            bodies: list = []
+            budget_hit = False
+            for prio in range(3):
+                inbox = self.classes[prio][1]
+                while True:
+                    if link.inflight() >= INFLIGHT_BYTES:
+                        budget_hit = True
+                        break
+                    msgs = inbox.take(TAKE)
+                    if not msgs:
+                        break
+                    for m in msgs:
+                        self._encode(m, batch, bodies)
+                        if len(batch) >= BATCH_BYTES or bodies:
+                            link.send_data(batch, bodies)
+                            batch, bodies = bytearray(), []
+                if budget_hit:
+                    break
+            if batch or bodies:
+                link.send_data(batch, bodies)
+            if budget_hit:
+                # Wait for the transport to drain; its completions kick us.
+                asyncio.get_running_loop().call_later(0.0005, self.kick)
+                return
+            self.armed = True
+            if all(entry[1].arm() for entry in self.classes):
+                return
+            self.disarm()  # something arrived while arming: go again
+
+    def _encode(self, m, batch: bytearray, bodies: list) -> None:
+        t = self.out.get(m.topic)
+        flags = m.flags
+        if t is None or (self.kind == "peer" and flags & (FLAG_BRIDGED | FLAG_GAP)):
+            return  # detached meanwhile, or it came from another host
+        nbytes = m.nbytes
+        if t.qos != "reliable" and (t.credit_msgs <= 0 or t.credit_bytes <= 0):
+            t.dropped += 1
+            self.counters["dropped"] += 1
+            return
+        t.credit_msgs -= 1
+        t.credit_bytes -= nbytes
+        seq = t.sent
+        t.sent += 1
+        self.counters["sent"] += 1
+        self.counters["sent_bytes"] += nbytes
+        if not t.announced:
+            self._announce(t)
+        if m.dtype is None:
+            batch += W.encode_batch_entry(W.BYTES, flags, t.id, seq, nbytes)
+            batch += m.data
+        else:
+            data = m.data
+            raw = (
+                data.cast("B") if isinstance(data, memoryview) else data.reshape(-1).view(np.uint8)
+            )
+            kind = W.TENSOR if nbytes <= BATCH_BYTES else W.BODY
+            batch += W.encode_batch_entry(kind, flags, t.id, seq, nbytes, m.dtype, m.meta, m.shape)
+            if kind == W.TENSOR:
+                batch += raw
+            else:
+                bodies.append(raw)
+        if t.qos == "reliable" and (t.credit_msgs <= 0 or t.credit_bytes <= 0) and not t.parked:
+            self.classes[t.prio][1].remove(t.name)  # its cursor stalls: backpressure upstream
+            t.parked = True
+
+    def on_credit(self, grants: list) -> None:
+        by_id = {t.id: t for t in self.out.values()}
+        self.disarm()
+        for grant in grants:
+            if not isinstance(grant, list) or len(grant) != 3:
+                raise W.WireError("a credit grant is [topic id, messages, bytes]")
+            t = by_id.get(grant[0])
+            if t is None:
+                continue
+            t.credit_msgs += int(grant[1])
+            t.credit_bytes += int(grant[2])
+            if t.parked and t.credit_msgs > 0 and t.credit_bytes > 0:
+                self.classes[t.prio][1].add(t.name, t.sub)
+                t.parked = False
+        self.kick()
+
+    # -- receiving ---------------------------------------------------------
+
+    def on_topic(self, f: dict) -> None:
+        name = f["name"]
+        try:
+            topic = self.bridge.broker.bridge_topic(name, f)
+        except ValueError as exc:
+            raise W.WireError(str(exc)) from None
+        ring = self.bridge.ring(topic.ring.name)
+        pub = ring.publisher(timeout=0)
+        pub.inline_max = min(topic.slot_size, BATCH_BYTES)
+        old = self.in_topics.get(f["id"])
+        if old is not None:
+            old.pub.close()
+        self.in_topics[f["id"]] = InTopic(f["id"], name, topic.qos, pub, topic.slot_size)
+
+    def in_topic(self, tid: int) -> InTopic:
+        t = self.in_topics.get(tid)
+        if t is None:
+            raise W.WireError(f"data for topic id {tid} before its announcement")
+        return t
+
+    def loan_for(self, entry: W.Entry):
+        """Where a body lands: a loan in the local arena, or None (then the
+        transport keeps it and the backlog copies it in later)."""
+        t = self.in_topic(entry.topic)
+        if t.backlog:
+            return None
+        try:
+            return t.pub.loan((entry.nbytes,), "uint8", timeout=0)
+        except (BackpressureError, TensorbusError):
+            return None
+
+    def deliver(self, entry: W.Entry, body=None) -> None:
+        """Publish one arrived message into its local ring (or queue it
+        behind the ones waiting for credit there)."""
+        t = self.in_topic(entry.topic)
+        t.received += 1
+        self.received[t.name] = self.received.get(t.name, 0) + 1
+        self.counters["received"] += 1
+        self.counters["received_bytes"] += entry.nbytes
+        item = (entry, body if body is not None else entry.payload)
+        if t.backlog or not self._publish(t, item):
+            if entry.payload is not None:  # it views the transport's frame: keep a copy
+                item = (entry, bytes(entry.payload))
+            t.backlog.append(item)
+            self.backlogged.add(t.id)
+            self.bridge.schedule_retry()
+
+    def _publish(self, t: InTopic, item) -> bool:
+        """True once published (or dropped for good); False: the ring is
+        full, try again later."""
+        entry, data = item
+        try:
+            if entry is None:  # a gap marker
+                t.pub.send(data, flags=FLAG_GAP)
+            elif entry.kind == W.BYTES:
+                t.pub.send(data, flags=entry.flags | FLAG_BRIDGED)
+            else:
+                itemsize = _tensors.numpy_dtype(entry.dtype).itemsize
+                if (
+                    isinstance(data, np.ndarray)
+                    and data.dtype == np.uint8
+                    and data.base is not None
+                ):
+                    buf = data  # a loan: published with no copy
+                elif entry.nbytes > t.pub.inline_max:
+                    loan = t.pub.loan((entry.nbytes,), "uint8", timeout=0)
+                    loan[:] = np.frombuffer(data, np.uint8, entry.nbytes)
+                    buf = loan
+                    item = (entry, loan)  # keep the copy if the ring is full
+                else:
+                    buf = np.frombuffer(data, np.uint8, entry.nbytes)
+                arr = buf.view(f"V{itemsize}").reshape(entry.shape) if entry.nbytes else buf
+                t.pub.send_described(
+                    arr, entry.dtype, meta=entry.meta, flags=entry.flags | FLAG_BRIDGED
+                )
+        except BackpressureError:
+            if t.qos != "reliable":
+                self.counters["dropped"] += 1
+                return True  # realtime: a full arena is a drop, counted
+            return False
+        except (TensorbusError, ValueError, TypeError) as exc:
+            log.warning("peer %s: message for %s dropped: %s", self.name, t.name, exc)
+            self.counters["bad"] += 1
+            return True
+        if entry is not None:
+            grant = self.grants.setdefault(t.id, [0, 0])
+            grant[0] += 1
+            grant[1] += entry.nbytes
+        return True
+
+    def retry_backlog(self) -> bool:
+        """Publish what waited; True while something still waits."""
+        for tid in list(self.backlogged):
+            t = self.in_topics.get(tid)
+            if t is None:
+                self.backlogged.discard(tid)
+                continue
+            while t.backlog:
+                if not self._publish(t, t.backlog[0]):
+                    break
+                t.backlog.popleft()
+            if not t.backlog:
+                self.backlogged.discard(tid)
+        self.flush_grants()
+        return bool(self.backlogged)
+
+    def flush_grants(self) -> None:
+        if self.grants and self.link is not None and self.link.up:
+            grants = [[tid, m, b] for tid, (m, b) in self.grants.items()]
+            self.link.send_control(W.encode_control("credit", grants=grants))
+        self.grants.clear()
+
+    def mark_gaps(self, reason: str) -> None:
+        """Tell reliable subscribers of what this peer fed that messages
+        may be lost: a gap marker in each of those rings."""
+        for name, count in self.received.items():
+            topic = self.bridge.broker.topics.get(name)
+            if topic is None or topic.qos != "reliable":
+                continue
+            ring = self.bridge.ring(topic.ring.name)
+            pub = ring.publisher(timeout=0)
+            t = InTopic(-1, name, topic.qos, pub, topic.slot_size)
+            body = msgpack.packb(
+                {"topic": name, "peer": self.name, "received": count, "reason": reason}
+            )
+            if not self._publish(t, (None, body)):
+                t.backlog.append((None, body))
+                self.bridge.orphans.append(t)
+                self.bridge.schedule_retry()
+            self.counters["gaps"] += 1
+        self.received.clear()
+
+    # -- link life ---------------------------------------------------------
+
+    def link_up(self, link: Link, node: str, name: str, boot: str) -> None:
+        if self.grace_handle is not None:
+            self.grace_handle.cancel()
+            self.grace_handle = None
+        if self.link is not None and self.link is not link:
+            self.link.close()  # both sides dialed at once: the newer link wins
+        new_instance = self.node is not None and node != self.node
+        if new_instance:
+            log.info("peer %s restarted (new node id): starting afresh", name)
+            self.mark_gaps(f"peer {name} restarted; messages it held are lost")
+            self.close_outbound()
+            self.patterns.clear()
+        self.node, self.name, self.boot_id = node, name, boot
+        self.link = link
+        self.state = "up"
+        self.since = time.monotonic()
+        self.in_topics.clear()
+        self.sent_interest = set()
+        if self.counters["links"]:
+            self.counters["reconnects"] += 1
+        self.counters["links"] += 1
+        # A fresh epoch: credit and sequences start again; topics are re-announced.
+        resume = {}
+        self.disarm()
+        for t in self.out.values():
+            resume[t.name] = t.sent
+            t.sent = 0
+            t.announced = False
+            t.credit_msgs, t.credit_bytes = W.INITIAL_WINDOW_MSGS, W.INITIAL_WINDOW_BYTES
+            if t.parked:
+                self.classes[t.prio][1].add(t.name, t.sub)
+                t.parked = False
+        if resume:
+            link.send_control(W.encode_control("resume", sent=resume))
+        if self.kind == "peer":
+            self.bridge.send_interest(self)
+        log.info("link to %s %s is up (%s)", self.kind, name, link.transport)
+        self.kick()
+
+    def on_resume(self, sent: dict) -> None:
+        """The same peer instance came back: compare what it sent on the
+        last link with what arrived; a shortfall is a gap."""
+        for name, count in sent.items():
+            got = self.received.get(name, 0)
+            if isinstance(count, int) and count > got:
+                self._gap_one(name, f"{count - got} message(s) lost in flight on a broken link")
+            self.received[name] = 0
+
+    def _gap_one(self, name: str, reason: str) -> None:
+        saved = self.received
+        self.received = {name: saved.get(name, 0)}
+        self.mark_gaps(reason)
+        self.received = saved
+
+    def link_down(self, reason: str) -> None:
+        link, self.link = self.link, None
+        if link is None:
+            return
+        link.close()
+        self.state = "down"
+        self.since = time.monotonic()
+        self.disarm()
+        log.warning("link to %s %s is down: %s", self.kind, self.name, reason)
+        if self.kind == "client":
+            self.close()
+            return
+        grace = self.bridge.config.link_grace_s
+        self.grace_handle = asyncio.get_running_loop().call_later(grace, self._grace_over, reason)
+
+    def _grace_over(self, reason: str) -> None:
+        self.grace_handle = None
+        if self.link is not None:
+            return
+        log.warning(
+            "peer %s stayed down for %.1f s: its cursors are freed",
+            self.name,
+            self.bridge.config.link_grace_s,
+        )
+        self.mark_gaps(f"link to peer {self.name} lost ({reason})")
+        self.close_outbound()
+        self.patterns.clear()
+
+    def close(self) -> None:
+        if self.grace_handle is not None:
+            self.grace_handle.cancel()
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+        self.close_outbound()
+        for t in self.in_topics.values():
+            with contextlib.suppress(Exception):
+                t.pub.close()
+        self.in_topics.clear()
+        self.state = "closed"
+        self.bridge.forget(self)
+
+    def stats(self) -> dict:
+        return {
+            "kind": self.kind,
+            "peer": self.name,
+            "node": self.node,
+            "state": self.state,
+            "transport": self.link.transport if self.link is not None else None,
+            "for_s": round(time.monotonic() - self.since, 3),
+            "interest": sorted(self.patterns),
+            "forwarding": len(self.out),
+            "parked": sum(1 for t in self.out.values() if t.parked),
+            "backlog": sum(len(t.backlog) for t in self.in_topics.values()),
+            **{
+                k: self.counters[k]
+                for k in (
+                    "sent",
+                    "sent_bytes",
+                    "received",
+                    "received_bytes",
+                    "dropped",
+                    "gaps",
+                    "reconnects",
+                    "bad",
+                )
+            },
+        }
+
+
+class Link:
+    """One link channel: the ZeroMQ connection (and, for UCX, the endpoint)
+    of one epoch of a peer. ``send_control``/``send_data`` never block."""
+
+    def __init__(
+        self,
+        bridge: Bridge,
+        peer: Peer,
+        link_id: int,
+        secret: str,
+        transport: str,
+        sock=None,
+        identity: bytes | None = None,
+    ):
+        self.bridge = bridge
+        self.peer = peer
+        self.id = link_id
+        self.secret = secret
+        self.transport = transport
+        self.sock = sock  # dialing side: our DEALER; accepting side: the link ROUTER
+        self.identity = identity
+        self.up = False
+        self.last_rx = time.monotonic()
+        self.trackers: collections.deque = collections.deque()  # (tracker, nbytes)
+        self.ucx = None  # a UcxData when the data goes over UCX
+        self.ucx_peer_address: bytes | None = None
+        self.async_sock = None  # dialing side: the asyncio socket the loop waits on
+        self.session = None  # accepting side: the control session that opened it
+        self.pending: tuple = ("", "", "")  # (node, name, boot id) until attached
+
+    def _frames(self, frames: list) -> list:
+        return frames if self.identity is None else [self.identity, *frames]
+
+    def send_control(self, body: bytes) -> None:
+        try:
+            self.sock.send_multipart(self._frames([W.CONTROL, body]), zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            self.bridge.loop.call_soon(self.peer.link_down, f"send failed: {exc}")
+
+    def send_data(self, batch: bytearray, bodies: list) -> None:
+        if self.ucx is not None:
+            self.ucx.send(bytes(batch), bodies)
+            return
+        nbytes = sum(b.nbytes for b in bodies)
+        try:
+            tracker = self.sock.send_multipart(
+                self._frames([W.DATA, bytes(batch), *bodies]),
+                zmq.NOBLOCK,
+                copy=not bodies,
+                track=bool(bodies),
+            )
+        except zmq.ZMQError as exc:
+            self.bridge.loop.call_soon(self.peer.link_down, f"send failed: {exc}")
+            return
+        if bodies:
+            self.trackers.append((tracker, nbytes))
+
+    def inflight(self) -> int:
+        if self.ucx is not None:
+            return self.ucx.inflight
+        while self.trackers and self.trackers[0][0].done:
+            self.trackers.popleft()
+        return sum(n for _, n in self.trackers)
+
+    def close(self) -> None:
+        self.up = False
+        if self.ucx is not None:
+            self.ucx.close()
+            self.ucx = None
+        if self.async_sock is not None:
+            self.bridge.unwatch(self.sock)
+            self.async_sock.close(0)  # the shadow in self.sock goes with it
+            self.async_sock = None
+        self.sock = None
+        self.bridge.links.pop(self.id, None)
+
+
+class Bridge:
+    """Every link of one daemon: the link ROUTER that accepts them, the
+    dialers of configured peers, and the shared ring mappings."""
+
+    def __init__(self, broker, config):
+        self.broker = broker
+        self.config = config
+        self.node = uuid.uuid4().hex
+        self.boot_id = boot_id()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.peers: list[Peer] = []
+        self.links: dict[int, Link] = {}
+        self.ids = 0
+        self.router = None
+        self.router_async = None
+        self.endpoint: str | None = None
+        self.rings: dict[str, Ring] = {}
+        self.holder = None
+        self.waiter = Waiter(0, yield_us=0)
+        self.priorities = DEFAULT_PRIORITIES
+        self.retry_pending = False
+        self.orphans: list[InTopic] = []  # gap markers waiting for ring space
+        self.tasks: list[asyncio.Task] = []
+        self.watched: dict = {}
+        self.transport = config.transport
+        self.ucx_context = None
+
+    # -- start and stop ----------------------------------------------------
+
+    async def start(self, ctx, host: str | None) -> None:
+        self.loop = asyncio.get_running_loop()
+        slot = self.broker.take_holder()
+        self.holder = self.broker.arena.holder(slot, 1 << 20) if slot else None
+        if host is not None:
+            import zmq.asyncio
+
+            self.router_async = ctx.socket(zmq.ROUTER)
+            sock = self.router_async
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+            self.broker.secure_server(sock)
+            port = self.config.link_port
+            bind_host = f"[{host}]" if ":" in host else host
+            if port:
+                sock.bind(f"tcp://{bind_host}:{port}")
+            else:
+                sock.bind_to_random_port(f"tcp://{bind_host}")
+            self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            self.router = zmq.Socket.shadow(sock.underlying)
+            self.tasks.append(asyncio.create_task(self._serve_router()))
+        if self.transport in ("ucx", "auto"):
+            from tensorbus.broker import bridge_ucx
+
+            self.ucx_context = await bridge_ucx.start(self.transport == "ucx")
+            if self.ucx_context is None:
+                self.transport = "tcp"
+        self.tasks.append(asyncio.create_task(self._heartbeats()))
+        for url in self.config.peers:
+            peer = Peer(self, "peer", url)
+            self.peers.append(peer)
+            peer.dialer = asyncio.create_task(self._dial(peer, ctx))
+
+    async def stop(self) -> None:
+        for peer in list(self.peers):
+            if peer.dialer is not None:
+                peer.dialer.cancel()
+            if peer.link is not None:
+                peer.link.send_control(W.encode_control("bye"))
+            with contextlib.suppress(Exception):
+                peer.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.router_async is not None:
+            self.router_async.close(0)
+        for ring in self.rings.values():
+            with contextlib.suppress(Exception):
+                ring.detach()
+        if self.ucx_context is not None:
+            from tensorbus.broker import bridge_ucx
+
+            await bridge_ucx.stop(self.ucx_context)
+
+    def ring(self, name: str) -> Ring:
+        """The bridge's own mapping of a local ring (with its holder slot)."""
+        ring = self.rings.get(name)
+        if ring is None:
+            ring = Ring.attach(
+                name,
+                bells=self.broker.bells,
+                waiter=self.waiter,
+                arena=self.broker.arena,
+                holder=self.holder,
+            )
+            self.rings[name] = ring
+        return ring
+
+    def session_closed(self, key) -> None:
+        """A control session ended: a light client's link goes with it."""
+        for peer in list(self.peers):
+            link = peer.link
+            if peer.kind == "client" and link is not None and link.session == key:
+                peer.link_down("its client session ended")
+
+    def forget(self, peer: Peer) -> None:
+        if peer.kind == "client" and peer in self.peers:
+            self.peers.remove(peer)
+
+    def unwatch(self, sock) -> None:
+        task = self.watched.pop(id(sock), None)
+        if task is not None:
+            task.cancel()
+
+    # -- interest ----------------------------------------------------------
+
+    def local_patterns(self) -> set[str]:
+        patterns = set(self.broker.local_patterns())
+        for peer in self.peers:
+            if peer.kind == "client":
+                patterns |= peer.patterns
+        return patterns
+
+    def interest_changed(self) -> None:
+        for peer in self.peers:
+            if peer.kind == "peer" and peer.link is not None and peer.link.up:
+                self.send_interest(peer)
+
+    def send_interest(self, peer: Peer) -> None:
+        now = self.local_patterns()
+        add, remove = now - peer.sent_interest, peer.sent_interest - now
+        if add or remove:
+            peer.link.send_control(
+                W.encode_control("interest", add=sorted(add), remove=sorted(remove))
+            )
+            peer.sent_interest = now
+
+    # -- backlog -----------------------------------------------------------
+
+    def schedule_retry(self) -> None:
+        if not self.retry_pending:
+            self.retry_pending = True
+            self.loop.call_later(0.001, self._retry)
+
+    def _retry(self) -> None:
+        self.retry_pending = False
+        waiting = False
+        for peer in self.peers:
+            if peer.backlogged:
+                waiting |= peer.retry_backlog()
+        for t in list(self.orphans):
+            try:
+                t.pub.send(t.backlog[0][1], flags=FLAG_GAP)
+            except BackpressureError:
+                waiting = True
+                continue
+            self.orphans.remove(t)
+            t.pub.close()
+        if waiting:
+            self.schedule_retry()
+
+    # -- accepting links ---------------------------------------------------
+
+    def open_link(self, f: dict, session_key) -> dict:
+        """The ``link`` op: a peer daemon or a light client wants a link.
+        Returns the reply fields (where to attach, and with what secret)."""
+        if self.router is None:
+            raise P.ProtocolViolation(
+                "bad_request", "this broker accepts no links: start it with --tcp HOST:PORT"
+            )
+        kind = f.get("kind", "peer")
+        if kind not in ("peer", "client"):
+            raise P.ProtocolViolation(
+                "bad_option", f"link kind must be peer or client, not {kind!r}"
+            )
+        node = f.get("node") or uuid.uuid4().hex
+        if node == self.node:
+            raise P.ProtocolViolation("bad_request", "a daemon cannot link to itself")
+        transport = f.get("transport", "tcp")
+        if transport == "ucx" and self.ucx_context is None:
+            transport = "tcp"  # the dialer falls back: UCX needs both sides
+        peer = None
+        if kind == "peer":
+            # Both daemons may list each other: the one with the smaller node
+            # id keeps its own dialed link; the other's dialer stands by.
+            for p in self.peers:
+                if p.kind == "peer" and node in (p.node, p.node_hint):
+                    peer = p
+            if (
+                peer is not None
+                and peer.url is not None
+                and peer.link is not None
+                and (self.node < node)
+            ):
+                raise P.ProtocolViolation(
+                    "topic_conflict", "redundant link: this daemon already dials you"
+                )
+        if peer is None:
+            peer = Peer(self, kind)
+            peer.name = f.get("name") or node[:8]
+            self.peers.append(peer)
+        if peer.link is not None:
+            peer.link_down("replaced by a new link")
+        self.ids += 1
+        link = Link(self, peer, self.ids, secrets.token_hex(16), transport, sock=self.router)
+        link.session = session_key
+        link.pending = (node, f.get("name") or node[:8], f.get("boot_id", ""))
+        self.links[link.id] = link
+        reply = {
+            "link": link.id,
+            "secret": link.secret,
+            "endpoint": self.endpoint,
+            "node": self.node,
+            "boot_id": self.boot_id,
+            "transport": transport,
+            "heartbeat_s": self.config.heartbeat_s,
+        }
+        if transport == "ucx":
+            from tensorbus.broker import bridge_ucx
+
+            reply["ucx_address"] = bridge_ucx.worker_address(self.ucx_context)
+            link.ucx_peer_address = f.get("ucx_address")
+        return reply
+
+    async def _serve_router(self) -> None:
+        sock = self.router
+        while True:
+            await self.router_async.poll(zmq.POLLIN)
+            for _ in range(64):
+                try:
+                    identity = sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    self._on_router_message(identity, sock)
+                except Exception:
+                    log.exception("link message failed")
+            await asyncio.sleep(0)
+
+    def _on_router_message(self, identity: bytes, sock) -> None:
+        link = self._by_identity(identity)
+        if link is None:
+            frames = []
+            while sock.getsockopt(zmq.RCVMORE) and len(frames) < 2:
+                frames.append(sock.recv())
+            self._drain(sock)
+            self._attach_link(identity, frames)
+            return
+        self.on_frames(link, sock)
+
+    def _by_identity(self, identity: bytes):
+        for link in self.links.values():
+            if link.identity == identity and link.up:
+                return link
+        return None
+
+    def _attach_link(self, identity: bytes, frames: list) -> None:
+        """The first message of a new connection must attach it to a link
+        opened on the control socket, with that link's secret."""
+        try:
+            if len(frames) != 2 or frames[0] != W.CONTROL:
+                raise W.WireError("the first message on a link channel is attach")
+            kind, f = W.decode_control(frames[1])
+        except W.WireError:
+            log.warning("link channel: a message from an unattached connection was dropped")
+            return
+        link = self.links.get(f.get("link")) if kind == "attach" else None
+        if link is None or link.up or not secrets.compare_digest(link.secret, f.get("secret", "")):
+            log.warning("link channel: attach with a wrong link id or secret refused")
+            return
+        link.identity = identity
+        self._go_up(link)
+
+    def _go_up(self, link: Link) -> None:
+        link.up = True
+        link.last_rx = time.monotonic()
+        node, name, boot = link.pending
+        if link.transport == "ucx":
+            from tensorbus.broker import bridge_ucx
+
+            same_host = boot == self.boot_id
+            link.ucx = bridge_ucx.UcxData(self, link, link.ucx_peer_address, same_host)
+        link.peer.link_up(link, node, name, boot)
+
+    # -- frames on any link channel -----------------------------------------
+
+    def on_frames(self, link: Link, sock) -> None:
+        """Read the rest of one message (its first frame is next) and act."""
+        link.last_rx = time.monotonic()
+        kind = sock.recv()
+        more = sock.getsockopt(zmq.RCVMORE)
+        try:
+            if kind == W.CONTROL:
+                body = sock.recv() if more else b""
+                self._drain(sock)
+                self.on_control(link, body)
+            elif kind == W.DATA:
+                batch = sock.recv(copy=False) if more else b""
+                self.on_batch(link, batch.buffer if not isinstance(batch, bytes) else batch, sock)
+                self._drain(sock)
+                link.peer.flush_grants()
+            else:
+                self._drain(sock)
+                raise W.WireError(f"unknown link frame kind {bytes(kind)[:8]!r}")
+        except W.WireError as exc:
+            self._drain(sock)
+            log.warning("link %s: %s; closing it", link.peer.name, exc)
+            link.peer.counters["bad"] += 1
+            self.loop.call_soon(link.peer.link_down, f"protocol error: {exc}")
+
+    @staticmethod
+    def _drain(sock) -> None:
+        while sock.getsockopt(zmq.RCVMORE):
+            sock.recv(copy=False)
+
+    def on_batch(self, link: Link, batch, sock) -> None:
+        peer = link.peer
+        for entry in W.decode_batch(batch):
+            if entry.kind != W.BODY:
+                peer.deliver(entry)
+                continue
+            if not sock.getsockopt(zmq.RCVMORE):
+                raise W.WireError("a batch names more bodies than it carries")
+            dest = peer.loan_for(entry)
+            if dest is not None:
+                got = sock.recv_into(dest)
+                if got != entry.nbytes:
+                    raise W.WireError(f"a body of {got} bytes where {entry.nbytes} were named")
+                peer.deliver(entry, dest)
+            else:
+                frame = sock.recv(copy=False)
+                if len(frame) != entry.nbytes:
+                    raise W.WireError(
+                        f"a body of {len(frame)} bytes where {entry.nbytes} were named"
+                    )
+                peer.deliver(entry, frame.buffer)
+
+    def on_control(self, link: Link, body: bytes) -> None:
+        kind, f = W.decode_control(body)
+        peer = link.peer
+        if kind == "credit":
+            peer.on_credit(f["grants"])
+        elif kind == "topic":
+            peer.on_topic(f)
+        elif kind == "interest":
+            peer.set_interest(f["add"], f["remove"])
+            if peer.kind == "client":
+                self.interest_changed()
+        elif kind == "resume":
+            peer.on_resume(f["sent"])
+        elif kind == "bye":
+            self.loop.call_soon(peer.link_down, "the peer said bye")
+        # "hb" and "attach" (a repeat) need nothing beyond last_rx.
+
+    # -- dialing -------------------------------------------------------------
+
+    async def _dial(self, peer: Peer, ctx) -> None:
+        """Keep a link to a configured peer: connect, link, watch; on loss,
+        back off and try again."""
+        delay = BACKOFF_MIN_S
+        while True:
+            if peer.link is not None:  # the peer dialed us: that link serves
+                await asyncio.sleep(self.config.heartbeat_s / 4)
+                continue
+            try:
+                await self._connect(peer, ctx)
+                delay = BACKOFF_MIN_S
+                while peer.link is not None:
+                    await asyncio.sleep(self.config.heartbeat_s / 4)
+            except asyncio.CancelledError:
+                raise
+            except _Redundant:
+                await asyncio.sleep(self.config.heartbeat_s)
+                continue
+            except Exception as exc:
+                peer.counters["dial_failures"] += 1
+                if peer.state != "down" or peer.counters["dial_failures"] % 20 == 1:
+                    log.info("cannot link to peer %s: %s", peer.url, exc)
+                if peer.state == "connecting" and peer.counters["links"]:
+                    peer.state = "down"
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX_S)
+
+    async def _connect(self, peer: Peer, ctx) -> None:
+        control = ctx.socket(zmq.DEALER)
+        control.setsockopt(zmq.LINGER, 0)
+        self.broker.secure_client(control)
+        control.connect(peer.url)
+        timeout = max(1.0, 2 * self.config.heartbeat_s)
+        try:
+            hello = await _ask(
+                control,
+                "hello",
+                timeout,
+                name=f"bridge-{self.node[:8]}",
+                pid=os.getpid(),
+                protocol=P.PROTOCOL_VERSION,
+                token=self.config.token,
+            )
+            fields = dict(
+                kind="peer",
+                node=self.node,
+                boot_id=self.boot_id,
+                name=self.broker.link_name(),
+                transport=self.transport,
+            )
+            if self.transport == "ucx":
+                from tensorbus.broker import bridge_ucx
+
+                fields["ucx_address"] = bridge_ucx.worker_address(self.ucx_context)
+            peer.node_hint = hello.get("node")
+            reply = await _ask(control, "link", timeout, **fields)
+            with contextlib.suppress(Exception):
+                await _ask(control, "bye", 0.5)
+        finally:
+            control.close(0)
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        self.broker.secure_client(sock)
+        sock.connect(reply["endpoint"])
+        sync = zmq.Socket.shadow(sock.underlying)
+        link = Link(self, peer, reply["link"], reply["secret"], reply["transport"], sock=sync)
+        link.pending = (reply["node"], peer.url, reply.get("boot_id", ""))
+        link.ucx_peer_address = reply.get("ucx_address")
+        link.async_sock = sock
+        self.links[link.id] = link
+        link.send_control(W.encode_control("attach", link=link.id, secret=link.secret))
+        self._go_up(link)
+        self.watched[id(sync)] = asyncio.create_task(self._serve_dealer(link, sock, sync))
+
+    async def _serve_dealer(self, link: Link, waitable, sock) -> None:
+        try:
+            while link.sock is not None:
+                await waitable.poll(zmq.POLLIN)
+                for _ in range(64):
+                    if link.sock is None:
+                        return
+                    try:
+                        if not sock.poll(0):
+                            break
+                        self.on_frames(link, sock)
+                    except zmq.ZMQError:
+                        break
+                await asyncio.sleep(0)
+        except zmq.ZMQError:
+            pass  # closed under us: the link is down
+
+    # -- liveness ----------------------------------------------------------
+
+    async def _heartbeats(self) -> None:
+        period = self.config.heartbeat_s
+        hb = W.encode_control("hb")
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for link in list(self.links.values()):
+                if not link.up:
+                    if now - link.last_rx > 3 * period:
+                        self.links.pop(link.id, None)  # opened but never attached
+                    continue
+                peer = link.peer
+                if peer.kind == "client":
+                    alive = self.broker.session_alive(link.session)
+                else:
+                    alive = now - link.last_rx <= 3 * period
+                if not alive:
+                    peer.link_down(f"no heartbeat for {now - link.last_rx:.1f} s")
+                    continue
+                if peer.kind == "peer":
+                    link.send_control(hb)
+                for entry in peer.classes:
+                    if entry is not None and not peer.armed:
+                        entry[1].check_stalls()
+
+    def stats(self) -> list[dict]:
+        return [peer.stats() for peer in self.peers]
+
+
+class _Redundant(Exception):
+    pass
+
+
+async def _ask(sock, op: str, timeout: float, **fields) -> dict:
+    """One request on a control DEALER (asyncio), its reply's fields."""
+    sock.send(P.encode_request(op, 1, **fields))
+    if not await sock.poll(int(timeout * 1000)):
+        raise TimeoutError(f"no answer to {op!r} within {timeout:g} s")
+    reply = P.decode_reply(await sock.recv())
+    if not reply.ok:
+        if reply.code == "topic_conflict" and "redundant" in (reply.error or ""):
+            raise _Redundant(reply.error)
+        raise ConnectionRefusedError(f"{reply.code}: {reply.error}")
+    return reply.fields
