@@ -436,10 +436,15 @@ class Peer:
         full, try again later."""
         entry, data = item
         try:
+            # From another daemon: never forwarded again. From a light
+            # client: forwarded like anything published on this host.
+            flags = 0
+            if entry is not None and self.kind == "peer":
+                flags = entry.flags | FLAG_BRIDGED
             if entry is None:  # a gap marker
                 t.pub.send(data, flags=FLAG_GAP)
             elif entry.kind == W.BYTES:
-                t.pub.send(data, flags=entry.flags | FLAG_BRIDGED)
+                t.pub.send(data, flags=flags)
             else:
                 itemsize = _tensors.numpy_dtype(entry.dtype).itemsize
                 if (
@@ -456,9 +461,7 @@ class Peer:
                 else:
                     buf = np.frombuffer(data, np.uint8, entry.nbytes)
                 arr = buf.view(f"V{itemsize}").reshape(entry.shape) if entry.nbytes else buf
-                t.pub.send_described(
-                    arr, entry.dtype, meta=entry.meta, flags=entry.flags | FLAG_BRIDGED
-                )
+                t.pub.send_described(arr, entry.dtype, meta=entry.meta, flags=flags)
         except BackpressureError:
             if t.qos != "reliable":
                 self.counters["dropped"] += 1
