@@ -313,7 +313,13 @@ class Peer:
                     if not msgs:
                         break
                     for m in msgs:
-                        self._encode(m, batch, bodies)
+                        try:
+                            self._encode(m, batch, bodies)
+                        except (ValueError, TypeError) as exc:  # one bad message, not the link
+                            log.warning(
+                                "peer %s: message of %s not sent: %s", self.name, m.topic, exc
+                            )
+                            self.counters["bad"] += 1
                         if len(batch) >= BATCH_BYTES or bodies:
                             link.send_data(batch, bodies)
                             batch, bodies = bytearray(), []
@@ -359,7 +365,7 @@ class Peer:
             kind = W.TENSOR if nbytes <= BATCH_BYTES else W.BODY
             batch += W.encode_batch_entry(kind, flags, t.id, seq, nbytes, m.dtype, m.meta, m.shape)
             if kind == W.TENSOR:
-                batch += raw
+                batch += memoryview(raw)
             else:
                 bodies.append(raw)
         if t.qos == "reliable" and (t.credit_msgs <= 0 or t.credit_bytes <= 0) and not t.parked:
