@@ -421,67 +421,68 @@ class Peer:
         except (BackpressureError, TensorbusError):
             return None
 
-    def deliver(self, entry: W.Entry, body=None) -> None:
+    def deliver(self, entry: W.Entry, body=None, loaned: bool = False) -> None:
         """Publish one arrived message into its local ring (or queue it
-        behind the ones waiting for credit there)."""
+        behind the ones waiting for credit there). ``loaned``: ``body`` is
+        a loan of this bridge's publisher, published with no copy."""
         t = self.in_topic(entry.topic)
         t.received += 1
         self.received[t.name] = self.received.get(t.name, 0) + 1
         self.counters["received"] += 1
         self.counters["received_bytes"] += entry.nbytes
-        item = (entry, body if body is not None else entry.payload)
-        if t.backlog or not self._publish(t, item):
+        item = (entry, body if body is not None else entry.payload, loaned)
+        if t.backlog:
             if entry.payload is not None:  # it views the transport's frame: keep a copy
-                item = (entry, bytes(entry.payload))
+                item = (entry, bytes(entry.payload), False)
             t.backlog.append(item)
+            return
+        left = self._publish(t, item)
+        if left is not None:
+            if entry.payload is not None:
+                left = (entry, bytes(entry.payload), False)
+            t.backlog.append(left)
             self.backlogged.add(t.id)
             self.bridge.schedule_retry()
 
-    def _publish(self, t: InTopic, item) -> bool:
-        """True once published (or dropped for good); False: the ring is
-        full, try again later."""
-        entry, data = item
+    def _publish(self, t: InTopic, item):
+        """Publish ``item`` (entry, data, loaned) into its ring. None once
+        published (or dropped for good); else the item to try again later
+        (the ring is full), possibly now holding a loan with the data."""
+        entry, data, loaned = item
+        # From another daemon: never forwarded again. From a light client:
+        # forwarded like anything published on this host.
+        flags = 0
+        if entry is not None and self.kind == "peer":
+            flags = entry.flags | FLAG_BRIDGED
         try:
-            # From another daemon: never forwarded again. From a light
-            # client: forwarded like anything published on this host.
-            flags = 0
-            if entry is not None and self.kind == "peer":
-                flags = entry.flags | FLAG_BRIDGED
             if entry is None:  # a gap marker
                 t.pub.send(data, flags=FLAG_GAP)
-            elif entry.kind == W.BYTES:
+                return None
+            if entry.kind == W.BYTES:
                 t.pub.send(data, flags=flags)
             else:
                 itemsize = _tensors.numpy_dtype(entry.dtype).itemsize
-                if (
-                    isinstance(data, np.ndarray)
-                    and data.dtype == np.uint8
-                    and data.base is not None
-                ):
-                    buf = data  # a loan: published with no copy
-                elif entry.nbytes > t.pub.inline_max:
+                if not loaned and entry.nbytes > t.pub.inline_max:
                     loan = t.pub.loan((entry.nbytes,), "uint8", timeout=0)
                     loan[:] = np.frombuffer(data, np.uint8, entry.nbytes)
-                    buf = loan
-                    item = (entry, loan)  # keep the copy if the ring is full
-                else:
-                    buf = np.frombuffer(data, np.uint8, entry.nbytes)
+                    item = (entry, loan, True)  # if the ring is full, the copy waits
+                    data, loaned = loan, True
+                buf = data if loaned else np.frombuffer(data, np.uint8, entry.nbytes)
                 arr = buf.view(f"V{itemsize}").reshape(entry.shape) if entry.nbytes else buf
                 t.pub.send_described(arr, entry.dtype, meta=entry.meta, flags=flags)
         except BackpressureError:
             if t.qos != "reliable":
-                self.counters["dropped"] += 1
-                return True  # realtime: a full arena is a drop, counted
-            return False
+                self.counters["dropped"] += 1  # realtime: a full arena is a drop, counted
+            else:
+                return item
         except (TensorbusError, ValueError, TypeError) as exc:
             log.warning("peer %s: message for %s dropped: %s", self.name, t.name, exc)
             self.counters["bad"] += 1
-            return True
         if entry is not None:
             grant = self.grants.setdefault(t.id, [0, 0])
             grant[0] += 1
             grant[1] += entry.nbytes
-        return True
+        return None
 
     def retry_backlog(self) -> bool:
         """Publish what waited; True while something still waits."""
@@ -491,7 +492,9 @@ class Peer:
                 self.backlogged.discard(tid)
                 continue
             while t.backlog:
-                if not self._publish(t, t.backlog[0]):
+                left = self._publish(t, t.backlog[0])
+                if left is not None:
+                    t.backlog[0] = left
                     break
                 t.backlog.popleft()
             if not t.backlog:
@@ -518,8 +521,9 @@ class Peer:
             body = msgpack.packb(
                 {"topic": name, "peer": self.name, "received": count, "reason": reason}
             )
-            if not self._publish(t, (None, body)):
-                t.backlog.append((None, body))
+            left = self._publish(t, (None, body, False))
+            if left is not None:
+                t.backlog.append(left)
                 self.bridge.orphans.append(t)
                 self.bridge.schedule_retry()
             self.counters["gaps"] += 1
@@ -677,6 +681,8 @@ class Link:
         self.trackers: collections.deque = collections.deque()  # (tracker, nbytes)
         self.ucx = None  # a UcxData when the data goes over UCX
         self.ucx_peer_address: bytes | None = None
+        self.ucx_send_tag = 0  # the tag base the peer receives our bodies on
+        self.ucx_recv_tag = 0  # the tag base we receive its bodies on
         self.async_sock = None  # dialing side: the asyncio socket the loop waits on
         self.session = None  # accepting side: the control session that opened it
         self.pending: tuple = ("", "", "")  # (node, name, boot id) until attached
@@ -784,8 +790,7 @@ class Bridge:
             from tensorbus.broker import bridge_ucx
 
             self.ucx_context = await bridge_ucx.start(self.transport == "ucx")
-            if self.ucx_context is None:
-                self.transport = "tcp"
+            self.transport = "tcp" if self.ucx_context is None else "ucx"
         self.tasks.append(asyncio.create_task(self._heartbeats()))
         for url in self.config.peers:
             peer = Peer(self, "peer", url)
@@ -949,8 +954,12 @@ class Bridge:
         if transport == "ucx":
             from tensorbus.broker import bridge_ucx
 
+            if not isinstance(f.get("ucx_address"), bytes) or not isinstance(f.get("ucx_tag"), int):
+                raise P.ProtocolViolation("bad_request", "a ucx link needs ucx_address and ucx_tag")
             reply["ucx_address"] = bridge_ucx.worker_address(self.ucx_context)
-            link.ucx_peer_address = f.get("ucx_address")
+            reply["ucx_tag"] = link.ucx_recv_tag = self.ucx_context.next_tag_base()
+            link.ucx_peer_address = f["ucx_address"]
+            link.ucx_send_tag = f["ucx_tag"]
         return reply
 
     async def _serve_router(self) -> None:
@@ -1009,8 +1018,14 @@ class Bridge:
         if link.transport == "ucx":
             from tensorbus.broker import bridge_ucx
 
-            same_host = boot == self.boot_id
-            link.ucx = bridge_ucx.UcxData(self, link, link.ucx_peer_address, same_host)
+            link.ucx = bridge_ucx.UcxData(
+                self,
+                link,
+                link.ucx_peer_address,
+                send_tag=link.ucx_send_tag,
+                recv_tag=link.ucx_recv_tag,
+                same_host=boot == self.boot_id,
+            )
         link.peer.link_up(link, node, name, boot)
 
     # -- frames on any link channel -----------------------------------------
@@ -1057,7 +1072,7 @@ class Bridge:
                 got = sock.recv_into(dest)
                 if got != entry.nbytes:
                     raise W.WireError(f"a body of {got} bytes where {entry.nbytes} were named")
-                peer.deliver(entry, dest)
+                peer.deliver(entry, dest, loaned=True)
             else:
                 frame = sock.recv(copy=False)
                 if len(frame) != entry.nbytes:
@@ -1139,6 +1154,7 @@ class Bridge:
                 from tensorbus.broker import bridge_ucx
 
                 fields["ucx_address"] = bridge_ucx.worker_address(self.ucx_context)
+                fields["ucx_tag"] = recv_tag = self.ucx_context.next_tag_base()
             peer.node_hint = hello.get("node")
             reply = await _ask(control, "link", timeout, **fields)
             with contextlib.suppress(Exception):
@@ -1154,7 +1170,10 @@ class Bridge:
         sync = zmq.Socket.shadow(sock.underlying)
         link = Link(self, peer, reply["link"], reply["secret"], reply["transport"], sock=sync)
         link.pending = (reply["node"], peer.url, reply.get("boot_id", ""))
-        link.ucx_peer_address = reply.get("ucx_address")
+        if link.transport == "ucx":
+            link.ucx_peer_address = reply["ucx_address"]
+            link.ucx_send_tag = reply["ucx_tag"]
+            link.ucx_recv_tag = recv_tag
         link.async_sock = sock
         self.links[link.id] = link
         link.send_control(W.encode_control("attach", link=link.id, secret=link.secret))

@@ -105,6 +105,7 @@ OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "boot_id": (_STR, False),
         "transport": (_STR, False),
         "ucx_address": (_BYTES, False),
+        "ucx_tag": (_INT, False),
     },
 }
 
