@@ -78,7 +78,8 @@ DEFAULT_PRIORITIES = (
 )
 DEFAULT_PRIORITY = 1
 BATCH_BYTES = 64 << 10  # inline entries up to this; a batch is sent at this size
-INFLIGHT_BYTES = 16 << 20  # beyond this (and one message), lower classes wait
+INFLIGHT_BYTES = 8 << 20  # beyond this (and one message), lower classes wait
+CHUNK_BYTES = 2 << 20  # tcp: bodies travel in chunks, so control never waits long
 TAKE = 8  # messages taken from an inbox at a time
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 5.0
@@ -327,9 +328,10 @@ class Peer:
                     break
             if batch or bodies:
                 link.send_data(batch, bodies)
-            if budget_hit:
-                # Wait for the transport to drain; its completions kick us.
+            if budget_hit or link.flush():
+                # Chunks wait for the transport to drain: look again shortly.
                 asyncio.get_running_loop().call_later(0.0005, self.kick)
+            if budget_hit:
                 return
             self.armed = True
             if all(entry[1].arm() for entry in self.classes):
@@ -679,6 +681,11 @@ class Link:
         self.up = False
         self.last_rx = time.monotonic()
         self.trackers: collections.deque = collections.deque()  # (tracker, nbytes)
+        self.chunks: collections.deque = collections.deque()  # body chunks not yet sent
+        self.queued = 0  # bytes of chunks ZeroMQ holds
+        # Receiving: entries of batches in order; a body blocks those after it
+        # until its chunks have all arrived. [entry, dest, loaned, offset]
+        self.expect: collections.deque = collections.deque()
         self.ucx = None  # a UcxData when the data goes over UCX
         self.ucx_peer_address: bytes | None = None
         self.ucx_send_tag = 0  # the tag base the peer receives our bodies on
@@ -697,29 +704,47 @@ class Link:
             self.bridge.loop.call_soon(self.peer.link_down, f"send failed: {exc}")
 
     def send_data(self, batch: bytearray, bodies: list) -> None:
+        """Send a batch now; its bodies follow in CHUNK-sized messages, fed
+        to ZeroMQ only while less than INFLIGHT_BYTES is queued there, so a
+        heartbeat, a credit or a control topic never waits behind a whole
+        large tensor (ZeroMQ's queue and TCP are first in, first out)."""
         if self.ucx is not None:
             self.ucx.send(bytes(batch), bodies)
             return
-        nbytes = sum(b.nbytes for b in bodies)
         try:
-            tracker = self.sock.send_multipart(
-                self._frames([W.DATA, bytes(batch), *bodies]),
-                zmq.NOBLOCK,
-                copy=not bodies,
-                track=bool(bodies),
-            )
+            self.sock.send_multipart(self._frames([W.DATA, bytes(batch)]), zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             self.bridge.loop.call_soon(self.peer.link_down, f"send failed: {exc}")
             return
-        if bodies:
-            self.trackers.append((tracker, nbytes))
+        for body in bodies:
+            view = memoryview(body).cast("B")
+            for at in range(0, len(view), CHUNK_BYTES):
+                self.chunks.append(view[at : at + CHUNK_BYTES])
+        self.flush()
+
+    def flush(self) -> bool:
+        """Feed queued body chunks to ZeroMQ; True while any are left or in flight."""
+        while self.trackers and self.trackers[0][0].done:
+            self.queued -= self.trackers.popleft()[1]
+        while self.chunks and self.queued < INFLIGHT_BYTES and self.sock is not None:
+            chunk = self.chunks.popleft()
+            try:
+                tracker = self.sock.send_multipart(
+                    self._frames([W.BODY_CHUNK, chunk]), zmq.NOBLOCK, copy=False, track=True
+                )
+            except zmq.ZMQError as exc:
+                self.bridge.loop.call_soon(self.peer.link_down, f"send failed: {exc}")
+                return False
+            self.trackers.append((tracker, len(chunk)))
+            self.queued += len(chunk)
+        return bool(self.chunks or self.trackers)
 
     def inflight(self) -> int:
+        """Bytes handed to the transport and not yet sent, and waiting to be."""
         if self.ucx is not None:
             return self.ucx.inflight
-        while self.trackers and self.trackers[0][0].done:
-            self.trackers.popleft()
-        return sum(n for _, n in self.trackers)
+        self.flush()
+        return self.queued + sum(len(c) for c in self.chunks)
 
     def close(self) -> None:
         self.up = False
@@ -1036,15 +1061,22 @@ class Bridge:
         kind = sock.recv()
         more = sock.getsockopt(zmq.RCVMORE)
         try:
+            if not more:
+                raise W.WireError("a link message without a body")
             if kind == W.CONTROL:
-                body = sock.recv() if more else b""
+                body = sock.recv()
                 self._drain(sock)
                 self.on_control(link, body)
             elif kind == W.DATA:
-                batch = sock.recv(copy=False) if more else b""
-                self.on_batch(link, batch.buffer if not isinstance(batch, bytes) else batch, sock)
+                batch = sock.recv(copy=False)
                 self._drain(sock)
-                link.peer.flush_grants()
+                for entry in W.decode_batch(batch.buffer):
+                    link.expect.append([entry, None, False, 0])
+                self._advance(link)
+            elif kind == W.BODY_CHUNK:
+                self._on_chunk(link, sock)
+                self._drain(sock)
+                self._advance(link)
             else:
                 self._drain(sock)
                 raise W.WireError(f"unknown link frame kind {bytes(kind)[:8]!r}")
@@ -1059,27 +1091,41 @@ class Bridge:
         while sock.getsockopt(zmq.RCVMORE):
             sock.recv(copy=False)
 
-    def on_batch(self, link: Link, batch, sock) -> None:
+    def _advance(self, link: Link) -> None:
+        """Deliver the expected entries that are complete, in order; give
+        the body at the head a place to land (a loan in our arena)."""
         peer = link.peer
-        for entry in W.decode_batch(batch):
+        expect = link.expect
+        while expect:
+            head = expect[0]
+            entry = head[0]
             if entry.kind != W.BODY:
+                expect.popleft()
                 peer.deliver(entry)
                 continue
-            if not sock.getsockopt(zmq.RCVMORE):
-                raise W.WireError("a batch names more bodies than it carries")
-            dest = peer.loan_for(entry)
-            if dest is not None:
-                got = sock.recv_into(dest)
-                if got != entry.nbytes:
-                    raise W.WireError(f"a body of {got} bytes where {entry.nbytes} were named")
-                peer.deliver(entry, dest, loaned=True)
-            else:
-                frame = sock.recv(copy=False)
-                if len(frame) != entry.nbytes:
-                    raise W.WireError(
-                        f"a body of {len(frame)} bytes where {entry.nbytes} were named"
-                    )
-                peer.deliver(entry, frame.buffer)
+            if head[1] is None:
+                dest = peer.loan_for(entry)
+                head[2] = dest is not None
+                head[1] = dest if dest is not None else np.empty(entry.nbytes, np.uint8)
+            if head[3] < entry.nbytes:
+                break  # chunks still to come
+            expect.popleft()
+            peer.deliver(entry, head[1], loaned=head[2])
+        peer.flush_grants()
+
+    def _on_chunk(self, link: Link, sock) -> None:
+        """The next chunk of the body at the head: straight into its place."""
+        if not link.expect or link.expect[0][0].kind != W.BODY:
+            raise W.WireError("a body chunk nobody expects")
+        head = link.expect[0]
+        entry, dest, offset = head[0], head[1], head[3]
+        if dest is None:
+            self._advance(link)
+            dest = head[1]
+        got = sock.recv_into(memoryview(dest)[offset:])
+        if got > entry.nbytes - offset:
+            raise W.WireError(f"a body chunk runs past its body of {entry.nbytes} bytes")
+        head[3] = offset + got
 
     def on_control(self, link: Link, body: bytes) -> None:
         kind, f = W.decode_control(body)

@@ -11,10 +11,13 @@ message on it is a multipart ZeroMQ message whose first frame is one byte:
     channel), ``interest`` (patterns added or withdrawn), ``topic`` (a
     topic id and its options, before its first data), ``credit`` (per-topic
     window grants), ``resume``, ``hb`` (heartbeat), ``bye``.
-``D`` + batch [+ bodies]
+``D`` + batch
     data: one batch frame describing one or more messages of any topics,
-    small payloads inline, followed by one frame per large body (tcp). Over
-    UCX the batch is an active message and each body a tag transfer.
+    small payloads inline. Large bodies follow, in order, as
+``B`` + chunk
+    messages of at most 2 MiB each (tcp), so that control messages and
+    heartbeats interleave with a large tensor. Over UCX the batch is an
+    active message and each body one tag transfer.
 
 A batch entry (``ENTRY``, little-endian): kind (u8), ndim (u8), flags
 (u16), topic id (u32), sequence (u64, per topic and link, from 0), nbytes
@@ -36,6 +39,7 @@ import msgpack
 
 __all__ = [
     "BODY",
+    "BODY_CHUNK",
     "BYTES",
     "CONTROL",
     "DATA",
@@ -54,6 +58,7 @@ __all__ = [
 LINK_VERSION = 1
 CONTROL = b"C"
 DATA = b"D"
+BODY_CHUNK = b"B"
 
 # Entry kinds.
 BYTES = 0  # plain bytes, inline

@@ -32,6 +32,7 @@ from tensorbus.clients.errors import BrokerUnavailable, ClientClosed, GapError, 
 __all__ = ["LightLink", "RemoteMessage", "RemotePublisher", "RemoteSubscriber"]
 
 BATCH_BYTES = 64 << 10
+CHUNK_BYTES = 2 << 20
 
 
 class RemoteMessage:
@@ -112,6 +113,7 @@ class LightLink:
         self.in_topics: dict[int, str] = {}
         self.subs: list[RemoteSubscriber] = []
         self.grants: dict[int, list] = {}
+        self.expect: collections.deque = collections.deque()  # [entry, body, bytes got]
 
     def _control(self, kind: str, **fields) -> None:
         self.sock.send_multipart([W.CONTROL, W.encode_control(kind, **fields)])
@@ -156,29 +158,42 @@ class LightLink:
             elif what == "bye":
                 raise BrokerUnavailable("the broker closed this client's link", "unavailable")
             return
-        if kind != W.DATA:
+        if kind == W.BODY_CHUNK:
+            if not self.expect or self.expect[0][0].kind != W.BODY:
+                raise W.WireError("a body chunk nobody expects")
+            head = self.expect[0]
+            chunk = frames[1].buffer
+            if len(chunk) > head[0].nbytes - head[2]:
+                raise W.WireError("a body chunk runs past its body")
+            head[1][head[2] : head[2] + len(chunk)] = chunk
+            head[2] += len(chunk)
+        elif kind == W.DATA:
+            for entry in W.decode_batch(frames[1].buffer):
+                self.expect.append(
+                    [entry, bytearray(entry.nbytes) if entry.kind == W.BODY else None, 0]
+                )
+        else:
             raise W.WireError(f"unknown link frame kind {kind[:8]!r}")
-        bodies = iter(frames[2:])
-        for entry in W.decode_batch(frames[1].buffer):
-            if entry.kind == W.BODY:
-                frame = next(bodies, None)
-                if frame is None or len(frame) != entry.nbytes:
-                    raise W.WireError("a batch names a body it does not carry")
-                data = frame.buffer
-            else:
-                data = bytes(entry.payload)
-            name = self.in_topics.get(entry.topic)
-            if name is None:
-                raise W.WireError(f"data for topic id {entry.topic} before its announcement")
-            msg = RemoteMessage(name, entry, data)
-            credited = False
-            for sub in self.subs:
-                if matches(sub.pattern, name):
-                    # The first subscriber's receive returns the credit.
-                    sub.queue.append((msg, None if credited else (entry.topic, entry.nbytes)))
-                    credited = True
-            if not credited:
-                self.credit(entry.topic, entry.nbytes)
+        while self.expect:
+            entry, body, got = self.expect[0]
+            if entry.kind == W.BODY and got < entry.nbytes:
+                break
+            self.expect.popleft()
+            self._deliver(entry, body if body is not None else bytes(entry.payload))
+
+    def _deliver(self, entry: W.Entry, data) -> None:
+        name = self.in_topics.get(entry.topic)
+        if name is None:
+            raise W.WireError(f"data for topic id {entry.topic} before its announcement")
+        msg = RemoteMessage(name, entry, data)
+        credited = False
+        for sub in self.subs:
+            if matches(sub.pattern, name):
+                # The first subscriber's receive returns the credit.
+                sub.queue.append((msg, None if credited else (entry.topic, entry.nbytes)))
+                credited = True
+        if not credited:
+            self.credit(entry.topic, entry.nbytes)
 
     def credit(self, tid: int, nbytes: int) -> None:
         grant = self.grants.setdefault(tid, [0, 0])
@@ -235,7 +250,9 @@ class LightLink:
         if body is None:
             self.sock.send_multipart([W.DATA, head + bytes(payload)])
         else:
-            self.sock.send_multipart([W.DATA, head, body], copy=False)
+            self.sock.send_multipart([W.DATA, head])
+            for at in range(0, len(body), CHUNK_BYTES):
+                self.sock.send_multipart([W.BODY_CHUNK, body[at : at + CHUNK_BYTES]], copy=False)
         return seq
 
 
