@@ -78,7 +78,10 @@ DEFAULT_PRIORITIES = (
 )
 DEFAULT_PRIORITY = 1
 BATCH_BYTES = 64 << 10  # inline entries up to this; a batch is sent at this size
-INFLIGHT_BYTES = 8 << 20  # beyond this (and one message), lower classes wait
+# Beyond this much in flight on a link (and one message), lower classes
+# wait. tcp: ZeroMQ's queue is first in, first out, so keep it short; UCX
+# sends each message on its own, so it can hold several tensors.
+INFLIGHT_BYTES = {"tcp": 8 << 20, "ucx": 256 << 20}
 CHUNK_BYTES = 2 << 20  # tcp: bodies travel in chunks, so control never waits long
 TAKE = 8  # messages taken from an inbox at a time
 BACKOFF_MIN_S = 0.05
@@ -300,6 +303,7 @@ class Peer:
         link = self.link
         if link is None or not link.up or self.classes[0] is None:
             return
+        budget = INFLIGHT_BYTES[link.transport]
         while True:
             batch = bytearray()
             bodies: list = []
@@ -307,7 +311,7 @@ class Peer:
             for prio in range(3):
                 inbox = self.classes[prio][1]
                 while True:
-                    if link.inflight() >= INFLIGHT_BYTES:
+                    if link.inflight() >= budget:
                         budget_hit = True
                         break
                     msgs = inbox.take(TAKE)
@@ -726,7 +730,7 @@ class Link:
         """Feed queued body chunks to ZeroMQ; True while any are left or in flight."""
         while self.trackers and self.trackers[0][0].done:
             self.queued -= self.trackers.popleft()[1]
-        while self.chunks and self.queued < INFLIGHT_BYTES and self.sock is not None:
+        while self.chunks and self.queued < INFLIGHT_BYTES["tcp"] and self.sock is not None:
             chunk = self.chunks.popleft()
             try:
                 tracker = self.sock.send_multipart(

@@ -19,7 +19,9 @@ Design notes (hard detail 11, docs/bridge.md):
   task, so ucxx starts none of its own.
 * Framing: a batch (the same bytes as on tcp) is an active message, which
   arrives sized to fit; each large body is a tag transfer posted by the
-  receiver into a loan in its arena. Tags are worker-wide, so the receiver
+  receiver into a loan in its arena. Both sides post the next message
+  before the last one completes (UCX keeps order per tag), so the wire
+  never idles between tensors. Tags are worker-wide, so the receiver
   chooses the tag its peer sends with (``ucx_tag`` in the link exchange).
   Above the rendezvous threshold UCX keeps the body at the sender until
   the receive is posted: no staging copy on either side.
@@ -42,6 +44,7 @@ __all__ = ["Progress", "UcxData", "start", "stop", "worker_address"]
 log = logging.getLogger("tensorbus.bridge")
 
 BODY_CHANNEL = 2
+BUSY_SLICE_S = 0.001  # progress a busy worker this long before the loop runs again
 SAFETY_PROGRESS_S = 0.1  # progress at least this often, whatever epoll says
 
 
@@ -50,6 +53,13 @@ def _import():
     import ucxx
 
     return ucxx
+
+
+def _types():
+    from ucxx._lib.arr import Array
+    from ucxx.types import Tag, TagMaskFull
+
+    return Array, Tag, TagMaskFull
 
 
 async def start(required: bool):
@@ -65,10 +75,17 @@ async def start(required: bool):
             ) from None
         log.info("ucxx is not importable (%s): bridges use tcp", exc)
         return None
-    ucxx.init(progress_mode="blocking")
     loop = asyncio.get_running_loop()
+    # ucxx starts a loop's progress on init unless one is registered for it:
+    # hold the place until the worker exists, then put ours there.
+    application_context.ProgressTasks[loop] = None
+    try:
+        ucxx.init(progress_mode="blocking")
+    except BaseException:
+        application_context.ProgressTasks.pop(loop, None)
+        raise
     progress = Progress(ucxx.core._get_ctx().worker, loop)
-    application_context.ProgressTasks[loop] = progress  # ucxx then starts none of its own
+    application_context.ProgressTasks[loop] = progress
     return progress
 
 
@@ -93,6 +110,21 @@ class Progress:
         self.closed = False
         self.timer = loop.call_later(SAFETY_PROGRESS_S, self._safety)
         self.tags = 0
+        # Posted UCX requests and the futures they complete. ucxx's own
+        # awaitables poll with asyncio.sleep(0) outside its thread mode,
+        # which would spin the daemon's loop: we check completions after
+        # each progress instead.
+        self.requests: list = []
+
+    def track(self, request) -> asyncio.Future:
+        """A future that completes with ``request`` (a ucxx UCXRequest)."""
+        future = self.loop.create_future()
+        if request.completed:
+            _settle(future, request)
+        else:
+            self.requests.append((request, future))
+        self.kick()
+        return future
 
     def kick(self) -> None:
         """Progress soon: after the callbacks queued now (which may post work) run."""
@@ -104,9 +136,21 @@ class Progress:
         self.pending = False
         for _ in range(64):
             self.worker.progress()
+            self._complete()
             if self.worker.arm():
                 return  # armed: the next event makes the epoll fd readable
-        self.kick()  # still busy: yield to the loop, then again
+        self.kick()  # still busy: let the loop run, then again
+
+    def _complete(self) -> None:
+        """Settle the futures of requests that completed."""
+        if self.requests:
+            waiting = []
+            for request, future in self.requests:
+                if request.completed:
+                    _settle(future, request)
+                elif not future.done():
+                    waiting.append((request, future))
+            self.requests = waiting
 
     def _safety(self) -> None:
         if not self.closed:
@@ -120,11 +164,25 @@ class Progress:
     def close(self) -> None:
         self.closed = True
         self.timer.cancel()
+        for _, future in self.requests:
+            future.cancel()
+        self.requests = []
         with contextlib.suppress(Exception):
             self.loop.remove_reader(self.fd)
 
     def __hash__(self):  # ucxx keys its progress tasks by loop
         return hash(self.loop)
+
+
+def _settle(future: asyncio.Future, request) -> None:
+    if future.done():
+        return
+    try:
+        request.check_error()
+    except Exception as exc:  # UCX's error for this request: the link's problem
+        future.set_exception(exc)
+    else:
+        future.set_result(request)
 
 
 class UcxData:
@@ -140,9 +198,13 @@ class UcxData:
         self.send_tag = send_tag | BODY_CHANNEL
         self.recv_tag = recv_tag | BODY_CHANNEL
         self.queue: collections.deque = collections.deque()
+        # Received entries in order, [entry, dest, loaned, receive op]; a
+        # body not yet complete holds back those after it.
+        self.arrived: collections.deque = collections.deque()
         self.inflight = 0
         self.ready = asyncio.Event()
-        self.ep = None
+        self.endpoint = None  # ucxx's Endpoint
+        self.ep = None  # its UCXEndpoint, whose requests we post
         self.closed = False
         loop = asyncio.get_running_loop()
         self.task = loop.create_task(self._run(peer_address, same_host))
@@ -155,11 +217,15 @@ class UcxData:
 
     async def _run(self, peer_address: bytes, same_host: bool) -> None:
         ucxx = _import()
+        _, Tag, _ = _types()
         try:
             address = ucxx.get_ucx_address_from_buffer(peer_address)
-            self.ep = await ucxx.create_endpoint_from_worker_address(
+            self.endpoint = await ucxx.create_endpoint_from_worker_address(
                 address, endpoint_error_handling=not same_host
             )
+            self.ep = self.endpoint._ep  # requests, completed by our progress
+            self.send_tag = Tag(self.send_tag)
+            self.recv_tag = Tag(self.recv_tag)
             self.progress.kick()
             await asyncio.gather(self._sender(), self._receiver())
         except asyncio.CancelledError:
@@ -170,47 +236,79 @@ class UcxData:
                 self.bridge.loop.call_soon(self.link.peer.link_down, f"ucx: {exc}")
 
     async def _sender(self) -> None:
+        """Post every queued batch and body at once, in order (UCX keeps
+        the order per tag); in flight until each completes. Posting the
+        next message while the last one's body is still being read keeps
+        the wire busy."""
         ep = self.ep
+        Array, _, _ = _types()
         while True:
             while not self.queue:
                 self.ready.clear()
                 await self.ready.wait()
             batch, bodies, nbytes = self.queue.popleft()
-            sent = ep.am_send(np.frombuffer(batch, np.uint8))
-            self.progress.kick()
-            await sent
+            await self.progress.track(ep.am_send(Array(np.frombuffer(batch, np.uint8))))
             for body in bodies:
-                sent = ep.send(body, tag=self.send_tag, force_tag=True)
-                self.progress.kick()
-                await sent
+                await self.progress.track(ep.tag_send(Array(body), self.send_tag))
             self.inflight -= nbytes
-            self.link.peer.kick()  # in-flight budget freed
+            self.link.peer.kick()
+
+    def _sent(self, done: asyncio.Future, nbytes: int) -> None:
+        self.inflight -= nbytes
+        if done.cancelled():
+            return
+        exc = done.exception()
+        if exc is not None and not self.closed:
+            self.bridge.loop.call_soon(self.link.peer.link_down, f"ucx send failed: {exc}")
+            return
+        self.link.peer.kick()  # in-flight budget freed
 
     async def _receiver(self) -> None:
+        """Take batches; post each body's receive into its loan at once and
+        deliver entries in order as their bodies complete."""
         ep = self.ep
-        peer = self.link.peer
+        Array, _, TagMaskFull = _types()
         while True:
-            got = ep.am_recv()
-            self.progress.kick()
-            batch = await got
-            for entry in W.decode_batch(batch):
+            request = await self.progress.track(ep.am_recv())
+            for entry in W.decode_batch(request.recv_buffer):
                 if entry.kind != W.BODY:
-                    peer.deliver(entry)
+                    self.arrived.append([entry, None, False, None])
                     continue
-                dest = peer.loan_for(entry)
+                dest = self.link.peer.loan_for(entry)
                 loaned = dest is not None
                 if not loaned:  # the arena is full: land it here, copy it in later
                     dest = np.empty(entry.nbytes, np.uint8)
-                received = ep.recv(dest, tag=self.recv_tag, force_tag=True)
-                self.progress.kick()
-                await received
+                op = self.progress.track(ep.tag_recv(Array(dest), self.recv_tag, TagMaskFull))
+                op.add_done_callback(self._body_done)
+                self.arrived.append([entry, dest, loaned, op])
+            self.progress.kick()
+            self._deliver_ready()
+
+    def _body_done(self, op: asyncio.Future) -> None:
+        if not op.cancelled() and op.exception() is not None and not self.closed:
+            self.bridge.loop.call_soon(
+                self.link.peer.link_down, f"ucx receive failed: {op.exception()}"
+            )
+            return
+        self._deliver_ready()
+
+    def _deliver_ready(self) -> None:
+        peer = self.link.peer
+        arrived = self.arrived
+        while arrived and (arrived[0][3] is None or arrived[0][3].done()):
+            entry, dest, loaned, op = arrived.popleft()
+            if op is not None and (op.cancelled() or op.exception() is not None):
+                return
+            if dest is None:
+                peer.deliver(entry)
+            else:
                 peer.deliver(entry, dest, loaned=loaned)
-            peer.flush_grants()
+        peer.flush_grants()
 
     def close(self) -> None:
         self.closed = True
         self.task.cancel()
-        if self.ep is not None:
+        if self.endpoint is not None:
             with contextlib.suppress(Exception):
-                self.ep.abort()
-            self.ep = None
+                self.endpoint.abort()
+            self.endpoint = self.ep = None

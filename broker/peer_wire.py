@@ -66,9 +66,10 @@ TENSOR = 1  # a described message (dtype tag, shape, meta), inline
 BODY = 2  # a described message whose body follows the batch
 
 # What a receiver grants per topic before it has said anything: enough for
-# a steady stream of small messages and one large tensor in flight.
+# a steady stream of small messages, and for several large tensors in
+# flight, so the wire does not idle for a credit round trip between them.
 INITIAL_WINDOW_MSGS = 256
-INITIAL_WINDOW_BYTES = 64 << 20
+INITIAL_WINDOW_BYTES = 256 << 20
 
 _ENTRY = struct.Struct("<BBHIQQ")
 _DESC = struct.Struct("<16s32s")

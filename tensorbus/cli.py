@@ -141,8 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--curve-secret-file",
-        help="file holding the cluster's CURVE secret key (z85; `tensorbus keygen` "
-        "makes one): encrypts tcp between daemons and clients",
+        help="file holding the cluster's CURVE secret key (z85; see docs/bridge.md): "
+        "encrypts tcp between daemons and clients",
     )
     s.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
@@ -350,6 +350,14 @@ def stats_table(stats: dict) -> str:
             f"arena: {_fmt_bytes(arena['used'])} of {_fmt_bytes(arena['size'])} in use, "
             f"largest free block {_fmt_bytes(arena['largest_free'])}, "
             f"{arena['allocs']} allocations"
+        )
+    for link in b.get("links") or []:
+        lines.append(
+            f"link {link['kind']} {link['peer']}: {link['state']} ({link['transport'] or '-'}) "
+            f"for {link['for_s']:.0f} s, interest {','.join(link['interest']) or '-'}, "
+            f"sent {link['sent']} ({_fmt_bytes(link['sent_bytes'])}), "
+            f"received {link['received']} ({_fmt_bytes(link['received_bytes'])}), "
+            f"dropped {link['dropped']}, gaps {link['gaps']}, reconnects {link['reconnects']}"
         )
     return "\n".join(lines)
 
