@@ -4,8 +4,10 @@ with each transport this machine has."""
 
 import importlib.util
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 
@@ -309,3 +311,66 @@ def test_curve_encrypts_links_and_refuses_clients_without_the_key(pair, tmp_path
         assert c.stats()["broker"]["links"]
     with pytest.raises(BrokerUnavailable):
         tensorbus.connect(tcp_of(a), timeout=1)
+
+
+@pytest.fixture
+def netns():
+    """A network namespace joined to this one by a veth pair: (prefix that
+    runs a command inside it, host-side address, its address). Skipped
+    where namespaces cannot be made (not root, no ip(8), a container)."""
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("network namespaces need root and ip(8)")
+    tag = os.getpid() % 100000
+    name, host_if, ns_if = f"tb{tag}", f"tb{tag}h", f"tb{tag}n"
+    subnet = f"10.231.{tag % 250}"
+    steps = [
+        ["ip", "netns", "add", name],
+        ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
+        ["ip", "link", "set", ns_if, "netns", name],
+        ["ip", "addr", "add", f"{subnet}.1/24", "dev", host_if],
+        ["ip", "link", "set", host_if, "up"],
+        ["ip", "netns", "exec", name, "ip", "addr", "add", f"{subnet}.2/24", "dev", ns_if],
+        ["ip", "netns", "exec", name, "ip", "link", "set", ns_if, "up"],
+        ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
+    ]
+    try:
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True)
+            if done.returncode != 0:
+                pytest.skip(f"cannot set up a network namespace: {done.stderr.strip()}")
+        yield ["ip", "netns", "exec", name], f"{subnet}.1", f"{subnet}.2"
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_daemon_in_another_network_namespace(daemon_factory, tmp_path, netns, transport):
+    """Daemon B in its own network namespace really is another address: the
+    link crosses a veth pair, with a token (non-loopback addresses need one)."""
+    prefix, host_ip, ns_ip = netns
+    env = {**os.environ, "TENSORBUS_TOKEN": "netns-token"}
+    port = free_port()
+    common = ("--transport", transport, "--heartbeat", "0.2")
+    a = daemon_factory("--tcp", f"{host_ip}:{port}", *common, path=tmp_path / "a", env=env)
+    b = daemon_factory(
+        "--tcp",
+        f"{ns_ip}:*",
+        "--peer",
+        f"tcp://{host_ip}:{port}",
+        *common,
+        path=tmp_path / "b",
+        env=env,
+        prefix=prefix,
+    )
+    # The ipc sockets are paths and /dev/shm is shared: clients here reach both.
+    with tensorbus.connect(a.url) as ca, tensorbus.connect(b.url) as cb:
+        sub = cb.subscribe("ns/>")
+        wait_for(link_up(b.url), what="link up across the namespaces")
+        wait_for(lambda: links(a.url)[0]["interest"] == ["ns/>"], what="interest")
+        pub = ca.publisher("ns/t")
+        th, errors = publish_in_thread(pub, [b"%d" % i for i in range(500)])
+        assert [int(bytes(sub.recv(timeout=10).data)) for _ in range(500)] == list(range(500))
+        th.join()
+        assert not errors
+        assert links(a.url)[0]["peer"].startswith(f"tcp://{ns_ip}:")
