@@ -759,8 +759,8 @@ class Broker:
             raise P.ProtocolViolation(
                 "not_local",
                 f"{what} needs shared memory with the broker: "
-                "connect from the broker's host over ipc:// (bridging "
-                "remote clients comes with cross-host support)",
+                "connect from the broker's host over ipc://, or publish and subscribe "
+                "over a link (the light client does: docs/bridge.md)",
             )
 
     def _op_open_publisher(self, session: Session, request: P.Request) -> bytes:
