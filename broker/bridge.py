@@ -41,6 +41,7 @@ import collections
 import contextlib
 import logging
 import os
+import random
 import secrets
 import time
 import uuid
@@ -62,7 +63,7 @@ from tensorbus._core import (
 from tensorbus._core import tensors as _tensors
 from tensorbus.broker import peer_wire as W
 from tensorbus.broker import protocol as P
-from tensorbus.broker.topics import is_system, matches
+from tensorbus.broker.topics import TopicNameError, is_system, matches, validate_pattern
 
 __all__ = ["Bridge", "PRIORITY_NAMES", "priority_of"]
 
@@ -83,10 +84,12 @@ BATCH_BYTES = 64 << 10  # inline entries up to this; a batch is sent at this siz
 # sends each message on its own, so it can hold several tensors.
 INFLIGHT_BYTES = {"tcp": 8 << 20, "ucx": 256 << 20}
 CHUNK_BYTES = 2 << 20  # tcp: bodies travel in chunks, so control never waits long
+MAX_LINK_MESSAGE = CHUNK_BYTES + (2 << 20)  # a chunk, or a batch, or a control message
 TAKE = 8  # messages taken from an inbox at a time
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 5.0
 NOT_FORWARDED = ("_inbox/",)  # reply inboxes are private to their host
+APP_FLAGS = 0x00FF  # the slot flags an application sets; ours never cross a link
 
 
 def priority_of(name: str, table=DEFAULT_PRIORITIES) -> int:
@@ -172,7 +175,7 @@ class Peer:
         self.patterns: set[str] = set()  # the remote side's interest
         self.sent_interest: set[str] = set()
         self.out: dict[str, OutTopic] = {}
-        self.out_ids = 0
+        self.out_ids: dict[str, int] = {}  # topic -> its id on links to this peer, kept
         self.classes: list = [None, None, None]  # per priority: (Subscription, Inbox, fd)
         self.in_topics: dict[int, InTopic] = {}
         self.received: dict[str, int] = {}  # topic -> messages received from this instance
@@ -191,12 +194,20 @@ class Peer:
             return False
         return any(matches(p, name) for p in self.patterns)
 
-    def set_interest(self, add: list, remove: list) -> None:
+    def set_interest(self, add: list, remove: list, reset: bool = False) -> None:
+        """The remote side's subscribers read ``add`` now and no longer
+        ``remove``; ``reset``: ``add`` is the whole set (after a reconnect)."""
+        valid = []
         for pattern in add:
-            if isinstance(pattern, str):
-                self.patterns.add(pattern)
-        for pattern in remove:
-            self.patterns.discard(pattern)
+            try:
+                valid.append(validate_pattern(pattern))
+            except TopicNameError as exc:
+                log.warning("peer %s: interest %r ignored: %s", self.name, pattern, exc)
+        if reset:
+            self.patterns = set(valid)
+        else:
+            self.patterns.update(valid)
+            self.patterns.difference_update(remove)
         self.disarm()
         broker = self.bridge.broker
         if self.patterns and self.classes[0] is None:
@@ -228,8 +239,8 @@ class Peer:
         ring = self.bridge.ring(topic.ring.name)
         core = Subscriber(ring, cursor=cursor, generation=generation)
         prio = self.prio(topic.name)
-        self.out_ids += 1
-        t = OutTopic(topic.name, self.out_ids, topic.qos, prio, core, (cursor, generation))
+        tid = self.out_ids.setdefault(topic.name, len(self.out_ids) + 1)
+        t = OutTopic(topic.name, tid, topic.qos, prio, core, (cursor, generation))
         self.out[topic.name] = t
         self.classes[prio][1].add(topic.name, core)
         if self.link is not None and self.link.up:
@@ -264,7 +275,7 @@ class Peer:
         topic = self.bridge.broker.topics.get(t.name)
         if topic is None:
             return
-        self.link.send_control(
+        self.link.send_ordered(
             W.encode_control(
                 "topic",
                 id=t.id,
@@ -314,7 +325,12 @@ class Peer:
                     if link.inflight() >= budget:
                         budget_hit = True
                         break
-                    msgs = inbox.take(TAKE)
+                    try:
+                        msgs = inbox.take(TAKE)
+                    except TensorbusError as exc:  # a cursor the broker took back
+                        log.warning("peer %s: bridge read failed: %s", self.name, exc)
+                        self.counters["bad"] += 1
+                        msgs = []
                     if not msgs:
                         break
                     for m in msgs:
@@ -360,6 +376,7 @@ class Peer:
         self.counters["sent_bytes"] += nbytes
         if not t.announced:
             self._announce(t)
+        flags &= APP_FLAGS if self.kind == "peer" else APP_FLAGS | FLAG_GAP
         if m.dtype is None:
             batch += W.encode_batch_entry(W.BYTES, flags, t.id, seq, nbytes)
             batch += m.data
@@ -381,14 +398,12 @@ class Peer:
     def on_credit(self, grants: list) -> None:
         by_id = {t.id: t for t in self.out.values()}
         self.disarm()
-        for grant in grants:
-            if not isinstance(grant, list) or len(grant) != 3:
-                raise W.WireError("a credit grant is [topic id, messages, bytes]")
-            t = by_id.get(grant[0])
+        for tid, msgs, nbytes in grants:  # validated by decode_control
+            t = by_id.get(tid)
             if t is None:
                 continue
-            t.credit_msgs += int(grant[1])
-            t.credit_bytes += int(grant[2])
+            t.credit_msgs += msgs
+            t.credit_bytes += nbytes
             if t.parked and t.credit_msgs > 0 and t.credit_bytes > 0:
                 self.classes[t.prio][1].add(t.name, t.sub)
                 t.parked = False
@@ -398,16 +413,21 @@ class Peer:
 
     def on_topic(self, f: dict) -> None:
         name = f["name"]
+        old = self.in_topics.get(f["id"])
+        if old is not None and old.name == name:
+            return  # announced again (a re-attach): the same publisher serves
+        if old is not None and old.pub is not None:
+            old.pub.close()
         try:
             topic = self.bridge.broker.bridge_topic(name, f)
-        except ValueError as exc:
-            raise W.WireError(str(exc)) from None
-        ring = self.bridge.ring(topic.ring.name)
-        pub = ring.publisher(timeout=0)
+            pub = self.bridge.ring(topic.ring.name).publisher(timeout=0)
+        except (ValueError, TensorbusError) as exc:
+            # This one topic cannot exist here: its messages are dropped
+            # (and credited) rather than the whole link.
+            log.warning("peer %s: topic %r refused: %s", self.name, name, exc)
+            self.in_topics[f["id"]] = InTopic(f["id"], str(name), "realtime", None, 0)
+            return
         pub.inline_max = min(topic.slot_size, BATCH_BYTES)
-        old = self.in_topics.get(f["id"])
-        if old is not None:
-            old.pub.close()
         self.in_topics[f["id"]] = InTopic(f["id"], name, topic.qos, pub, topic.slot_size)
 
     def in_topic(self, tid: int) -> InTopic:
@@ -420,7 +440,9 @@ class Peer:
         """Where a body lands: a loan in the local arena, or None (then the
         transport keeps it and the backlog copies it in later)."""
         t = self.in_topic(entry.topic)
-        if t.backlog:
+        if entry.nbytes > self.bridge.max_body:
+            raise W.WireError(f"a body of {entry.nbytes} bytes is larger than this daemon's arena")
+        if t.backlog or t.pub is None:
             return None
         try:
             return t.pub.loan((entry.nbytes,), "uint8", timeout=0)
@@ -432,8 +454,6 @@ class Peer:
         behind the ones waiting for credit there). ``loaned``: ``body`` is
         a loan of this bridge's publisher, published with no copy."""
         t = self.in_topic(entry.topic)
-        t.received += 1
-        self.received[t.name] = self.received.get(t.name, 0) + 1
         self.counters["received"] += 1
         self.counters["received_bytes"] += entry.nbytes
         item = (entry, body if body is not None else entry.payload, loaned)
@@ -456,15 +476,20 @@ class Peer:
         (the ring is full), possibly now holding a loan with the data."""
         entry, data, loaned = item
         # From another daemon: never forwarded again. From a light client:
-        # forwarded like anything published on this host.
+        # forwarded like anything published on this host. Only the
+        # application's flag bits are taken from the wire.
         flags = 0
-        if entry is not None and self.kind == "peer":
-            flags = entry.flags | FLAG_BRIDGED
+        if entry is not None:
+            flags = entry.flags & APP_FLAGS
+            if self.kind == "peer":
+                flags |= FLAG_BRIDGED
         try:
-            if entry is None:  # a gap marker
+            if t.pub is None:  # a topic refused here: dropped, credited
+                self.counters["dropped"] += 1
+            elif entry is None:  # a gap marker
                 t.pub.send(data, flags=FLAG_GAP)
                 return None
-            if entry.kind == W.BYTES:
+            elif entry.kind == W.BYTES:
                 t.pub.send(data, flags=flags)
             else:
                 itemsize = _tensors.numpy_dtype(entry.dtype).itemsize
@@ -485,6 +510,10 @@ class Peer:
             log.warning("peer %s: message for %s dropped: %s", self.name, t.name, exc)
             self.counters["bad"] += 1
         if entry is not None:
+            # Counted once it is in the ring (or dropped for good): a backlog
+            # lost with a link shows as a shortfall at resume, so as a gap.
+            t.received += 1
+            self.received[t.name] = self.received.get(t.name, 0) + 1
             grant = self.grants.setdefault(t.id, [0, 0])
             grant[0] += 1
             grant[1] += entry.nbytes
@@ -514,26 +543,38 @@ class Peer:
             self.link.send_control(W.encode_control("credit", grants=grants))
         self.grants.clear()
 
-    def mark_gaps(self, reason: str) -> None:
-        """Tell reliable subscribers of what this peer fed that messages
-        may be lost: a gap marker in each of those rings."""
-        for name, count in self.received.items():
+    def mark_gaps(self, reason: str, names=None) -> None:
+        """Tell the reliable subscribers of topics this peer fed (``names``,
+        default all) that messages were lost: a gap marker in each ring,
+        behind whatever of that topic still waits for ring space."""
+        for name in list(self.received if names is None else names):
+            count = self.received.pop(name, 0)
             topic = self.bridge.broker.topics.get(name)
             if topic is None or topic.qos != "reliable":
                 continue
-            ring = self.bridge.ring(topic.ring.name)
-            pub = ring.publisher(timeout=0)
-            t = InTopic(-1, name, topic.qos, pub, topic.slot_size)
             body = msgpack.packb(
                 {"topic": name, "peer": self.name, "received": count, "reason": reason}
             )
+            self.counters["gaps"] += 1
+            waiting = next(
+                (t for t in self.in_topics.values() if t.name == name and t.backlog), None
+            )
+            if waiting is not None:
+                waiting.backlog.append((None, body, False))
+                continue
+            try:
+                pub = self.bridge.ring(topic.ring.name).publisher(timeout=0)
+            except TensorbusError as exc:
+                log.warning("peer %s: no gap marker for %s: %s", self.name, name, exc)
+                continue
+            t = InTopic(-1, name, topic.qos, pub, topic.slot_size)
             left = self._publish(t, (None, body, False))
-            if left is not None:
+            if left is None:
+                pub.close()
+            else:
                 t.backlog.append(left)
                 self.bridge.orphans.append(t)
                 self.bridge.schedule_retry()
-            self.counters["gaps"] += 1
-        self.received.clear()
 
     # -- link life ---------------------------------------------------------
 
@@ -542,7 +583,9 @@ class Peer:
             self.grace_handle.cancel()
             self.grace_handle = None
         if self.link is not None and self.link is not link:
-            self.link.close()  # both sides dialed at once: the newer link wins
+            old = self.link  # both sides dialed at once: the newer link wins
+            old.send_control(W.encode_control("bye"))
+            old.close()
         new_instance = self.node is not None and node != self.node
         if new_instance:
             log.info("peer %s restarted (new node id): starting afresh", name)
@@ -553,12 +596,18 @@ class Peer:
         self.link = link
         self.state = "up"
         self.since = time.monotonic()
+        for t in self.in_topics.values():  # the last link's ids; a lost backlog
+            if t.pub is not None:  # shows as a shortfall in the peer's resume
+                t.pub.close()
         self.in_topics.clear()
-        self.sent_interest = set()
+        self.backlogged.clear()
+        self.sent_interest = None  # the next interest message is the whole set
         if self.counters["links"]:
             self.counters["reconnects"] += 1
         self.counters["links"] += 1
-        # A fresh epoch: credit and sequences start again; topics are re-announced.
+        # A fresh epoch: credit and sequences start again, topics are
+        # re-announced, and the peer hears what we sent on the last link
+        # (first, in order with the data).
         resume = {}
         self.disarm()
         for t in self.out.values():
@@ -569,32 +618,40 @@ class Peer:
             if t.parked:
                 self.classes[t.prio][1].add(t.name, t.sub)
                 t.parked = False
-        if resume:
-            link.send_control(W.encode_control("resume", sent=resume))
+        link.send_ordered(W.encode_control("resume", sent=resume))
         if self.kind == "peer":
             self.bridge.send_interest(self)
         log.info("link to %s %s is up (%s)", self.kind, name, link.transport)
         self.kick()
 
     def on_resume(self, sent: dict) -> None:
-        """The same peer instance came back: compare what it sent on the
-        last link with what arrived; a shortfall is a gap."""
-        for name, count in sent.items():
-            got = self.received.get(name, 0)
-            if isinstance(count, int) and count > got:
-                self._gap_one(name, f"{count - got} message(s) lost in flight on a broken link")
-            self.received[name] = 0
+        """What the peer sent of each topic on the last link. Less arrived
+        here (lost in flight, or waiting for ring space when the link
+        broke), or a topic it no longer lists (its cursor was freed while
+        the link was down): a gap."""
+        lost = {}
+        for name, got in list(self.received.items()):
+            count = sent.get(name)
+            if count is None:
+                lost[name] = "messages published while the link was down were not forwarded"
+            elif count > got:
+                lost[name] = f"{count - got} message(s) lost with a broken link"
+        for name, reason in lost.items():
+            self.mark_gaps(reason, [name])
+        self.received.clear()
 
-    def _gap_one(self, name: str, reason: str) -> None:
-        saved = self.received
-        self.received = {name: saved.get(name, 0)}
-        self.mark_gaps(reason)
-        self.received = saved
-
-    def link_down(self, reason: str) -> None:
+    def link_down(self, reason: str, link: Link | None = None) -> None:
+        """The link failed (``link``: the one that did, if known; a later
+        link that replaced it is left alone)."""
+        if link is not None and link is not self.link:
+            if not link.closed:
+                link.close()
+            return
         link, self.link = self.link, None
         if link is None:
             return
+        if self.kind == "client":
+            link.send_control(W.encode_control("bye"))  # the client raises, not hangs
         link.close()
         self.state = "down"
         self.since = time.monotonic()
@@ -615,9 +672,11 @@ class Peer:
             self.name,
             self.bridge.config.link_grace_s,
         )
-        self.mark_gaps(f"link to peer {self.name} lost ({reason})")
-        self.close_outbound()
+        self.close_outbound()  # first: local publishers must not stay blocked
         self.patterns.clear()
+        self.mark_gaps(f"link to peer {self.name} lost ({reason})")
+        if self.url is None:  # it dialed us: it will open a new link if it returns
+            self.bridge.forget(self)
 
     def close(self) -> None:
         if self.grace_handle is not None:
@@ -627,8 +686,9 @@ class Peer:
             self.link = None
         self.close_outbound()
         for t in self.in_topics.values():
-            with contextlib.suppress(Exception):
-                t.pub.close()
+            if t.pub is not None:
+                with contextlib.suppress(Exception):
+                    t.pub.close()
         self.in_topics.clear()
         self.state = "closed"
         self.bridge.forget(self)
@@ -697,6 +757,21 @@ class Link:
         self.async_sock = None  # dialing side: the asyncio socket the loop waits on
         self.session = None  # accepting side: the control session that opened it
         self.pending: tuple = ("", "", "")  # (node, name, boot id) until attached
+        self.remote_id = link_id  # dialed links: the id the peer gave, for attach
+        self.closed = False
+
+    def down(self, reason: str) -> None:
+        """Report this link failed (soon, outside the caller's frame)."""
+        if not self.closed:
+            self.bridge.loop.call_soon(self.peer.link_down, reason, self)
+
+    def send_ordered(self, body: bytes) -> None:
+        """A control message that must stay in order with the data (a topic
+        announcement, a resume): over UCX it goes with the data."""
+        if self.ucx is not None:
+            self.ucx.send_control(body)
+        else:
+            self.send_control(body)
 
     def _frames(self, frames: list) -> list:
         return frames if self.identity is None else [self.identity, *frames]
@@ -705,7 +780,7 @@ class Link:
         try:
             self.sock.send_multipart(self._frames([W.CONTROL, body]), zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            self.bridge.loop.call_soon(self.peer.link_down, f"send failed: {exc}")
+            self.down(f"send failed: {exc}")
 
     def send_data(self, batch: bytearray, bodies: list) -> None:
         """Send a batch now; its bodies follow in CHUNK-sized messages, fed
@@ -716,10 +791,14 @@ class Link:
             self.ucx.send(bytes(batch), bodies)
             return
         try:
-            self.sock.send_multipart(self._frames([W.DATA, bytes(batch)]), zmq.NOBLOCK)
+            tracker = self.sock.send_multipart(
+                self._frames([W.DATA, bytes(batch)]), zmq.NOBLOCK, copy=False, track=True
+            )
         except zmq.ZMQError as exc:
-            self.bridge.loop.call_soon(self.peer.link_down, f"send failed: {exc}")
+            self.down(f"send failed: {exc}")
             return
+        self.trackers.append((tracker, len(batch)))  # batches count against the budget too
+        self.queued += len(batch)
         for body in bodies:
             view = memoryview(body).cast("B")
             for at in range(0, len(view), CHUNK_BYTES):
@@ -737,7 +816,7 @@ class Link:
                     self._frames([W.BODY_CHUNK, chunk]), zmq.NOBLOCK, copy=False, track=True
                 )
             except zmq.ZMQError as exc:
-                self.bridge.loop.call_soon(self.peer.link_down, f"send failed: {exc}")
+                self.down(f"send failed: {exc}")
                 return False
             self.trackers.append((tracker, len(chunk)))
             self.queued += len(chunk)
@@ -751,6 +830,7 @@ class Link:
         return self.queued + sum(len(c) for c in self.chunks)
 
     def close(self) -> None:
+        self.closed = True
         self.up = False
         if self.ucx is not None:
             self.ucx.close()
@@ -761,6 +841,8 @@ class Link:
             self.async_sock = None
         self.sock = None
         self.bridge.links.pop(self.id, None)
+        if self.identity is not None and self.bridge.by_identity.get(self.identity) is self:
+            del self.bridge.by_identity[self.identity]
 
 
 class Bridge:
@@ -774,7 +856,8 @@ class Bridge:
         self.boot_id = boot_id()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.peers: list[Peer] = []
-        self.links: dict[int, Link] = {}
+        self.links: dict[int, Link] = {}  # by our own id, whoever dialed
+        self.by_identity: dict[bytes, Link] = {}  # accepted links, by ROUTER identity
         self.ids = 0
         self.router = None
         self.router_async = None
@@ -789,11 +872,13 @@ class Bridge:
         self.watched: dict = {}
         self.transport = config.transport
         self.ucx_context = None
+        self.max_body = 0  # the largest body a link may announce: our arena's size
 
     # -- start and stop ----------------------------------------------------
 
     async def start(self, ctx, host: str | None) -> None:
         self.loop = asyncio.get_running_loop()
+        self.max_body = self.broker.arena.size
         slot = self.broker.take_holder()
         self.holder = self.broker.arena.holder(slot, 1 << 20) if slot else None
         if host is not None:
@@ -803,8 +888,11 @@ class Bridge:
             sock = self.router_async
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            sock.setsockopt(zmq.SNDHWM, 0)
-            sock.setsockopt(zmq.RCVHWM, 0)
+            sock.setsockopt(zmq.SNDHWM, 0)  # credit bounds what we queue
+            # What a stranger can make us buffer before attaching: messages
+            # of at most MAX_LINK_MESSAGE, a bounded number of them.
+            sock.setsockopt(zmq.RCVHWM, 1024)
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_LINK_MESSAGE)
             self.broker.secure_server(sock)
             port = self.config.link_port
             bind_host = f"[{host}]" if ":" in host else host
@@ -869,8 +957,10 @@ class Bridge:
                 peer.link_down("its client session ended")
 
     def forget(self, peer: Peer) -> None:
-        if peer.kind == "client" and peer in self.peers:
+        if peer in self.peers and peer.url is None:
             self.peers.remove(peer)
+            if peer.kind == "client" and peer.patterns:
+                self.interest_changed()  # its patterns leave this host's interest
 
     def unwatch(self, sock) -> None:
         task = self.watched.pop(id(sock), None)
@@ -892,13 +982,18 @@ class Bridge:
                 self.send_interest(peer)
 
     def send_interest(self, peer: Peer) -> None:
+        """Tell ``peer`` what this host's subscribers read now: the whole
+        set on a fresh link, then what changed."""
         now = self.local_patterns()
-        add, remove = now - peer.sent_interest, peer.sent_interest - now
-        if add or remove:
-            peer.link.send_control(
-                W.encode_control("interest", add=sorted(add), remove=sorted(remove))
-            )
-            peer.sent_interest = now
+        if peer.sent_interest is None:
+            body = W.encode_control("interest", add=sorted(now), remove=[], reset=True)
+        else:
+            add, remove = now - peer.sent_interest, peer.sent_interest - now
+            if not add and not remove:
+                return
+            body = W.encode_control("interest", add=sorted(add), remove=sorted(remove))
+        peer.link.send_control(body)
+        peer.sent_interest = now
 
     # -- backlog -----------------------------------------------------------
 
@@ -919,8 +1014,11 @@ class Bridge:
             except BackpressureError:
                 waiting = True
                 continue
+            except TensorbusError as exc:  # the ring went away: nobody to tell
+                log.warning("a gap marker for %s was not published: %s", t.name, exc)
             self.orphans.remove(t)
-            t.pub.close()
+            with contextlib.suppress(TensorbusError):
+                t.pub.close()
         if waiting:
             self.schedule_retry()
 
@@ -944,6 +1042,10 @@ class Bridge:
         transport = f.get("transport", "tcp")
         if transport == "ucx" and self.ucx_context is None:
             transport = "tcp"  # the dialer falls back: UCX needs both sides
+        if transport == "ucx" and (
+            not isinstance(f.get("ucx_address"), bytes) or not isinstance(f.get("ucx_tag"), int)
+        ):
+            raise P.ProtocolViolation("bad_request", "a ucx link needs ucx_address and ucx_tag")
         peer = None
         if kind == "peer":
             # Both daemons may list each other: the one with the smaller node
@@ -951,15 +1053,11 @@ class Bridge:
             for p in self.peers:
                 if p.kind == "peer" and node in (p.node, p.node_hint):
                     peer = p
-            if (
-                peer is not None
-                and peer.url is not None
-                and peer.link is not None
-                and (self.node < node)
-            ):
-                raise P.ProtocolViolation(
-                    "topic_conflict", "redundant link: this daemon already dials you"
-                )
+            if peer is not None and peer.url is not None and peer.link is not None:
+                if self.node < node:
+                    raise P.ProtocolViolation(
+                        "topic_conflict", "redundant link: this daemon already dials you"
+                    )
         if peer is None:
             peer = Peer(self, kind)
             peer.name = f.get("name") or node[:8]
@@ -968,6 +1066,7 @@ class Bridge:
             peer.link_down("replaced by a new link")
         self.ids += 1
         link = Link(self, peer, self.ids, secrets.token_hex(16), transport, sock=self.router)
+        link.last_rx = time.monotonic()
         link.session = session_key
         link.pending = (node, f.get("name") or node[:8], f.get("boot_id", ""))
         self.links[link.id] = link
@@ -983,8 +1082,6 @@ class Bridge:
         if transport == "ucx":
             from tensorbus.broker import bridge_ucx
 
-            if not isinstance(f.get("ucx_address"), bytes) or not isinstance(f.get("ucx_tag"), int):
-                raise P.ProtocolViolation("bad_request", "a ucx link needs ucx_address and ucx_tag")
             reply["ucx_address"] = bridge_ucx.worker_address(self.ucx_context)
             reply["ucx_tag"] = link.ucx_recv_tag = self.ucx_context.next_tag_base()
             link.ucx_peer_address = f["ucx_address"]
@@ -1018,10 +1115,8 @@ class Bridge:
         self.on_frames(link, sock)
 
     def _by_identity(self, identity: bytes):
-        for link in self.links.values():
-            if link.identity == identity and link.up:
-                return link
-        return None
+        link = self.by_identity.get(identity)
+        return link if link is not None and link.up else None
 
     def _attach_link(self, identity: bytes, frames: list) -> None:
         """The first message of a new connection must attach it to a link
@@ -1038,6 +1133,7 @@ class Bridge:
             log.warning("link channel: attach with a wrong link id or secret refused")
             return
         link.identity = identity
+        self.by_identity[identity] = link
         self._go_up(link)
 
     def _go_up(self, link: Link) -> None:
@@ -1084,11 +1180,13 @@ class Bridge:
             else:
                 self._drain(sock)
                 raise W.WireError(f"unknown link frame kind {bytes(kind)[:8]!r}")
-        except W.WireError as exc:
+        except Exception as exc:  # a peer's bytes never take the daemon down
             self._drain(sock)
+            if not isinstance(exc, W.WireError):
+                log.exception("link %s: handling a message failed", link.peer.name)
             log.warning("link %s: %s; closing it", link.peer.name, exc)
             link.peer.counters["bad"] += 1
-            self.loop.call_soon(link.peer.link_down, f"protocol error: {exc}")
+            link.down(f"protocol error: {exc}")
 
     @staticmethod
     def _drain(sock) -> None:
@@ -1139,7 +1237,7 @@ class Bridge:
         elif kind == "topic":
             peer.on_topic(f)
         elif kind == "interest":
-            peer.set_interest(f["add"], f["remove"])
+            peer.set_interest(f["add"], f["remove"], bool(f.get("reset")))
             if peer.kind == "client":
                 self.interest_changed()
         elif kind == "resume":
@@ -1174,7 +1272,8 @@ class Bridge:
                     log.info("cannot link to peer %s: %s", peer.url, exc)
                 if peer.state == "connecting" and peer.counters["links"]:
                     peer.state = "down"
-            await asyncio.sleep(delay)
+            # Jitter: two daemons that lost each other do not redial in step.
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, BACKOFF_MAX_S)
 
     async def _connect(self, peer: Peer, ctx) -> None:
@@ -1216,9 +1315,11 @@ class Bridge:
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         self.broker.secure_client(sock)
-        sock.connect(reply["endpoint"])
+        sock.connect(_on_host_of(reply["endpoint"], peer.url))
         sync = zmq.Socket.shadow(sock.underlying)
-        link = Link(self, peer, reply["link"], reply["secret"], reply["transport"], sock=sync)
+        self.ids += 1
+        link = Link(self, peer, self.ids, reply["secret"], reply["transport"], sock=sync)
+        link.remote_id = reply["link"]
         link.pending = (reply["node"], peer.url, reply.get("boot_id", ""))
         if link.transport == "ucx":
             link.ucx_peer_address = reply["ucx_address"]
@@ -1226,7 +1327,7 @@ class Bridge:
             link.ucx_recv_tag = recv_tag
         link.async_sock = sock
         self.links[link.id] = link
-        link.send_control(W.encode_control("attach", link=link.id, secret=link.secret))
+        link.send_control(W.encode_control("attach", link=link.remote_id, secret=link.secret))
         self._go_up(link)
         self.watched[id(sync)] = asyncio.create_task(self._serve_dealer(link, sock, sync))
 
@@ -1251,28 +1352,36 @@ class Bridge:
 
     async def _heartbeats(self) -> None:
         period = self.config.heartbeat_s
-        hb = W.encode_control("hb")
         while True:
             await asyncio.sleep(period)
-            now = time.monotonic()
-            for link in list(self.links.values()):
-                if not link.up:
-                    if now - link.last_rx > 3 * period:
-                        self.links.pop(link.id, None)  # opened but never attached
-                    continue
-                peer = link.peer
-                if peer.kind == "client":
-                    alive = self.broker.session_alive(link.session)
-                else:
-                    alive = now - link.last_rx <= 3 * period
-                if not alive:
-                    peer.link_down(f"no heartbeat for {now - link.last_rx:.1f} s")
-                    continue
-                if peer.kind == "peer":
-                    link.send_control(hb)
-                for entry in peer.classes:
-                    if entry is not None and not peer.armed:
-                        entry[1].check_stalls()
+            try:
+                self._beat(period)
+            except Exception:  # one link's trouble must not end liveness for all
+                log.exception("link heartbeat tick failed")
+
+    def _beat(self, period: float) -> None:
+        hb = W.encode_control("hb")
+        now = time.monotonic()
+        for link in list(self.links.values()):
+            peer = link.peer
+            if not link.up:
+                if now - link.last_rx > 3 * period:  # opened but never attached
+                    self.links.pop(link.id, None)
+                    if peer.link is None and peer.url is None and peer.state == "connecting":
+                        self.forget(peer)
+                continue
+            if peer.kind == "client":
+                alive = self.broker.session_alive(link.session)
+            else:
+                alive = now - link.last_rx <= 3 * period
+            if not alive:
+                peer.link_down(f"no heartbeat for {now - link.last_rx:.1f} s", link)
+                continue
+            if peer.kind == "peer":
+                link.send_control(hb)
+            for entry in peer.classes:
+                if entry is not None:
+                    entry[1].check_stalls()  # a dead publisher's claim: repair
 
     def stats(self) -> list[dict]:
         return [peer.stats() for peer in self.peers]
@@ -1280,6 +1389,14 @@ class Bridge:
 
 class _Redundant(Exception):
     pass
+
+
+def _on_host_of(endpoint: str, url: str) -> str:
+    """``endpoint``'s port on the host of ``url``: a daemon bound to a
+    wildcard (0.0.0.0) announces it as such, which is no address to dial."""
+    port = endpoint.rsplit(":", 1)[1]
+    host = url.split("://", 1)[1].rsplit(":", 1)[0]
+    return f"tcp://{host}:{port}"
 
 
 async def _ask(sock, op: str, timeout: float, **fields) -> dict:

@@ -34,6 +34,7 @@ import collections
 import contextlib
 import logging
 import os
+import time
 
 import numpy as np
 
@@ -186,8 +187,9 @@ def _settle(future: asyncio.Future, request) -> None:
 
 
 class UcxData:
-    """One link's data over a UCX endpoint: batches as active messages,
-    bodies as tag transfers into the receiver's arena."""
+    """One link's data over a UCX endpoint: batches (and the control
+    messages that must stay in order with them) as active messages, bodies
+    as tag transfers into the receiver's arena."""
 
     def __init__(
         self, bridge, link, peer_address: bytes, send_tag: int, recv_tag: int, same_host: bool
@@ -197,23 +199,36 @@ class UcxData:
         self.progress: Progress = bridge.ucx_context
         self.send_tag = send_tag | BODY_CHANNEL
         self.recv_tag = recv_tag | BODY_CHANNEL
-        self.queue: collections.deque = collections.deque()
+        self.queue: collections.deque = collections.deque()  # (message, bodies, bytes)
         # Received entries in order, [entry, dest, loaned, receive op]; a
         # body not yet complete holds back those after it.
         self.arrived: collections.deque = collections.deque()
+        self.ops: set = set()  # our pending request futures, cancelled on close
         self.inflight = 0
         self.ready = asyncio.Event()
         self.endpoint = None  # ucxx's Endpoint
         self.ep = None  # its UCXEndpoint, whose requests we post
         self.closed = False
+        self.tasks: list[asyncio.Task] = []
         loop = asyncio.get_running_loop()
         self.task = loop.create_task(self._run(peer_address, same_host))
 
     def send(self, batch: bytes, bodies: list) -> None:
         nbytes = len(batch) + sum(b.nbytes for b in bodies)
-        self.queue.append((batch, bodies, nbytes))
+        self.queue.append((W.DATA + batch, bodies, nbytes))
         self.inflight += nbytes
         self.ready.set()
+
+    def send_control(self, body: bytes) -> None:
+        """A control message in order with the data (topic, resume)."""
+        self.queue.append((W.CONTROL + body, [], 0))
+        self.ready.set()
+
+    def _track(self, request) -> asyncio.Future:
+        op = self.progress.track(request)
+        self.ops.add(op)
+        op.add_done_callback(self.ops.discard)
+        return op
 
     async def _run(self, peer_address: bytes, same_host: bool) -> None:
         ucxx = _import()
@@ -223,54 +238,60 @@ class UcxData:
             self.endpoint = await ucxx.create_endpoint_from_worker_address(
                 address, endpoint_error_handling=not same_host
             )
+            if self.closed:
+                self.endpoint.abort()
+                return
             self.ep = self.endpoint._ep  # requests, completed by our progress
             self.send_tag = Tag(self.send_tag)
             self.recv_tag = Tag(self.recv_tag)
             self.progress.kick()
-            await asyncio.gather(self._sender(), self._receiver())
+            loop = asyncio.get_running_loop()
+            self.tasks = [loop.create_task(self._sender()), loop.create_task(self._receiver())]
+            done, _ = await asyncio.wait(self.tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # raises what ended it
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             if not self.closed:
                 log.warning("ucx data path of %s failed: %s", self.link.peer.name, exc)
-                self.bridge.loop.call_soon(self.link.peer.link_down, f"ucx: {exc}")
+                self.link.down(f"ucx: {exc}")
+        finally:
+            for task in self.tasks:
+                task.cancel()
 
     async def _sender(self) -> None:
-        """Post every queued batch and body at once, in order (UCX keeps
-        the order per tag); in flight until each completes. Posting the
-        next message while the last one's body is still being read keeps
-        the wire busy."""
+        """Send what is queued, in order: each message, then its bodies.
+        The receiver posts its receives as messages arrive."""
         ep = self.ep
         Array, _, _ = _types()
         while True:
             while not self.queue:
                 self.ready.clear()
                 await self.ready.wait()
-            batch, bodies, nbytes = self.queue.popleft()
-            await self.progress.track(ep.am_send(Array(np.frombuffer(batch, np.uint8))))
+            message, bodies, nbytes = self.queue.popleft()
+            await self._track(ep.am_send(Array(np.frombuffer(message, np.uint8))))
             for body in bodies:
-                await self.progress.track(ep.tag_send(Array(body), self.send_tag))
+                await self._track(ep.tag_send(Array(body), self.send_tag))
             self.inflight -= nbytes
-            self.link.peer.kick()
-
-    def _sent(self, done: asyncio.Future, nbytes: int) -> None:
-        self.inflight -= nbytes
-        if done.cancelled():
-            return
-        exc = done.exception()
-        if exc is not None and not self.closed:
-            self.bridge.loop.call_soon(self.link.peer.link_down, f"ucx send failed: {exc}")
-            return
-        self.link.peer.kick()  # in-flight budget freed
+            self.link.peer.kick()  # in-flight budget freed
 
     async def _receiver(self) -> None:
-        """Take batches; post each body's receive into its loan at once and
+        """Take messages; post each body's receive into its loan at once and
         deliver entries in order as their bodies complete."""
         ep = self.ep
         Array, _, TagMaskFull = _types()
         while True:
-            request = await self.progress.track(ep.am_recv())
-            for entry in W.decode_batch(request.recv_buffer):
+            request = await self._track(ep.am_recv())
+            message = memoryview(request.recv_buffer).cast("B")
+            kind, body = bytes(message[:1]), message[1:]
+            if kind == W.CONTROL:
+                self.link.last_rx = time.monotonic()
+                self.bridge.on_control(self.link, bytes(body))
+                continue
+            if kind != W.DATA:
+                raise W.WireError(f"unknown ucx message kind {kind!r}")
+            for entry in W.decode_batch(body):
                 if entry.kind != W.BODY:
                     self.arrived.append([entry, None, False, None])
                     continue
@@ -278,36 +299,48 @@ class UcxData:
                 loaned = dest is not None
                 if not loaned:  # the arena is full: land it here, copy it in later
                     dest = np.empty(entry.nbytes, np.uint8)
+                # Not in self.ops: a posted receive keeps its loan until UCX
+                # is done with it (completed, or cancelled by abort).
                 op = self.progress.track(ep.tag_recv(Array(dest), self.recv_tag, TagMaskFull))
                 op.add_done_callback(self._body_done)
                 self.arrived.append([entry, dest, loaned, op])
-            self.progress.kick()
             self._deliver_ready()
 
     def _body_done(self, op: asyncio.Future) -> None:
-        if not op.cancelled() and op.exception() is not None and not self.closed:
-            self.bridge.loop.call_soon(
-                self.link.peer.link_down, f"ucx receive failed: {op.exception()}"
-            )
+        if self.closed or op.cancelled():
+            return
+        if op.exception() is not None:
+            self.link.down(f"ucx receive failed: {op.exception()}")
             return
         self._deliver_ready()
 
     def _deliver_ready(self) -> None:
         peer = self.link.peer
         arrived = self.arrived
-        while arrived and (arrived[0][3] is None or arrived[0][3].done()):
-            entry, dest, loaned, op = arrived.popleft()
-            if op is not None and (op.cancelled() or op.exception() is not None):
-                return
-            if dest is None:
-                peer.deliver(entry)
-            else:
-                peer.deliver(entry, dest, loaned=loaned)
-        peer.flush_grants()
+        try:
+            while not self.closed and arrived and (arrived[0][3] is None or arrived[0][3].done()):
+                entry, dest, loaned, op = arrived.popleft()
+                if op is not None and (op.cancelled() or op.exception() is not None):
+                    return
+                if dest is None:
+                    peer.deliver(entry)
+                else:
+                    peer.deliver(entry, dest, loaned=loaned)
+            peer.flush_grants()
+        except Exception as exc:  # a peer's bytes never take the daemon down
+            self.link.down(f"protocol error: {exc}")
 
     def close(self) -> None:
         self.closed = True
         self.task.cancel()
+        for task in self.tasks:
+            task.cancel()
+        for op in list(self.ops):
+            op.cancel()
+        for _, dest, _, op in self.arrived:
+            if op is not None and not op.done():
+                op.add_done_callback(lambda _, keep=dest: None)  # the loan outlives UCX's use
+        self.arrived.clear()
         if self.endpoint is not None:
             with contextlib.suppress(Exception):
                 self.endpoint.abort()

@@ -1169,8 +1169,11 @@ class Broker:
             for index, generation, lag, drops in topic.ring.cursor_lags():
                 key = (index, generation)
                 sub = topic.cursors.get(key)
-                if sub is None or sub.group is not None:
-                    continue  # a queue group is served by whichever member is free
+                if sub is None or sub.group is not None or sub.wants is not None:
+                    # A queue group is served by whichever member is free; a
+                    # bridge's cursor stalls by design (credit), it is no
+                    # slow consumer, and it counts its own drops.
+                    continue
                 before = topic.drops_seen.get(key, 0)
                 topic.drops_seen[key] = drops
                 if drops > before:

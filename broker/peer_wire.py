@@ -76,15 +76,23 @@ _DESC = struct.Struct("<16s32s")
 _MAX_NDIM = 8
 _MAX_CONTROL = 1 << 20
 
+# Control messages: field -> (type, required).
 CONTROL_TYPES = {
-    "attach": {"link": int, "secret": str},
-    "interest": {"add": list, "remove": list},
-    "topic": {"id": int, "name": str, "qos": str, "capacity": int, "slot_size": int},
-    "credit": {"grants": list},
-    "resume": {"sent": dict},
+    "attach": {"link": (int, True), "secret": (str, True)},
+    "interest": {"add": (list, False), "remove": (list, False), "reset": (bool, False)},
+    "topic": {
+        "id": (int, True),
+        "name": (str, True),
+        "qos": (str, True),
+        "capacity": (int, True),
+        "slot_size": (int, True),
+    },
+    "credit": {"grants": (list, True)},
+    "resume": {"sent": (dict, True)},
     "hb": {},
     "bye": {},
 }
+_U64 = (1 << 64) - 1
 
 
 class WireError(ValueError):
@@ -114,7 +122,8 @@ def encode_control(kind: str, **fields: Any) -> bytes:
 
 
 def decode_control(raw: bytes) -> tuple[str, dict]:
-    """(type, fields) of a control frame (after its ``C`` byte)."""
+    """(type, fields) of a control frame (after its ``C`` byte), every
+    field checked down to its elements."""
     if len(raw) > _MAX_CONTROL:
         raise WireError(f"a link control message of {len(raw)} bytes exceeds {_MAX_CONTROL}")
     try:
@@ -127,15 +136,37 @@ def decode_control(raw: bytes) -> tuple[str, dict]:
     schema = CONTROL_TYPES.get(kind)
     if schema is None:
         raise WireError(f"unknown link control message {kind[:40]!r}")
-    for name, typ in schema.items():
+    for name, (typ, required) in schema.items():
         value = obj.get(name)
         if value is None:
-            if kind == "interest":  # either list may be left out
-                obj[name] = []
-                continue
-            raise WireError(f"link message {kind!r} needs field {name!r}")
-        if not isinstance(value, typ) or isinstance(value, bool):
+            if required:
+                raise WireError(f"link message {kind!r} needs field {name!r}")
+            continue
+        ok = (
+            isinstance(value, bool)
+            if typ is bool
+            else (isinstance(value, typ) and not isinstance(value, bool))
+        )
+        if not ok:
             raise WireError(f"field {name!r} of link message {kind!r} must be {typ.__name__}")
+    if kind == "interest":
+        for name in ("add", "remove"):
+            obj[name] = obj.get(name) or []
+            if not all(isinstance(p, str) for p in obj[name]):
+                raise WireError(f"interest {name!r} is a list of pattern strings")
+    elif kind == "credit":
+        for grant in obj["grants"]:
+            if not (
+                isinstance(grant, list)
+                and len(grant) == 3
+                and all(type(v) is int and 0 <= v <= _U64 for v in grant)
+            ):
+                raise WireError("a credit grant is [topic id, messages, bytes] of counts")
+    elif kind == "resume":
+        if not all(
+            isinstance(k, str) and type(v) is int and 0 <= v <= _U64 for k, v in obj["sent"].items()
+        ):
+            raise WireError("resume 'sent' maps topic names to counts")
     return kind, obj
 
 

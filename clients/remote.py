@@ -227,20 +227,14 @@ class LightLink:
             )
         return state
 
-    def send(self, state: list, qos: str, data, meta, timeout: float) -> int:
-        entry, body = _describe(state, data, meta)
+    def try_send(self, state: list, entry: tuple, body) -> int | None:
+        """Send one described message if the broker's credit allows; None
+        if not (yet). Reads the link first when out of credit."""
         nbytes = entry[4]
-        deadline = time.monotonic() + timeout
-        while state[1] <= 0 or state[2] <= 0:
-            if qos != "reliable":
-                return -1  # realtime: no credit, newest wins: dropped here
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BackpressureError(
-                    f"no credit from the broker within {timeout:g} s: a subscriber of "
-                    "this topic is behind"
-                )
-            self.pump(min(left, 0.05))
+        if state[1] <= 0 or state[2] <= 0:
+            self.pump(0)  # grants may be waiting
+            if state[1] <= 0 or state[2] <= 0:
+                return None
         state[1] -= 1
         state[2] -= nbytes
         seq = state[3]
@@ -250,9 +244,10 @@ class LightLink:
         if body is None:
             self.sock.send_multipart([W.DATA, head + bytes(payload)])
         else:
+            # Copied: the caller may change its array as soon as send returns.
             self.sock.send_multipart([W.DATA, head])
             for at in range(0, len(body), CHUNK_BYTES):
-                self.sock.send_multipart([W.BODY_CHUNK, body[at : at + CHUNK_BYTES]], copy=False)
+                self.sock.send_multipart([W.BODY_CHUNK, body[at : at + CHUNK_BYTES]])
         return seq
 
 
@@ -296,7 +291,8 @@ class RemotePublisher:
         self.slot_size: int = info["slot_size"]
         self.timeout = timeout
         self._link = link
-        self._state = link.announce(info)
+        with client._lock:
+            self._state = link.announce(info)
         self._closed = False
         self.published = 0
         self.dropped = 0
@@ -308,11 +304,27 @@ class RemotePublisher:
         realtime message dropped for want of credit."""
         if self._closed:
             raise ClientClosed("the publisher is closed")
-        with self.client._lock:
-            self.client._check()
-            seq = self._link.send(
-                self._state, self.qos, data, meta, self.timeout if timeout is None else timeout
-            )
+        entry, body = _describe(self._state, data, meta)
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            # The lock is taken per attempt, so the heartbeat thread and
+            # receivers get their turn while this waits for credit.
+            with self.client._lock:
+                self.client._check()
+                seq = self._link.try_send(self._state, entry, body)
+                if seq is None and self.qos != "reliable":
+                    seq = -1  # realtime: no credit, newest wins: dropped here
+                if seq is None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise BackpressureError(
+                            f"no credit from the broker within {timeout:g} s: a subscriber "
+                            f"of {self.topic!r} is behind"
+                        )
+                    self._link.pump(min(left, 0.01))
+            if seq is not None:
+                break
         if seq < 0:
             self.dropped += 1
         else:
@@ -374,9 +386,9 @@ class RemoteSubscriber:
                         self._link._flush_grants()
                     return msg
                 left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
-                if left <= 0:
-                    raise ReceiveTimeout(f"no message on {self.pattern!r} within {timeout:g} s")
-                self._link.pump(left)
+                if self._link.pump(max(0.0, left)) or left > 0:
+                    continue
+                raise ReceiveTimeout(f"no message on {self.pattern!r} within {timeout:g} s")
 
     def recv_batch(self, max_n: int = 256, max_wait: float | None = None) -> list:
         try:
