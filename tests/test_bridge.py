@@ -16,6 +16,7 @@ import pytest
 
 import tensorbus
 from tensorbus import AuthError, BrokerUnavailable, GapError
+from tensorbus.cli import stats_table
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -133,6 +134,9 @@ def test_small_messages_reach_both_hosts_in_order(pair, transport):
         # One copy crossed the link per message, whatever the fan-out.
         assert links(a.url)[0]["sent"] == 2 * n
         assert links(b.url)[0]["received"] == 2 * n
+        # `tensorbus stats` shows the link.
+        table = stats_table(cb.stats())
+        assert f"link peer {tcp_of(a)}: up ({transport})" in table, table
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
