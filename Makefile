@@ -10,7 +10,7 @@ SOURCES := pyproject.toml setup.py $(wildcard _core/*.pyx _core/*.pxd _core/*.h)
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,perf,torch]'
+	$(PY) -m pip install --quiet -e '.[dev,perf,torch,ucx]'
 	touch $(STAMP)
 
 # The main job: a broker with a pub/sub demo and its live stats (everything it
@@ -28,6 +28,8 @@ demo: $(STAMP)
 	$(PY) perf/perf.py lat --backend bus-loan,shm --size 256MiB --count 100
 	$(PY) perf/perf.py ddp --backend allreduce,ps_hook,ps_hook_fp16
 	$(PY) perf/perf.py lat --backend req-bus,req-zmq,req-nats --size 64
+	$(PY) perf/perf.py thr --backend bridge-ucx,bridge-tcp,ucx,ucx-shm,zmq-tcp --size 64MiB --count 40
+	$(PY) perf/perf.py lat --backend bridge-ucx,bridge-tcp,ucx,zmq-tcp --size 64 --count 5000
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -23,12 +23,14 @@ from tensorbus._core.errors import (
     ViewInUseError,
 )
 from tensorbus._core.inbox import Inbox, Message
-from tensorbus._core.ring import POLICIES, Publisher, Ring, Subscriber
+from tensorbus._core.ring import FLAG_BRIDGED, FLAG_GAP, POLICIES, Publisher, Ring, Subscriber
 from tensorbus._core.segment import Segment, check_segment_name, segment_name
 from tensorbus._core.wait import SpinRegistry, Waiter
 
 __all__ = [
     "Arena",
+    "FLAG_BRIDGED",
+    "FLAG_GAP",
     "BackpressureError",
     "BellTable",
     "Inbox",

@@ -125,13 +125,21 @@ from tensorbus._core.segment import segment_name
 cdef extern from *:
     int __builtin_clzll(unsigned long long x) nogil
 
-__all__ = ["Ring", "Publisher", "Subscriber", "POLICIES"]
+__all__ = ["Ring", "Publisher", "Subscriber", "POLICIES", "FLAG_BRIDGED", "FLAG_GAP"]
 
 _ndarray = _np.ndarray
 _TAG_OF = {}        # numpy dtype -> its tag
 _LOAN_DTYPES = {}   # loan()'s dtype argument -> (numpy dtype, tag)
 
 POLICIES = {"block": TB_POLICY_BLOCK, "overwrite": TB_POLICY_OVERWRITE}
+
+# Slot flags tensorbus itself uses (the low byte is the application's).
+# FLAG_BRIDGED: published by a bridge from another host; bridges never
+# forward it again, so a full mesh of daemons carries each message once.
+# FLAG_GAP: a gap marker a bridge publishes where messages were lost with a
+# link; subscribers raise GapError with its msgpack body.
+FLAG_BRIDGED = 0x8000
+FLAG_GAP = 0x4000
 _POLICY_NAMES = {v: k for k, v in POLICIES.items()}
 
 cdef enum Status:
@@ -1052,6 +1060,14 @@ cdef class Publisher:
             # built right here, no numpy on the way.
             return self._send_small_bytes(data, meta, flags, timeout)
         return self._send_object(data, flags, timeout, meta)
+
+    def send_described(self, arr, str tag, *, meta=None, int flags=0, timeout=None) -> int:
+        """Publish ``arr`` (any dtype of the right item size and shape) as a
+        tensor described by ``tag``: what a bridge does with a message that
+        arrived as bytes plus a description. A loaned ``arr`` goes with no
+        copy, as in :meth:`send`."""
+        _tensors.numpy_dtype(tag)  # raises for a tag tensorbus does not carry
+        return self._send_array(arr, tag, flags, timeout, meta)
 
     cdef int64_t _send_small_bytes(self, object data, bytes meta, int flags,
                                    object timeout) except -2:

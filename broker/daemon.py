@@ -32,6 +32,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgpack
@@ -48,6 +49,7 @@ from tensorbus._core import (
 )
 from tensorbus._core.arena import MAX_HOLDERS
 from tensorbus.broker import protocol as P
+from tensorbus.broker.bridge import Bridge
 from tensorbus.broker.paths import default_ipc_path, ensure_private_dir
 from tensorbus.broker.stats import LATENCY_BUCKETS, TopicMeter, private_rss_kb
 from tensorbus.broker.topics import (
@@ -91,6 +93,15 @@ class BrokerConfig:
     slow_consumer_grace: float = 0.0  # seconds; 0 disables eviction
     heartbeat_s: float = 2.0
     monitor_interval: float = 0.2
+    # Bridges (docs/bridge.md): daemons to link to ("tcp://host:port"), the
+    # data transport, the port links attach on (0: any; announced at link
+    # time), how long a lost peer's cursors are kept, and a CURVE secret
+    # key (z85) shared by the daemons of a cluster: encryption for tcp.
+    peers: list = field(default_factory=list)
+    transport: str = "auto"  # "ucx", "tcp" or "auto" (ucx where ucxx imports)
+    link_port: int = 0
+    link_grace_s: float = 10.0
+    curve_secret: str | None = None
 
 
 @dataclass(eq=False)
@@ -132,6 +143,10 @@ class Subscription:
     fifo: str | None
     members: dict = field(default_factory=dict)  # topic name -> (cursor, generation)
     group: Group | None = None  # a queue-group member (request/reply responders)
+    # A bridge's subscription: which topics it takes, and what to call (not
+    # a notice) when a new one matches.
+    wants: Callable[[str], bool] | None = None
+    on_attach: Callable | None = None
 
 
 @dataclass(eq=False)
@@ -189,6 +204,10 @@ class Broker:
         self.started = time.monotonic()
         self.stopping: asyncio.Event | None = None
         self.counters = {"requests": 0, "errors": 0, "clients_lost": 0, "evictions": 0}
+        self.bridge = Bridge(self, config)
+        self.bridge_session = Session(("bridge", 0), "internal", "bridge", os.getpid())
+        self.bridge_subs: set[Subscription] = set()
+        self.interest_pending = False
 
     # -- start and stop ----------------------------------------------------
 
@@ -206,6 +225,10 @@ class Broker:
             loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
         except ValueError:
             loopback = False
+        if self.config.transport not in ("ucx", "tcp", "auto"):
+            raise BrokerStartError(
+                f"--transport must be ucx, tcp or auto, not {self.config.transport!r}"
+            )
         if not loopback and not self.config.token and not self.config.insecure:
             raise BrokerStartError(
                 f"refusing to serve tcp on non-loopback address {host!r} without a token: "
@@ -284,6 +307,7 @@ class Broker:
             self.endpoints.append(f"ipc://{self.ipc_path}")
             if tcp:
                 tsock = self._socket()
+                self.secure_server(tsock)
                 try:
                     tsock.bind(f"tcp://{self.config.tcp}")
                 except zmq.ZMQError as exc:
@@ -295,6 +319,15 @@ class Broker:
                 self.endpoints.append(tsock.getsockopt_string(zmq.LAST_ENDPOINT))
         finally:
             os.umask(old_umask)
+        for url in self.config.peers:
+            if not isinstance(url, str) or not url.startswith("tcp://"):
+                raise BrokerStartError(f"--peer must be tcp://HOST:PORT, not {url!r}")
+        try:
+            await self.bridge.start(self.ctx, tcp[0] if tcp else None)
+        except (zmq.ZMQError, RuntimeError) as exc:
+            raise BrokerStartError(f"cannot start the bridge: {exc}") from None
+        if self.bridge.endpoint:
+            log.info("links attach on %s", self.bridge.endpoint)
         return self.endpoints
 
     def _socket(self) -> zmq.asyncio.Socket:
@@ -329,6 +362,8 @@ class Broker:
     async def _shutdown(self) -> None:
         """Tell every client, close every ring, unlink everything we made."""
         log.info("shutting down: %d topic(s), %d session(s)", len(self.topics), len(self.sessions))
+        with contextlib.suppress(Exception):
+            await self.bridge.stop()
         for session in list(self.sessions.values()):
             self._send(
                 session.key, P.encode_notice("shutdown", reason="the broker is shutting down")
@@ -489,6 +524,7 @@ class Broker:
             else None,
             heartbeat_s=self.config.heartbeat_s,
             broker_pid=os.getpid(),
+            node=self.bridge.node,
         )
 
     def _watch_pid(self, session: Session) -> int:
@@ -535,6 +571,7 @@ class Broker:
                 self._release_holder(session.holder)
             session.holder = 0
         self._unwatch(session)
+        self.bridge.session_closed(session.key)
         log.debug("session %s dropped: %s", session.name, reason)
 
     def _release_holder(self, slot: int) -> None:
@@ -648,6 +685,12 @@ class Broker:
         self.topics[name] = topic
         log.info("topic %s created (%s, %d x %d B)", name, qos, capacity, slot_size)
         # Cursors for every live pattern before anyone can publish: no loss.
+        for sub in list(self.bridge_subs):
+            if sub.wants(name):
+                try:
+                    self._attach(sub, topic, announce=True)
+                except CapacityError:
+                    log.warning("topic %s: no cursor left for a bridge", name)
         for session in list(self.sessions.values()):
             for sub in session.subscriptions.values():
                 if sub.group is None and matches(sub.pattern, name):
@@ -669,7 +712,9 @@ class Broker:
         )
         sub.members[topic.name] = (cursor, generation)
         topic.cursors[(cursor, generation)] = sub
-        if announce:
+        if sub.on_attach is not None:
+            sub.on_attach(sub, topic, cursor, generation)
+        elif announce:
             payload = P.encode_notice(
                 "attach", sub=sub.id, topic=topic.info(), cursor=cursor, generation=generation
             )
@@ -714,8 +759,8 @@ class Broker:
             raise P.ProtocolViolation(
                 "not_local",
                 f"{what} needs shared memory with the broker: "
-                "connect from the broker's host over ipc:// (bridging "
-                "remote clients comes with cross-host support)",
+                "connect from the broker's host over ipc://, or publish and subscribe "
+                "over a link (the light client does: docs/bridge.md)",
             )
 
     def _op_open_publisher(self, session: Session, request: P.Request) -> bytes:
@@ -775,6 +820,7 @@ class Broker:
         except CapacityError as exc:
             self._release_subscription(sub)
             raise P.ProtocolViolation("capacity", str(exc)) from None
+        self._interest_changed()
         return P.encode_reply(
             request.id,
             sub=sub.id,
@@ -895,6 +941,8 @@ class Broker:
         if sub.bell >= 0:
             self.free_bells.append(sub.bell)
             sub.bell = -1
+        if sub.wants is None:
+            self._interest_changed()
 
     def _op_unsubscribe(self, session: Session, request: P.Request) -> bytes:
         sub = session.subscriptions.get(request.fields["sub"])
@@ -905,6 +953,124 @@ class Broker:
             )
         self._release_subscription(sub)
         return P.encode_reply(request.id)
+
+    # -- bridges (broker/bridge.py) ----------------------------------------
+
+    def _op_link(self, session: Session, request: P.Request) -> bytes:
+        """A peer daemon or a light client opens a link (docs/bridge.md)."""
+        return P.encode_reply(request.id, **self.bridge.open_link(request.fields, session.key))
+
+    def _interest_changed(self) -> None:
+        """Local subscriptions changed: tell peers (once per loop turn)."""
+        if not self.interest_pending:
+            self.interest_pending = True
+            asyncio.get_running_loop().call_soon(self._send_interest)
+
+    def _send_interest(self) -> None:
+        self.interest_pending = False
+        self.bridge.interest_changed()
+
+    def local_patterns(self) -> set[str]:
+        """The patterns this host's own subscribers read (queue groups and
+        reply inboxes stay local)."""
+        return {
+            sub.pattern
+            for session in self.sessions.values()
+            for sub in session.subscriptions.values()
+            if sub.group is None
+        }
+
+    def open_bridge_subscription(self, owner, wants, on_attach) -> tuple[Subscription, dict]:
+        """A subscription for a bridge: cursors on every topic ``wants``
+        accepts, now and later (``on_attach`` hears of each), one FIFO bell."""
+        bell, generation = self._take_bell("fifo", os.getpid())
+        fifo = self.bells.fifo_path(bell, generation)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(fifo)
+        os.mkfifo(fifo, 0o600)
+        sub = Subscription(
+            next(self.ids),
+            self.bridge_session,
+            "(bridge)",
+            "async",
+            bell,
+            generation,
+            fifo,
+            wants=wants,
+            on_attach=on_attach,
+        )
+        self.bridge_subs.add(sub)
+        return sub, {"index": bell, "generation": generation, "fifo": fifo}
+
+    def refresh_bridge_subscription(self, sub: Subscription) -> None:
+        """Attach every existing topic a bridge subscription now wants."""
+        for topic in list(self.topics.values()):
+            if topic.name not in sub.members and sub.wants(topic.name):
+                try:
+                    self._attach(sub, topic, announce=True)
+                except CapacityError:
+                    log.warning("topic %s: no cursor left for a bridge", topic.name)
+
+    def drop_bridge_cursor(self, sub: Subscription, name: str) -> None:
+        member = sub.members.pop(name, None)
+        topic = self.topics.get(name)
+        if member is None or topic is None:
+            return
+        topic.cursors.pop(member, None)
+        topic.drops_seen.pop(member, None)
+        topic.behind_since.pop(member, None)
+        with contextlib.suppress(TensorbusError):
+            topic.ring.free_cursor(*member)
+            topic.ring.reclaim()
+
+    def close_bridge_subscription(self, sub: Subscription) -> None:
+        self.bridge_subs.discard(sub)
+        self._release_subscription(sub)
+
+    def bridge_topic(self, name: object, f: dict) -> Topic:
+        """The local topic a link's messages go to: made with the origin's
+        options, or the one that exists (whatever its options)."""
+        try:
+            name = self._user_topic(name)
+        except (TopicNameError, P.ProtocolViolation) as exc:
+            raise ValueError(f"a link announced a bad topic: {exc}") from None
+        if name.startswith(INBOX_PREFIX):
+            raise ValueError(f"a link announced reply inbox {name!r}")
+        existing = self.topics.get(name)
+        if existing is not None:
+            return existing
+        options = {k: f[k] for k in ("qos", "capacity", "slot_size") if k in f}
+        try:
+            topic, _ = self._get_or_create(name, options)
+        except P.ProtocolViolation as exc:
+            raise ValueError(f"cannot make topic {name!r} for a link: {exc.message}") from None
+        return topic
+
+    def take_holder(self) -> int:
+        """An arena holder slot for the bridge (0: none left)."""
+        return self.free_holders.pop() if self.free_holders else 0
+
+    def session_alive(self, key) -> bool:
+        return key in self.sessions
+
+    def link_name(self) -> str:
+        tcp = [e for e in self.endpoints if e.startswith("tcp://")]
+        return tcp[0] if tcp else f"{os.uname().nodename}:{self.instance}"
+
+    def secure_server(self, sock) -> None:
+        """CURVE on a tcp socket we bind, where a key is configured."""
+        if self.config.curve_secret:
+            sock.curve_secretkey = self.config.curve_secret.encode()
+            sock.curve_publickey = zmq.curve_public(self.config.curve_secret.encode())
+            sock.curve_server = True
+
+    def secure_client(self, sock) -> None:
+        """CURVE on a socket we connect to a peer sharing our key."""
+        if self.config.curve_secret:
+            public, secret = zmq.curve_keypair()
+            sock.curve_serverkey = zmq.curve_public(self.config.curve_secret.encode())
+            sock.curve_publickey = public
+            sock.curve_secretkey = secret
 
     # -- introspection -----------------------------------------------------
 
@@ -956,6 +1122,8 @@ class Broker:
             "bells_free": len(self.free_bells),
             "arena": self.arena.stats() if self.arena is not None else None,
             "holders_free": len(self.free_holders),
+            "node": self.bridge.node,
+            "links": self.bridge.stats(),
             **self.counters,
         }
         return P.encode_reply(request.id, topics=topics, broker=broker)
@@ -1001,8 +1169,11 @@ class Broker:
             for index, generation, lag, drops in topic.ring.cursor_lags():
                 key = (index, generation)
                 sub = topic.cursors.get(key)
-                if sub is None or sub.group is not None:
-                    continue  # a queue group is served by whichever member is free
+                if sub is None or sub.group is not None or sub.wants is not None:
+                    # A queue group is served by whichever member is free; a
+                    # bridge's cursor stalls by design (credit), it is no
+                    # slow consumer, and it counts its own drops.
+                    continue
                 before = topic.drops_seen.get(key, 0)
                 topic.drops_seen[key] = drops
                 if drops > before:

@@ -70,6 +70,7 @@ ERROR_CODES = {
 _STR = (str,)
 _INT = (int,)
 _BOOL = (bool,)
+_BYTES = (bytes,)
 OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "hello": {
         "name": (_STR, False),
@@ -97,6 +98,15 @@ OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "stats": {"pattern": (_STR, False)},
     "heartbeat": {},
     "bye": {"holds": (_INT, False)},
+    "link": {
+        "kind": (_STR, False),
+        "node": (_STR, False),
+        "name": (_STR, False),
+        "boot_id": (_STR, False),
+        "transport": (_STR, False),
+        "ucx_address": (_BYTES, False),
+        "ucx_tag": (_INT, False),
+    },
 }
 
 NOTICES = ("attach", "evicted", "shutdown")

@@ -24,7 +24,7 @@ from typing import Any
 
 import zmq
 
-from tensorbus._core import Message, SlowConsumer
+from tensorbus._core import FLAG_GAP, Message, SlowConsumer
 from tensorbus._core.errors import ReceiveTimeout
 from tensorbus.broker import protocol as P
 from tensorbus.broker.topics import validate_pattern, validate_topic
@@ -33,14 +33,17 @@ from tensorbus.clients._shared import (
     Mappings,
     Subscription,
     client_name,
+    gap_error,
     resolve_url,
 )
 from tensorbus.clients.errors import (
     BrokerUnavailable,
     ClientClosed,
+    NotLocalError,
     ProtocolError,
     error_for,
 )
+from tensorbus.clients.remote import LightLink, RemotePublisher, RemoteSubscriber
 from tensorbus.clients.reqrep import (
     DEFAULT_GROUP,
     INBOX_PREFIX,
@@ -67,6 +70,18 @@ def _invalidate_after_fork() -> None:
 os.register_at_fork(after_in_child=_invalidate_after_fork)
 
 
+def _curve_client(server_key: str) -> Callable:
+    """What makes a socket a CURVE client of a broker with ``server_key``."""
+
+    def secure(sock) -> None:
+        public, secret = zmq.curve_keypair()
+        sock.curve_serverkey = server_key.encode()
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+
+    return secure
+
+
 def connect(
     url: str | None = None,
     *,
@@ -75,20 +90,30 @@ def connect(
     token: str | None = None,
     max_holds: int = 1024,
     spin_us: float | None = None,
+    curve_server_key: str | None = None,
 ) -> Client:
     """Connect to a broker and say hello.
 
-    ``url``: ``ipc:///path`` (a broker on this host: publish and subscribe)
-    or ``tcp://host:port`` (introspection only, for now); default
+    ``url``: ``ipc:///path`` (a broker on this host: shared memory) or
+    ``tcp://host:port`` (a broker on another host: a light client, whose
+    messages travel over the network, see clients/remote.py); default
     ``TENSORBUS_URL``, else this user's default ipc socket. ``token``:
     default ``TENSORBUS_TOKEN``. ``max_holds``: how many arena blocks this
     client may hold views of at once before ``recv`` raises HoldLimitError.
     ``spin_us``: how long a waiting receive spins before it sleeps (default
     ``TENSORBUS_SPIN_US``, else 50; 0: sleep at once, for servers and
-    background threads that must not take a core). Raises BrokerUnavailable
-    if no broker answers within ``timeout`` seconds."""
+    background threads that must not take a core). ``curve_server_key``:
+    the broker's CURVE public key (z85) where it encrypts tcp (default
+    ``TENSORBUS_CURVE_SERVER_KEY``). Raises BrokerUnavailable if no broker
+    answers within ``timeout`` seconds."""
     return Client(
-        url, name=name, timeout=timeout, token=token, max_holds=max_holds, spin_us=spin_us
+        url,
+        name=name,
+        timeout=timeout,
+        token=token,
+        max_holds=max_holds,
+        spin_us=spin_us,
+        curve_server_key=curve_server_key,
     )
 
 
@@ -104,6 +129,7 @@ class Client:
         token: str | None = None,
         max_holds: int = 1024,
         spin_us: float | None = None,
+        curve_server_key: str | None = None,
     ):
         self.url = resolve_url(url)
         self.name = client_name(name)
@@ -121,6 +147,11 @@ class Client:
         # thread for all clients of the process, not one each.
         self._sock = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        server_key = curve_server_key or os.environ.get("TENSORBUS_CURVE_SERVER_KEY")
+        self._curve = _curve_client(server_key) if server_key else None
+        if self._curve is not None:
+            self._curve(self._sock)
+        self._link: LightLink | None = None
         self._sock.connect(self.url)
         self._heartbeat_thread = None
         try:
@@ -275,6 +306,11 @@ class Client:
         (default: ``min(slot_size, INLINE_MAX)``)."""
         self._check()
         validate_topic(topic)
+        if not self.local:
+            info = self._request(
+                "create_topic", topic=topic, qos=qos, capacity=capacity, slot_size=slot_size
+            )["topic"]
+            return RemotePublisher(self, self._light_link(), info, timeout)
         info = self._request(
             "open_publisher", topic=topic, qos=qos, capacity=capacity, slot_size=slot_size
         )["topic"]
@@ -292,10 +328,26 @@ class Client:
             validate_pattern(pattern)
         else:
             validate_topic(pattern)
+        if not self.local:
+            if group is not None:
+                raise NotLocalError(
+                    "queue groups need the broker's shared memory: join them from its host",
+                    "not_local",
+                )
+            with self._lock:
+                return RemoteSubscriber(self, self._light_link(), pattern)
         reply = self._request("subscribe", pattern=pattern, mode="sync", group=group)
         sub = Subscriber(self, reply, pattern)
         self._subscriptions[sub.id] = sub
         return sub
+
+    def _light_link(self) -> LightLink:
+        """This tcp client's link to its broker, opened on first use."""
+        with self._lock:
+            if self._link is None:
+                reply = self._request("link", kind="client", name=self.name, transport="tcp")
+                self._link = LightLink(self, reply, self._curve)
+            return self._link
 
     # -- request/reply (clients/reqrep.py) ----------------------------------
 
@@ -364,6 +416,9 @@ class Client:
             pub.close()
         if self._heartbeat_thread is not None:
             self._heartbeat_stop.set()
+        if self._link is not None:
+            with self._lock:
+                self._link.close()
         try:
             saved, self.timeout = self.timeout, min(self.timeout, 1.0)
             # Views of arena blocks may outlive the client: the broker then
@@ -493,6 +548,8 @@ class Subscriber(Subscription):
         SlowConsumer once evicted, BrokerUnavailable once the broker is gone."""
         if self._closed:
             raise ClientClosed("the subscriber is closed")
+        if self._pending:
+            return self._take(1)[0]
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self._broker_gone:  # (inline: this loop is the receive hot path)
@@ -504,6 +561,8 @@ class Subscriber(Subscription):
                 self.client._drain_notices(wait=0.2)  # the eviction notice has the reason
                 raise self._slow_consumer(exc) from None
             if msg is not None:
+                if msg.flags & FLAG_GAP:
+                    raise gap_error(msg)
                 return msg
             if self._closed:  # closed from another thread while we waited
                 raise ClientClosed("the subscriber is closed")

@@ -113,6 +113,37 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="heartbeat period asked of tcp clients (default 2)",
     )
+    s.add_argument(
+        "--peer",
+        dest="peers",
+        action="append",
+        metavar="tcp://HOST:PORT",
+        help="another daemon to bridge topics with (its --tcp address); repeatable",
+    )
+    s.add_argument(
+        "--transport",
+        choices=["ucx", "tcp", "auto"],
+        help="how bridges carry data: ucx (ucxx), tcp (ZeroMQ), or auto "
+        "(ucx where ucxx imports; the default)",
+    )
+    s.add_argument(
+        "--link-port",
+        type=int,
+        metavar="PORT",
+        help="port peers attach their link channel on, beside --tcp (default: any free)",
+    )
+    s.add_argument(
+        "--link-grace",
+        dest="link_grace_s",
+        type=float,
+        metavar="SECONDS",
+        help="keep a lost peer's cursors this long before dropping them (default 10)",
+    )
+    s.add_argument(
+        "--curve-secret-file",
+        help="file holding the cluster's CURVE secret key (z85; see docs/bridge.md): "
+        "encrypts tcp between daemons and clients",
+    )
     s.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
     t = sub.add_parser("topics", help="list topics", description="List the broker's topics.")
@@ -231,14 +262,14 @@ def _serve(args: argparse.Namespace) -> int:
         with open(args.config, "rb") as f:
             options.update(tomllib.load(f))
     known = {f.name for f in dataclasses.fields(BrokerConfig)}
-    unknown = set(options) - known - {"token_file"}
+    unknown = set(options) - known - {"token_file", "curve_secret_file"}
     if unknown:
         print(
             f"tensorbus: unknown option(s) in {args.config}: {', '.join(sorted(unknown))}",
             file=sys.stderr,
         )
         return 2
-    for name in known | {"token_file"}:
+    for name in known | {"token_file", "curve_secret_file"}:
         value = getattr(args, name, None)
         if value is not None:
             options[name] = value
@@ -248,6 +279,10 @@ def _serve(args: argparse.Namespace) -> int:
             options["token"] = f.read().strip()
     elif "token" not in options and os.environ.get("TENSORBUS_TOKEN"):
         options["token"] = os.environ["TENSORBUS_TOKEN"]
+    curve_file = options.pop("curve_secret_file", None)
+    if curve_file:
+        with open(curve_file) as f:
+            options["curve_secret"] = f.read().strip()
     config = BrokerConfig(**options)
 
     def ready(endpoints: list[str]) -> None:
@@ -315,6 +350,14 @@ def stats_table(stats: dict) -> str:
             f"arena: {_fmt_bytes(arena['used'])} of {_fmt_bytes(arena['size'])} in use, "
             f"largest free block {_fmt_bytes(arena['largest_free'])}, "
             f"{arena['allocs']} allocations"
+        )
+    for link in b.get("links") or []:
+        lines.append(
+            f"link {link['kind']} {link['peer']}: {link['state']} ({link['transport'] or '-'}) "
+            f"for {link['for_s']:.0f} s, interest {','.join(link['interest']) or '-'}, "
+            f"sent {link['sent']} ({_fmt_bytes(link['sent_bytes'])}), "
+            f"received {link['received']} ({_fmt_bytes(link['received_bytes'])}), "
+            f"dropped {link['dropped']}, gaps {link['gaps']}, reconnects {link['reconnects']}"
         )
     return "\n".join(lines)
 

@@ -57,12 +57,12 @@ def procs():
 class Daemon:
     """A real ``tensorbus serve`` subprocess on a private socket path."""
 
-    def __init__(self, tmp_path, *args, env=None):
+    def __init__(self, tmp_path, *args, env=None, prefix=()):
         self.ipc_path = str(tmp_path / "run" / "broker.sock")
         self.args = args
         if not any(str(a).startswith("--arena-size") for a in args):
             args = (*args, "--arena-size", "64MiB")  # small: quick to create
-        cmd = [sys.executable, "-m", "tensorbus", "serve", "--ipc", self.ipc_path, *args]
+        cmd = [*prefix, sys.executable, "-m", "tensorbus", "serve", "--ipc", self.ipc_path, *args]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
         )
@@ -100,8 +100,8 @@ def daemon_factory(tmp_path):
     """Start daemons with extra ``serve`` arguments; all stopped at the end."""
     started = []
 
-    def start(*args, env=None, path=None):
-        d = Daemon(path or tmp_path, *args, env=env)
+    def start(*args, env=None, path=None, prefix=()):
+        d = Daemon(path or tmp_path, *args, env=env, prefix=prefix)
         started.append(d)
         return d
 

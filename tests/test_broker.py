@@ -305,7 +305,7 @@ def test_fuzzed_requests_never_kill_the_daemon(daemon):
         c.stats()
 
 
-def test_tcp_serves_tools_but_not_pub_sub(daemon_factory):
+def test_tcp_serves_tools_and_refuses_shared_memory_ops(daemon_factory):
     d = daemon_factory("--tcp", "127.0.0.1:*")
     tcp = d.endpoints[1]
     assert tcp.startswith("tcp://127.0.0.1:")
@@ -314,10 +314,14 @@ def test_tcp_serves_tools_but_not_pub_sub(daemon_factory):
     with tensorbus.connect(tcp) as remote:
         assert [t["name"] for t in remote.topics()] == ["t/x"]
         assert remote.stats()["broker"]["topics"] == 1
+        # The ops that hand out shared memory are for clients on the host;
+        # a tcp client publishes and subscribes over a link (test_bridge.py).
         with pytest.raises(tensorbus.NotLocalError, match="shared memory"):
-            remote.publisher("t/y")
+            remote._request("open_publisher", topic="t/y")
         with pytest.raises(tensorbus.NotLocalError):
-            remote.subscribe("t/>")
+            remote._request("subscribe", pattern="t/>")
+        with pytest.raises(tensorbus.NotLocalError):
+            remote.subscribe("t/x", group="workers")
 
 
 def test_tcp_token(daemon_factory, tmp_path):

@@ -27,6 +27,11 @@ BACKENDS = (
     "req-bus",
     "req-zmq",
     "req-nats",
+    "bridge-tcp",
+    "bridge-ucx",
+    "ucx",
+    "ucx-shm",
+    "zmq-tcp",
 )
 
 # Backends whose module must not bear the name of the package it measures
@@ -39,6 +44,10 @@ MODULES = {
     "req-bus": "req_bus",
     "req-zmq": "zmq",  # its lat is REQ/REP over ipc already
     "req-nats": "nats_ps",  # its lat is request/reply already
+    "bridge-tcp": "bridge_tcp",
+    "bridge-ucx": "bridge_ucx",
+    "zmq-tcp": "zmq_tcp",
+    "ucx-shm": "ucx_shm",
 }
 
 

@@ -30,22 +30,25 @@ def _rep(endpoint: str, total: int, ready, result) -> None:
 
 def lat(size: int, count: int, warmup: int) -> list[int]:
     with tempfile.TemporaryDirectory(prefix="tb-perf-zmq-") as folder:
-        endpoint = f"ipc://{folder}/sock"
-        with peer(_rep, endpoint, warmup + count) as (_, result):
-            ctx = zmq.Context()
-            sock = ctx.socket(zmq.REQ)
-            sock.connect(endpoint)
-            msg = bytes(size)
-            copy = size < ZERO_COPY_FROM
+        return lat_at(f"ipc://{folder}/sock", size, count, warmup)
 
-            def round_trip():
-                sock.send(msg, copy=copy)
-                sock.recv(copy=copy)
 
-            times = time_round_trips(round_trip, count, warmup)
-            result_of(result, NAME)
-            ctx.destroy(linger=0)
-        return times
+def lat_at(endpoint: str, size: int, count: int, warmup: int) -> list[int]:
+    with peer(_rep, endpoint, warmup + count) as (_, result):
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.REQ)
+        sock.connect(endpoint)
+        msg = bytes(size)
+        copy = size < ZERO_COPY_FROM
+
+        def round_trip():
+            sock.send(msg, copy=copy)
+            sock.recv(copy=copy)
+
+        times = time_round_trips(round_trip, count, warmup)
+        result_of(result, NAME)
+        ctx.destroy(linger=0)
+    return times
 
 
 def _pull(endpoint: str, count: int, ready, result) -> None:
@@ -58,16 +61,19 @@ def _pull(endpoint: str, count: int, ready, result) -> None:
 
 def thr(size: int, count: int) -> tuple[int, float]:
     with tempfile.TemporaryDirectory(prefix="tb-perf-zmq-") as folder:
-        endpoint = f"ipc://{folder}/sock"
-        with peer(_pull, endpoint, count) as (_, result):
-            ctx = zmq.Context()
-            sock = ctx.socket(zmq.PUSH)
-            sock.connect(endpoint)
-            msg = bytes(size)
-            copy = size < ZERO_COPY_FROM
-            t0 = time.perf_counter()
-            for _ in range(count):
-                sock.send(msg, copy=copy)
-            received, t1 = result_of(result, NAME)
-            ctx.destroy(linger=0)
-        return received, t1 - t0
+        return thr_at(f"ipc://{folder}/sock", size, count)
+
+
+def thr_at(endpoint: str, size: int, count: int) -> tuple[int, float]:
+    with peer(_pull, endpoint, count) as (_, result):
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.PUSH)
+        sock.connect(endpoint)
+        msg = bytes(size)
+        copy = size < ZERO_COPY_FROM
+        t0 = time.perf_counter()
+        for _ in range(count):
+            sock.send(msg, copy=copy)
+        received, t1 = result_of(result, NAME)
+        ctx.destroy(linger=0)
+    return received, t1 - t0

@@ -1,0 +1,226 @@
+"""The link protocol between two daemons (or a daemon and a light client),
+as pure functions.
+
+A link is opened on the control socket (op ``link``, after a tokened
+``hello``) and then runs on a second ZeroMQ connection, the *link channel*:
+a DEALER on the dialing side, the daemon's link ROUTER on the other. Every
+message on it is a multipart ZeroMQ message whose first frame is one byte:
+
+``C`` + msgpack map
+    link control: ``attach`` (the link id and secret, first on the
+    channel), ``interest`` (patterns added or withdrawn), ``topic`` (a
+    topic id and its options, before its first data), ``credit`` (per-topic
+    window grants), ``resume``, ``hb`` (heartbeat), ``bye``.
+``D`` + batch
+    data: one batch frame describing one or more messages of any topics,
+    small payloads inline. Large bodies follow, in order, as
+``B`` + chunk
+    messages of at most 2 MiB each (tcp), so that control messages and
+    heartbeats interleave with a large tensor. Over UCX the batch is an
+    active message and each body one tag transfer.
+
+A batch entry (``ENTRY``, little-endian): kind (u8), ndim (u8), flags
+(u16), topic id (u32), sequence (u64, per topic and link, from 0), nbytes
+(u64); then for described kinds a 16-byte dtype tag, 32 bytes of meta and
+``ndim`` int64 dimensions; then for inline kinds the payload. docs/bridge.md
+is the normative description.
+
+Nothing here does I/O; malformed input raises :class:`WireError` with a
+sentence.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+__all__ = [
+    "BODY",
+    "BODY_CHUNK",
+    "BYTES",
+    "CONTROL",
+    "DATA",
+    "INITIAL_WINDOW_BYTES",
+    "INITIAL_WINDOW_MSGS",
+    "LINK_VERSION",
+    "TENSOR",
+    "Entry",
+    "WireError",
+    "decode_batch",
+    "decode_control",
+    "encode_batch_entry",
+    "encode_control",
+]
+
+LINK_VERSION = 1
+CONTROL = b"C"
+DATA = b"D"
+BODY_CHUNK = b"B"
+
+# Entry kinds.
+BYTES = 0  # plain bytes, inline
+TENSOR = 1  # a described message (dtype tag, shape, meta), inline
+BODY = 2  # a described message whose body follows the batch
+
+# What a receiver grants per topic before it has said anything: enough for
+# a steady stream of small messages, and for several large tensors in
+# flight, so the wire does not idle for a credit round trip between them.
+INITIAL_WINDOW_MSGS = 256
+INITIAL_WINDOW_BYTES = 256 << 20
+
+_ENTRY = struct.Struct("<BBHIQQ")
+_DESC = struct.Struct("<16s32s")
+_MAX_NDIM = 8
+_MAX_CONTROL = 1 << 20
+
+# Control messages: field -> (type, required).
+CONTROL_TYPES = {
+    "attach": {"link": (int, True), "secret": (str, True)},
+    "interest": {"add": (list, False), "remove": (list, False), "reset": (bool, False)},
+    "topic": {
+        "id": (int, True),
+        "name": (str, True),
+        "qos": (str, True),
+        "capacity": (int, True),
+        "slot_size": (int, True),
+    },
+    "credit": {"grants": (list, True)},
+    "resume": {"sent": (dict, True)},
+    "hb": {},
+    "bye": {},
+}
+_U64 = (1 << 64) - 1
+
+
+class WireError(ValueError):
+    """A link message that breaks the protocol; the sentence says how."""
+
+
+@dataclass(slots=True)
+class Entry:
+    """One message of a batch. ``payload`` is a memoryview into the batch
+    for inline kinds, None for BODY (the body comes separately)."""
+
+    kind: int
+    flags: int
+    topic: int
+    seq: int
+    nbytes: int
+    dtype: str | None = None
+    meta: bytes | None = None
+    shape: tuple = ()
+    payload: memoryview | None = None
+
+
+def encode_control(kind: str, **fields: Any) -> bytes:
+    if kind not in CONTROL_TYPES:
+        raise ValueError(f"unknown link control message {kind!r}")
+    return msgpack.packb({"t": kind, **fields}, use_bin_type=True)
+
+
+def decode_control(raw: bytes) -> tuple[str, dict]:
+    """(type, fields) of a control frame (after its ``C`` byte), every
+    field checked down to its elements."""
+    if len(raw) > _MAX_CONTROL:
+        raise WireError(f"a link control message of {len(raw)} bytes exceeds {_MAX_CONTROL}")
+    try:
+        obj = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise WireError(f"link control message is not valid msgpack ({exc})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("t"), str):
+        raise WireError("a link control message is a msgpack map with a string 't'")
+    kind = obj.pop("t")
+    schema = CONTROL_TYPES.get(kind)
+    if schema is None:
+        raise WireError(f"unknown link control message {kind[:40]!r}")
+    for name, (typ, required) in schema.items():
+        value = obj.get(name)
+        if value is None:
+            if required:
+                raise WireError(f"link message {kind!r} needs field {name!r}")
+            continue
+        ok = (
+            isinstance(value, bool)
+            if typ is bool
+            else (isinstance(value, typ) and not isinstance(value, bool))
+        )
+        if not ok:
+            raise WireError(f"field {name!r} of link message {kind!r} must be {typ.__name__}")
+    if kind == "interest":
+        for name in ("add", "remove"):
+            obj[name] = obj.get(name) or []
+            if not all(isinstance(p, str) for p in obj[name]):
+                raise WireError(f"interest {name!r} is a list of pattern strings")
+    elif kind == "credit":
+        for grant in obj["grants"]:
+            if not (
+                isinstance(grant, list)
+                and len(grant) == 3
+                and all(type(v) is int and 0 <= v <= _U64 for v in grant)
+            ):
+                raise WireError("a credit grant is [topic id, messages, bytes] of counts")
+    elif kind == "resume":
+        if not all(
+            isinstance(k, str) and type(v) is int and 0 <= v <= _U64 for k, v in obj["sent"].items()
+        ):
+            raise WireError("resume 'sent' maps topic names to counts")
+    return kind, obj
+
+
+def encode_batch_entry(
+    kind: int,
+    flags: int,
+    topic: int,
+    seq: int,
+    nbytes: int,
+    dtype: str | None = None,
+    meta: bytes | None = None,
+    shape: tuple = (),
+) -> bytes:
+    """The fixed part of one entry; an inline payload follows it."""
+    head = _ENTRY.pack(kind, len(shape), flags, topic, seq, nbytes)
+    if kind == BYTES:
+        return head
+    tag = (dtype or "").encode()
+    if len(tag) > 16 or len(shape) > _MAX_NDIM:
+        raise ValueError(f"cannot describe dtype {dtype!r} with {len(shape)} dimensions")
+    return head + _DESC.pack(tag, meta or b"") + struct.pack(f"<{len(shape)}q", *shape)
+
+
+def decode_batch(frame) -> list[Entry]:
+    """The entries of a batch frame (after its ``D`` byte). Inline payloads
+    are memoryviews of ``frame``: no copy."""
+    view = memoryview(frame).cast("B")
+    out = []
+    at, end = 0, len(view)
+    while at < end:
+        if end - at < _ENTRY.size:
+            raise WireError(f"a batch ends inside an entry header (byte {at} of {end})")
+        kind, ndim, flags, topic, seq, nbytes = _ENTRY.unpack_from(view, at)
+        at += _ENTRY.size
+        entry = Entry(kind, flags, topic, seq, nbytes)
+        if kind not in (BYTES, TENSOR, BODY):
+            raise WireError(f"unknown batch entry kind {kind}")
+        if kind != BYTES:
+            if ndim > _MAX_NDIM or end - at < _DESC.size + 8 * ndim:
+                raise WireError(f"a batch ends inside a tensor description (byte {at})")
+            tag, entry.meta = _DESC.unpack_from(view, at)
+            at += _DESC.size
+            entry.shape = struct.unpack_from(f"<{ndim}q", view, at)
+            at += 8 * ndim
+            try:
+                entry.dtype = tag.rstrip(b"\0").decode("ascii")
+            except UnicodeDecodeError:
+                raise WireError("a dtype tag is not ascii") from None
+            if any(d < 0 for d in entry.shape):
+                raise WireError(f"negative dimension in shape {entry.shape}")
+        if kind != BODY:
+            if end - at < nbytes:
+                raise WireError(f"a batch ends inside a payload of {nbytes} bytes")
+            entry.payload = view[at : at + nbytes]
+            at += nbytes
+        out.append(entry)
+    return out

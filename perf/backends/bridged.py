@@ -1,0 +1,116 @@
+"""tensorbus across a bridge: two daemons on this machine linked as if on
+two hosts (their own ipc sockets, arenas and tcp ports), data over the
+transport named. The publisher lives on daemon A, the peer process on
+daemon B; every message crosses the link once.
+
+* ``lat``: ping on A, echoed by a subscriber of B, pong back on A: the round
+  trip crosses the link twice.
+* ``thr``: loans of ``size`` bytes streamed from A (no copy on A: the
+  transport reads the arena block) to a sink on B (which views them in B's
+  arena, where the transport wrote them).
+"""
+
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+
+import tensorbus
+
+from backends._peer import free_port, peer, result_of, server, time_round_trips
+from backends.bus import (
+    DATA,
+    PING,
+    PONG,
+    _options,
+    _unlink_segments,
+    arena_for,
+    echo,
+    payload,
+    sink,
+)
+
+LINK_TIMEOUT = 30.0
+
+
+@contextmanager
+def linked(transport: str, size: int):
+    """Daemons A and B, B linked to A over ``transport``; yields (url_a, url_b)."""
+    with tempfile.TemporaryDirectory(prefix="tb-perf-bridge-") as folder:
+        port = free_port()
+        common = ["--transport", transport, "--arena-size", str(arena_for(size))]
+        serve = [sys.executable, "-m", "tensorbus", "serve"]
+        argv_a = [*serve, "--ipc", f"{folder}/a.sock", "--tcp", f"127.0.0.1:{port}", *common]
+        argv_b = [*serve, "--ipc", f"{folder}/b.sock", "--tcp", "127.0.0.1:*"]
+        argv_b += ["--peer", f"tcp://127.0.0.1:{port}", *common]
+        pids = []
+        try:
+            with (
+                server(argv_a, "daemon A", ready_line="tensorbus ready") as a,
+                server(argv_b, "daemon B", ready_line="tensorbus ready") as b,
+            ):
+                pids += [a.pid, b.pid]
+                yield f"ipc://{folder}/a.sock", f"ipc://{folder}/b.sock"
+        finally:
+            for pid in pids:
+                _unlink_segments(pid)
+
+
+def wait_interest(url: str, topic: str, transport: str) -> None:
+    """Until the daemon at ``url`` forwards ``topic`` over an up link."""
+    deadline = time.monotonic() + LINK_TIMEOUT
+    with tensorbus.connect(url, name="perf-bridge-probe") as probe:
+        while time.monotonic() < deadline:
+            for link in probe.stats()["broker"]["links"]:
+                if link["state"] == "up" and topic in link["interest"]:
+                    if link["transport"] != transport:
+                        raise RuntimeError(
+                            f"the link runs over {link['transport']}, not {transport}"
+                        )
+                    return
+            time.sleep(0.02)
+    raise RuntimeError(f"no link forwarding {topic} within {LINK_TIMEOUT:g} s")
+
+
+def lat(transport: str, size: int, count: int, warmup: int) -> list[int]:
+    options = _options(size)
+    with (
+        linked(transport, size) as (url_a, url_b),
+        tensorbus.connect(url_a, name="perf-bridge-ping") as client,
+    ):
+        sub = client.subscribe(PONG)
+        with peer(echo, url_b, size, warmup + count, options) as (_, result):
+            wait_interest(url_a, PING, transport)
+            wait_interest(url_b, PONG, transport)
+            pub = client.publisher(PING, timeout=60, **options)
+            msg = payload(size)
+
+            def round_trip():
+                pub.send(msg)
+                sub.recv(timeout=60).release()
+
+            times = time_round_trips(round_trip, count, warmup)
+            result_of(result, f"bridge-{transport}")
+    return times
+
+
+def thr(transport: str, size: int, count: int) -> tuple[int, float]:
+    options = {**_options(size), "capacity": 64}
+    with (
+        linked(transport, size) as (url_a, url_b),
+        tensorbus.connect(url_a, name="perf-bridge-source") as client,
+    ):
+        client.create_topic(DATA, **options)
+        with peer(sink, url_b, count) as (_, result):
+            wait_interest(url_a, DATA, transport)
+            pub = client.publisher(DATA, timeout=60, **options)
+            t0 = time.perf_counter()
+            if size > 65536:
+                for _ in range(count):
+                    pub.send(pub.loan(size, "uint8"))
+            else:
+                msg = bytes(size)
+                for _ in range(count):
+                    pub.send(msg)
+            received, t1 = result_of(result, f"bridge-{transport}")
+    return received, t1 - t0

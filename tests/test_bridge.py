@@ -1,0 +1,402 @@
+"""Bridges between daemons: two real daemons on this machine treated as two
+hosts (their own ipc paths, arenas and TCP ports; they share no segment),
+with each transport this machine has."""
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import tensorbus
+from tensorbus import AuthError, BrokerUnavailable, GapError
+from tensorbus.cli import stats_table
+
+pytestmark = pytest.mark.timeout(120)
+
+TRANSPORTS = [
+    "tcp",
+    pytest.param(
+        "ucx",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("ucxx") is None, reason="ucxx is not installed"
+        ),
+    ),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tcp_of(d) -> str:
+    return next(e for e in d.endpoints if e.startswith("tcp://"))
+
+
+def links(url) -> list:
+    with tensorbus.connect(url, name="probe") as c:
+        return c.stats()["broker"]["links"]
+
+
+def wait_for(predicate, timeout=15.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def link_up(url, interest=None):
+    def check():
+        ls = [link for link in links(url) if link["kind"] == "peer"]
+        return bool(ls) and all(
+            link["state"] == "up" and (interest is None or interest in link["interest"])
+            for link in ls
+        )
+
+    return check
+
+
+@pytest.fixture
+def pair(daemon_factory, tmp_path):
+    """Start daemon A, then B linked to it (B dials A); both stopped at the end."""
+
+    def start(transport, *, a_args=(), b_args=(), arena="128MiB", env_a=None, env_b=None):
+        common = ("--transport", transport, "--heartbeat", "0.2", "--arena-size", arena)
+        a = daemon_factory("--tcp", "127.0.0.1:*", *common, *a_args, path=tmp_path / "a", env=env_a)
+        b = daemon_factory(
+            "--tcp",
+            "127.0.0.1:*",
+            "--peer",
+            tcp_of(a),
+            *common,
+            *b_args,
+            path=tmp_path / "b",
+            env=env_b,
+        )
+        return a, b
+
+    return start
+
+
+def publish_in_thread(pub, items, **kw):
+    errors = []
+
+    def run():
+        try:
+            for item in items:
+                pub.send(item, **kw)
+        except Exception as exc:  # reported by the test
+            errors.append(exc)
+
+    th = threading.Thread(target=run)
+    th.start()
+    return th, errors
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_small_messages_reach_both_hosts_in_order(pair, transport):
+    a, b = pair(transport)
+    with tensorbus.connect(a.url) as ca, tensorbus.connect(b.url) as cb:
+        sub_a = ca.subscribe("grad/>")
+        sub_b = cb.subscribe("grad/>")
+        wait_for(link_up(b.url), what="link up")
+        wait_for(lambda: any("grad/>" in lk["interest"] for lk in links(a.url)), what="interest")
+        p1, p2 = ca.publisher("grad/w"), ca.publisher("grad/w")
+        n = 3000
+        t1, e1 = publish_in_thread(p1, [b"1:%d" % i for i in range(n)])
+        t2, e2 = publish_in_thread(p2, [b"2:%d" % i for i in range(n)])
+        seen = {sub: {b"1": [], b"2": []} for sub in (sub_a, sub_b)}
+
+        def read(sub):  # both hosts' subscribers read at once: reliable waits for the slowest
+            for _ in range(2 * n):
+                who, i = bytes(sub.recv(timeout=10).data).split(b":")
+                seen[sub][who].append(int(i))
+
+        reader = threading.Thread(target=read, args=(sub_a,))
+        reader.start()
+        read(sub_b)
+        reader.join()
+        t1.join(), t2.join()
+        for sub in (sub_a, sub_b):  # each publisher's order holds, across the bridge too
+            assert seen[sub][b"1"] == list(range(n)) and seen[sub][b"2"] == list(range(n))
+        assert not e1 and not e2
+        # One copy crossed the link per message, whatever the fan-out.
+        assert links(a.url)[0]["sent"] == 2 * n
+        assert links(b.url)[0]["received"] == 2 * n
+        # `tensorbus stats` shows the link.
+        table = stats_table(cb.stats())
+        assert f"link peer {tcp_of(a)}: up ({transport})" in table, table
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_tensors_up_to_256mib_cross_intact(pair, transport):
+    a, b = pair(transport, arena="640MiB")
+    with tensorbus.connect(a.url) as ca, tensorbus.connect(b.url) as cb:
+        sub_b = cb.subscribe("params/>")
+        wait_for(link_up(b.url), what="link up")
+        wait_for(lambda: any(lk["forwarding"] == 0 and lk["interest"] for lk in links(a.url)))
+        pub = ca.publisher("params/big")
+        small = np.arange(12, dtype=np.int16).reshape(3, 4)
+        pub.send(small, meta=b"step-1")
+        m = sub_b.recv(timeout=10)
+        assert m.data.dtype == np.int16 and m.data.shape == (3, 4)
+        assert np.array_equal(m.data, small) and m.meta[:6] == b"step-1"
+        big = np.arange(64 << 20, dtype=np.uint32)  # 256 MiB
+        for k in range(2):
+            big[0] = k
+            th, errors = publish_in_thread(pub, [big], meta=b"big")
+            m = sub_b.recv(timeout=60)
+            th.join()
+            assert not errors
+            assert m.data.shape == big.shape and m.data.dtype == np.uint32
+            assert m.zero_copy  # it landed in B's arena, and we view it there
+            assert m.data[0] == k and np.array_equal(m.data[1:], big[1:])
+            del m
+        torch = pytest.importorskip("torch")
+        t = torch.arange(10, dtype=torch.bfloat16)
+        pub.send(t)
+        got = sub_b.recv(timeout=10).as_torch()
+        assert got.dtype == torch.bfloat16 and torch.equal(got, t)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_interest_is_added_and_withdrawn(pair, transport):
+    a, b = pair(transport)
+    with tensorbus.connect(a.url) as ca, tensorbus.connect(b.url) as cb:
+        wait_for(link_up(b.url), what="link up")
+        pub = ca.publisher("metrics/loss")
+        assert links(a.url)[0]["interest"] == []
+        sub = cb.subscribe("metrics/*")
+        sub2 = cb.subscribe("metrics/*")
+        wait_for(lambda: links(a.url)[0]["forwarding"] == 1, what="forwarding starts")
+        pub.send(b"hello")
+        assert bytes(sub.recv(timeout=5).data) == b"hello"
+        assert bytes(sub2.recv(timeout=5).data) == b"hello"
+        sub.close()
+        time.sleep(0.3)
+        assert links(a.url)[0]["interest"] == ["metrics/*"]  # one subscriber is left
+        sub2.close()
+        wait_for(lambda: links(a.url)[0]["forwarding"] == 0, what="interest withdrawn")
+        assert links(a.url)[0]["interest"] == []
+        # Nobody reads it any more on A: a reliable publisher is not held back.
+        with tensorbus.connect(a.url) as probe:
+            topic = next(t for t in probe.stats()["topics"] if t["name"] == "metrics/loss")
+            assert topic["subscribers"] == 0
+        for _ in range(1000):
+            pub.send(b"x", timeout=1)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_peer_killed_and_restarted_reconnects(daemon_factory, tmp_path, transport):
+    port = free_port()
+    common = ("--transport", transport, "--heartbeat", "0.2", "--link-grace", "0.5")
+    b_args = ("--tcp", f"127.0.0.1:{port}", *common)
+    b = daemon_factory(*b_args, path=tmp_path / "b")
+    a = daemon_factory(
+        "--tcp", "127.0.0.1:*", "--peer", f"tcp://127.0.0.1:{port}", *common, path=tmp_path / "a"
+    )
+    with tensorbus.connect(a.url) as ca:
+        pub = ca.publisher("ctl/beat", qos="realtime")
+        with tensorbus.connect(b.url) as cb:
+            sub = cb.subscribe("ctl/>")
+            wait_for(link_up(a.url, "ctl/>"), what="link up")
+            pub.send(b"before")
+            assert bytes(sub.recv(timeout=5).data) == b"before"
+        b.stop(signal.SIGKILL)
+        wait_for(lambda: links(a.url)[0]["state"] == "down", what="link down")
+        for _ in range(100):
+            pub.send(b"while down")  # realtime: never blocks on a dead peer
+        b2 = daemon_factory(*b_args, path=tmp_path / "b")
+        with tensorbus.connect(b2.url) as cb:
+            sub = cb.subscribe("ctl/>")
+            wait_for(link_up(a.url, "ctl/>"), what="link back up")
+            pub.send(b"after")
+            assert bytes(sub.recv(timeout=5).data) == b"after"
+        link = links(a.url)[0]
+        assert link["reconnects"] >= 1
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_lost_origin_is_a_gap_error_not_silence(daemon_factory, tmp_path, transport):
+    port = free_port()
+    common = ("--transport", transport, "--heartbeat", "0.2", "--link-grace", "0.5")
+    a_args = ("--tcp", f"127.0.0.1:{port}", *common)
+    a = daemon_factory(*a_args, path=tmp_path / "a")
+    b = daemon_factory(
+        "--tcp", "127.0.0.1:*", "--peer", f"tcp://127.0.0.1:{port}", *common, path=tmp_path / "b"
+    )
+    with tensorbus.connect(b.url) as cb:
+        sub = cb.subscribe("grad/>")
+        wait_for(link_up(b.url), what="link up")
+        with tensorbus.connect(a.url) as ca:
+            wait_for(lambda: links(a.url)[0]["interest"] == ["grad/>"], what="interest")
+            pub = ca.publisher("grad/g")
+            pub.send(b"one")
+            assert bytes(sub.recv(timeout=5).data) == b"one"
+            a.stop(signal.SIGKILL)
+        with pytest.raises(GapError) as info:
+            sub.recv(timeout=10)
+        assert info.value.topic == "grad/g"
+        # The origin comes back: the same subscription goes on.
+        a2 = daemon_factory(*a_args, path=tmp_path / "a")
+        wait_for(link_up(b.url), what="link back up")
+        with tensorbus.connect(a2.url) as ca:
+            wait_for(lambda: links(a2.url)[0]["interest"] == ["grad/>"], what="interest again")
+            ca.publisher("grad/g").send(b"two")
+            assert bytes(sub.recv(timeout=5).data) == b"two"
+
+
+def test_peer_with_a_wrong_token_is_refused(pair):
+    a, b = pair(
+        "tcp",
+        env_a={**_env(), "TENSORBUS_TOKEN": "right-token"},
+        env_b={**_env(), "TENSORBUS_TOKEN": "wrong-token"},
+    )
+    time.sleep(1.0)
+    with tensorbus.connect(a.url) as c:
+        assert c.stats()["broker"]["links"] == []
+    with tensorbus.connect(b.url) as c:
+        assert all(link["state"] != "up" for link in c.stats()["broker"]["links"])
+    with pytest.raises(AuthError):
+        tensorbus.connect(tcp_of(a), token="wrong-token", timeout=2)
+
+
+def _env():
+    return dict(os.environ)
+
+
+def test_light_client_publishes_and_subscribes_through_a_remote_daemon(daemon_factory, tmp_path):
+    a = daemon_factory("--tcp", "127.0.0.1:*", "--transport", "tcp", path=tmp_path / "a")
+    with tensorbus.connect(a.url) as local, tensorbus.connect(tcp_of(a)) as remote:
+        assert not remote.local
+        rsub = remote.subscribe("metrics/>")
+        lsub = local.subscribe("cmd/>")
+        lpub = local.publisher("metrics/loss")
+        rpub = remote.publisher("cmd/go")
+        time.sleep(0.2)
+        th, errors = publish_in_thread(lpub, [b"%d" % i for i in range(800)])
+        assert [int(bytes(rsub.recv(timeout=5).data)) for _ in range(800)] == list(range(800))
+        th.join()
+        big = np.random.default_rng(1).random((1024, 1024), dtype=np.float32)
+        rpub.send(big, meta=b"m")
+        m = lsub.recv(timeout=5)
+        assert np.array_equal(m.data, big) and m.meta[:1] == b"m"
+        lpub.send(big)
+        assert np.array_equal(rsub.recv(timeout=5).data, big)
+        with pytest.raises(tensorbus.NotLocalError):
+            remote.subscribe("cmd/go", group="workers")
+
+
+def test_curve_encrypts_links_and_refuses_clients_without_the_key(pair, tmp_path):
+    import zmq
+
+    public, secret = zmq.curve_keypair()
+    key_file = tmp_path / "curve.key"
+    key_file.write_text(secret.decode())
+    args = ("--curve-secret-file", str(key_file))
+    a, b = pair("tcp", a_args=args, b_args=args)
+    with tensorbus.connect(a.url) as ca, tensorbus.connect(b.url) as cb:
+        sub = cb.subscribe("x/>")
+        wait_for(lambda: any("x/>" in lk["interest"] for lk in links(a.url)), what="interest")
+        ca.publisher("x/y").send(b"secret")
+        assert bytes(sub.recv(timeout=5).data) == b"secret"
+    with tensorbus.connect(tcp_of(a), curve_server_key=public.decode()) as c:
+        assert c.stats()["broker"]["links"]
+    with pytest.raises(BrokerUnavailable):
+        tensorbus.connect(tcp_of(a), timeout=1)
+
+
+@pytest.fixture
+def netns():
+    """A network namespace joined to this one by a veth pair: (prefix that
+    runs a command inside it, host-side address, its address). Skipped
+    where namespaces cannot be made (not root, no ip(8), a container)."""
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("network namespaces need root and ip(8)")
+    tag = os.getpid() % 100000
+    name, host_if, ns_if = f"tb{tag}", f"tb{tag}h", f"tb{tag}n"
+    subnet = f"10.231.{tag % 250}"
+    steps = [
+        ["ip", "netns", "add", name],
+        ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
+        ["ip", "link", "set", ns_if, "netns", name],
+        ["ip", "addr", "add", f"{subnet}.1/24", "dev", host_if],
+        ["ip", "link", "set", host_if, "up"],
+        ["ip", "netns", "exec", name, "ip", "addr", "add", f"{subnet}.2/24", "dev", ns_if],
+        ["ip", "netns", "exec", name, "ip", "link", "set", ns_if, "up"],
+        ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
+    ]
+    try:
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True)
+            if done.returncode != 0:
+                pytest.skip(f"cannot set up a network namespace: {done.stderr.strip()}")
+        yield ["ip", "netns", "exec", name], f"{subnet}.1", f"{subnet}.2"
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_daemon_in_another_network_namespace(daemon_factory, tmp_path, netns, transport):
+    """Daemon B in its own network namespace really is another address: the
+    link crosses a veth pair, with a token (non-loopback addresses need one)."""
+    prefix, host_ip, ns_ip = netns
+    env = {**os.environ, "TENSORBUS_TOKEN": "netns-token"}
+    port = free_port()
+    common = ("--transport", transport, "--heartbeat", "0.2")
+    a = daemon_factory("--tcp", f"{host_ip}:{port}", *common, path=tmp_path / "a", env=env)
+    b = daemon_factory(
+        "--tcp",
+        f"{ns_ip}:*",
+        "--peer",
+        f"tcp://{host_ip}:{port}",
+        *common,
+        path=tmp_path / "b",
+        env=env,
+        prefix=prefix,
+    )
+    # The ipc sockets are paths and /dev/shm is shared: clients here reach both.
+    with tensorbus.connect(a.url) as ca, tensorbus.connect(b.url) as cb:
+        sub = cb.subscribe("ns/>")
+        wait_for(link_up(b.url), what="link up across the namespaces")
+        wait_for(lambda: links(a.url)[0]["interest"] == ["ns/>"], what="interest")
+        pub = ca.publisher("ns/t")
+        th, errors = publish_in_thread(pub, [b"%d" % i for i in range(500)])
+        assert [int(bytes(sub.recv(timeout=10).data)) for _ in range(500)] == list(range(500))
+        th.join()
+        assert not errors
+        assert links(a.url)[0]["peer"].startswith(f"tcp://{ns_ip}:")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_slow_remote_subscriber_slows_the_publisher_and_nothing_is_lost(pair, transport):
+    a, b = pair(transport)
+    with tensorbus.connect(a.url) as ca, tensorbus.connect(b.url) as cb:
+        sub = cb.subscribe("grad/>")
+        wait_for(lambda: any("grad/>" in lk["interest"] for lk in links(a.url)), what="interest")
+        pub = ca.publisher("grad/slow", capacity=64)
+        sent = 0
+        with pytest.raises(tensorbus.BackpressureError):
+            for sent in range(100_000):  # noqa: B007 - the count is the point
+                pub.send(b"%d" % sent, timeout=0.5)
+        # The far subscriber read nothing: credit ran out on the link, the
+        # bridge's cursor stalled, and A's ring filled. Bounded by the rings
+        # and the window, not by the publisher's speed.
+        assert 64 < sent < 64 + 256 + 256 + 64
+        assert links(a.url)[0]["parked"] == 1
+        got = [int(bytes(sub.recv(timeout=5).data)) for _ in range(sent)]
+        assert got == list(range(sent))  # every message, in order, none dropped
+        pub.send(b"after", timeout=5)  # credit came back
+        assert bytes(sub.recv(timeout=5).data) == b"after"
