@@ -20,6 +20,7 @@ __all__ = [
     "ClaimLostError",
     "SlowConsumer",
     "HoldLimitError",
+    "GapError",
 ]
 
 
@@ -78,3 +79,28 @@ class SlowConsumer(RingClosedError):
 class HoldLimitError(TensorbusError):
     """A client holds views of too many arena blocks (its ``max_holds``):
     leaked views must not silently starve publishers."""
+
+
+class GapError(TensorbusError):
+    """Messages of a reliable topic were lost with a link between hosts
+    (a peer daemon died, or stayed unreachable past its grace period).
+    Raised once, where the loss happened; the next receive goes on with the
+    messages after it. ``topic``, ``peer`` and ``reason`` say which."""
+
+    def __init__(self, message: str, topic: str = "", peer: str = "", reason: str = ""):
+        super().__init__(message)
+        self.topic = topic
+        self.peer = peer
+        self.reason = reason
+
+    @classmethod
+    def from_marker(cls, body: bytes, topic: str) -> "GapError":
+        """The error a bridge's gap marker (a msgpack map) stands for."""
+        try:
+            import msgpack
+
+            info = msgpack.unpackb(body)
+            topic, peer, reason = str(info["topic"]), str(info["peer"]), str(info["reason"])
+        except Exception:  # a marker we cannot read still means loss
+            peer, reason = "?", "unreadable gap marker"
+        return cls(f"messages of {topic!r} were lost between hosts: {reason}", topic, peer, reason)

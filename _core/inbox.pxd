@@ -56,10 +56,12 @@ cdef class Inbox:
     cdef bint is_closed
     cdef list live          # the subscribers the current arrays point into
     cdef list graveyard     # (members, sleepers, subscribers) a waiter may still read
+    cdef object pending_gap # a GapError a batch found after some messages: raised next
 
     cdef _rebuild(self)
     cdef void _bury(self) noexcept
     cdef Message _poll_one(self)
+    cdef Message _next(self)
     cdef Message _take_tensor(self, Subscriber sub, tb_slot_header_t *s, int i)
     cdef _evicted(self, int i)
     cdef _skip(self, Subscriber sub)

@@ -53,6 +53,7 @@ import numpy as _np
 from tensorbus._core import tensors as _tensors
 
 from tensorbus._core.errors import (
+    GapError,
     HoldLimitError,
     ReceiveTimeout,
     RingClosedError,
@@ -63,6 +64,9 @@ from tensorbus._core.errors import (
 __all__ = ["Inbox", "Message"]
 
 _TAGS = {}  # dtype tag bytes -> str, so a steady stream decodes nothing
+
+cdef enum:
+    GAP_FLAG = 0x4000  # ring.FLAG_GAP: a bridge's gap marker
 
 cdef enum Status:  # as in ring.pyx
     ST_OK = 0
@@ -308,6 +312,9 @@ cdef class Inbox:
                 if payload is not None and not sub.claimed:
                     continue  # another member of the queue group took it
                 if payload is not None:
+                    self.next = i + 1
+                    if sub.last_flags & GAP_FLAG:  # a bridge's gap marker, consumed
+                        raise GapError.from_marker(payload, <str>self.topics[i])
                     m = Message.__new__(Message)
                     m.payload = payload
                     m.size = len(payload)
@@ -315,7 +322,6 @@ cdef class Inbox:
                     m.seq = sub.last_seq
                     m.timestamp_ns = sub.last_timestamp_ns
                     m.flags = sub.last_flags
-                    self.next = i + 1
                     return m
                 st = ST_EVICTED  # evicted while we copied: the copy may be torn
             if st == ST_EVICTED:
@@ -406,6 +412,13 @@ cdef class Inbox:
 
     def poll(self):
         """The next message, or None if there is none right now."""
+        return self._next()
+
+    cdef Message _next(self):
+        """_poll_one, after a gap a batch left to raise."""
+        if self.pending_gap is not None:
+            exc, self.pending_gap = self.pending_gap, None
+            raise exc
         return self._poll_one()
 
     def notice(self) -> bool:
@@ -418,7 +431,7 @@ cdef class Inbox:
         control socket, then call again) or a member's ring closed.
         Raises ReceiveTimeout."""
         cdef int closed_before = self.closed_members
-        cdef Message m = self._poll_one()
+        cdef Message m = self._next()
         if m is not None:
             return m
         cdef int64_t timeout_ns = timeout_to_ns(timeout)
@@ -458,14 +471,19 @@ cdef class Inbox:
 
     def take(self, int max_n) -> list:
         """Up to ``max_n`` messages that have already arrived, without
-        waiting. An eviction found after some messages were taken ends the
-        batch instead of raising, so none of them is lost: the next call
-        raises SlowConsumer."""
+        waiting. An eviction (or a gap marker) found after some messages
+        were taken ends the batch instead of raising, so none of them is
+        lost: the next call raises SlowConsumer (GapError)."""
         cdef list out = []
         cdef Message m
         while len(out) < max_n:
             try:
-                m = self._poll_one()
+                m = self._next()
+            except GapError as exc:
+                if out:  # the marker is consumed: the next call raises it
+                    self.pending_gap = exc
+                    break
+                raise
             except (SlowConsumer, HoldLimitError):
                 if out:
                     break  # keep what was taken; the next call raises

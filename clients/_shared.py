@@ -9,24 +9,20 @@ way (blocking or awaiting) and hands notices to :meth:`Subscription.on_notice`.
 
 from __future__ import annotations
 
-import collections
 import os
 import sys
 
-import msgpack
-
-from tensorbus._core import FLAG_GAP, Arena, BellTable, Inbox, Message, Ring, SlowConsumer, Waiter
+from tensorbus._core import Arena, BellTable, Inbox, Message, Ring, SlowConsumer, Waiter
 from tensorbus._core import Subscriber as _RingSubscriber
 from tensorbus._core.errors import TensorbusError
 from tensorbus.broker.paths import default_url
-from tensorbus.clients.errors import BrokerUnavailable, GapError
+from tensorbus.clients.errors import BrokerUnavailable
 
 __all__ = [
     "INLINE_MAX",
     "Mappings",
     "Subscription",
     "client_name",
-    "gap_error",
     "resolve_url",
 ]
 
@@ -102,16 +98,6 @@ class Mappings:
         self.rings.clear()
 
 
-def gap_error(msg: Message) -> GapError:
-    """The GapError a bridge's gap marker stands for."""
-    try:
-        info = msgpack.unpackb(bytes(msg))
-        topic, peer, reason = str(info["topic"]), str(info["peer"]), str(info["reason"])
-    except Exception:  # a marker we cannot read still means loss
-        topic, peer, reason = msg.topic, "?", "unreadable gap marker"
-    return GapError(f"messages of {topic!r} were lost between hosts: {reason}", topic, peer, reason)
-
-
 class Subscription:
     """One subscription's receiving state, whatever the client's style."""
 
@@ -121,8 +107,6 @@ class Subscription:
         self._maps = maps
         self._inbox = maps.inbox(reply["bell"])
         self._evicted: dict[str, str] = {}
-        # Taken but not yet returned: what followed a gap marker in a batch.
-        self._pending: collections.deque[Message] = collections.deque()
         self._broker_gone: str | None = None
         for member in reply["members"]:
             self._attach(member)
@@ -157,22 +141,10 @@ class Subscription:
 
     def _take(self, max_n: int) -> list[Message]:
         """What has already arrived, up to ``max_n``, without waiting."""
-        if self._pending:
-            out = [self._pending.popleft() for _ in range(min(max_n, len(self._pending)))]
-        else:
-            try:
-                out = self._inbox.take(max_n)
-            except SlowConsumer as exc:
-                raise self._slow_consumer(exc) from None
-        for i, msg in enumerate(out):
-            if msg.flags & FLAG_GAP:
-                # The messages before the gap first; it is raised on the next call.
-                self._pending.extendleft(reversed(out[i + 1 :]))
-                if i == 0:
-                    raise gap_error(msg)
-                self._pending.appendleft(msg)
-                return out[:i]
-        return out
+        try:
+            return self._inbox.take(max_n)
+        except SlowConsumer as exc:
+            raise self._slow_consumer(exc) from None
 
     @property
     def topics(self) -> list[str]:

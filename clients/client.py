@@ -24,7 +24,7 @@ from typing import Any
 
 import zmq
 
-from tensorbus._core import FLAG_GAP, Message, SlowConsumer
+from tensorbus._core import Message, SlowConsumer
 from tensorbus._core.errors import ReceiveTimeout
 from tensorbus.broker import protocol as P
 from tensorbus.broker.topics import validate_pattern, validate_topic
@@ -33,7 +33,6 @@ from tensorbus.clients._shared import (
     Mappings,
     Subscription,
     client_name,
-    gap_error,
     resolve_url,
 )
 from tensorbus.clients.errors import (
@@ -548,8 +547,6 @@ class Subscriber(Subscription):
         SlowConsumer once evicted, BrokerUnavailable once the broker is gone."""
         if self._closed:
             raise ClientClosed("the subscriber is closed")
-        if self._pending:
-            return self._take(1)[0]
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self._broker_gone:  # (inline: this loop is the receive hot path)
@@ -561,8 +558,6 @@ class Subscriber(Subscription):
                 self.client._drain_notices(wait=0.2)  # the eviction notice has the reason
                 raise self._slow_consumer(exc) from None
             if msg is not None:
-                if msg.flags & FLAG_GAP:
-                    raise gap_error(msg)
                 return msg
             if self._closed:  # closed from another thread while we waited
                 raise ClientClosed("the subscriber is closed")

@@ -4,6 +4,7 @@ clause catches everything tensorbus raises."""
 
 from tensorbus._core.errors import (
     BackpressureError,
+    GapError,
     HoldLimitError,
     MessageTooLargeError,
     ReceiveTimeout,
@@ -56,19 +57,6 @@ class AuthError(BrokerError, PermissionError):
 
 class NotLocalError(BrokerError):
     """Publishing and subscribing need the broker on this host (ipc://)."""
-
-
-class GapError(TensorbusError):
-    """Messages of a reliable topic were lost with a link between hosts
-    (a peer daemon died, or stayed unreachable past its grace period).
-    Raised once, where the loss happened; the next receive goes on with
-    the messages after it. ``topic``, ``peer`` and ``reason`` say which."""
-
-    def __init__(self, message: str, topic: str = "", peer: str = "", reason: str = ""):
-        super().__init__(message)
-        self.topic = topic
-        self.peer = peer
-        self.reason = reason
 
 
 class ClientClosed(TensorbusError):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import time
 
-import msgpack
 import numpy as np
 import zmq
 
@@ -363,13 +362,7 @@ class RemoteSubscriber:
         if credit is not None:
             self._link.credit(*credit)
         if msg.flags & FLAG_GAP:
-            info = msgpack.unpackb(bytes(msg))
-            raise GapError(
-                f"messages of {info.get('topic')!r} were lost between hosts: {info.get('reason')}",
-                str(info.get("topic")),
-                str(info.get("peer")),
-                str(info.get("reason")),
-            )
+            raise GapError.from_marker(bytes(msg), msg.topic)
         return msg
 
     def recv(self, timeout: float | None = None) -> RemoteMessage:

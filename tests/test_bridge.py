@@ -400,3 +400,31 @@ def test_slow_remote_subscriber_slows_the_publisher_and_nothing_is_lost(pair, tr
         assert got == list(range(sent))  # every message, in order, none dropped
         pub.send(b"after", timeout=5)  # credit came back
         assert bytes(sub.recv(timeout=5).data) == b"after"
+
+
+def test_a_gap_marker_raises_once_where_it_is_even_mid_batch(daemon):
+    """What a bridge does on loss, without a bridge: a gap marker between
+    messages. A batch stops before it, the next receive raises GapError,
+    and the one after goes on."""
+    import msgpack
+
+    from tensorbus._core import FLAG_GAP
+
+    marker = msgpack.packb({"topic": "g/t", "peer": "tcp://x:1", "received": 2, "reason": "test"})
+    with tensorbus.connect(daemon.url) as c:
+        sub = c.subscribe("g/t")
+        pub = c.publisher("g/t")
+        pub.send(b"a")
+        pub.send(b"b")
+        pub._pub.send(marker, flags=FLAG_GAP)
+        pub.send(b"c")
+        time.sleep(0.05)
+        assert [bytes(m.data) for m in sub.recv_batch(10, 1)] == [b"a", b"b"]
+        with pytest.raises(GapError) as info:
+            sub.recv(timeout=1)
+        assert (info.value.topic, info.value.peer, info.value.reason) == (
+            "g/t",
+            "tcp://x:1",
+            "test",
+        )
+        assert bytes(sub.recv(timeout=1).data) == b"c"
