@@ -705,6 +705,8 @@ class Peer:
             "forwarding": len(self.out),
             "parked": sum(1 for t in self.out.values() if t.parked),
             "backlog": sum(len(t.backlog) for t in self.in_topics.values()),
+            # Realtime messages the ring overwrote before the bridge read them.
+            "lapped": sum(t.sub.drops for t in self.out.values()),
             **{
                 k: self.counters[k]
                 for k in (

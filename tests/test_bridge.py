@@ -428,3 +428,29 @@ def test_a_gap_marker_raises_once_where_it_is_even_mid_batch(daemon):
             "test",
         )
         assert bytes(sub.recv(timeout=1).data) == b"c"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_realtime_never_waits_for_the_link_and_counts_what_it_drops(pair, transport):
+    a, b = pair(transport)
+    with tensorbus.connect(a.url) as ca, tensorbus.connect(b.url) as cb:
+        sub = cb.subscribe("ctl/>")
+        wait_for(lambda: any("ctl/>" in lk["interest"] for lk in links(a.url)), what="interest")
+        pub = ca.publisher("ctl/rt", qos="realtime", capacity=16)
+        n = 20_000
+        t0 = time.monotonic()
+        for i in range(n):
+            pub.send(b"%d" % i)  # far faster than a link: never blocks
+        assert time.monotonic() - t0 < 5
+        got = []
+        while True:
+            try:
+                got.append(int(bytes(sub.recv(timeout=1).data)))
+            except tensorbus.ReceiveTimeout:
+                break
+        assert got == sorted(got) and len(set(got)) == len(got)  # in order, no duplicates
+        link = links(a.url)[0]
+        lost = link["dropped"] + link["lapped"]
+        assert lost > 0 and link["sent"] + lost == n  # every message sent, or counted
+        # B's ring is realtime too: its subscriber may be lapped there as well.
+        assert len(got) <= link["sent"] and got[-1] == n - 1  # the newest arrives
