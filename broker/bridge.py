@@ -112,6 +112,7 @@ class OutTopic:
     """A local topic forwarded on one peer's link."""
 
     __slots__ = (
+        "newest",
         "name",
         "id",
         "qos",
@@ -139,6 +140,7 @@ class OutTopic:
         self.sent = 0  # sequence of the next message on this link epoch
         self.dropped = 0
         self.announced = False
+        self.newest = None  # realtime out of credit: the newest message, sent on credit
 
 
 class InTopic:
@@ -182,6 +184,7 @@ class Peer:
         self.grants: dict[int, list] = {}
         self.kick_pending = False
         self.armed = False
+        self.kept: set[str] = set()  # realtime topics holding a message for credit
         self.backlogged: set[int] = set()
         self.grace_handle: asyncio.TimerHandle | None = None
         self.counters = collections.Counter()
@@ -319,6 +322,14 @@ class Peer:
             batch = bytearray()
             bodies: list = []
             budget_hit = False
+            for name in list(self.kept):  # realtime messages kept for credit go first
+                t = self.out.get(name)
+                if t is None or t.newest is None:
+                    self.kept.discard(name)
+                elif t.credit_msgs > 0 and t.credit_bytes > 0:
+                    self.kept.discard(name)
+                    m, t.newest = t.newest, None
+                    self._encode(m, batch, bodies)
             for prio in range(3):
                 inbox = self.classes[prio][1]
                 while True:
@@ -365,8 +376,13 @@ class Peer:
             return  # detached meanwhile, or it came from another host
         nbytes = m.nbytes
         if t.qos != "reliable" and (t.credit_msgs <= 0 or t.credit_bytes <= 0):
-            t.dropped += 1
-            self.counters["dropped"] += 1
+            # Newest wins: keep this one for when credit returns; the one it
+            # replaces is dropped and counted.
+            if t.newest is not None:
+                t.dropped += 1
+                self.counters["dropped"] += 1
+            t.newest = m
+            self.kept.add(t.name)
             return
         t.credit_msgs -= 1
         t.credit_bytes -= nbytes
