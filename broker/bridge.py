@@ -16,8 +16,9 @@ Design notes (docs/bridge.md has the full story):
   its ring. A reliable topic at zero credit is taken out of the bridge's
   inbox, so its cursor stalls and local publishers block on a full ring: a
   slow remote subscriber slows the publisher and nothing is dropped.
-  Realtime and latest topics never stall: out of credit, the bridge drops
-  and counts.
+  Realtime and latest topics never stall: out of credit, the bridge keeps
+  each topic's newest message for when credit returns, and counts what it
+  replaces.
 * Batching is opportunistic: the bridge sends what it took as soon as its
   inbox is empty, coalescing what queued meanwhile (up to BATCH_BYTES), so a
   lone small message never waits for a timer.
@@ -118,7 +119,6 @@ class OutTopic:
         "qos",
         "prio",
         "sub",
-        "key",
         "credit_msgs",
         "credit_bytes",
         "parked",
@@ -127,13 +127,12 @@ class OutTopic:
         "announced",
     )
 
-    def __init__(self, name: str, tid: int, qos: str, prio: int, sub: Subscriber, key):
+    def __init__(self, name: str, tid: int, qos: str, prio: int, sub: Subscriber):
         self.name = name
         self.id = tid
         self.qos = qos
         self.prio = prio
         self.sub = sub
-        self.key = key  # (cursor, generation) the broker handed out
         self.credit_msgs = W.INITIAL_WINDOW_MSGS
         self.credit_bytes = W.INITIAL_WINDOW_BYTES
         self.parked = False
@@ -146,16 +145,14 @@ class OutTopic:
 class InTopic:
     """A topic that arrives on one peer's link, published into the local ring."""
 
-    __slots__ = ("id", "name", "qos", "pub", "backlog", "received", "slot_size")
+    __slots__ = ("id", "name", "qos", "pub", "backlog")
 
-    def __init__(self, tid: int, name: str, qos: str, pub, slot_size: int):
+    def __init__(self, tid: int, name: str, qos: str, pub):
         self.id = tid
         self.name = name
         self.qos = qos
         self.pub = pub
         self.backlog: collections.deque = collections.deque()
-        self.received = 0
-        self.slot_size = slot_size
 
 
 class Peer:
@@ -243,7 +240,7 @@ class Peer:
         core = Subscriber(ring, cursor=cursor, generation=generation)
         prio = self.prio(topic.name)
         tid = self.out_ids.setdefault(topic.name, len(self.out_ids) + 1)
-        t = OutTopic(topic.name, tid, topic.qos, prio, core, (cursor, generation))
+        t = OutTopic(topic.name, tid, topic.qos, prio, core)
         self.out[topic.name] = t
         self.classes[prio][1].add(topic.name, core)
         if self.link is not None and self.link.up:
@@ -441,10 +438,10 @@ class Peer:
             # This one topic cannot exist here: its messages are dropped
             # (and credited) rather than the whole link.
             log.warning("peer %s: topic %r refused: %s", self.name, name, exc)
-            self.in_topics[f["id"]] = InTopic(f["id"], str(name), "realtime", None, 0)
+            self.in_topics[f["id"]] = InTopic(f["id"], str(name), "realtime", None)
             return
         pub.inline_max = min(topic.slot_size, BATCH_BYTES)
-        self.in_topics[f["id"]] = InTopic(f["id"], name, topic.qos, pub, topic.slot_size)
+        self.in_topics[f["id"]] = InTopic(f["id"], name, topic.qos, pub)
 
     def in_topic(self, tid: int) -> InTopic:
         t = self.in_topics.get(tid)
@@ -528,7 +525,6 @@ class Peer:
         if entry is not None:
             # Counted once it is in the ring (or dropped for good): a backlog
             # lost with a link shows as a shortfall at resume, so as a gap.
-            t.received += 1
             self.received[t.name] = self.received.get(t.name, 0) + 1
             grant = self.grants.setdefault(t.id, [0, 0])
             grant[0] += 1
@@ -583,7 +579,7 @@ class Peer:
             except TensorbusError as exc:
                 log.warning("peer %s: no gap marker for %s: %s", self.name, name, exc)
                 continue
-            t = InTopic(-1, name, topic.qos, pub, topic.slot_size)
+            t = InTopic(-1, name, topic.qos, pub)
             left = self._publish(t, (None, body, False))
             if left is None:
                 pub.close()
