@@ -917,7 +917,8 @@ class Bridge:
             self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             self.router = zmq.Socket.shadow(sock.underlying)
             self.tasks.append(asyncio.create_task(self._serve_router()))
-        if self.transport in ("ucx", "auto"):
+        links_possible = host is not None or bool(self.config.peers)
+        if self.transport in ("ucx", "auto") and links_possible:
             from tensorbus.broker import bridge_ucx
 
             self.ucx_context = await bridge_ucx.start(self.transport == "ucx")
