@@ -106,26 +106,22 @@ class Progress:
         self.loop = loop
         worker.init_blocking_progress_mode()
         self.fd = worker.epoll_file_descriptor
-        loop.add_reader(self.fd, self.kick)
+        loop.add_reader(self.fd, self._run)  # an event: progress now, not a loop turn later
         self.pending = False
         self.closed = False
         self.timer = loop.call_later(SAFETY_PROGRESS_S, self._safety)
         self.tags = 0
-        # Posted UCX requests and the futures they complete. ucxx's own
-        # awaitables poll with asyncio.sleep(0) outside its thread mode,
+        # Posted UCX requests and what to call when each completes. ucxx's
+        # own awaitables poll with asyncio.sleep(0) outside its thread mode,
         # which would spin the daemon's loop: we check completions after
-        # each progress instead.
+        # each progress instead, and call back at once (no loop turn).
         self.requests: list = []
 
-    def track(self, request) -> asyncio.Future:
-        """A future that completes with ``request`` (a ucxx UCXRequest)."""
-        future = self.loop.create_future()
-        if request.completed:
-            _settle(future, request)
-        else:
-            self.requests.append((request, future))
+    def track(self, request, done) -> None:
+        """Call ``done(request)`` once ``request`` (a ucxx UCXRequest) has
+        completed, successfully or not (``request.check_error()`` says)."""
+        self.requests.append((request, done))
         self.kick()
-        return future
 
     def kick(self) -> None:
         """Progress soon: after the callbacks queued now (which may post work) run."""
@@ -143,15 +139,17 @@ class Progress:
         self.kick()  # still busy: let the loop run, then again
 
     def _complete(self) -> None:
-        """Settle the futures of requests that completed."""
+        """Call back for the requests that completed (the callbacks may post more)."""
         if self.requests:
-            waiting = []
-            for request, future in self.requests:
-                if request.completed:
-                    _settle(future, request)
-                elif not future.done():
-                    waiting.append((request, future))
+            done, waiting = [], []
+            for entry in self.requests:
+                (done if entry[0].completed else waiting).append(entry)
             self.requests = waiting
+            for request, callback in done:
+                try:
+                    callback(request)
+                except Exception:  # one link's trouble is not the worker's
+                    log.exception("a UCX completion failed")
 
     def _safety(self) -> None:
         if not self.closed:
@@ -165,8 +163,6 @@ class Progress:
     def close(self) -> None:
         self.closed = True
         self.timer.cancel()
-        for _, future in self.requests:
-            future.cancel()
         self.requests = []
         with contextlib.suppress(Exception):
             self.loop.remove_reader(self.fd)
@@ -175,21 +171,11 @@ class Progress:
         return hash(self.loop)
 
 
-def _settle(future: asyncio.Future, request) -> None:
-    if future.done():
-        return
-    try:
-        request.check_error()
-    except Exception as exc:  # UCX's error for this request: the link's problem
-        future.set_exception(exc)
-    else:
-        future.set_result(request)
-
-
 class UcxData:
     """One link's data over a UCX endpoint: batches (and the control
     messages that must stay in order with them) as active messages, bodies
-    as tag transfers into the receiver's arena."""
+    as tag transfers into the receiver's arena. Driven by completions, with
+    no task per operation: each one posts the next."""
 
     def __init__(
         self, bridge, link, peer_address: bytes, send_tag: int, recv_tag: int, same_host: bool
@@ -200,37 +186,17 @@ class UcxData:
         self.send_tag = send_tag | BODY_CHANNEL
         self.recv_tag = recv_tag | BODY_CHANNEL
         self.queue: collections.deque = collections.deque()  # (message, bodies, bytes)
-        # Received entries in order, [entry, dest, loaned, receive op]; a
-        # body not yet complete holds back those after it.
+        self.sending = False  # a message (or its bodies) is being sent
+        # Received entries in order, [entry, dest, loaned, done]; a body not
+        # yet complete holds back those after it.
         self.arrived: collections.deque = collections.deque()
-        self.ops: set = set()  # our pending request futures, cancelled on close
         self.inflight = 0
-        self.ready = asyncio.Event()
         self.endpoint = None  # ucxx's Endpoint
         self.ep = None  # its UCXEndpoint, whose requests we post
         self.closed = False
-        self.tasks: list[asyncio.Task] = []
-        loop = asyncio.get_running_loop()
-        self.task = loop.create_task(self._run(peer_address, same_host))
+        self.task = asyncio.get_running_loop().create_task(self._connect(peer_address, same_host))
 
-    def send(self, batch: bytes, bodies: list) -> None:
-        nbytes = len(batch) + sum(b.nbytes for b in bodies)
-        self.queue.append((W.DATA + batch, bodies, nbytes))
-        self.inflight += nbytes
-        self.ready.set()
-
-    def send_control(self, body: bytes) -> None:
-        """A control message in order with the data (topic, resume)."""
-        self.queue.append((W.CONTROL + body, [], 0))
-        self.ready.set()
-
-    def _track(self, request) -> asyncio.Future:
-        op = self.progress.track(request)
-        self.ops.add(op)
-        op.add_done_callback(self.ops.discard)
-        return op
-
-    async def _run(self, peer_address: bytes, same_host: bool) -> None:
+    async def _connect(self, peer_address: bytes, same_host: bool) -> None:
         ucxx = _import()
         _, Tag, _ = _types()
         try:
@@ -238,90 +204,129 @@ class UcxData:
             self.endpoint = await ucxx.create_endpoint_from_worker_address(
                 address, endpoint_error_handling=not same_host
             )
-            if self.closed:
-                self.endpoint.abort()
-                return
-            self.ep = self.endpoint._ep  # requests, completed by our progress
-            self.send_tag = Tag(self.send_tag)
-            self.recv_tag = Tag(self.recv_tag)
-            self.progress.kick()
-            loop = asyncio.get_running_loop()
-            self.tasks = [loop.create_task(self._sender()), loop.create_task(self._receiver())]
-            done, _ = await asyncio.wait(self.tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                task.result()  # raises what ended it
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
             if not self.closed:
-                log.warning("ucx data path of %s failed: %s", self.link.peer.name, exc)
+                log.warning("ucx endpoint to %s failed: %s", self.link.peer.name, exc)
                 self.link.down(f"ucx: {exc}")
-        finally:
-            for task in self.tasks:
-                task.cancel()
+            return
+        if self.closed:
+            self.endpoint.abort()
+            return
+        self.ep = self.endpoint._ep  # requests, completed by our progress
+        self.send_tag = Tag(self.send_tag)
+        self.recv_tag = Tag(self.recv_tag)
+        self._receive_next()
+        self._send_next()
 
-    async def _sender(self) -> None:
-        """Send what is queued, in order: each message, then its bodies.
-        The receiver posts its receives as messages arrive."""
-        ep = self.ep
+    def _failed(self, request) -> bool:
+        """True (and the link reported down) if ``request`` failed, or the
+        link is closed already."""
+        if self.closed:
+            return True
+        try:
+            request.check_error()
+        except Exception as exc:
+            self.link.down(f"ucx: {exc}")
+            return True
+        return False
+
+    # -- sending -----------------------------------------------------------
+
+    def send(self, batch: bytes, bodies: list) -> None:
+        nbytes = len(batch) + sum(b.nbytes for b in bodies)
+        self.queue.append((W.DATA + batch, bodies, nbytes))
+        self.inflight += nbytes
+        self._send_next()
+
+    def send_control(self, body: bytes) -> None:
+        """A control message in order with the data (topic, resume)."""
+        self.queue.append((W.CONTROL + body, [], 0))
+        self._send_next()
+
+    def _send_next(self) -> None:
+        """Send the next queued message, then its bodies, in order; the
+        receiver posts its receives as messages arrive."""
+        if self.sending or not self.queue or self.ep is None or self.closed:
+            return
         Array, _, _ = _types()
-        while True:
-            while not self.queue:
-                self.ready.clear()
-                await self.ready.wait()
-            message, bodies, nbytes = self.queue.popleft()
-            await self._track(ep.am_send(Array(np.frombuffer(message, np.uint8))))
-            for body in bodies:
-                await self._track(ep.tag_send(Array(body), self.send_tag))
+        message, bodies, nbytes = self.queue.popleft()
+        self.sending = True
+        parts = iter(bodies)
+        # What is being sent stays referenced here until UCX is done with it:
+        # a request does not keep its buffer alive.
+        sending = [np.frombuffer(message, np.uint8)]
+
+        def step(request) -> None:
+            if self._failed(request):
+                return
+            body = next(parts, None)
+            if body is not None:
+                sending[0] = body
+                self.progress.track(self.ep.tag_send(Array(body), self.send_tag), step)
+                return
+            sending.clear()
+            self.sending = False
             self.inflight -= nbytes
             self.link.peer.kick()  # in-flight budget freed
+            self._send_next()
 
-    async def _receiver(self) -> None:
-        """Take messages; post each body's receive into its loan at once and
-        deliver entries in order as their bodies complete."""
-        ep = self.ep
+        self.progress.track(self.ep.am_send(Array(sending[0])), step)
+
+    # -- receiving ---------------------------------------------------------
+
+    def _receive_next(self) -> None:
+        if not self.closed:
+            self.progress.track(self.ep.am_recv(), self._on_message)
+
+    def _on_message(self, request) -> None:
+        """A message arrived: act on it, post each body's receive into its
+        loan at once, and wait for the next message."""
+        if self._failed(request):
+            return
         Array, _, TagMaskFull = _types()
-        while True:
-            request = await self._track(ep.am_recv())
+        try:
             message = memoryview(request.recv_buffer).cast("B")
             kind, body = bytes(message[:1]), message[1:]
             if kind == W.CONTROL:
                 self.link.last_rx = time.monotonic()
                 self.bridge.on_control(self.link, bytes(body))
-                continue
-            if kind != W.DATA:
+            elif kind == W.DATA:
+                for entry in W.decode_batch(body):
+                    if entry.kind != W.BODY:
+                        self.arrived.append([entry, None, False, True])
+                        continue
+                    dest = self.link.peer.loan_for(entry)
+                    loaned = dest is not None
+                    if not loaned:  # the arena is full: land it here, copy it in later
+                        dest = np.empty(entry.nbytes, np.uint8)
+                    item = [entry, dest, loaned, False]
+                    self.arrived.append(item)
+                    # The callback holds the loan until UCX is done with it
+                    # (completed, or cancelled by an abort).
+                    self.progress.track(
+                        self.ep.tag_recv(Array(dest), self.recv_tag, TagMaskFull),
+                        lambda request, item=item: self._body_done(request, item),
+                    )
+            else:
                 raise W.WireError(f"unknown ucx message kind {kind!r}")
-            for entry in W.decode_batch(body):
-                if entry.kind != W.BODY:
-                    self.arrived.append([entry, None, False, None])
-                    continue
-                dest = self.link.peer.loan_for(entry)
-                loaned = dest is not None
-                if not loaned:  # the arena is full: land it here, copy it in later
-                    dest = np.empty(entry.nbytes, np.uint8)
-                # Not in self.ops: a posted receive keeps its loan until UCX
-                # is done with it (completed, or cancelled by abort).
-                op = self.progress.track(ep.tag_recv(Array(dest), self.recv_tag, TagMaskFull))
-                op.add_done_callback(self._body_done)
-                self.arrived.append([entry, dest, loaned, op])
-            self._deliver_ready()
+        except Exception as exc:  # a peer's bytes never take the daemon down
+            self.link.down(f"protocol error: {exc}")
+            return
+        self._receive_next()
+        self._deliver_ready()
 
-    def _body_done(self, op: asyncio.Future) -> None:
-        if self.closed or op.cancelled():
+    def _body_done(self, request, item: list) -> None:
+        if self._failed(request):
             return
-        if op.exception() is not None:
-            self.link.down(f"ucx receive failed: {op.exception()}")
-            return
+        item[3] = True
         self._deliver_ready()
 
     def _deliver_ready(self) -> None:
         peer = self.link.peer
         arrived = self.arrived
         try:
-            while not self.closed and arrived and (arrived[0][3] is None or arrived[0][3].done()):
-                entry, dest, loaned, op = arrived.popleft()
-                if op is not None and (op.cancelled() or op.exception() is not None):
-                    return
+            while not self.closed and arrived and arrived[0][3]:
+                entry, dest, loaned, _ = arrived.popleft()
                 if dest is None:
                     peer.deliver(entry)
                 else:
@@ -331,15 +336,10 @@ class UcxData:
             self.link.down(f"protocol error: {exc}")
 
     def close(self) -> None:
+        """Abort the endpoint (UCX cancels its requests; their callbacks see
+        the link closed and only let go of their buffers)."""
         self.closed = True
         self.task.cancel()
-        for task in self.tasks:
-            task.cancel()
-        for op in list(self.ops):
-            op.cancel()
-        for _, dest, _, op in self.arrived:
-            if op is not None and not op.done():
-                op.add_done_callback(lambda _, keep=dest: None)  # the loan outlives UCX's use
         self.arrived.clear()
         if self.endpoint is not None:
             with contextlib.suppress(Exception):
