@@ -478,3 +478,69 @@ def test_a_stalled_peer_is_dropped_and_relinked_without_loss(pair, transport):
         pub.send(b"after")
         assert [bytes(sub.recv(timeout=5).data) for _ in range(2)] == [b"while stopped", b"after"]
         assert links(a.url)[0]["reconnects"] >= 1 and links(b.url)[0]["gaps"] == 0
+
+
+def test_garbage_on_a_link_closes_that_link_and_the_daemon_lives(daemon_factory, tmp_path):
+    """Attached links are trusted with framing, not content: malformed
+    control, batches, bodies and chunks close the link, and the daemon goes
+    on serving (a new link works)."""
+    import random
+
+    import msgpack
+    import zmq
+
+    from tensorbus.broker import peer_wire as W
+
+    a = daemon_factory("--tcp", "127.0.0.1:*", "--transport", "tcp", path=tmp_path / "a")
+    rng = random.Random(6)
+    bad_messages = [
+        [W.CONTROL, b"\xff\xfe"],
+        [W.CONTROL, msgpack.packb({"t": "credit", "grants": [[1, -5, "x"]]})],
+        [W.CONTROL, msgpack.packb({"t": "interest", "add": [1, 2]})],
+        [
+            W.CONTROL,
+            msgpack.packb(
+                {
+                    "t": "topic",
+                    "id": 1,
+                    "name": "$sys/x",
+                    "qos": "reliable",
+                    "capacity": 3,
+                    "slot_size": 1,
+                }
+            ),
+        ],
+        [W.DATA, bytes(rng.randrange(256) for _ in range(300))],
+        [W.DATA, W.encode_batch_entry(W.BYTES, 0, 99, 0, 3) + b"abc"],  # unannounced topic
+        [W.DATA, W.encode_batch_entry(W.BODY, 0, 1, 0, 1 << 62, "<f4", None, (1,))],
+        [W.BODY_CHUNK, b"nobody expects me"],
+        [b"Z", b"unknown kind"],
+        [W.CONTROL],
+    ]
+    ctx = zmq.Context.instance()
+    for frames in bad_messages:
+        with tensorbus.connect(tcp_of(a), name="fuzzer") as client:
+            reply = client._request("link", kind="client", name="fuzzer", transport="tcp")
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(reply["endpoint"])
+            sock.send_multipart(
+                [W.CONTROL, W.encode_control("attach", link=reply["link"], secret=reply["secret"])]
+            )
+            if frames[0] == W.DATA and len(frames) > 1 and b"<f4" in frames[1]:
+                sock.send_multipart(
+                    [
+                        W.CONTROL,
+                        W.encode_control(
+                            "topic", id=1, name="fz/t", qos="reliable", capacity=8, slot_size=64
+                        ),
+                    ]
+                )
+            sock.send_multipart(frames)
+            time.sleep(0.1)
+            sock.close(0)
+    assert a.proc.poll() is None  # alive
+    with tensorbus.connect(a.url) as local, tensorbus.connect(tcp_of(a)) as remote:
+        sub = local.subscribe("ok/>")
+        remote.publisher("ok/t").send(b"still serving")
+        assert bytes(sub.recv(timeout=5).data) == b"still serving"
