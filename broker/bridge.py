@@ -477,7 +477,8 @@ class Peer:
             return
         left = self._publish(t, item)
         if left is not None:
-            if entry.payload is not None:
+            if left[0] is entry and not left[2] and entry.payload is not None:
+                # It views the transport's frame: keep a copy while it waits.
                 left = (entry, bytes(entry.payload), False)
             t.backlog.append(left)
             self.backlogged.add(t.id)
@@ -522,14 +523,33 @@ class Peer:
         except (TensorbusError, ValueError, TypeError) as exc:
             log.warning("peer %s: message for %s dropped: %s", self.name, t.name, exc)
             self.counters["bad"] += 1
+            if entry is not None and t.qos == "reliable" and t.pub is not None:
+                # Reliable subscribers hear of it where it was: a gap marker
+                # in its place (kept for later if the ring is full).
+                self.counters["gaps"] += 1
+                reason = f"a message could not be published here ({exc})"
+                item = self._publish(t, (None, self._marker(t.name, 0, reason), False))
+                if item is not None:
+                    self._count(t, entry)
+                    return item
         if entry is not None:
-            # Counted once it is in the ring (or dropped for good): a backlog
-            # lost with a link shows as a shortfall at resume, so as a gap.
-            self.received[t.name] = self.received.get(t.name, 0) + 1
-            grant = self.grants.setdefault(t.id, [0, 0])
-            grant[0] += 1
-            grant[1] += entry.nbytes
+            self._count(t, entry)
         return None
+
+    def _count(self, t: InTopic, entry: W.Entry) -> None:
+        """``entry`` is in the ring (or dropped for good): counted, and its
+        credit owed. A backlog lost with a link thus shows as a shortfall at
+        resume, so as a gap."""
+        self.received[t.name] = self.received.get(t.name, 0) + 1
+        grant = self.grants.setdefault(t.id, [0, 0])
+        grant[0] += 1
+        grant[1] += entry.nbytes
+
+    def _marker(self, name: str, received: int, reason: str) -> bytes:
+        """A gap marker's body (clients raise GapError with it)."""
+        return msgpack.packb(
+            {"topic": name, "peer": self.name, "received": received, "reason": reason}
+        )
 
     def retry_backlog(self) -> bool:
         """Publish what waited; True while something still waits."""
@@ -564,9 +584,7 @@ class Peer:
             topic = self.bridge.broker.topics.get(name)
             if topic is None or topic.qos != "reliable":
                 continue
-            body = msgpack.packb(
-                {"topic": name, "peer": self.name, "received": count, "reason": reason}
-            )
+            body = self._marker(name, count, reason)
             self.counters["gaps"] += 1
             waiting = next(
                 (t for t in self.in_topics.values() if t.name == name and t.backlog), None

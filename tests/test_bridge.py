@@ -544,3 +544,39 @@ def test_garbage_on_a_link_closes_that_link_and_the_daemon_lives(daemon_factory,
         sub = local.subscribe("ok/>")
         remote.publisher("ok/t").send(b"still serving")
         assert bytes(sub.recv(timeout=5).data) == b"still serving"
+
+
+def test_a_reliable_message_that_cannot_be_published_is_a_gap(daemon_factory, tmp_path):
+    """A message the receiving daemon cannot publish (here: a dtype tag it
+    does not know) is not dropped in silence on a reliable topic: its
+    subscribers get GapError in its place, then the stream goes on."""
+    import zmq
+
+    from tensorbus.broker import peer_wire as W
+
+    a = daemon_factory("--tcp", "127.0.0.1:*", "--transport", "tcp", path=tmp_path / "a")
+    with tensorbus.connect(a.url) as local, tensorbus.connect(tcp_of(a)) as remote:
+        sub = local.subscribe("odd/t")
+        reply = remote._request("link", kind="client", name="odd", transport="tcp")
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(reply["endpoint"])
+        try:
+            for kind, fields in (
+                ("attach", {"link": reply["link"], "secret": reply["secret"]}),
+                (
+                    "topic",
+                    {"id": 1, "name": "odd/t", "qos": "reliable", "capacity": 8, "slot_size": 256},
+                ),
+            ):
+                sock.send_multipart([W.CONTROL, W.encode_control(kind, **fields)])
+            batch = W.encode_batch_entry(W.BYTES, 0, 1, 0, 6) + b"before"
+            batch += W.encode_batch_entry(W.TENSOR, 0, 1, 1, 4, "nope", None, (1,)) + b"????"
+            batch += W.encode_batch_entry(W.BYTES, 0, 1, 2, 5) + b"after"
+            sock.send_multipart([W.DATA, batch])
+            assert bytes(sub.recv(timeout=5).data) == b"before"
+            with pytest.raises(GapError, match="could not be published"):
+                sub.recv(timeout=5)
+            assert bytes(sub.recv(timeout=5).data) == b"after"
+        finally:
+            sock.close(0)
