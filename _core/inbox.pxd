@@ -57,6 +57,7 @@ cdef class Inbox:
     cdef list live          # the subscribers the current arrays point into
     cdef list graveyard     # (members, sleepers, subscribers) a waiter may still read
     cdef object pending_gap # a GapError a batch found after some messages: raised next
+    cdef bint raise_gaps    # gap markers raise GapError (else: returned as messages)
 
     cdef _rebuild(self)
     cdef void _bury(self) noexcept

@@ -202,7 +202,8 @@ cdef bint inbox_ready(void *p) noexcept nogil:
 cdef class Inbox:
     """Subscribers of several rings sharing doorbell ``bell_index``."""
 
-    def __cinit__(self, BellTable bells, uint32_t bell_index, Waiter waiter=None, spin_us=None):
+    def __cinit__(self, BellTable bells, uint32_t bell_index, Waiter waiter=None, spin_us=None,
+                  bint raise_gaps=True):
         if bell_index >= bells.count:
             raise ValueError(f"bell {bell_index} is outside the table of {bells.count}")
         self.bells = bells
@@ -219,6 +220,9 @@ cdef class Inbox:
         self.armed = 0
         self.waiter = waiter if waiter is not None else Waiter(spin_us)
         self.slice_ns = 50000000  # 50 ms: bounds how late signals and stall repairs are seen
+        # False: gap markers come back as messages (a bridge forwards them
+        # to light clients) instead of raising GapError.
+        self.raise_gaps = raise_gaps
 
     def __dealloc__(self):
         free(self.members)
@@ -313,7 +317,7 @@ cdef class Inbox:
                     continue  # another member of the queue group took it
                 if payload is not None:
                     self.next = i + 1
-                    if sub.last_flags & GAP_FLAG:  # a bridge's gap marker, consumed
+                    if sub.last_flags & GAP_FLAG and self.raise_gaps:  # a gap marker, consumed
                         raise GapError.from_marker(payload, <str>self.topics[i])
                     m = Message.__new__(Message)
                     m.payload = payload
@@ -469,18 +473,20 @@ cdef class Inbox:
                 PyErr_CheckSignals()
                 self.check_stalls()  # a dead publisher's claim: repair
 
-    def take(self, int max_n) -> list:
+    def take(self, int max_n, bint keep_gap=False) -> list:
         """Up to ``max_n`` messages that have already arrived, without
         waiting. An eviction (or a gap marker) found after some messages
         were taken ends the batch instead of raising, so none of them is
-        lost: the next call raises SlowConsumer (GapError)."""
+        lost: the next call raises SlowConsumer (GapError). ``keep_gap``: a
+        gap marker met first is kept for the next call too (the caller
+        already holds a message from before it)."""
         cdef list out = []
         cdef Message m
         while len(out) < max_n:
             try:
                 m = self._next()
             except GapError as exc:
-                if out:  # the marker is consumed: the next call raises it
+                if out or keep_gap:  # the marker is consumed: the next call raises it
                     self.pending_gap = exc
                     break
                 raise

@@ -217,7 +217,9 @@ class Peer:
                     lambda name, p=prio: self.wants(name) and self.prio(name) == p,
                     self._attach,
                 )
-                inbox = Inbox(broker.bells, bell["index"], waiter=self.bridge.waiter)
+                inbox = Inbox(
+                    broker.bells, bell["index"], waiter=self.bridge.waiter, raise_gaps=False
+                )
                 fd = os.open(bell["fifo"], os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
                 self.classes[prio] = (sub, inbox, fd)
                 asyncio.get_running_loop().add_reader(fd, self._fifo_ready, fd)
@@ -326,7 +328,7 @@ class Peer:
                 elif t.credit_msgs > 0 and t.credit_bytes > 0:
                     self.kept.discard(name)
                     m, t.newest = t.newest, None
-                    self._encode(m, batch, bodies)
+                    self._encode_one(m, batch, bodies)
             for prio in range(3):
                 inbox = self.classes[prio][1]
                 while True:
@@ -342,13 +344,7 @@ class Peer:
                     if not msgs:
                         break
                     for m in msgs:
-                        try:
-                            self._encode(m, batch, bodies)
-                        except (ValueError, TypeError) as exc:  # one bad message, not the link
-                            log.warning(
-                                "peer %s: message of %s not sent: %s", self.name, m.topic, exc
-                            )
-                            self.counters["bad"] += 1
+                        self._encode_one(m, batch, bodies)
                         if len(batch) >= BATCH_BYTES or bodies:
                             link.send_data(batch, bodies)
                             batch, bodies = bytearray(), []
@@ -366,6 +362,13 @@ class Peer:
                 return
             self.disarm()  # something arrived while arming: go again
 
+    def _encode_one(self, m, batch: bytearray, bodies: list) -> None:
+        try:
+            self._encode(m, batch, bodies)
+        except (ValueError, TypeError) as exc:  # one bad message, not the link
+            log.warning("peer %s: message of %s not sent: %s", self.name, m.topic, exc)
+            self.counters["bad"] += 1
+
     def _encode(self, m, batch: bytearray, bodies: list) -> None:
         t = self.out.get(m.topic)
         flags = m.flags
@@ -381,29 +384,33 @@ class Peer:
             t.newest = m
             self.kept.add(t.name)
             return
-        t.credit_msgs -= 1
-        t.credit_bytes -= nbytes
+        # Encode first: a message that cannot be encoded costs no credit.
         seq = t.sent
-        t.sent += 1
-        self.counters["sent"] += 1
-        self.counters["sent_bytes"] += nbytes
-        if not t.announced:
-            self._announce(t)
         flags &= APP_FLAGS if self.kind == "peer" else APP_FLAGS | FLAG_GAP
+        body = None
         if m.dtype is None:
-            batch += W.encode_batch_entry(W.BYTES, flags, t.id, seq, nbytes)
-            batch += m.data
+            entry = W.encode_batch_entry(W.BYTES, flags, t.id, seq, nbytes)
+            inline = m.data
         else:
             data = m.data
             raw = (
                 data.cast("B") if isinstance(data, memoryview) else data.reshape(-1).view(np.uint8)
             )
             kind = W.TENSOR if nbytes <= BATCH_BYTES else W.BODY
-            batch += W.encode_batch_entry(kind, flags, t.id, seq, nbytes, m.dtype, m.meta, m.shape)
-            if kind == W.TENSOR:
-                batch += memoryview(raw)
-            else:
-                bodies.append(raw)
+            entry = W.encode_batch_entry(kind, flags, t.id, seq, nbytes, m.dtype, m.meta, m.shape)
+            inline, body = (memoryview(raw), None) if kind == W.TENSOR else (None, raw)
+        t.credit_msgs -= 1
+        t.credit_bytes -= nbytes
+        t.sent += 1
+        self.counters["sent"] += 1
+        self.counters["sent_bytes"] += nbytes
+        if not t.announced:
+            self._announce(t)
+        batch += entry
+        if inline is not None:
+            batch += inline
+        if body is not None:
+            bodies.append(body)
         if t.qos == "reliable" and (t.credit_msgs <= 0 or t.credit_bytes <= 0) and not t.parked:
             self.classes[t.prio][1].remove(t.name)  # its cursor stalls: backpressure upstream
             t.parked = True
@@ -627,7 +634,12 @@ class Peer:
         self.state = "up"
         self.since = time.monotonic()
         for t in self.in_topics.values():  # the last link's ids; a lost backlog
-            if t.pub is not None:  # shows as a shortfall in the peer's resume
+            markers = [item for item in t.backlog if item[0] is None]  # shows as a
+            if markers:  # shortfall in the peer's resume; gap markers still go out
+                t.backlog = collections.deque(markers)
+                self.bridge.orphans.append(t)
+                self.bridge.schedule_retry()
+            elif t.pub is not None:
                 t.pub.close()
         self.in_topics.clear()
         self.backlogged.clear()
@@ -831,6 +843,8 @@ class Link:
             )
         except zmq.ZMQError as exc:
             self.down(f"send failed: {exc}")
+            if self.watch is not None:
+                self.watch.poke()  # a failed send may have taken a waiting message's edge
             return
         self.trackers.append((tracker, len(batch)))  # batches count against the budget too
         self.queued += len(batch)
@@ -854,6 +868,8 @@ class Link:
                 )
             except zmq.ZMQError as exc:
                 self.down(f"send failed: {exc}")
+                if self.watch is not None:
+                    self.watch.poke()  # a failed send may have taken a waiting message's edge
                 return False
             self.trackers.append((tracker, len(chunk)))
             self.queued += len(chunk)
@@ -1096,9 +1112,11 @@ class Bridge:
         for peer in self.peers:
             if peer.backlogged:
                 waiting |= peer.retry_backlog()
-        for t in list(self.orphans):
+        for t in list(self.orphans):  # gap markers of a topic no link feeds now
             try:
-                t.pub.send(t.backlog[0][1], flags=FLAG_GAP)
+                while t.backlog:
+                    t.pub.send(t.backlog[0][1], flags=FLAG_GAP)
+                    t.backlog.popleft()
             except BackpressureError:
                 waiting = True
                 continue

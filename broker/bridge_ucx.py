@@ -19,9 +19,9 @@ Design notes (hard detail 11, docs/bridge.md):
   task, so ucxx starts none of its own.
 * Framing: a batch (the same bytes as on tcp) is an active message, which
   arrives sized to fit; each large body is a tag transfer posted by the
-  receiver into a loan in its arena. Both sides post the next message
-  before the last one completes (UCX keeps order per tag), so the wire
-  never idles between tensors. Tags are worker-wide, so the receiver
+  receiver into a loan in its arena as soon as its batch arrives. The
+  sender sends one operation at a time, in order; the receiver delivers in
+  order as bodies complete. Tags are worker-wide, so the receiver
   chooses the tag its peer sends with (``ucx_tag`` in the link exchange).
   Above the rendezvous threshold UCX keeps the body at the sender until
   the receive is posted: no staging copy on either side.
@@ -262,7 +262,7 @@ class UcxData:
             body = next(parts, None)
             if body is not None:
                 sending[0] = body
-                self.progress.track(self.ep.tag_send(Array(body), self.send_tag), step)
+                self._post(lambda: self.ep.tag_send(Array(body), self.send_tag), step)
                 return
             sending.clear()
             self.sending = False
@@ -270,13 +270,23 @@ class UcxData:
             self.link.peer.kick()  # in-flight budget freed
             self._send_next()
 
-        self.progress.track(self.ep.am_send(Array(sending[0])), step)
+        self._post(lambda: self.ep.am_send(Array(sending[0])), step)
 
     # -- receiving ---------------------------------------------------------
 
     def _receive_next(self) -> None:
         if not self.closed:
-            self.progress.track(self.ep.am_recv(), self._on_message)
+            self._post(self.ep.am_recv, self._on_message)
+
+    def _post(self, make, done) -> None:
+        """Post the request ``make()`` returns; if posting fails (an endpoint
+        in error), the link is down rather than silently stalled."""
+        try:
+            request = make()
+        except Exception as exc:
+            self.link.down(f"ucx: {exc}")
+            return
+        self.progress.track(request, done)
 
     def _on_message(self, request) -> None:
         """A message arrived: act on it, post each body's receive into its
@@ -303,8 +313,8 @@ class UcxData:
                     self.arrived.append(item)
                     # The callback holds the loan until UCX is done with it
                     # (completed, or cancelled by an abort).
-                    self.progress.track(
-                        self.ep.tag_recv(Array(dest), self.recv_tag, TagMaskFull),
+                    self._post(
+                        lambda dest=dest: self.ep.tag_recv(Array(dest), self.recv_tag, TagMaskFull),
                         lambda request, item=item: self._body_done(request, item),
                     )
             else:

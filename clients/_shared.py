@@ -139,10 +139,12 @@ class Subscription:
         if self._broker_gone and not self._inbox.topic_names:
             raise BrokerUnavailable(f"the broker went away: {self._broker_gone}", "unavailable")
 
-    def _take(self, max_n: int) -> list[Message]:
-        """What has already arrived, up to ``max_n``, without waiting."""
+    def _take(self, max_n: int, keep_gap: bool = False) -> list[Message]:
+        """What has already arrived, up to ``max_n``, without waiting.
+        ``keep_gap``: the caller holds a message already, so a gap marker met
+        first is raised by the next call, not this one."""
         try:
-            return self._inbox.take(max_n)
+            return self._inbox.take(max_n, keep_gap)
         except SlowConsumer as exc:
             raise self._slow_consumer(exc) from None
 

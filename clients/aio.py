@@ -459,7 +459,7 @@ class AsyncSubscriber(Subscription):
             first = await self.recv(max_wait)
         except ReceiveTimeout:
             return []
-        return [first, *self._take(max_n - 1)]
+        return [first, *self._take(max_n - 1, keep_gap=True)]
 
     def __aiter__(self) -> AsyncSubscriber:
         return self

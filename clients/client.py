@@ -575,7 +575,7 @@ class Subscriber(Subscription):
             first = self.recv(max_wait)
         except ReceiveTimeout:
             return []
-        return [first, *self._take(max_n - 1)]
+        return [first, *self._take(max_n - 1, keep_gap=True)]
 
     def __iter__(self) -> Iterator[Message]:
         while not self._closed:

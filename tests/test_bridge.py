@@ -580,3 +580,43 @@ def test_a_reliable_message_that_cannot_be_published_is_a_gap(daemon_factory, tm
             assert bytes(sub.recv(timeout=5).data) == b"after"
         finally:
             sock.close(0)
+
+
+def test_a_light_client_hears_of_a_gap_too(daemon_factory, tmp_path):
+    """A gap marker in a ring a light client reads reaches it as GapError,
+    in its place (the bridge forwards markers to clients, never to daemons)."""
+    import msgpack
+
+    from tensorbus._core import FLAG_GAP
+
+    a = daemon_factory("--tcp", "127.0.0.1:*", "--transport", "tcp", path=tmp_path / "a")
+    marker = msgpack.packb({"topic": "g/t", "peer": "tcp://x:1", "received": 1, "reason": "test"})
+    with tensorbus.connect(a.url) as local, tensorbus.connect(tcp_of(a)) as remote:
+        sub = remote.subscribe("g/>")
+        wait_for(lambda: links(a.url) and links(a.url)[0]["interest"] == ["g/>"], what="interest")
+        pub = local.publisher("g/t")
+        pub.send(b"a")
+        pub._pub.send(marker, flags=FLAG_GAP)
+        pub.send(b"b")
+        assert bytes(sub.recv(timeout=5).data) == b"a"
+        with pytest.raises(GapError, match="test"):
+            sub.recv(timeout=5)
+        assert bytes(sub.recv(timeout=5).data) == b"b"
+        assert links(a.url)[0]["bad"] == 0
+
+
+def test_recv_batch_keeps_its_first_message_when_a_gap_follows(daemon):
+    import msgpack
+
+    from tensorbus._core import FLAG_GAP
+
+    marker = msgpack.packb({"topic": "g/t", "peer": "p", "received": 1, "reason": "test"})
+    with tensorbus.connect(daemon.url) as c:
+        sub = c.subscribe("g/t")
+        pub = c.publisher("g/t")
+        pub.send(b"first")
+        pub._pub.send(marker, flags=FLAG_GAP)
+        time.sleep(0.05)
+        assert [bytes(m.data) for m in sub.recv_batch(10, 1)] == [b"first"]
+        with pytest.raises(GapError):
+            sub.recv_batch(10, 1)
