@@ -123,7 +123,6 @@ class OutTopic:
         "credit_bytes",
         "parked",
         "sent",
-        "dropped",
         "announced",
     )
 
@@ -137,7 +136,6 @@ class OutTopic:
         self.credit_bytes = W.INITIAL_WINDOW_BYTES
         self.parked = False
         self.sent = 0  # sequence of the next message on this link epoch
-        self.dropped = 0
         self.announced = False
         self.newest = None  # realtime out of credit: the newest message, sent on credit
 
@@ -379,7 +377,6 @@ class Peer:
             # Newest wins: keep this one for when credit returns; the one it
             # replaces is dropped and counted.
             if t.newest is not None:
-                t.dropped += 1
                 self.counters["dropped"] += 1
             t.newest = m
             self.kept.add(t.name)

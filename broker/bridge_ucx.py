@@ -192,13 +192,14 @@ class UcxData:
         self.arrived: collections.deque = collections.deque()
         self.inflight = 0
         self.endpoint = None  # ucxx's Endpoint
+        self.Array = self.TagMaskFull = None  # ucxx's types, once connected
         self.ep = None  # its UCXEndpoint, whose requests we post
         self.closed = False
         self.task = asyncio.get_running_loop().create_task(self._connect(peer_address, same_host))
 
     async def _connect(self, peer_address: bytes, same_host: bool) -> None:
         ucxx = _import()
-        _, Tag, _ = _types()
+        self.Array, Tag, self.TagMaskFull = _types()  # looked up once, used per operation
         try:
             address = ucxx.get_ucx_address_from_buffer(peer_address)
             self.endpoint = await ucxx.create_endpoint_from_worker_address(
@@ -248,7 +249,7 @@ class UcxData:
         receiver posts its receives as messages arrive."""
         if self.sending or not self.queue or self.ep is None or self.closed:
             return
-        Array, _, _ = _types()
+        Array = self.Array
         message, bodies, nbytes = self.queue.popleft()
         self.sending = True
         parts = iter(bodies)
@@ -293,7 +294,7 @@ class UcxData:
         loan at once, and wait for the next message."""
         if self._failed(request):
             return
-        Array, _, TagMaskFull = _types()
+        Array, TagMaskFull = self.Array, self.TagMaskFull
         try:
             message = memoryview(request.recv_buffer).cast("B")
             kind, body = bytes(message[:1]), message[1:]

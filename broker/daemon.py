@@ -148,6 +148,12 @@ class Subscription:
     wants: Callable[[str], bool] | None = None
     on_attach: Callable | None = None
 
+    def reads(self, name: str) -> bool:
+        """Whether a topic named ``name`` is one of this subscription's."""
+        if self.wants is not None:
+            return self.wants(name)
+        return self.group is None and matches(self.pattern, name)
+
 
 @dataclass(eq=False)
 class Group:
@@ -686,25 +692,26 @@ class Broker:
         log.info("topic %s created (%s, %d x %d B)", name, qos, capacity, slot_size)
         # Cursors for every live pattern before anyone can publish: no loss.
         for sub in list(self.bridge_subs):
-            if sub.wants(name):
-                try:
-                    self._attach(sub, topic, announce=True)
-                except CapacityError:
-                    log.warning("topic %s: no cursor left for a bridge", name)
+            self._attach_new(sub, topic)
         for session in list(self.sessions.values()):
-            for sub in session.subscriptions.values():
-                if sub.group is None and matches(sub.pattern, name):
-                    try:
-                        self._attach(sub, topic, announce=True)
-                    except CapacityError:
-                        log.warning(
-                            "topic %s: no cursor left for subscription %d of %s "
-                            "(--max-subscribers)",
-                            name,
-                            sub.id,
-                            session.name,
-                        )
+            for sub in list(session.subscriptions.values()):
+                self._attach_new(sub, topic)
         return topic, True
+
+    def _attach_new(self, sub: Subscription, topic: Topic) -> None:
+        """Give ``sub`` a cursor on new ``topic`` if it reads it; a broker
+        out of cursors is logged, not raised (the topic exists regardless)."""
+        if topic.name in sub.members or not sub.reads(topic.name):
+            return
+        try:
+            self._attach(sub, topic, announce=True)
+        except CapacityError:
+            log.warning(
+                "topic %s: no cursor left for subscription %d of %s (--max-subscribers)",
+                topic.name,
+                sub.id,
+                sub.session.name,
+            )
 
     def _attach(self, sub: Subscription, topic: Topic, announce: bool) -> tuple[int, int]:
         cursor, generation = topic.ring.join_cursor(
@@ -924,15 +931,8 @@ class Broker:
         if sub.group is not None:
             self._leave_group(sub)
             return
-        for name, (cursor, generation) in sub.members.items():
-            topic = self.topics.get(name)
-            if topic is not None:
-                topic.cursors.pop((cursor, generation), None)
-                topic.drops_seen.pop((cursor, generation), None)
-                topic.behind_since.pop((cursor, generation), None)
-                with contextlib.suppress(TensorbusError):
-                    topic.ring.free_cursor(cursor, generation)
-                    topic.ring.reclaim()  # blocks only this cursor still pinned
+        for name, member in sub.members.items():
+            self._free_member(name, member)
         sub.members.clear()
         sub.session.subscriptions.pop(sub.id, None)
         if sub.fifo:
@@ -943,6 +943,18 @@ class Broker:
             sub.bell = -1
         if sub.wants is None:
             self._interest_changed()
+
+    def _free_member(self, name: str, member: tuple) -> None:
+        """Free the cursor ``member`` (index, generation) of topic ``name``."""
+        topic = self.topics.get(name)
+        if topic is None:
+            return
+        topic.cursors.pop(member, None)
+        topic.drops_seen.pop(member, None)
+        topic.behind_since.pop(member, None)
+        with contextlib.suppress(TensorbusError):
+            topic.ring.free_cursor(*member)
+            topic.ring.reclaim()  # blocks only this cursor still pinned
 
     def _op_unsubscribe(self, session: Session, request: P.Request) -> bytes:
         sub = session.subscriptions.get(request.fields["sub"])
@@ -1005,23 +1017,12 @@ class Broker:
     def refresh_bridge_subscription(self, sub: Subscription) -> None:
         """Attach every existing topic a bridge subscription now wants."""
         for topic in list(self.topics.values()):
-            if topic.name not in sub.members and sub.wants(topic.name):
-                try:
-                    self._attach(sub, topic, announce=True)
-                except CapacityError:
-                    log.warning("topic %s: no cursor left for a bridge", topic.name)
+            self._attach_new(sub, topic)
 
     def drop_bridge_cursor(self, sub: Subscription, name: str) -> None:
         member = sub.members.pop(name, None)
-        topic = self.topics.get(name)
-        if member is None or topic is None:
-            return
-        topic.cursors.pop(member, None)
-        topic.drops_seen.pop(member, None)
-        topic.behind_since.pop(member, None)
-        with contextlib.suppress(TensorbusError):
-            topic.ring.free_cursor(*member)
-            topic.ring.reclaim()
+        if member is not None:
+            self._free_member(name, member)
 
     def close_bridge_subscription(self, sub: Subscription) -> None:
         self.bridge_subs.discard(sub)

@@ -197,15 +197,32 @@ def test_interest_is_added_and_withdrawn(pair, transport):
             pub.send(b"x", timeout=1)
 
 
+@pytest.fixture
+def fixed_pair(daemon_factory, tmp_path):
+    """``start(transport, listener)``: daemon ``listener`` ("a" or "b") on a
+    fixed port, so that it can be killed and started again there
+    (``restart()``), and the other daemon dialing it. Returns (a, b, restart)."""
+
+    def start(transport: str, listener: str):
+        port = free_port()
+        common = ("--transport", transport, "--heartbeat", "0.2", "--link-grace", "0.5")
+        listen = ("--tcp", f"127.0.0.1:{port}", *common)
+        dial = ("--tcp", "127.0.0.1:*", "--peer", f"tcp://127.0.0.1:{port}", *common)
+        dialer = "b" if listener == "a" else "a"
+
+        def restart():
+            return daemon_factory(*listen, path=tmp_path / listener)
+
+        first = restart()
+        other = daemon_factory(*dial, path=tmp_path / dialer)
+        return (first, other, restart) if listener == "a" else (other, first, restart)
+
+    return start
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_peer_killed_and_restarted_reconnects(daemon_factory, tmp_path, transport):
-    port = free_port()
-    common = ("--transport", transport, "--heartbeat", "0.2", "--link-grace", "0.5")
-    b_args = ("--tcp", f"127.0.0.1:{port}", *common)
-    b = daemon_factory(*b_args, path=tmp_path / "b")
-    a = daemon_factory(
-        "--tcp", "127.0.0.1:*", "--peer", f"tcp://127.0.0.1:{port}", *common, path=tmp_path / "a"
-    )
+def test_peer_killed_and_restarted_reconnects(fixed_pair, transport):
+    a, b, restart_b = fixed_pair(transport, listener="b")
     with tensorbus.connect(a.url) as ca:
         pub = ca.publisher("ctl/beat", qos="realtime")
         with tensorbus.connect(b.url) as cb:
@@ -217,7 +234,7 @@ def test_peer_killed_and_restarted_reconnects(daemon_factory, tmp_path, transpor
         wait_for(lambda: links(a.url)[0]["state"] == "down", what="link down")
         for _ in range(100):
             pub.send(b"while down")  # realtime: never blocks on a dead peer
-        b2 = daemon_factory(*b_args, path=tmp_path / "b")
+        b2 = restart_b()
         with tensorbus.connect(b2.url) as cb:
             sub = cb.subscribe("ctl/>")
             wait_for(link_up(a.url, "ctl/>"), what="link back up")
@@ -228,14 +245,8 @@ def test_peer_killed_and_restarted_reconnects(daemon_factory, tmp_path, transpor
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_lost_origin_is_a_gap_error_not_silence(daemon_factory, tmp_path, transport):
-    port = free_port()
-    common = ("--transport", transport, "--heartbeat", "0.2", "--link-grace", "0.5")
-    a_args = ("--tcp", f"127.0.0.1:{port}", *common)
-    a = daemon_factory(*a_args, path=tmp_path / "a")
-    b = daemon_factory(
-        "--tcp", "127.0.0.1:*", "--peer", f"tcp://127.0.0.1:{port}", *common, path=tmp_path / "b"
-    )
+def test_lost_origin_is_a_gap_error_not_silence(fixed_pair, transport):
+    a, b, restart_a = fixed_pair(transport, listener="a")
     with tensorbus.connect(b.url) as cb:
         sub = cb.subscribe("grad/>")
         wait_for(link_up(b.url), what="link up")
@@ -249,7 +260,7 @@ def test_lost_origin_is_a_gap_error_not_silence(daemon_factory, tmp_path, transp
             sub.recv(timeout=10)
         assert info.value.topic == "grad/g"
         # The origin comes back: the same subscription goes on.
-        a2 = daemon_factory(*a_args, path=tmp_path / "a")
+        a2 = restart_a()
         wait_for(link_up(b.url), what="link back up")
         with tensorbus.connect(a2.url) as ca:
             wait_for(lambda: links(a2.url)[0]["interest"] == ["grad/>"], what="interest again")
