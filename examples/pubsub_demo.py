@@ -48,6 +48,9 @@ def subscribe(url: str, seconds: float) -> None:
                 counts[msg.topic] = counts.get(msg.topic, 0) + 1
                 if msg.is_tensor:  # a view of the arena block: checked in place
                     assert msg.data[0, 0] == msg.data[-1, -1]
+                # Give the arena block back now: the loop variable would
+                # otherwise hold the last message through the next wait.
+                msg.release()
         print("subscriber received:", counts, flush=True)
 
 

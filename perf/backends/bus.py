@@ -159,17 +159,21 @@ def lat(size: int, count: int, warmup: int) -> list[int]:
 
 
 def sink(url: str, count: int, ready, result) -> None:
-    """The thr peer: take ``count`` messages of bench/data in batches (each
-    batch's arena views are dropped with it)."""
+    """The thr peer: take ``count`` messages of bench/data in batches."""
     with tensorbus.connect(url, name="perf-bus-sink") as client:
         sub = client.subscribe(DATA)
         ready.put(True)
         received = 0
         while received < count:
             batch = sub.recv_batch(BATCH, 60)
-            if not batch:
+            taken = len(batch)
+            # Drop the batch before the next wait: its messages hold their
+            # arena blocks, and a publisher of large tensors or loans needs
+            # those blocks back to send the messages this wait is for.
+            del batch
+            if not taken:
                 break
-            received += len(batch)
+            received += taken
         result.put((received, time.perf_counter()))
 
 
