@@ -454,7 +454,14 @@ class AsyncSubscriber(Subscription):
 
     async def recv_batch(self, max_n: int = 256, max_wait: float | None = None) -> list:
         """Up to ``max_n`` messages: waits up to ``max_wait`` for the first,
-        then takes what has already arrived; [] if nothing came."""
+        then takes what has already arrived; [] if nothing came.
+
+        As with the sync client, a message whose tensor lives in the arena
+        holds its block while the message, its ``data`` or any view of it
+        lives: release each message (``msg.release()``) or drop the batch
+        (``del batch``) before the next call, or a publisher of loans or large
+        tensors can stall on a full arena while this call waits. Copy what
+        you keep."""
         try:
             first = await self.recv(max_wait)
         except ReceiveTimeout:

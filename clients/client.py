@@ -570,7 +570,17 @@ class Subscriber(Subscription):
     def recv_batch(self, max_n: int = 256, max_wait: float | None = None) -> list[Message]:
         """Up to ``max_n`` messages: waits up to ``max_wait`` seconds for the
         first (None: forever), then takes only what has already arrived.
-        Returns an empty list if nothing came within ``max_wait``."""
+        Returns an empty list if nothing came within ``max_wait``.
+
+        A message whose tensor lives in the arena holds its block for as long
+        as the message, its ``data`` or any view of it lives. Release each
+        message (``msg.release()``) or drop the batch (``del batch``) before
+        the next call: ``batch = sub.recv_batch(...)`` rebinds only after that
+        call returns (and a ``for msg in batch`` loop's ``msg`` keeps the last
+        one), so the old blocks stay held while it waits, and a publisher of
+        loans or large tensors can stall on a full arena (``BackpressureError``
+        after its timeout) while this call waits for the message it cannot
+        send. Copy what you keep."""
         try:
             first = self.recv(max_wait)
         except ReceiveTimeout:
