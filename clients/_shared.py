@@ -9,7 +9,9 @@ way (blocking or awaiting) and hands notices to :meth:`Subscription.on_notice`.
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import sys
 
 from tensorbus._core import Arena, BellTable, Inbox, Message, Ring, SlowConsumer, Waiter
@@ -19,10 +21,12 @@ from tensorbus.broker.paths import default_url
 from tensorbus.clients.errors import BrokerUnavailable
 
 __all__ = [
+    "HELLO_PROBE_S",
     "INLINE_MAX",
     "Mappings",
     "Subscription",
     "client_name",
+    "ipc_unreachable",
     "resolve_url",
 ]
 
@@ -37,6 +41,52 @@ def resolve_url(url: str | None) -> str:
     if not url.startswith(("ipc://", "tcp://")):
         raise ValueError(f"broker url must start with ipc:// or tcp://, not {url!r}")
     return url
+
+
+# How long a hello waits for its answer before it asks the kernel whether
+# anything listens on the ipc socket at all (a healthy broker answers in
+# well under a millisecond; a probe costs the broker an empty connection).
+HELLO_PROBE_S = 0.1
+
+_START = "start one with `tensorbus serve`"
+
+
+def ipc_unreachable(url: str, probe: bool = False) -> str | None:
+    """Why no broker can answer at ``url``'s ipc socket, or None if one may.
+
+    Without ``probe`` only the socket file is looked at (one stat). With it,
+    a plain connect() tells a listening broker from a socket file that a
+    dead one left behind (ECONNREFUSED). tcp urls are never judged here:
+    only their timeout can tell."""
+    if not url.startswith("ipc://"):
+        return None
+    path = url[len("ipc://") :]
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return f"no broker at {url}: the socket does not exist; {_START}"
+    except PermissionError:
+        return f"no broker at {url}: permission denied (the socket belongs to another user)"
+    except OSError as exc:
+        return f"no broker at {url}: {exc.strerror or exc}"
+    if not probe:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        sock.connect(path)
+    except ConnectionRefusedError:
+        return (
+            f"no broker at {url}: the socket exists but nothing listens on it "
+            f"(a broker that died?); {_START}"
+        )
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EINPROGRESS):
+            return None  # a full backlog: a broker that is alive but busy
+        return f"no broker at {url}: {exc.strerror or exc}"
+    finally:
+        sock.close()
+    return None
 
 
 def client_name(name: str | None) -> str:

@@ -28,10 +28,12 @@ from tensorbus._core.errors import ReceiveTimeout
 from tensorbus.broker import protocol as P
 from tensorbus.broker.topics import validate_pattern, validate_topic
 from tensorbus.clients._shared import (
+    HELLO_PROBE_S,
     INLINE_MAX,
     Mappings,
     Subscription,
     client_name,
+    ipc_unreachable,
     resolve_url,
 )
 from tensorbus.clients.errors import BrokerUnavailable, ClientClosed, error_for
@@ -73,6 +75,9 @@ class AsyncClient:
         max_holds: int = 1024,
     ):
         self.url = resolve_url(url)
+        why = ipc_unreachable(self.url)
+        if why:
+            raise BrokerUnavailable(why, "unavailable")
         self.max_holds = max_holds
         self.name = client_name(name)
         self.timeout = timeout
@@ -142,7 +147,17 @@ class AsyncClient:
         self._pending[request_id] = fut
         try:
             await self._sock.send(P.encode_request(op, request_id, **fields))
-            reply = await asyncio.wait_for(fut, self.timeout)
+            timeout = self.timeout
+            if op == "hello":
+                # Not answered at once: ask, once, whether anything listens on
+                # the ipc socket, so a stale socket file fails now.
+                done, _ = await asyncio.wait([fut], timeout=min(HELLO_PROBE_S, timeout))
+                if not done:
+                    why = ipc_unreachable(self.url, probe=True)
+                    if why:
+                        raise BrokerUnavailable(why, "unavailable")
+                    timeout -= HELLO_PROBE_S
+            reply = await asyncio.wait_for(fut, max(timeout, 0.001))
         except TimeoutError:
             raise BrokerUnavailable(
                 f"no tensorbus broker answered {op!r} at {self.url} within "

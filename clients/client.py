@@ -29,10 +29,12 @@ from tensorbus._core.errors import ReceiveTimeout
 from tensorbus.broker import protocol as P
 from tensorbus.broker.topics import validate_pattern, validate_topic
 from tensorbus.clients._shared import (
+    HELLO_PROBE_S,
     INLINE_MAX,
     Mappings,
     Subscription,
     client_name,
+    ipc_unreachable,
     resolve_url,
 )
 from tensorbus.clients.errors import (
@@ -131,6 +133,9 @@ class Client:
         curve_server_key: str | None = None,
     ):
         self.url = resolve_url(url)
+        why = ipc_unreachable(self.url)
+        if why:
+            raise BrokerUnavailable(why, "unavailable")
         self.name = client_name(name)
         self.timeout = timeout
         self._pid = os.getpid()
@@ -194,8 +199,19 @@ class Client:
             request_id = next(self._ids)
             self._sock.send(P.encode_request(op, request_id, **fields))
             deadline = time.monotonic() + self.timeout
+            # A hello that is not answered at once asks, once, whether
+            # anything listens on the ipc socket: a stale socket file fails
+            # now instead of after the whole timeout.
+            probe_at = time.monotonic() + HELLO_PROBE_S if op == "hello" else None
             while True:
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                if probe_at is not None and now >= probe_at:
+                    probe_at = None
+                    why = ipc_unreachable(self.url, probe=True)
+                    if why:
+                        raise BrokerUnavailable(why, "unavailable")
+                until = deadline if probe_at is None else min(deadline, probe_at)
+                left = until - now
                 if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
                     if time.monotonic() < deadline:
                         continue
