@@ -13,6 +13,9 @@ The names most programs need are re-exported here::
     with tensorbus.connect() as client:
         pub = client.publisher("grad/job1/0")
         pub.send(b"...")
+
+The asyncio client is ``tensorbus.aio`` (``await tensorbus.aio.connect()``),
+imported on first use so that sync programs never load asyncio's side.
 """
 
 __version__ = "0.1.0"
@@ -67,3 +70,17 @@ __all__ = [
     "__version__",
     "connect",
 ]
+
+
+def __getattr__(name: str):
+    # PEP 562: ``tensorbus.aio`` after a plain ``import tensorbus``, loaded
+    # only when first touched.
+    if name == "aio":
+        import importlib
+
+        return importlib.import_module("tensorbus.aio")
+    raise AttributeError(f"module 'tensorbus' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*__all__, "aio"])
