@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 
+from progress import Progress
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 BACKENDS = ("allreduce", "ps_hook", "ps_hook_fp16", "ps_hook_bf16")
 
@@ -50,6 +52,14 @@ def _model(width: int):
 
 def params_of(width: int) -> int:
     return 1024 * width + width + width * width + width + width * 1024 + 1024
+
+
+def arena_bytes(width: int) -> int:
+    """The broker's arena for a model of ``width``: 2 GiB for the default
+    model (64 copies of its gradients, room to spare), less for a small one,
+    since the broker pre-faults its whole arena before it is ready (seconds
+    per GiB on a small VM, paid by every run)."""
+    return min(2 << 30, max(256 << 20, 64 * 4 * params_of(width)))
 
 
 def trainer(args) -> None:
@@ -112,7 +122,7 @@ def run_once(backend: str, width: int, steps: int, warmup: int, threads: int, ba
                 sock = os.path.join(folder, "b.sock")
                 daemon = subprocess.Popen(
                     [sys.executable, "-m", "tensorbus", "serve", "--ipc", sock,
-                     "--arena-size", "2GiB"],
+                     "--arena-size", str(arena_bytes(width))],
                     stdout=subprocess.PIPE, text=True,
                 )  # fmt: skip
                 helpers.append(daemon)
@@ -179,9 +189,15 @@ def run_once(backend: str, width: int, steps: int, warmup: int, threads: int, ba
 def run(names, width, steps, warmup, repeat, threads, batch) -> list[dict]:
     """Interleaved runs of each backend; records as perf.py writes them."""
     runs = {name: [] for name in names}
-    for _ in range(repeat):
+    progress = Progress("ddp", len(names) * repeat, repeat)
+    for rep in range(repeat):
         for name in names:
-            runs[name].append(run_once(name, width, steps, warmup, threads, batch))
+            with progress.running(name, rep + 1):
+                result = run_once(name, width, steps, warmup, threads, batch)
+                progress.finish(
+                    f"{result['step_ms']:.1f} ms/step (2 trainers x {steps - warmup} steps)"
+                )
+            runs[name].append(result)
     out = []
     for name in names:
         out.append(

@@ -7,6 +7,7 @@ printed beside its peers measured in the same run.
     python perf/perf.py idle
     python perf/perf.py control --topics 1000 --clients 200
     python perf/perf.py ddp --backend allreduce,ps_hook,ps_hook_fp16
+    python perf/perf.py lat --backend bus,zmq --size 64 --plot lat.png
 
 lat: ping-pong round trip between two processes (p50 / p99 / mean, us).
 thr: one-way messages from one process to another (msgs/s and GB/s).
@@ -18,19 +19,24 @@ allreduce (gloo), same model and threads (perf/ddp_bench.py).
 Backends run interleaved, ``--repeat`` times, so machine noise hits all of
 them alike; the table quotes medians and ratios to the first backend. A
 backend this machine cannot run (a package or server program missing) is
-skipped with a note. bus, nats and redis start their own broker or server
-for every run and stop it afterwards.
+skipped with a note (``--strict``: an error). bus, nats and redis start
+their own broker or server for every run and stop it afterwards. A line per
+backend and repeat goes to stderr as each run ends; ``--plot FILE.png``
+draws the result (perf/plot.py).
 """
 
 import argparse
 import json
 import os
+import platform
 import re
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from progress import Progress, short  # noqa: E402
 
 from backends import load, missing  # noqa: E402
 
@@ -73,6 +79,19 @@ def warmup_count(size: int, count: int) -> int:
     return max(1000, count // 10) if size <= 65536 else max(5, count // 10)
 
 
+def machine() -> str:
+    """This machine in a few words, for a figure's title and the JSON."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), ""
+            )
+    except OSError:
+        pass
+    return ", ".join(filter(None, [platform.node(), f"{os.cpu_count()} CPUs", model]))
+
+
 def record(backend: str, mode: str, size: int, **fields) -> dict:
     base = {
         "backend": backend,
@@ -89,10 +108,21 @@ def record(backend: str, mode: str, size: int, **fields) -> dict:
 
 
 def run_lat(names, size, count, repeat):
+    """Records, and every backend's round trips (ns) for the CDF. The samples
+    stay out of the records: --json would otherwise carry up to 60,000
+    numbers per backend, where the percentiles are what a reader compares."""
     samples = {name: [] for name in names}
-    for _ in range(repeat):
+    progress = Progress("lat", len(names) * repeat, repeat)
+    for rep in range(repeat):
         for name in names:
-            samples[name] += load(name).lat(size, count, warmup_count(size, count))
+            with progress.running(name, rep + 1):
+                times = load(name).lat(size, count, warmup_count(size, count))
+                ordered = sorted(times)
+                progress.finish(
+                    f"p50 {short(ordered[len(ordered) // 2] / 1e3)} us, "
+                    f"p99 {short(percentile(ordered, 0.99) / 1e3)} us ({len(times)} samples)"
+                )
+            samples[name] += times
     out = []
     for name in names:
         xs = sorted(samples[name])
@@ -102,22 +132,31 @@ def run_lat(names, size, count, repeat):
                 "lat",
                 size,
                 p50_us=xs[len(xs) // 2] / 1e3,
-                p99_us=xs[min(len(xs) - 1, int(len(xs) * 0.99))] / 1e3,
+                p99_us=percentile(xs, 0.99) / 1e3,
                 mean_us=statistics.fmean(xs) / 1e3,
                 samples=len(xs),
             )
         )
-    return out
+    return out, samples
+
+
+def percentile(ordered: list, fraction: float):
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
 
 def run_thr(names, size, count, repeat):
     rates = {name: [] for name in names}
-    for _ in range(repeat):
+    progress = Progress("thr", len(names) * repeat, repeat)
+    for rep in range(repeat):
         for name in names:
-            received, seconds = load(name).thr(size, count)
-            if received != count:
-                raise SystemExit(f"{name}: the peer received {received} of {count} messages")
-            rates[name].append(received / seconds)
+            with progress.running(name, rep + 1):
+                received, seconds = load(name).thr(size, count)
+                if received != count:
+                    raise SystemExit(f"{name}: the peer received {received} of {count} messages")
+                rate = received / seconds
+                gb_per_s = rate * size / 1e9
+                progress.finish(f"{short(rate)} msgs/s, {short(gb_per_s)} GB/s ({count} msgs)")
+            rates[name].append(rate)
     out = []
     for name in names:
         rate = statistics.median(rates[name])
@@ -136,19 +175,27 @@ def run_thr(names, size, count, repeat):
 
 def run_idle(names, seconds):
     out = []
+    progress = Progress("idle", len(names), 1)
     for name in names:
         backend = load(name)
         if not hasattr(backend, "idle"):
             print(f"({name} has no idle measurement)")
             continue
-        cpu = backend.idle(seconds)
+        with progress.running(name, 1):
+            cpu = backend.idle(seconds)
+            progress.finish(f"{100 * cpu / seconds:.2f} % of one core")
         out.append(record(name, "idle", 0, cpu_percent=100 * cpu / seconds, seconds=seconds))
     return out
 
 
 def run_control(topics, clients, cycles, repeat):
     bus = load("bus")
-    runs = [bus.control(topics, clients, cycles) for _ in range(repeat)]
+    runs = []
+    progress = Progress("control", repeat, repeat)
+    for rep in range(repeat):
+        with progress.running("bus", rep + 1):
+            runs.append(bus.control(topics, clients, cycles))
+            progress.finish(f"{runs[-1]['ops_per_s']:,.0f} subscribe+unsubscribe ops/s")
     median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
     return [
         record(
@@ -263,7 +310,17 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="ddp: torch threads per trainer")
     parser.add_argument("--batch", type=int, default=32, help="ddp: batch size")
     parser.add_argument("--json", metavar="PATH", help="also write the records as JSON")
+    parser.add_argument(
+        "--plot", metavar="FILE.png", help="lat, thr, ddp: also draw the result (matplotlib)"
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="a backend this machine cannot run is an error, not a skip (CI)",
+    )
     args = parser.parse_args(argv)
+    if args.plot and args.mode not in ("lat", "thr", "ddp"):
+        parser.error("--plot draws lat, thr and ddp runs")
     if args.mode == "ddp":
         import ddp_bench
 
@@ -276,11 +333,7 @@ def main(argv=None) -> int:
             names, args.width, args.steps, args.warmup, args.repeat, args.threads, args.batch
         )
         table(records)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(
-                    {"started": started, "cpus": os.cpu_count(), "records": records}, f, indent=2
-                )
+        write_outputs(args, records, None, started)
         return 0
     default = {"idle": "ring", "control": "bus"}.get(args.mode, "ring,zmq,mp,iox2")
     if args.mode == "control":
@@ -293,16 +346,19 @@ def main(argv=None) -> int:
         if not name:
             continue
         why = missing(name)  # also fails fast on an unknown backend
+        if why and args.strict:
+            raise SystemExit(f"{name} cannot run here (--strict): {why}")
         if why:
-            print(f"({name} skipped: {why})")
+            print(f"({name} skipped: {why})", flush=True)
         else:
             names.append(name)
     if not names:
         raise SystemExit("no backend left to run")
     count = args.count or default_count(args.mode, args.size)
     started = time.time()
+    samples = None
     if args.mode == "lat":
-        records = run_lat(names, args.size, count, args.repeat)
+        records, samples = run_lat(names, args.size, count, args.repeat)
     elif args.mode == "thr":
         records = run_thr(names, args.size, count, args.repeat)
     elif args.mode == "control":
@@ -310,10 +366,26 @@ def main(argv=None) -> int:
     else:
         records = run_idle(names, args.seconds)
     table(records)
+    write_outputs(args, records, samples, started)
+    return 0
+
+
+def write_outputs(args, records: list[dict], samples: dict | None, started: float) -> None:
+    """--json and --plot, if asked for; each path is printed once written."""
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"started": started, "cpus": os.cpu_count(), "records": records}, f, indent=2)
-    return 0
+            header = {"started": started, "cpus": os.cpu_count(), "machine": machine()}
+            json.dump({**header, "records": records}, f, indent=2)
+    if args.plot and records:
+        import plot  # matplotlib loads here, never before a measurement
+
+        if args.mode == "lat":
+            plot.lat_cdf(args.plot, records, samples, machine())
+        elif args.mode == "thr":
+            plot.thr_bars(args.plot, records, machine())
+        else:
+            plot.ddp_bars(args.plot, records, machine())
+        print(f"plot: {args.plot}", flush=True)
 
 
 if __name__ == "__main__":
