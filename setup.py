@@ -40,7 +40,9 @@ def core_extension(name: str) -> Extension:
     )
 
 
-extensions = [core_extension(n) for n in ("segment", "wait", "bells", "arena", "ring", "inbox")]
+extensions = [
+    core_extension(n) for n in ("segment", "wait", "bells", "arena", "ring", "inbox", "offsets")
+]
 
 setup(
     packages=["tensorbus", "tensorbus._core", "tensorbus.broker", "tensorbus.clients"],
