@@ -117,6 +117,7 @@ from tensorbus._core.errors import (
     MessageTooLargeError,
     ReceiveTimeout,
     RingClosedError,
+    SlowConsumer,
     TensorbusError,
     ViewInUseError,
 )
@@ -1605,6 +1606,11 @@ cdef class Subscriber:
                 self._check_stall()
 
     cdef _raise_evicted(self):
+        # SlowConsumer is a RingClosedError: callers that catch the latter still do.
+        if (tb_load_acq32(&self.cur.state) == TB_CURSOR_EVICTED
+                and self.cur.generation == self.generation):
+            raise SlowConsumer(f"this subscriber's cursor on ring {self.ring.name!r} was "
+                               "evicted: it stayed too far behind")
         raise RingClosedError(f"this subscriber's cursor on ring {self.ring.name!r} was "
                               "evicted or reclaimed")
 
