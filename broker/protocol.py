@@ -21,6 +21,7 @@ import msgpack
 __all__ = [
     "ERROR_CODES",
     "MAX_MESSAGE_BYTES",
+    "MAX_NAME_BYTES",
     "NOTICES",
     "OPS",
     "PROTOCOL_VERSION",
@@ -34,12 +35,16 @@ __all__ = [
     "encode_notice",
     "encode_reply",
     "encode_request",
+    "session_name",
 ]
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024  # requests
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 MAX_ID = 2**63 - 1
+# hello.name: longer names are cut to this many bytes of UTF-8. The name is a
+# label (logs, pressure bodies); the bound keeps a pressure body within its slot.
+MAX_NAME_BYTES = 128
 
 # QoS class -> ring policy. "latest" is an overwrite ring whose readers take
 # only the newest message.
@@ -146,19 +151,54 @@ def _pack(obj: dict) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+# Python's names for what msgpack decoded -> msgpack's, for error sentences.
+_MSGPACK_NAMES = {"dict": "map", "list": "array", "NoneType": "nil", "bytes": "bin"}
+
+
+def _msgpack_problem(exc: Exception) -> str:
+    """What is wrong with bytes msgpack refused, as a phrase: several of
+    msgpack's exceptions carry no message at all (FormatError) or one about
+    its internal limits."""
+    text = str(exc)
+    if isinstance(exc, msgpack.FormatError):
+        return "it holds a byte that starts no msgpack type (such as 0xc1)"
+    if isinstance(exc, msgpack.ExtraData):
+        return "bytes follow the first msgpack object; a frame holds exactly one map"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a str is not valid UTF-8 ({exc.reason})"
+    if "incomplete input" in text or "exceeds max_" in text:
+        # unpackb bounds each length by the buffer's: a longer one is a cut-off message
+        return "it ends in the middle of a msgpack object (cut off, or a wrong length)"
+    if "not allowed for map key" in text:
+        python_type = text.split(" is not allowed")[0]
+        return f"map keys must be msgpack str, not {_MSGPACK_NAMES.get(python_type, python_type)}"
+    return text or type(exc).__name__
+
+
 def _unpack_map(raw: bytes, limit: int = MAX_MESSAGE_BYTES) -> dict:
     if len(raw) > limit:
         raise ProtocolViolation(
-            "too_large", f"message of {len(raw)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit"
+            "too_large", f"message of {len(raw)} bytes exceeds the {limit}-byte limit"
         )
     try:
         obj = msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types
-        raise ProtocolViolation("bad_request", f"message is not valid msgpack ({exc})") from None
+        raise ProtocolViolation(
+            "bad_request", f"message is not valid msgpack: {_msgpack_problem(exc)}"
+        ) from None
     if not isinstance(obj, dict):
         raise ProtocolViolation(
-            "bad_request", f"message must be a msgpack map, not {type(obj).__name__}"
+            "bad_request",
+            f"message must be a msgpack map, not "
+            f"{_MSGPACK_NAMES.get(type(obj).__name__, type(obj).__name__)}",
         )
+    for key in obj:
+        # strict_map_key still lets bin keys through; a bin "topic" must not
+        # pass for a missing field, or an optional one be silently ignored.
+        if not isinstance(key, str):
+            raise ProtocolViolation(
+                "bad_request", f"map keys must be msgpack str, not bin ({key[:40]!r})"
+            )
     return obj
 
 
@@ -183,10 +223,20 @@ def decode_request(raw: bytes) -> Request:
         raise ProtocolViolation("bad_request", "field 'id' must be an integer in 0..2**63-1")
     version = obj.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:
+        # Like every int field, `v` takes a msgpack int: 1.0 and true are
+        # refused too (the `id` check above would refuse a float id anyway).
+        if version is None:
+            problem = f"the request has no field 'v' (send v: {PROTOCOL_VERSION})"
+        elif type(version) is int:
+            problem = f"protocol version {version} is not served"
+        else:
+            problem = (
+                f"field 'v' must be the msgpack int {PROTOCOL_VERSION}, "
+                f"not {type(version).__name__} {version!r}"
+            )
         raise ProtocolViolation(
             "unsupported_version",
-            f"protocol version {version!r} is not "
-            f"served; this broker speaks version {PROTOCOL_VERSION}",
+            f"{problem}; this broker speaks protocol version {PROTOCOL_VERSION}",
             request_id,
         )
     op = obj.get("op")
@@ -216,6 +266,15 @@ def decode_request(raw: bytes) -> Request:
             )
         fields[name] = value
     return Request(op, request_id, fields)
+
+
+def session_name(name: str | None, pid: int) -> str:
+    """The name a session goes by: ``hello.name`` cut to MAX_NAME_BYTES of
+    UTF-8 (never inside a character), or ``pid<pid>`` when it is absent or
+    empty."""
+    if not name:
+        return f"pid{pid}"
+    return name.encode()[:MAX_NAME_BYTES].decode(errors="ignore")
 
 
 def encode_reply(request_id: int, **result: Any) -> bytes:
