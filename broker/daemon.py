@@ -32,6 +32,7 @@ import os
 import shutil
 import signal
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -68,6 +69,15 @@ log = logging.getLogger("tensorbus.broker")
 MAX_CAPACITY = 1 << 24
 INBOX_PREFIX = "_inbox/"  # reply inboxes: private topics, never recreated by a reply
 MAX_SLOT_SIZE = 1 << 26
+# $sys/pressure/<topic>: a realtime ring of this many slots of this size. A
+# body lists at most PRESSURE_MAX_LISTED cursors; with names of at most
+# P.MAX_NAME_BYTES it always fits one slot (tests/test_broker.py checks).
+PRESSURE_CAPACITY = 64
+PRESSURE_SLOT_SIZE = 8192
+PRESSURE_MAX_LISTED = 32
+# How many ended sessions are remembered, so that a connection's next
+# request hears why its session is gone (timed out, bye) instead of "no hello".
+ENDED_SESSIONS_KEPT = 1024
 
 
 class BrokerStartError(RuntimeError):
@@ -193,6 +203,7 @@ class Broker:
         self.endpoints: list[str] = []
         self.topics: dict[str, Topic] = {}
         self.sessions: dict[tuple, Session] = {}
+        self.ended_sessions: OrderedDict[tuple, str] = OrderedDict()  # key -> why it ended
         self.ids = itertools.count(1)
         self.free_bells: list[int] = []
         self.groups: dict[tuple[str, str], Group] = {}  # (topic, group name) -> Group
@@ -462,7 +473,8 @@ class Broker:
             return self._error(exc.request_id, exc.code, exc.message)
         session = self.sessions.get(key)
         if request.op != "hello" and session is None:
-            return self._error(request.id, "no_session", f"op {request.op!r} before hello")
+            why = self.ended_sessions.get(key, "send hello first")
+            return self._error(request.id, "no_session", f"op {request.op!r} has no session: {why}")
         if session is not None:
             session.last_seen = time.monotonic()
         try:
@@ -501,9 +513,10 @@ class Broker:
         old = self.sessions.pop(key, None)
         if old is not None:
             self._drop_session(old, "hello again on the same connection")
+        self.ended_sessions.pop(key, None)
         pid = peer_pid if peer_pid is not None else f["pid"]
         session = Session(
-            key, transport, f.get("name") or f"pid{pid}", pid, last_seen=time.monotonic()
+            key, transport, P.session_name(f.get("name"), pid), pid, last_seen=time.monotonic()
         )
         if transport == "ipc":
             session.pidfd = self._watch_pid(session)
@@ -580,6 +593,13 @@ class Broker:
         self.bridge.session_closed(session.key)
         log.debug("session %s dropped: %s", session.name, reason)
 
+    def _remember_end(self, session: Session, why: str) -> None:
+        """Keep why ``session`` ended for its connection's next request."""
+        self.ended_sessions[session.key] = why
+        self.ended_sessions.move_to_end(session.key)
+        while len(self.ended_sessions) > ENDED_SESSIONS_KEPT:
+            self.ended_sessions.popitem(last=False)
+
     def _release_holder(self, slot: int) -> None:
         """A client is gone: clear its holds, and drop the loans it never
         published (blocks it allocated that no ring message references)."""
@@ -615,6 +635,7 @@ class Broker:
 
     def _op_bye(self, session: Session, request: P.Request) -> bytes:
         self._drop_session(session, "bye", views_alive=bool(request.fields.get("holds")))
+        self._remember_end(session, "this connection's session ended with bye; send hello again")
         return P.encode_reply(request.id)
 
     def _op_heartbeat(self, session: Session, request: P.Request) -> bytes:
@@ -1153,6 +1174,13 @@ class Broker:
                     log.info("tcp client %s missed its heartbeats", session.name)
                     self.counters["clients_lost"] += 1
                     self._drop_session(session, "heartbeat timeout")
+                    heartbeat = self.config.heartbeat_s
+                    self._remember_end(
+                        session,
+                        f"the session timed out after {timeout:g} s without a message "
+                        f"(3 x heartbeat_s); send hello again, then any request, such as "
+                        f"heartbeat, at least every {heartbeat:g} s",
+                    )
             elif session.pidfd < 0 and not _pid_alive(session.pid):
                 self.counters["clients_lost"] += 1
                 self._drop_session(session, "process gone")
@@ -1221,13 +1249,17 @@ class Broker:
         if topic.pressure_pub is None:
             channel, _ = self._get_or_create(
                 f"{SYSTEM_PREFIX}/pressure/{topic.name}",
-                {"qos": "realtime", "capacity": 64, "slot_size": 8192},
+                {
+                    "qos": "realtime",
+                    "capacity": PRESSURE_CAPACITY,
+                    "slot_size": PRESSURE_SLOT_SIZE,
+                },
             )
             topic.pressure_pub = channel.ring.publisher()
         body = msgpack.packb(
             {
                 "topic": topic.name,
-                "subscribers": dropped[:32],  # bounded: one notice fits one slot
+                "subscribers": dropped[:PRESSURE_MAX_LISTED],  # so the body fits one slot
                 "new_drops": sum(d["new"] for d in dropped),
                 "time_ns": time.time_ns(),
             }

@@ -13,6 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tensorbus
+from tensorbus._core import Ring
+from tensorbus.broker import daemon as D
 from tensorbus.broker import protocol as P
 
 from conftest import read_line
@@ -104,7 +106,7 @@ def test_reliable_blocks_then_backpressure(daemon):
 
 
 def test_realtime_drops_are_counted_and_announced(daemon):
-    with tensorbus.connect(daemon.url) as c:
+    with tensorbus.connect(daemon.url, name="é" * 100) as c:
         pressure = c.subscribe("$sys/pressure/>")
         sub = c.subscribe("rt/x")
         pub = c.publisher("rt/x", qos="realtime", capacity=8)
@@ -118,6 +120,32 @@ def test_realtime_drops_are_counted_and_announced(daemon):
         assert body["topic"] == "rt/x" and body["new_drops"] > 0
         stats = {t["name"]: t for t in c.stats()["topics"]}
         assert stats["rt/x"]["drops"] == body["subscribers"][0]["drops"] > 0
+        # The session name, cut to 128 bytes of UTF-8 (protocol.md, hello).
+        assert body["subscribers"][0]["client"] == "é" * (P.MAX_NAME_BYTES // 2)
+        (channel,) = c.topics("$sys/pressure/>")
+        assert (channel["qos"], channel["capacity"], channel["slot_size"]) == (
+            "realtime",
+            D.PRESSURE_CAPACITY,
+            D.PRESSURE_SLOT_SIZE,
+        )
+
+
+def test_a_pressure_body_of_the_most_listed_cursors_fits_its_slot():
+    """protocol.md section 8: never cut, because names are bounded."""
+    biggest = 2**64 - 1
+    entry = {
+        "sub": 2**63 - 1,
+        "client": P.session_name("é" * 1000, 1),
+        "drops": biggest,
+        "new": biggest,
+    }
+    body = {
+        "topic": "t" * 255,  # the longest topic name
+        "subscribers": [entry] * D.PRESSURE_MAX_LISTED,
+        "new_drops": biggest,
+        "time_ns": 2**63 - 1,
+    }
+    assert len(msgpack.packb(body)) <= D.PRESSURE_SLOT_SIZE
 
 
 def test_latest_keeps_only_the_last_value(daemon):
@@ -203,6 +231,8 @@ def test_garbage_gets_error_replies_and_the_daemon_keeps_serving(daemon):
             msgpack.packb([1, 2, 3]): "bad_request",
             msgpack.packb({"v": 1, "op": "hello", "id": 1}): "bad_request",
             msgpack.packb({"v": 2, "op": "hello", "id": 1}): "unsupported_version",
+            msgpack.packb({"v": 1.0, "op": "hello", "id": 1}): "unsupported_version",
+            msgpack.packb({"v": 1, "op": "hello", "id": 1, b"pid": 1}): "bad_request",
             msgpack.packb({"v": 1, "op": "explode", "id": 1}): "unknown_op",
             msgpack.packb({"v": 1, "op": "stats", "id": 1}): "no_session",
             b"\x80" * (P.MAX_MESSAGE_BYTES + 10): "too_large",
@@ -210,11 +240,14 @@ def test_garbage_gets_error_replies_and_the_daemon_keeps_serving(daemon):
         for raw, code in cases.items():
             reply = _ask(sock, raw)
             assert not reply.ok and reply.code == code and reply.error
+            assert not reply.error.endswith("()"), reply.error
         hello = _ask(sock, P.encode_request("hello", 2, pid=os.getpid(), protocol=1))
         assert hello.ok
         bad = {
             P.encode_request("open_publisher", 3, topic="a//b"): "bad_topic",
             P.encode_request("open_publisher", 4, topic="$sys/x"): "read_only_topic",
+            P.encode_request("create_topic", 4, topic="$sys/x"): "read_only_topic",
+            P.encode_request("create_topic", 4, topic="_inbox/0123"): "bad_topic",
             P.encode_request("subscribe", 5, pattern="a/>/b"): "bad_pattern",
             P.encode_request("create_topic", 6, topic="t", capacity=3): "bad_option",
             P.encode_request("create_topic", 7, topic="t", qos="fast"): "bad_option",
@@ -440,3 +473,119 @@ def test_fork_invalidates_the_client_in_the_child(daemon):
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         assert c.topics()[0]["publishers"] == 1
+
+
+def _hello(request_id, name=None):
+    return P.encode_request("hello", request_id, pid=os.getpid(), protocol=1, name=name)
+
+
+def test_list_topics_and_stats_count_the_rings_publisher_records(daemon):
+    ctx, sock = _raw(daemon.url)
+    try:
+        assert _ask(sock, _hello(1)).ok
+        opened = _ask(sock, P.encode_request("open_publisher", 2, topic="pubs/x"))
+        with tensorbus.connect(daemon.url) as c:
+
+            def counts():
+                return c.topics()[0]["publishers"], c.stats()["topics"][0]["publishers"]
+
+            assert counts() == (0, 0)  # open_publisher alone takes no record
+            ring = Ring.attach(opened.fields["topic"]["ring"])
+            record = ring.publisher()  # a record, as a third-party client takes one
+            assert counts() == (1, 1)
+            record.close()
+            assert counts() == (0, 0)
+            ring.detach()
+    finally:
+        ctx.destroy(0)
+
+
+def test_a_session_that_timed_out_or_said_bye_is_told_so(daemon_factory):
+    d = daemon_factory("--tcp", "127.0.0.1:*", "--heartbeat", "0.2")
+    ctx, sock = _raw(d.endpoints[1])
+    try:
+        assert _ask(sock, _hello(1)).ok
+        time.sleep(1.2)  # past 3 x 0.2 s and a monitor tick
+        reply = _ask(sock, P.encode_request("stats", 2))
+        assert reply.code == "no_session"
+        assert "timed out" in reply.error and "send hello again" in reply.error, reply.error
+        assert "heartbeat" in reply.error and "0.2 s" in reply.error
+        assert _ask(sock, _hello(3)).ok
+        assert _ask(sock, P.encode_request("stats", 4)).ok
+        assert _ask(sock, P.encode_request("bye", 5)).ok
+        reply = _ask(sock, P.encode_request("heartbeat", 6))
+        assert reply.code == "no_session" and "ended with bye" in reply.error
+    finally:
+        ctx.destroy(0)
+    ctx, sock = _raw(d.url)
+    try:
+        reply = _ask(sock, P.encode_request("stats", 1))
+        assert reply.code == "no_session" and "send hello first" in reply.error
+    finally:
+        ctx.destroy(0)
+
+
+def test_clients_get_62_of_the_63_arena_holder_slots(daemon):
+    """The daemon's bridge takes one slot at start (arena.md, Limits)."""
+    ctx = zmq.Context()
+    try:
+        socks = []
+        for _ in range(63):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVTIMEO, 5000)
+            sock.connect(daemon.url)
+            socks.append(sock)
+        holders = [_ask(sock, _hello(1)).fields["arena"]["holder"] for sock in socks]
+        assert len(set(holders[:62])) == 62 and all(1 <= h <= 63 for h in holders[:62])
+        assert holders[62] == 0
+        stats = _ask(socks[0], P.encode_request("stats", 2)).fields
+        assert stats["broker"]["holders_free"] == 0
+        assert _ask(socks[0], P.encode_request("bye", 3)).ok  # its slot goes back
+        assert _ask(socks[0], _hello(4)).fields["arena"]["holder"] == holders[0]
+    finally:
+        ctx.destroy(0)
+
+
+_CLOSE_WITHOUT_BYE = """
+import os, sys, zmq
+from tensorbus.broker import protocol as P
+sock = zmq.Context.instance().socket(zmq.DEALER)
+sock.setsockopt(zmq.LINGER, 0)
+sock.connect(sys.argv[1])
+sock.send(P.encode_request("hello", 1, pid=os.getpid(), protocol=1, name="no-bye"))
+assert P.decode_reply(sock.recv()).ok
+sock.send(P.encode_request("subscribe", 2, pattern="keep/x"))
+assert P.decode_reply(sock.recv()).ok
+sock.close()
+print("closed", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_an_ipc_session_closed_without_bye_lives_until_its_process_exits(daemon):
+    with tensorbus.connect(daemon.url) as c:
+        c._request("create_topic", topic="keep/x")
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CLOSE_WITHOUT_BYE, daemon.url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert read_line(child) == "closed"
+            time.sleep(0.5)  # a closed socket is nothing the broker can see
+            assert c.stats()["broker"]["sessions"] == 2
+            assert c.topics()[0]["subscribers"] == 1
+            child.stdin.close()
+            child.wait(10)
+            deadline = time.monotonic() + 5
+            while c.stats()["broker"]["sessions"] != 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert c.stats()["broker"]["sessions"] == 1
+            assert c.topics()[0]["subscribers"] == 0
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            child.stdout.close()
