@@ -11,7 +11,7 @@ Design notes (docs/bridge.md has the full story):
   is the ring's.
 * Order: one cursor per topic and link reads the ring in order, one
   publisher per topic and link writes it in order: per-publisher order holds.
-* Credit (hard detail 12): the receiver grants per-topic windows (messages
+* Credit: the receiver grants per-topic windows (messages
   and bytes, INITIAL_WINDOW_* up front) and returns them as it commits into
   its ring. A reliable topic at zero credit is taken out of the bridge's
   inbox, so its cursor stalls and local publishers block on a full ring: a
@@ -64,7 +64,16 @@ from tensorbus._core import (
 from tensorbus._core import tensors as _tensors
 from tensorbus.broker import peer_wire as W
 from tensorbus.broker import protocol as P
-from tensorbus.broker.topics import TopicNameError, is_system, matches, validate_pattern
+from tensorbus.broker.curve import secure_client, secure_server
+from tensorbus.broker.registry import BridgeView
+from tensorbus.broker.soon import Soon
+from tensorbus.broker.topics import (
+    INBOX_PREFIX,
+    TopicNameError,
+    is_system,
+    matches,
+    validate_pattern,
+)
 
 __all__ = ["Bridge", "PRIORITY_NAMES", "priority_of"]
 
@@ -89,7 +98,6 @@ MAX_LINK_MESSAGE = CHUNK_BYTES + (2 << 20)  # a chunk, or a batch, or a control 
 TAKE = 8  # messages taken from an inbox at a time
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 5.0
-NOT_FORWARDED = ("_inbox/",)  # reply inboxes are private to their host
 APP_FLAGS = 0x00FF  # the slot flags an application sets; ours never cross a link
 
 
@@ -177,7 +185,7 @@ class Peer:
         self.in_topics: dict[int, InTopic] = {}
         self.received: dict[str, int] = {}  # topic -> messages received from this instance
         self.grants: dict[int, list] = {}
-        self.kick_pending = False
+        self.kick = Soon(self._pump)  # pump soon (once, however many events ask)
         self.armed = False
         self.kept: set[str] = set()  # realtime topics holding a message for credit
         self.backlogged: set[int] = set()
@@ -188,7 +196,7 @@ class Peer:
     # -- interest and outbound cursors -----------------------------------
 
     def wants(self, name: str) -> bool:
-        if is_system(name) or name.startswith(NOT_FORWARDED):
+        if is_system(name) or name.startswith(INBOX_PREFIX):
             return False
         return any(matches(p, name) for p in self.patterns)
 
@@ -207,16 +215,15 @@ class Peer:
             self.patterns.update(valid)
             self.patterns.difference_update(remove)
         self.disarm()
-        broker = self.bridge.broker
+        registry = self.bridge.registry
         if self.patterns and self.classes[0] is None:
             for prio in range(3):
-                sub, bell = broker.open_bridge_subscription(
-                    self,
+                sub, bell = registry.open_subscription(
                     lambda name, p=prio: self.wants(name) and self.prio(name) == p,
                     self._attach,
                 )
                 inbox = Inbox(
-                    broker.bells, bell["index"], waiter=self.bridge.waiter, raise_gaps=False
+                    registry.bells, bell["index"], waiter=self.bridge.waiter, raise_gaps=False
                 )
                 fd = os.open(bell["fifo"], os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
                 self.classes[prio] = (sub, inbox, fd)
@@ -225,7 +232,7 @@ class Peer:
             self._detach(name)
         if self.classes[0] is not None:
             for sub, _, _ in self.classes:
-                broker.refresh_bridge_subscription(sub)
+                registry.refresh_subscription(sub)
             if not self.patterns:
                 self.close_outbound()
         self.kick()
@@ -252,7 +259,7 @@ class Peer:
         if not t.parked:
             self.classes[t.prio][1].remove(name)
         t.sub.close()
-        self.bridge.broker.drop_bridge_cursor(self.classes[t.prio][0], name)
+        self.bridge.registry.drop_cursor(self.classes[t.prio][0], name)
 
     def close_outbound(self) -> None:
         """Free every outbound cursor and the class subscriptions."""
@@ -268,11 +275,11 @@ class Peer:
                 loop.remove_reader(fd)
             os.close(fd)
             inbox.close()
-            self.bridge.broker.close_bridge_subscription(sub)
+            self.bridge.registry.close_subscription(sub)
         self.classes = [None, None, None]
 
     def _announce(self, t: OutTopic) -> None:
-        topic = self.bridge.broker.topics.get(t.name)
+        topic = self.bridge.registry.topic(t.name)
         if topic is None:
             return
         self.link.send_ordered(
@@ -302,14 +309,7 @@ class Peer:
                     entry[1].disarm()
             self.armed = False
 
-    def kick(self) -> None:
-        """Pump soon (once, however many events ask)."""
-        if not self.kick_pending:
-            self.kick_pending = True
-            asyncio.get_running_loop().call_soon(self._pump)
-
     def _pump(self) -> None:
-        self.kick_pending = False
         self.disarm()
         link = self.link
         if link is None or not link.up or self.classes[0] is None:
@@ -436,7 +436,7 @@ class Peer:
         if old is not None and old.pub is not None:
             old.pub.close()
         try:
-            topic = self.bridge.broker.bridge_topic(name, f)
+            topic = self.bridge.registry.bridge_topic(name, f)
             pub = self.bridge.ring(topic.ring.name).publisher(timeout=0)
         except (ValueError, TensorbusError) as exc:
             # This one topic cannot exist here: its messages are dropped
@@ -585,7 +585,7 @@ class Peer:
         behind whatever of that topic still waits for ring space."""
         for name in list(self.received if names is None else names):
             count = self.received.pop(name, 0)
-            topic = self.bridge.broker.topics.get(name)
+            topic = self.bridge.registry.topic(name)
             if topic is None or topic.qos != "reliable":
                 continue
             body = self._marker(name, count, reason)
@@ -916,17 +916,15 @@ class Watch:
         self.sock = sock
         self.handle = handle  # handle(sock): read one whole message
         self.fd = sock.getsockopt(zmq.FD)
-        self.scheduled = False
+        self.soon = Soon(self.drain)
         self.closed = False
         loop.add_reader(self.fd, self.drain)
 
     def poke(self) -> None:
-        if not self.scheduled and not self.closed:
-            self.scheduled = True
-            self.loop.call_soon(self.drain)
+        if not self.closed:
+            self.soon()
 
     def drain(self) -> None:
-        self.scheduled = False
         sock = self.sock
         for _ in range(self.BURST):
             if self.closed:
@@ -952,9 +950,10 @@ class Bridge:
     """Every link of one daemon: the link ROUTER that accepts them, the
     dialers of configured peers, and the shared ring mappings."""
 
-    def __init__(self, broker, config):
-        self.broker = broker
+    def __init__(self, config):
         self.config = config
+        self.registry: BridgeView | None = None  # the daemon's state, as far as we may see it
+        self.link_name = ""
         self.node = uuid.uuid4().hex
         self.boot_id = boot_id()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -969,7 +968,7 @@ class Bridge:
         self.holder = None
         self.waiter = Waiter(0, yield_us=0)
         self.priorities = DEFAULT_PRIORITIES
-        self.retry_pending = False
+        self.schedule_retry = Soon(self._retry, 0.001)  # publish what waits, shortly
         self.orphans: list[InTopic] = []  # gap markers waiting for ring space
         self.tasks: list[asyncio.Task] = []
         self.router_watch: Watch | None = None
@@ -979,11 +978,16 @@ class Bridge:
 
     # -- start and stop ----------------------------------------------------
 
-    async def start(self, ctx, host: str | None) -> None:
+    async def start(self, ctx, host: str | None, registry: BridgeView, link_name: str) -> None:
+        """Bind the link ROUTER on ``host`` (None: accept no links) and dial
+        the configured peers. ``link_name``: how this daemon names itself to
+        the peers it dials."""
         self.loop = asyncio.get_running_loop()
-        self.max_body = self.broker.arena.size
-        slot = self.broker.take_holder()
-        self.holder = self.broker.arena.holder(slot, 1 << 20) if slot else None
+        self.registry = registry
+        self.link_name = link_name
+        self.max_body = registry.arena.size
+        slot = registry.take_holder()
+        self.holder = registry.arena.holder(slot, 1 << 20) if slot else None
         if host is not None:
             import zmq.asyncio
 
@@ -996,7 +1000,7 @@ class Bridge:
             # of at most MAX_LINK_MESSAGE, a bounded number of them.
             sock.setsockopt(zmq.RCVHWM, 1024)
             sock.setsockopt(zmq.MAXMSGSIZE, MAX_LINK_MESSAGE)
-            self.broker.secure_server(sock)
+            secure_server(sock, self.config.curve_secret)
             port = self.config.link_port
             bind_host = f"[{host}]" if ":" in host else host
             if port:
@@ -1047,9 +1051,9 @@ class Bridge:
         if ring is None:
             ring = Ring.attach(
                 name,
-                bells=self.broker.bells,
+                bells=self.registry.bells,
                 waiter=self.waiter,
-                arena=self.broker.arena,
+                arena=self.registry.arena,
                 holder=self.holder,
             )
             self.rings[name] = ring
@@ -1071,7 +1075,7 @@ class Bridge:
     # -- interest ----------------------------------------------------------
 
     def local_patterns(self) -> set[str]:
-        patterns = set(self.broker.local_patterns())
+        patterns = set(self.registry.local_patterns())
         for peer in self.peers:
             if peer.kind == "client":
                 patterns |= peer.patterns
@@ -1098,13 +1102,7 @@ class Bridge:
 
     # -- backlog -----------------------------------------------------------
 
-    def schedule_retry(self) -> None:
-        if not self.retry_pending:
-            self.retry_pending = True
-            self.loop.call_later(0.001, self._retry)
-
     def _retry(self) -> None:
-        self.retry_pending = False
         waiting = False
         for peer in self.peers:
             if peer.backlogged:
@@ -1185,7 +1183,7 @@ class Bridge:
         if transport == "ucx":
             from tensorbus.broker import bridge_ucx
 
-            reply["ucx_address"] = bridge_ucx.worker_address(self.ucx_context)
+            reply["ucx_address"] = bridge_ucx.worker_address()
             reply["ucx_tag"] = link.ucx_recv_tag = self.ucx_context.next_tag_base()
             link.ucx_peer_address = f["ucx_address"]
             link.ucx_send_tag = f["ucx_tag"]
@@ -1369,7 +1367,7 @@ class Bridge:
     async def _connect(self, peer: Peer, ctx) -> None:
         control = ctx.socket(zmq.DEALER)
         control.setsockopt(zmq.LINGER, 0)
-        self.broker.secure_client(control)
+        secure_client(control, self.config.curve_secret)
         control.connect(peer.url)
         timeout = max(1.0, 2 * self.config.heartbeat_s)
         try:
@@ -1386,13 +1384,13 @@ class Bridge:
                 kind="peer",
                 node=self.node,
                 boot_id=self.boot_id,
-                name=self.broker.link_name(),
+                name=self.link_name,
                 transport=self.transport,
             )
             if self.transport == "ucx":
                 from tensorbus.broker import bridge_ucx
 
-                fields["ucx_address"] = bridge_ucx.worker_address(self.ucx_context)
+                fields["ucx_address"] = bridge_ucx.worker_address()
                 fields["ucx_tag"] = recv_tag = self.ucx_context.next_tag_base()
             peer.node_hint = hello.get("node")
             reply = await _ask(control, "link", timeout, **fields)
@@ -1404,7 +1402,7 @@ class Bridge:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
-        self.broker.secure_client(sock)
+        secure_client(sock, self.config.curve_secret)
         sock.connect(_on_host_of(reply["endpoint"], peer.url))
         sync = zmq.Socket.shadow(sock.underlying)
         self.ids += 1
@@ -1444,7 +1442,7 @@ class Bridge:
                         self.forget(peer)
                 continue
             if peer.kind == "client":
-                alive = self.broker.session_alive(link.session)
+                alive = self.registry.session_alive(link.session)
             else:
                 alive = now - link.last_rx <= 3 * period
             if not alive:

@@ -1,6 +1,6 @@
 """The UCX data path of a link (ucxx), beside its ZeroMQ link channel.
 
-Design notes (hard detail 11, docs/bridge.md):
+Design notes (docs/bridge.md has the full story):
 
 * Endpoints come from worker addresses exchanged in the ``link`` op, not
   from ucxx's listener API: the listener always turns endpoint error
@@ -39,6 +39,7 @@ import time
 import numpy as np
 
 from tensorbus.broker import peer_wire as W
+from tensorbus.broker.soon import Soon
 
 __all__ = ["Progress", "UcxData", "start", "stop", "worker_address"]
 
@@ -94,7 +95,8 @@ async def stop(progress: Progress) -> None:
     progress.close()
 
 
-def worker_address(progress: Progress) -> bytes:
+def worker_address() -> bytes:
+    """This daemon's UCX worker address, for the ``link`` exchange."""
     return _import().get_worker_address().tobytes()
 
 
@@ -107,7 +109,7 @@ class Progress:
         worker.init_blocking_progress_mode()
         self.fd = worker.epoll_file_descriptor
         loop.add_reader(self.fd, self._run)  # an event: progress now, not a loop turn later
-        self.pending = False
+        self.soon = Soon(self._run)
         self.closed = False
         self.timer = loop.call_later(SAFETY_PROGRESS_S, self._safety)
         self.tags = 0
@@ -125,12 +127,10 @@ class Progress:
 
     def kick(self) -> None:
         """Progress soon: after the callbacks queued now (which may post work) run."""
-        if not self.pending and not self.closed:
-            self.pending = True
-            self.loop.call_soon(self._run)
+        if not self.closed:
+            self.soon()
 
     def _run(self) -> None:
-        self.pending = False
         for _ in range(64):
             self.worker.progress()
             self._complete()
