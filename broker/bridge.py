@@ -1157,7 +1157,7 @@ class Bridge:
             if peer is not None and peer.url is not None and peer.link is not None:
                 if self.node < node:
                     raise P.ProtocolViolation(
-                        "topic_conflict", "redundant link: this daemon already dials you"
+                        "redundant_link", "redundant link: this daemon already dials you"
                     )
         if peer is None:
             peer = Peer(self, kind)
@@ -1477,7 +1477,7 @@ async def _ask(sock, op: str, timeout: float, **fields) -> dict:
         raise TimeoutError(f"no answer to {op!r} within {timeout:g} s")
     reply = P.decode_reply(await sock.recv())
     if not reply.ok:
-        if reply.code == "topic_conflict" and "redundant" in (reply.error or ""):
+        if reply.code == "redundant_link":
             raise _Redundant(reply.error)
         raise ConnectionRefusedError(f"{reply.code}: {reply.error}")
     return reply.fields
