@@ -10,18 +10,31 @@ on one host itself.
 * ``daemon``: the event loop, the op table and session I/O; ``startup``:
   the lock and the sweep; ``liveness``: pidfds, heartbeats, pressure and
   slow consumers; ``stats``: meters; ``paths``: where the socket lives.
-* ``bridge`` (with ``bridge_ucx``, ``peer_wire``): links to other daemons
-  and light clients.
+* ``bridge``: links to other daemons and light clients (accept, dial,
+  heartbeats); ``peer``: one remote party and its link epochs; ``link``:
+  the link channel; ``flow_out`` / ``flow_in``: cursors, batching and
+  credit / backlog and gaps; ``bridge_ucx``: UCX data; ``peer_wire``: the
+  link wire format; ``bridge_view``: the registry as the bridge sees it.
+* ``soon``: run a function once, soon; ``curve``: CURVE on tcp sockets.
 """
 
 __all__ = [
     "bridge",
+    "bridge_ucx",
+    "bridge_view",
     "config",
+    "curve",
     "daemon",
+    "flow_in",
+    "flow_out",
+    "link",
     "liveness",
     "paths",
+    "peer",
+    "peer_wire",
     "protocol",
     "registry",
+    "soon",
     "startup",
     "stats",
     "topics",

@@ -43,12 +43,12 @@ import zmq
 from tensorbus._core import FLAG_GAP, BackpressureError, Ring, TensorbusError, Waiter
 from tensorbus.broker import peer_wire as W
 from tensorbus.broker import protocol as P
+from tensorbus.broker.bridge_view import BridgeView
 from tensorbus.broker.curve import secure_client, secure_server
 from tensorbus.broker.flow_in import InTopic
 from tensorbus.broker.flow_out import DEFAULT_PRIORITIES, PRIORITY_NAMES, priority_of
 from tensorbus.broker.link import MAX_LINK_MESSAGE, Link, Remote, Watch, drain
 from tensorbus.broker.peer import Peer
-from tensorbus.broker.registry import BridgeView
 from tensorbus.broker.soon import Soon
 
 __all__ = ["Bridge", "PRIORITY_NAMES", "priority_of"]

@@ -30,11 +30,12 @@ import zmq.asyncio
 from tensorbus._core import Arena, BellTable, SegmentError
 from tensorbus.broker import protocol as P
 from tensorbus.broker.bridge import Bridge
+from tensorbus.broker.bridge_view import BridgeView
 from tensorbus.broker.config import BrokerConfig
 from tensorbus.broker.curve import secure_server
 from tensorbus.broker.liveness import Liveness
 from tensorbus.broker.paths import default_ipc_path, ensure_private_dir
-from tensorbus.broker.registry import BridgeView, Registry, Session, Subscription
+from tensorbus.broker.registry import Registry, Session, Subscription
 from tensorbus.broker.soon import Soon
 from tensorbus.broker.startup import (
     BrokerStartError,

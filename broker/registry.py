@@ -12,7 +12,8 @@ client) and ``interest()`` (local subscriptions changed).
 
 All of the state lives in one :class:`Registry` object, in plain records,
 so that it can later be written where a successor daemon can take it over.
-The bridge sees only :class:`BridgeView`, the few operations it needs.
+The bridge sees only broker/bridge_view.py's BridgeView, the few
+operations it needs.
 """
 
 from __future__ import annotations
@@ -40,12 +41,12 @@ from tensorbus.broker.topics import (
 __all__ = [
     "MAX_CAPACITY",
     "MAX_SLOT_SIZE",
-    "BridgeView",
     "Group",
     "Registry",
     "Session",
     "Subscription",
     "Topic",
+    "topic_options",
 ]
 
 log = logging.getLogger("tensorbus.broker")
@@ -131,6 +132,43 @@ class Session:
     subscriptions: dict = field(default_factory=dict)  # id -> Subscription
     publishing: dict = field(default_factory=dict)  # topic name -> count
     holder: int = 0  # arena holder slot (1..63); 0: none
+
+
+def topic_options(config, f: dict, existing: Topic | None) -> tuple[str, int, int]:
+    """(qos, capacity, slot_size) from request fields ``f``, checked, and
+    checked against ``existing`` where the topic exists."""
+    qos = f.get("qos", existing.qos if existing else "reliable")
+    if qos not in P.QOS_CLASSES:
+        raise P.ProtocolViolation(
+            "bad_option", f"qos must be one of {', '.join(P.QOS_CLASSES)}, not {qos!r}"
+        )
+    default_cap = config.latest_capacity if qos == "latest" else config.default_capacity
+    capacity = f.get("capacity", existing.capacity if existing else default_cap)
+    slot_size = f.get("slot_size", existing.slot_size if existing else config.default_slot_size)
+    low = 4 if qos == "latest" else 2
+    if not low <= capacity <= MAX_CAPACITY or capacity & (capacity - 1):
+        raise P.ProtocolViolation(
+            "bad_option",
+            f"capacity must be a power of two from {low} to {MAX_CAPACITY}, not {capacity}",
+        )
+    if not 1 <= slot_size <= MAX_SLOT_SIZE:
+        raise P.ProtocolViolation(
+            "bad_option", f"slot_size must be 1 to {MAX_SLOT_SIZE} bytes, not {slot_size}"
+        )
+    if existing is not None:
+        asked = {k: f[k] for k in ("qos", "capacity", "slot_size") if k in f}
+        have = {
+            "qos": existing.qos,
+            "capacity": existing.capacity,
+            "slot_size": existing.slot_size,
+        }
+        clash = {k: v for k, v in asked.items() if have[k] != v}
+        if clash:
+            raise P.ProtocolViolation(
+                "topic_conflict",
+                f"topic {existing.name!r} exists with {have}; asked for {clash}",
+            )
+    return qos, capacity, slot_size
 
 
 def _no_notice(sub: Subscription, kind: str, fields: dict) -> None:
@@ -244,49 +282,12 @@ class Registry:
 
     # -- topics ------------------------------------------------------------
 
-    def topic_options(self, f: dict, existing: Topic | None) -> tuple[str, int, int]:
-        """(qos, capacity, slot_size) from request fields ``f``, checked, and
-        checked against ``existing`` where the topic exists."""
-        qos = f.get("qos", existing.qos if existing else "reliable")
-        if qos not in P.QOS_CLASSES:
-            raise P.ProtocolViolation(
-                "bad_option", f"qos must be one of {', '.join(P.QOS_CLASSES)}, not {qos!r}"
-            )
-        config = self.config
-        default_cap = config.latest_capacity if qos == "latest" else config.default_capacity
-        capacity = f.get("capacity", existing.capacity if existing else default_cap)
-        slot_size = f.get("slot_size", existing.slot_size if existing else config.default_slot_size)
-        low = 4 if qos == "latest" else 2
-        if not low <= capacity <= MAX_CAPACITY or capacity & (capacity - 1):
-            raise P.ProtocolViolation(
-                "bad_option",
-                f"capacity must be a power of two from {low} to {MAX_CAPACITY}, not {capacity}",
-            )
-        if not 1 <= slot_size <= MAX_SLOT_SIZE:
-            raise P.ProtocolViolation(
-                "bad_option", f"slot_size must be 1 to {MAX_SLOT_SIZE} bytes, not {slot_size}"
-            )
-        if existing is not None:
-            asked = {k: f[k] for k in ("qos", "capacity", "slot_size") if k in f}
-            have = {
-                "qos": existing.qos,
-                "capacity": existing.capacity,
-                "slot_size": existing.slot_size,
-            }
-            clash = {k: v for k, v in asked.items() if have[k] != v}
-            if clash:
-                raise P.ProtocolViolation(
-                    "topic_conflict",
-                    f"topic {existing.name!r} exists with {have}; asked for {clash}",
-                )
-        return qos, capacity, slot_size
-
     def get_or_create(self, name: str, f: dict) -> tuple[Topic, bool]:
         """Topic ``name`` (options checked against ``f``), made if new: then
         every live subscription that reads it gets a cursor before anyone
         can publish, so none misses a message."""
         existing = self.topics.get(name)
-        qos, capacity, slot_size = self.topic_options(f, existing)
+        qos, capacity, slot_size = topic_options(self.config, f, existing)
         if existing is not None:
             return existing, False
         if len(self.topics) >= self.config.max_topics:
@@ -315,10 +316,10 @@ class Registry:
         self.topics[name] = topic
         log.info("topic %s created (%s, %d x %d B)", name, qos, capacity, slot_size)
         for sub in list(self.bridge_subs):
-            self._attach_new(sub, topic)
+            self.attach_new(sub, topic)
         for session in list(self.sessions.values()):
             for sub in list(session.subscriptions.values()):
-                self._attach_new(sub, topic)
+                self.attach_new(sub, topic)
         return topic, True
 
     def user_topic(self, name: object) -> str:
@@ -404,7 +405,7 @@ class Registry:
 
     # -- subscriptions -----------------------------------------------------
 
-    def _attach_new(self, sub: Subscription, topic: Topic) -> None:
+    def attach_new(self, sub: Subscription, topic: Topic) -> None:
         """Give ``sub`` a cursor on new ``topic`` if it reads it; a broker
         out of cursors is logged, not raised (the topic exists regardless)."""
         if topic.name in sub.members or not sub.reads(topic.name):
@@ -432,7 +433,7 @@ class Registry:
             self.notify(sub, "attach", fields)
         return cursor, generation
 
-    def _take_bell(self, kind: str, owner_pid: int) -> tuple[int, int]:
+    def take_bell(self, kind: str, owner_pid: int) -> tuple[int, int]:
         """A free doorbell set up as ``kind``: (index, generation)."""
         if not self.free_bells:
             raise P.ProtocolViolation(
@@ -442,7 +443,7 @@ class Registry:
         bell = self.free_bells.pop()
         return bell, self.bells.setup(bell, kind, owner_pid)
 
-    def _make_fifo(self, bell: int, generation: int) -> str:
+    def make_fifo(self, bell: int, generation: int) -> str:
         fifo = self.bells.fifo_path(bell, generation)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(fifo)
@@ -460,8 +461,8 @@ class Registry:
         if mode not in ("sync", "async"):
             raise P.ProtocolViolation("bad_option", f"mode must be 'sync' or 'async', not {mode!r}")
         kind = "fifo" if mode == "async" else "futex"
-        bell, generation = self._take_bell(kind, session.pid)
-        fifo = self._make_fifo(bell, generation) if kind == "fifo" else None
+        bell, generation = self.take_bell(kind, session.pid)
+        fifo = self.make_fifo(bell, generation) if kind == "fifo" else None
         sub = Subscription(next(self.ids), session, pattern, mode, bell, generation, fifo)
         session.subscriptions[sub.id] = sub
         members = []
@@ -504,7 +505,7 @@ class Registry:
             )
         g = self.groups.get((name, group))
         if g is None:
-            bell, bell_generation = self._take_bell("futex", os.getpid())
+            bell, bell_generation = self.take_bell("futex", os.getpid())
             try:
                 cursor, generation = topic.ring.join_cursor(os.getpid(), bell=bell + 1, group=True)
             except CapacityError as exc:
@@ -598,102 +599,3 @@ class Registry:
             for sub in session.subscriptions.values()
             if sub.group is None
         }
-
-    # -- the bridge's subscriptions ----------------------------------------
-
-    def open_bridge_subscription(self, wants, on_attach) -> tuple[Subscription, dict]:
-        """A subscription for a bridge: cursors on every topic ``wants``
-        accepts, now and later (``on_attach`` hears of each), one FIFO bell."""
-        bell, generation = self._take_bell("fifo", os.getpid())
-        fifo = self._make_fifo(bell, generation)
-        sub = Subscription(
-            next(self.ids),
-            self.bridge_session,
-            "(bridge)",
-            "async",
-            bell,
-            generation,
-            fifo,
-            wants=wants,
-            on_attach=on_attach,
-        )
-        self.bridge_subs.add(sub)
-        return sub, {"index": bell, "generation": generation, "fifo": fifo}
-
-    def refresh_bridge_subscription(self, sub: Subscription) -> None:
-        """Attach every existing topic a bridge subscription now wants."""
-        for topic in list(self.topics.values()):
-            self._attach_new(sub, topic)
-
-    def drop_bridge_cursor(self, sub: Subscription, name: str) -> None:
-        member = sub.members.pop(name, None)
-        if member is not None:
-            self.free_member(name, member)
-
-    def close_bridge_subscription(self, sub: Subscription) -> None:
-        self.bridge_subs.discard(sub)
-        self.release_subscription(sub)
-
-    def bridge_topic(self, name: object, f: dict) -> Topic:
-        """The local topic a link's messages go to: made with the origin's
-        options, or the one that exists (whatever its options)."""
-        try:
-            name = self.user_topic(name)
-        except (TopicNameError, P.ProtocolViolation) as exc:
-            raise ValueError(f"a link announced a bad topic: {exc}") from None
-        if name.startswith(INBOX_PREFIX):
-            raise ValueError(f"a link announced reply inbox {name!r}")
-        existing = self.topics.get(name)
-        if existing is not None:
-            return existing
-        options = {k: f[k] for k in ("qos", "capacity", "slot_size") if k in f}
-        try:
-            topic, _ = self.get_or_create(name, options)
-        except P.ProtocolViolation as exc:
-            raise ValueError(f"cannot make topic {name!r} for a link: {exc.message}") from None
-        return topic
-
-
-class BridgeView:
-    """What the bridge (broker/bridge.py) may use of the registry: exactly
-    these operations and the two segments, nothing else."""
-
-    __slots__ = ("_registry",)
-
-    def __init__(self, registry: Registry):
-        self._registry = registry
-
-    @property
-    def bells(self):
-        return self._registry.bells
-
-    @property
-    def arena(self):
-        return self._registry.arena
-
-    def topic(self, name: str) -> Topic | None:
-        return self._registry.topics.get(name)
-
-    def session_alive(self, key) -> bool:
-        return key in self._registry.sessions
-
-    def take_holder(self) -> int:
-        return self._registry.take_holder()
-
-    def local_patterns(self) -> set[str]:
-        return self._registry.local_patterns()
-
-    def bridge_topic(self, name: object, f: dict) -> Topic:
-        return self._registry.bridge_topic(name, f)
-
-    def open_subscription(self, wants, on_attach) -> tuple[Subscription, dict]:
-        return self._registry.open_bridge_subscription(wants, on_attach)
-
-    def refresh_subscription(self, sub: Subscription) -> None:
-        self._registry.refresh_bridge_subscription(sub)
-
-    def drop_cursor(self, sub: Subscription, name: str) -> None:
-        self._registry.drop_bridge_cursor(sub, name)
-
-    def close_subscription(self, sub: Subscription) -> None:
-        self._registry.close_bridge_subscription(sub)

@@ -7,8 +7,9 @@ import pytest
 
 from tensorbus._core import Arena, BellTable
 from tensorbus.broker import protocol as P
+from tensorbus.broker.bridge_view import BridgeView
 from tensorbus.broker.config import BrokerConfig
-from tensorbus.broker.registry import BridgeView, Registry
+from tensorbus.broker.registry import Registry
 from tensorbus.broker.topics import TopicNameError
 
 
