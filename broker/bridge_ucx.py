@@ -1,6 +1,6 @@
 """The UCX data path of a link (ucxx), beside its ZeroMQ link channel.
 
-Design notes (hard detail 11, docs/bridge.md):
+Design notes (docs/bridge.md has the full story):
 
 * Endpoints come from worker addresses exchanged in the ``link`` op, not
   from ucxx's listener API: the listener always turns endpoint error
@@ -35,10 +35,12 @@ import contextlib
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from tensorbus.broker import peer_wire as W
+from tensorbus.broker.soon import Soon
 
 __all__ = ["Progress", "UcxData", "start", "stop", "worker_address"]
 
@@ -47,6 +49,17 @@ log = logging.getLogger("tensorbus.bridge")
 BODY_CHANNEL = 2
 BUSY_SLICE_S = 0.001  # progress a busy worker this long before the loop runs again
 SAFETY_PROGRESS_S = 0.1  # progress at least this often, whatever epoll says
+
+
+@dataclass(slots=True)
+class Arriving:
+    """A received entry, in order; a body's is ``done`` once UCX has put it
+    in ``dest`` (a loan in our arena where ``loaned``)."""
+
+    entry: W.Entry
+    dest: object
+    loaned: bool
+    done: bool
 
 
 def _import():
@@ -94,7 +107,8 @@ async def stop(progress: Progress) -> None:
     progress.close()
 
 
-def worker_address(progress: Progress) -> bytes:
+def worker_address() -> bytes:
+    """This daemon's UCX worker address, for the ``link`` exchange."""
     return _import().get_worker_address().tobytes()
 
 
@@ -107,7 +121,7 @@ class Progress:
         worker.init_blocking_progress_mode()
         self.fd = worker.epoll_file_descriptor
         loop.add_reader(self.fd, self._run)  # an event: progress now, not a loop turn later
-        self.pending = False
+        self.soon = Soon(self._run)
         self.closed = False
         self.timer = loop.call_later(SAFETY_PROGRESS_S, self._safety)
         self.tags = 0
@@ -125,12 +139,10 @@ class Progress:
 
     def kick(self) -> None:
         """Progress soon: after the callbacks queued now (which may post work) run."""
-        if not self.pending and not self.closed:
-            self.pending = True
-            self.loop.call_soon(self._run)
+        if not self.closed:
+            self.soon()
 
     def _run(self) -> None:
-        self.pending = False
         for _ in range(64):
             self.worker.progress()
             self._complete()
@@ -187,8 +199,8 @@ class UcxData:
         self.recv_tag = recv_tag | BODY_CHANNEL
         self.queue: collections.deque = collections.deque()  # (message, bodies, bytes)
         self.sending = False  # a message (or its bodies) is being sent
-        # Received entries in order, [entry, dest, loaned, done]; a body not
-        # yet complete holds back those after it.
+        # Received entries in order; a body not yet complete holds back
+        # those after it.
         self.arrived: collections.deque = collections.deque()
         self.inflight = 0
         self.endpoint = None  # ucxx's Endpoint
@@ -304,13 +316,13 @@ class UcxData:
             elif kind == W.DATA:
                 for entry in W.decode_batch(body):
                     if entry.kind != W.BODY:
-                        self.arrived.append([entry, None, False, True])
+                        self.arrived.append(Arriving(entry, None, False, True))
                         continue
                     dest = self.link.peer.loan_for(entry)
                     loaned = dest is not None
                     if not loaned:  # the arena is full: land it here, copy it in later
                         dest = np.empty(entry.nbytes, np.uint8)
-                    item = [entry, dest, loaned, False]
+                    item = Arriving(entry, dest, loaned, False)
                     self.arrived.append(item)
                     # The callback holds the loan until UCX is done with it
                     # (completed, or cancelled by an abort).
@@ -326,22 +338,22 @@ class UcxData:
         self._receive_next()
         self._deliver_ready()
 
-    def _body_done(self, request, item: list) -> None:
+    def _body_done(self, request, item: Arriving) -> None:
         if self._failed(request):
             return
-        item[3] = True
+        item.done = True
         self._deliver_ready()
 
     def _deliver_ready(self) -> None:
         peer = self.link.peer
         arrived = self.arrived
         try:
-            while not self.closed and arrived and arrived[0][3]:
-                entry, dest, loaned, _ = arrived.popleft()
-                if dest is None:
-                    peer.deliver(entry)
+            while not self.closed and arrived and arrived[0].done:
+                item = arrived.popleft()
+                if item.dest is None:
+                    peer.deliver(item.entry)
                 else:
-                    peer.deliver(entry, dest, loaned=loaned)
+                    peer.deliver(item.entry, item.dest, loaned=item.loaned)
             peer.flush_grants()
         except Exception as exc:  # a peer's bytes never take the daemon down
             self.link.down(f"protocol error: {exc}")

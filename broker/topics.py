@@ -16,6 +16,7 @@ import re
 __all__ = [
     "MAX_LEVELS",
     "MAX_NAME_BYTES",
+    "INBOX_PREFIX",
     "SYSTEM_PREFIX",
     "TopicNameError",
     "is_system",
@@ -28,6 +29,9 @@ MAX_LEVELS = 16
 MAX_LEVEL_CHARS = 64
 MAX_NAME_BYTES = 255
 SYSTEM_PREFIX = "$sys"
+# Reply inboxes: private topics of one session, never recreated by a reply
+# and never forwarded to another host.
+INBOX_PREFIX = "_inbox/"
 _LEVEL = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 

@@ -87,7 +87,6 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-subscribers", type=int, help="subscriptions per topic (default 64)")
     s.add_argument(
         "--max-subscriptions",
-        dest="max_bells",
         type=int,
         help="subscriptions on this host (default 4096)",
     )

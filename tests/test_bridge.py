@@ -631,3 +631,43 @@ def test_recv_batch_keeps_its_first_message_when_a_gap_follows(daemon):
         assert [bytes(m.data) for m in sub.recv_batch(10, 1)] == [b"first"]
         with pytest.raises(GapError):
             sub.recv_batch(10, 1)
+
+
+def test_daemons_that_dial_each_other_keep_one_link(daemon_factory, tmp_path):
+    """Both list the other as a peer: one link is up (the other dial is
+    refused with redundant_link and stands by; its peer entry may remain)
+    and messages cross once."""
+    port_a, port_b = free_port(), free_port()
+    common = ("--transport", "tcp", "--heartbeat", "0.2")
+    a = daemon_factory(
+        "--tcp",
+        f"127.0.0.1:{port_a}",
+        "--peer",
+        f"tcp://127.0.0.1:{port_b}",
+        *common,
+        path=tmp_path / "a",
+    )
+    b = daemon_factory(
+        "--tcp",
+        f"127.0.0.1:{port_b}",
+        "--peer",
+        f"tcp://127.0.0.1:{port_a}",
+        *common,
+        path=tmp_path / "b",
+    )
+    with tensorbus.connect(a.url) as ca, tensorbus.connect(b.url) as cb:
+        sub = cb.subscribe("ctl/>")
+        pub = ca.publisher("ctl/x", qos="realtime")
+        wait_for(
+            lambda: any(
+                link["state"] == "up" and "ctl/>" in link["interest"] for link in links(a.url)
+            ),
+            what="link up",
+        )
+        time.sleep(1.0)  # a second dial, if any, has been answered by now
+        for url in (a.url, b.url):
+            assert sum(link["state"] == "up" for link in links(url)) == 1
+        pub.send(b"once")
+        assert bytes(sub.recv(timeout=5).data) == b"once"
+        with pytest.raises(tensorbus.ReceiveTimeout):
+            sub.recv(timeout=0.3)

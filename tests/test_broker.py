@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import tensorbus
 from tensorbus._core import Ring
-from tensorbus.broker import daemon as D
+from tensorbus.broker import liveness
 from tensorbus.broker import protocol as P
 
 from conftest import read_line
@@ -125,8 +125,8 @@ def test_realtime_drops_are_counted_and_announced(daemon):
         (channel,) = c.topics("$sys/pressure/>")
         assert (channel["qos"], channel["capacity"], channel["slot_size"]) == (
             "realtime",
-            D.PRESSURE_CAPACITY,
-            D.PRESSURE_SLOT_SIZE,
+            liveness.PRESSURE_CAPACITY,
+            liveness.PRESSURE_SLOT_SIZE,
         )
 
 
@@ -141,11 +141,11 @@ def test_a_pressure_body_of_the_most_listed_cursors_fits_its_slot():
     }
     body = {
         "topic": "t" * 255,  # the longest topic name
-        "subscribers": [entry] * D.PRESSURE_MAX_LISTED,
+        "subscribers": [entry] * liveness.PRESSURE_MAX_LISTED,
         "new_drops": biggest,
         "time_ns": 2**63 - 1,
     }
-    assert len(msgpack.packb(body)) <= D.PRESSURE_SLOT_SIZE
+    assert len(msgpack.packb(body)) <= liveness.PRESSURE_SLOT_SIZE
 
 
 def test_latest_keeps_only_the_last_value(daemon):

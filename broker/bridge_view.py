@@ -1,0 +1,98 @@
+"""What the bridge (broker/bridge.py) may use of the registry: exactly the
+operations of :class:`BridgeView` and the two segments, nothing else."""
+
+from __future__ import annotations
+
+import os
+
+from tensorbus.broker import protocol as P
+from tensorbus.broker.registry import Registry, Subscription, Topic
+from tensorbus.broker.topics import INBOX_PREFIX, TopicNameError
+
+__all__ = ["BridgeView"]
+
+
+class BridgeView:
+    """The registry as the bridge sees it. The bridge's subscriptions read
+    every topic ``wants`` accepts, now and later, through one FIFO bell, and
+    hear of new topics through ``on_attach`` rather than a notice."""
+
+    __slots__ = ("_registry",)
+
+    def __init__(self, registry: Registry):
+        self._registry = registry
+
+    @property
+    def bells(self):
+        return self._registry.bells
+
+    @property
+    def arena(self):
+        return self._registry.arena
+
+    def topic(self, name: str) -> Topic | None:
+        return self._registry.topics.get(name)
+
+    def session_alive(self, key) -> bool:
+        return key in self._registry.sessions
+
+    def take_holder(self) -> int:
+        return self._registry.take_holder()
+
+    def local_patterns(self) -> set[str]:
+        return self._registry.local_patterns()
+
+    def open_subscription(self, wants, on_attach) -> tuple[Subscription, dict]:
+        """A subscription for a bridge: cursors on every topic ``wants``
+        accepts, now and later (``on_attach`` hears of each), one FIFO bell."""
+        reg = self._registry
+        bell, generation = reg.take_bell("fifo", os.getpid())
+        fifo = reg.make_fifo(bell, generation)
+        sub = Subscription(
+            next(reg.ids),
+            reg.bridge_session,
+            "(bridge)",
+            "async",
+            bell,
+            generation,
+            fifo,
+            wants=wants,
+            on_attach=on_attach,
+        )
+        reg.bridge_subs.add(sub)
+        return sub, {"index": bell, "generation": generation, "fifo": fifo}
+
+    def refresh_subscription(self, sub: Subscription) -> None:
+        """Attach every existing topic a bridge subscription now wants."""
+        reg = self._registry
+        for topic in list(reg.topics.values()):
+            reg.attach_new(sub, topic)
+
+    def drop_cursor(self, sub: Subscription, name: str) -> None:
+        member = sub.members.pop(name, None)
+        if member is not None:
+            self._registry.free_member(name, member)
+
+    def close_subscription(self, sub: Subscription) -> None:
+        self._registry.bridge_subs.discard(sub)
+        self._registry.release_subscription(sub)
+
+    def bridge_topic(self, name: object, f: dict) -> Topic:
+        """The local topic a link's messages go to: made with the origin's
+        options, or the one that exists (whatever its options)."""
+        reg = self._registry
+        try:
+            name = reg.user_topic(name)
+        except (TopicNameError, P.ProtocolViolation) as exc:
+            raise ValueError(f"a link announced a bad topic: {exc}") from None
+        if name.startswith(INBOX_PREFIX):
+            raise ValueError(f"a link announced reply inbox {name!r}")
+        existing = reg.topics.get(name)
+        if existing is not None:
+            return existing
+        options = {k: f[k] for k in ("qos", "capacity", "slot_size") if k in f}
+        try:
+            topic, _ = reg.get_or_create(name, options)
+        except P.ProtocolViolation as exc:
+            raise ValueError(f"cannot make topic {name!r} for a link: {exc.message}") from None
+        return topic

@@ -1,0 +1,37 @@
+"""The daemon's options, one dataclass: ``tensorbus serve --help`` documents each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["BrokerConfig"]
+
+
+@dataclass
+class BrokerConfig:
+    """Every daemon option; ``tensorbus serve --help`` documents each."""
+
+    ipc_path: str | None = None  # None: the per-user default
+    tcp: str | None = None  # "HOST:PORT"
+    token: str | None = None
+    insecure: bool = False
+    default_capacity: int = 256
+    default_slot_size: int = 4096
+    latest_capacity: int = 8
+    max_subscribers: int = 64  # cursors per topic ring
+    max_publishers: int = 64
+    max_subscriptions: int = 4096  # doorbells: concurrent subscriptions on this host
+    max_topics: int = 4096
+    arena_size: int | None = None  # bytes; None: default_arena_size()
+    slow_consumer_grace: float = 0.0  # seconds; 0 disables eviction
+    heartbeat_s: float = 2.0
+    monitor_interval: float = 0.2
+    # Bridges (docs/bridge.md): daemons to link to ("tcp://host:port"), the
+    # data transport, the port links attach on (0: any; announced at link
+    # time), how long a lost peer's cursors are kept, and a CURVE secret
+    # key (z85) shared by the daemons of a cluster: encryption for tcp.
+    peers: list = field(default_factory=list)
+    transport: str = "auto"  # "ucx", "tcp" or "auto" (ucx where ucxx imports)
+    link_port: int = 0
+    link_grace_s: float = 10.0
+    curve_secret: str | None = None

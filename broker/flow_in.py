@@ -1,0 +1,232 @@
+"""A peer's inbound flow: topics that arrive on its link are published into
+local rings with the bridge's own publishers; what does not fit waits in a
+per-topic backlog (so credit is returned only for what is in the ring), and
+lost messages become gap markers that reliable subscribers raise GapError on.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import NamedTuple
+
+import msgpack
+import numpy as np
+
+from tensorbus._core import FLAG_BRIDGED, FLAG_GAP, BackpressureError, TensorbusError
+from tensorbus._core import tensors as _tensors
+from tensorbus.broker import peer_wire as W
+from tensorbus.broker.flow_out import APP_FLAGS, BATCH_BYTES
+
+__all__ = ["InTopic", "Inbound", "Pending"]
+
+log = logging.getLogger("tensorbus.bridge")
+
+
+class Pending(NamedTuple):
+    """A message waiting for ring space: its entry (None: a gap marker),
+    its data, and whether the data is a loan of the bridge's publisher."""
+
+    entry: W.Entry | None
+    data: object
+    loaned: bool
+
+
+class InTopic:
+    """A topic that arrives on one peer's link, published into the local ring."""
+
+    __slots__ = ("id", "name", "qos", "pub", "backlog")
+
+    def __init__(self, tid: int, name: str, qos: str, pub):
+        self.id = tid
+        self.name = name
+        self.qos = qos
+        self.pub = pub
+        self.backlog: collections.deque = collections.deque()
+
+
+class Inbound:
+    """The inbound half of a :class:`~tensorbus.broker.peer.Peer` (a mixin:
+    the state is the Peer's)."""
+
+    def on_topic(self, f: dict) -> None:
+        name = f["name"]
+        old = self.in_topics.get(f["id"])
+        if old is not None and old.name == name:
+            return  # announced again (a re-attach): the same publisher serves
+        if old is not None and old.pub is not None:
+            old.pub.close()
+        try:
+            topic = self.bridge.registry.bridge_topic(name, f)
+            pub = self.bridge.ring(topic.ring.name).publisher(timeout=0)
+        except (ValueError, TensorbusError) as exc:
+            # This one topic cannot exist here: its messages are dropped
+            # (and credited) rather than the whole link.
+            log.warning("peer %s: topic %r refused: %s", self.name, name, exc)
+            self.in_topics[f["id"]] = InTopic(f["id"], str(name), "realtime", None)
+            return
+        pub.inline_max = min(topic.slot_size, BATCH_BYTES)
+        self.in_topics[f["id"]] = InTopic(f["id"], name, topic.qos, pub)
+
+    def in_topic(self, tid: int) -> InTopic:
+        t = self.in_topics.get(tid)
+        if t is None:
+            raise W.WireError(f"data for topic id {tid} before its announcement")
+        return t
+
+    def loan_for(self, entry: W.Entry):
+        """Where a body lands: a loan in the local arena, or None (then the
+        transport keeps it and the backlog copies it in later)."""
+        t = self.in_topic(entry.topic)
+        if entry.nbytes > self.bridge.max_body:
+            raise W.WireError(f"a body of {entry.nbytes} bytes is larger than this daemon's arena")
+        if t.backlog or t.pub is None:
+            return None
+        try:
+            return t.pub.loan((entry.nbytes,), "uint8", timeout=0)
+        except (BackpressureError, TensorbusError):
+            return None
+
+    def deliver(self, entry: W.Entry, body=None, loaned: bool = False) -> None:
+        """Publish one arrived message into its local ring (or queue it
+        behind the ones waiting for credit there). ``loaned``: ``body`` is
+        a loan of this bridge's publisher, published with no copy."""
+        t = self.in_topic(entry.topic)
+        self.counters["received"] += 1
+        self.counters["received_bytes"] += entry.nbytes
+        item = Pending(entry, body if body is not None else entry.payload, loaned)
+        if t.backlog:
+            if entry.payload is not None:  # it views the transport's frame: keep a copy
+                item = Pending(entry, bytes(entry.payload), False)
+            t.backlog.append(item)
+            return
+        left = self._publish(t, item)
+        if left is not None:
+            if left.entry is entry and not left.loaned and entry.payload is not None:
+                # It views the transport's frame: keep a copy while it waits.
+                left = Pending(entry, bytes(entry.payload), False)
+            t.backlog.append(left)
+            self.backlogged.add(t.id)
+            self.bridge.schedule_retry()
+
+    def _publish(self, t: InTopic, item):
+        """Publish ``item`` (entry, data, loaned) into its ring. None once
+        published (or dropped for good); else the item to try again later
+        (the ring is full), possibly now holding a loan with the data."""
+        entry, data, loaned = item
+        # From another daemon: never forwarded again. From a light client:
+        # forwarded like anything published on this host. Only the
+        # application's flag bits are taken from the wire.
+        flags = 0
+        if entry is not None:
+            flags = entry.flags & APP_FLAGS
+            if self.kind == "peer":
+                flags |= FLAG_BRIDGED
+        try:
+            if t.pub is None:  # a topic refused here: dropped, credited
+                self.counters["dropped"] += 1
+            elif entry is None:  # a gap marker
+                t.pub.send(data, flags=FLAG_GAP)
+                return None
+            elif entry.kind == W.BYTES:
+                t.pub.send(data, flags=flags)
+            else:
+                itemsize = _tensors.numpy_dtype(entry.dtype).itemsize
+                if not loaned and entry.nbytes > t.pub.inline_max:
+                    loan = t.pub.loan((entry.nbytes,), "uint8", timeout=0)
+                    loan[:] = np.frombuffer(data, np.uint8, entry.nbytes)
+                    item = Pending(entry, loan, True)  # if the ring is full, the copy waits
+                    data, loaned = loan, True
+                buf = data if loaned else np.frombuffer(data, np.uint8, entry.nbytes)
+                arr = buf.view(f"V{itemsize}").reshape(entry.shape) if entry.nbytes else buf
+                t.pub.send_described(arr, entry.dtype, meta=entry.meta, flags=flags)
+        except BackpressureError:
+            if t.qos != "reliable":
+                self.counters["dropped"] += 1  # realtime: a full arena is a drop, counted
+            else:
+                return item
+        except (TensorbusError, ValueError, TypeError) as exc:
+            log.warning("peer %s: message for %s dropped: %s", self.name, t.name, exc)
+            self.counters["bad"] += 1
+            if entry is not None and t.qos == "reliable" and t.pub is not None:
+                # Reliable subscribers hear of it where it was: a gap marker
+                # in its place (kept for later if the ring is full).
+                self.counters["gaps"] += 1
+                reason = f"a message could not be published here ({exc})"
+                item = self._publish(t, Pending(None, self._marker(t.name, 0, reason), False))
+                if item is not None:
+                    self._count(t, entry)
+                    return item
+        if entry is not None:
+            self._count(t, entry)
+        return None
+
+    def _count(self, t: InTopic, entry: W.Entry) -> None:
+        """``entry`` is in the ring (or dropped for good): counted, and its
+        credit owed. A backlog lost with a link thus shows as a shortfall at
+        resume, so as a gap."""
+        self.received[t.name] = self.received.get(t.name, 0) + 1
+        grant = self.grants.setdefault(t.id, [0, 0])
+        grant[0] += 1
+        grant[1] += entry.nbytes
+
+    def _marker(self, name: str, received: int, reason: str) -> bytes:
+        """A gap marker's body (clients raise GapError with it)."""
+        return msgpack.packb(
+            {"topic": name, "peer": self.name, "received": received, "reason": reason}
+        )
+
+    def retry_backlog(self) -> bool:
+        """Publish what waited; True while something still waits."""
+        for tid in list(self.backlogged):
+            t = self.in_topics.get(tid)
+            if t is None:
+                self.backlogged.discard(tid)
+                continue
+            while t.backlog:
+                left = self._publish(t, t.backlog[0])
+                if left is not None:
+                    t.backlog[0] = left
+                    break
+                t.backlog.popleft()
+            if not t.backlog:
+                self.backlogged.discard(tid)
+        self.flush_grants()
+        return bool(self.backlogged)
+
+    def flush_grants(self) -> None:
+        if self.grants and self.link is not None and self.link.up:
+            grants = [[tid, m, b] for tid, (m, b) in self.grants.items()]
+            self.link.send_control(W.encode_control("credit", grants=grants))
+        self.grants.clear()
+
+    def mark_gaps(self, reason: str, names=None) -> None:
+        """Tell the reliable subscribers of topics this peer fed (``names``,
+        default all) that messages were lost: a gap marker in each ring,
+        behind whatever of that topic still waits for ring space."""
+        for name in list(self.received if names is None else names):
+            count = self.received.pop(name, 0)
+            topic = self.bridge.registry.topic(name)
+            if topic is None or topic.qos != "reliable":
+                continue
+            body = self._marker(name, count, reason)
+            self.counters["gaps"] += 1
+            waiting = next(
+                (t for t in self.in_topics.values() if t.name == name and t.backlog), None
+            )
+            if waiting is not None:
+                waiting.backlog.append(Pending(None, body, False))
+                continue
+            try:
+                pub = self.bridge.ring(topic.ring.name).publisher(timeout=0)
+            except TensorbusError as exc:
+                log.warning("peer %s: no gap marker for %s: %s", self.name, name, exc)
+                continue
+            t = InTopic(-1, name, topic.qos, pub)
+            left = self._publish(t, Pending(None, body, False))
+            if left is None:
+                pub.close()
+            else:
+                t.backlog.append(left)
+                self.bridge.orphans.append(t)
+                self.bridge.schedule_retry()

@@ -1,0 +1,350 @@
+"""A peer's outbound flow: which local topics it reads, the cursors the
+bridge reads them with (one internal subscription per priority class),
+batching, and per-topic credit (docs/bridge.md).
+
+The receiver grants per-topic windows (messages and bytes,
+INITIAL_WINDOW_* up front) and returns them as it commits into its ring. A
+reliable topic at zero credit is taken out of the bridge's inbox, so its
+cursor stalls and local publishers block on a full ring: a slow remote
+subscriber slows the publisher and nothing is dropped. Realtime and latest
+topics never stall: out of credit, the bridge keeps each topic's newest
+message for when credit returns, and counts what it replaces.
+
+Batching is opportunistic: what was taken is sent as soon as the inbox is
+empty, coalescing what queued meanwhile (up to BATCH_BYTES), so a lone
+small message never waits for a timer. Priorities: control > params >
+gradients by topic prefix, drained in that order while the link's bytes in
+flight stay under INFLIGHT_BYTES.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+from tensorbus._core import FLAG_BRIDGED, FLAG_GAP, Inbox, Subscriber, TensorbusError
+from tensorbus.broker import peer_wire as W
+from tensorbus.broker.link import INFLIGHT_BYTES
+from tensorbus.broker.topics import (
+    INBOX_PREFIX,
+    TopicNameError,
+    is_system,
+    matches,
+    validate_pattern,
+)
+
+__all__ = [
+    "APP_FLAGS",
+    "BATCH_BYTES",
+    "PRIORITY_NAMES",
+    "OutClass",
+    "OutTopic",
+    "Outbound",
+    "priority_of",
+]
+
+log = logging.getLogger("tensorbus.bridge")
+
+PRIORITY_NAMES = ("control", "params", "gradients")
+DEFAULT_PRIORITIES = (
+    ("control/", 0),
+    ("ctl/", 0),
+    ("params/", 1),
+    ("agg/", 1),
+    ("grad/", 2),
+)
+DEFAULT_PRIORITY = 1
+BATCH_BYTES = 64 << 10  # inline entries up to this; a batch is sent at this size
+TAKE = 8  # messages taken from an inbox at a time
+APP_FLAGS = 0x00FF  # the slot flags an application sets; ours never cross a link
+
+
+def priority_of(name: str, table=DEFAULT_PRIORITIES) -> int:
+    """0 (control), 1 (params) or 2 (gradients) for topic ``name``."""
+    for prefix, level in table:
+        if name.startswith(prefix):
+            return level
+    return DEFAULT_PRIORITY
+
+
+class OutTopic:
+    """A local topic forwarded on one peer's link."""
+
+    __slots__ = (
+        "newest",
+        "name",
+        "id",
+        "qos",
+        "prio",
+        "sub",
+        "credit_msgs",
+        "credit_bytes",
+        "parked",
+        "sent",
+        "announced",
+    )
+
+    def __init__(self, name: str, tid: int, qos: str, prio: int, sub: Subscriber):
+        self.name = name
+        self.id = tid
+        self.qos = qos
+        self.prio = prio
+        self.sub = sub
+        self.credit_msgs = W.INITIAL_WINDOW_MSGS
+        self.credit_bytes = W.INITIAL_WINDOW_BYTES
+        self.parked = False
+        self.sent = 0  # sequence of the next message on this link epoch
+        self.announced = False
+        self.newest = None  # realtime out of credit: the newest message, sent on credit
+
+
+class OutClass(NamedTuple):
+    """One priority class of a peer's outbound topics: the bridge's
+    subscription, the inbox its cursors are read through, its FIFO bell's fd."""
+
+    sub: object  # registry.Subscription
+    inbox: Inbox
+    fd: int
+
+
+class Outbound:
+    """The outbound half of a :class:`~tensorbus.broker.peer.Peer` (a mixin:
+    the state is the Peer's)."""
+
+    # -- interest and outbound cursors -----------------------------------
+
+    def wants(self, name: str) -> bool:
+        if is_system(name) or name.startswith(INBOX_PREFIX):
+            return False
+        return any(matches(p, name) for p in self.patterns)
+
+    def set_interest(self, add: list, remove: list, reset: bool = False) -> None:
+        """The remote side's subscribers read ``add`` now and no longer
+        ``remove``; ``reset``: ``add`` is the whole set (after a reconnect)."""
+        valid = []
+        for pattern in add:
+            try:
+                valid.append(validate_pattern(pattern))
+            except TopicNameError as exc:
+                log.warning("peer %s: interest %r ignored: %s", self.name, pattern, exc)
+        if reset:
+            self.patterns = set(valid)
+        else:
+            self.patterns.update(valid)
+            self.patterns.difference_update(remove)
+        self.disarm()
+        registry = self.bridge.registry
+        if self.patterns and self.classes[0] is None:
+            for prio in range(3):
+                sub, bell = registry.open_subscription(
+                    lambda name, p=prio: self.wants(name) and self.prio(name) == p,
+                    self._attach,
+                )
+                inbox = Inbox(
+                    registry.bells, bell["index"], waiter=self.bridge.waiter, raise_gaps=False
+                )
+                fd = os.open(bell["fifo"], os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+                self.classes[prio] = OutClass(sub, inbox, fd)
+                asyncio.get_running_loop().add_reader(fd, self._fifo_ready, fd)
+        for name in [n for n in self.out if not self.wants(n)]:
+            self._detach(name)
+        if self.classes[0] is not None:
+            for sub, _, _ in self.classes:
+                registry.refresh_subscription(sub)
+            if not self.patterns:
+                self.close_outbound()
+        self.kick()
+
+    def prio(self, name: str) -> int:
+        return priority_of(name, self.bridge.priorities)
+
+    def _attach(self, sub, topic, cursor: int, generation: int) -> None:
+        """The broker gave this peer a cursor on ``topic`` (a match)."""
+        self.disarm()
+        ring = self.bridge.ring(topic.ring.name)
+        core = Subscriber(ring, cursor=cursor, generation=generation)
+        prio = self.prio(topic.name)
+        tid = self.out_ids.setdefault(topic.name, len(self.out_ids) + 1)
+        t = OutTopic(topic.name, tid, topic.qos, prio, core)
+        self.out[topic.name] = t
+        self.classes[prio].inbox.add(topic.name, core)
+        if self.link is not None and self.link.up:
+            self._announce(t)
+        self.kick()
+
+    def _detach(self, name: str) -> None:
+        t = self.out.pop(name)
+        if not t.parked:
+            self.classes[t.prio].inbox.remove(name)
+        t.sub.close()
+        self.bridge.registry.drop_cursor(self.classes[t.prio].sub, name)
+
+    def close_outbound(self) -> None:
+        """Free every outbound cursor and the class subscriptions."""
+        self.disarm()
+        for name in list(self.out):
+            self._detach(name)
+        loop = asyncio.get_running_loop()
+        for entry in self.classes:
+            if entry is None:
+                continue
+            sub, inbox, fd = entry
+            with contextlib.suppress(Exception):
+                loop.remove_reader(fd)
+            os.close(fd)
+            inbox.close()
+            self.bridge.registry.close_subscription(sub)
+        self.classes = [None, None, None]
+
+    def _announce(self, t: OutTopic) -> None:
+        topic = self.bridge.registry.topic(t.name)
+        if topic is None:
+            return
+        self.link.send_ordered(
+            W.encode_control(
+                "topic",
+                id=t.id,
+                name=t.name,
+                qos=topic.qos,
+                capacity=topic.capacity,
+                slot_size=topic.slot_size,
+            )
+        )
+        t.announced = True
+
+    # -- the send pump -----------------------------------------------------
+
+    def _fifo_ready(self, fd: int) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(fd, 4096):
+                pass
+        self.kick()
+
+    def disarm(self) -> None:
+        if self.armed:
+            for entry in self.classes:
+                if entry is not None:
+                    entry.inbox.disarm()
+            self.armed = False
+
+    def _pump(self) -> None:
+        self.disarm()
+        link = self.link
+        if link is None or not link.up or self.classes[0] is None:
+            return
+        budget = INFLIGHT_BYTES[link.transport]
+        while True:
+            batch = bytearray()
+            bodies: list = []
+            budget_hit = False
+            for name in list(self.kept):  # realtime messages kept for credit go first
+                t = self.out.get(name)
+                if t is None or t.newest is None:
+                    self.kept.discard(name)
+                elif t.credit_msgs > 0 and t.credit_bytes > 0:
+                    self.kept.discard(name)
+                    m, t.newest = t.newest, None
+                    self._encode_one(m, batch, bodies)
+            for prio in range(3):
+                inbox = self.classes[prio].inbox
+                while True:
+                    if link.inflight() >= budget:
+                        budget_hit = True
+                        break
+                    try:
+                        msgs = inbox.take(TAKE)
+                    except TensorbusError as exc:  # a cursor the broker took back
+                        log.warning("peer %s: bridge read failed: %s", self.name, exc)
+                        self.counters["bad"] += 1
+                        msgs = []
+                    if not msgs:
+                        break
+                    for m in msgs:
+                        self._encode_one(m, batch, bodies)
+                        if len(batch) >= BATCH_BYTES or bodies:
+                            link.send_data(batch, bodies)
+                            batch, bodies = bytearray(), []
+                if budget_hit:
+                    break
+            if batch or bodies:
+                link.send_data(batch, bodies)
+            if budget_hit or link.flush():
+                # Chunks wait for the transport to drain: look again shortly.
+                asyncio.get_running_loop().call_later(0.0005, self.kick)
+            if budget_hit:
+                return
+            self.armed = True
+            if all(entry.inbox.arm() for entry in self.classes):
+                return
+            self.disarm()  # something arrived while arming: go again
+
+    def _encode_one(self, m, batch: bytearray, bodies: list) -> None:
+        try:
+            self._encode(m, batch, bodies)
+        except (ValueError, TypeError) as exc:  # one bad message, not the link
+            log.warning("peer %s: message of %s not sent: %s", self.name, m.topic, exc)
+            self.counters["bad"] += 1
+
+    def _encode(self, m, batch: bytearray, bodies: list) -> None:
+        t = self.out.get(m.topic)
+        flags = m.flags
+        if t is None or (self.kind == "peer" and flags & (FLAG_BRIDGED | FLAG_GAP)):
+            return  # detached meanwhile, or it came from another host
+        nbytes = m.nbytes
+        if t.qos != "reliable" and (t.credit_msgs <= 0 or t.credit_bytes <= 0):
+            # Newest wins: keep this one for when credit returns; the one it
+            # replaces is dropped and counted.
+            if t.newest is not None:
+                self.counters["dropped"] += 1
+            t.newest = m
+            self.kept.add(t.name)
+            return
+        # Encode first: a message that cannot be encoded costs no credit.
+        seq = t.sent
+        flags &= APP_FLAGS if self.kind == "peer" else APP_FLAGS | FLAG_GAP
+        body = None
+        if m.dtype is None:
+            entry = W.encode_batch_entry(W.BYTES, flags, t.id, seq, nbytes)
+            inline = m.data
+        else:
+            data = m.data
+            raw = (
+                data.cast("B") if isinstance(data, memoryview) else data.reshape(-1).view(np.uint8)
+            )
+            kind = W.TENSOR if nbytes <= BATCH_BYTES else W.BODY
+            entry = W.encode_batch_entry(kind, flags, t.id, seq, nbytes, m.dtype, m.meta, m.shape)
+            inline, body = (memoryview(raw), None) if kind == W.TENSOR else (None, raw)
+        t.credit_msgs -= 1
+        t.credit_bytes -= nbytes
+        t.sent += 1
+        self.counters["sent"] += 1
+        self.counters["sent_bytes"] += nbytes
+        if not t.announced:
+            self._announce(t)
+        batch += entry
+        if inline is not None:
+            batch += inline
+        if body is not None:
+            bodies.append(body)
+        if t.qos == "reliable" and (t.credit_msgs <= 0 or t.credit_bytes <= 0) and not t.parked:
+            self.classes[t.prio].inbox.remove(t.name)  # its cursor stalls: backpressure upstream
+            t.parked = True
+
+    def on_credit(self, grants: list) -> None:
+        by_id = {t.id: t for t in self.out.values()}
+        self.disarm()
+        for tid, msgs, nbytes in grants:  # validated by decode_control
+            t = by_id.get(tid)
+            if t is None:
+                continue
+            t.credit_msgs += msgs
+            t.credit_bytes += nbytes
+            if t.parked and t.credit_msgs > 0 and t.credit_bytes > 0:
+                self.classes[t.prio].inbox.add(t.name, t.sub)
+                t.parked = False
+        self.kick()

@@ -1,0 +1,211 @@
+"""One remote party of the bridge and the life of its links: what survives a
+link (outbound cursors, what was received per topic), a fresh epoch on
+each new link (credit and sequences restart, a resume message tells what
+was sent on the last one), and the grace period after a link is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from tensorbus.broker import peer_wire as W
+from tensorbus.broker.flow_in import Inbound, InTopic
+from tensorbus.broker.flow_out import Outbound, OutClass, OutTopic
+from tensorbus.broker.link import Link
+from tensorbus.broker.soon import Soon
+
+if TYPE_CHECKING:
+    from tensorbus.broker.bridge import Bridge
+
+__all__ = ["Peer"]
+
+log = logging.getLogger("tensorbus.bridge")
+
+
+class Peer(Outbound, Inbound):
+    """One remote party: another daemon (``kind="peer"``) or a light client
+    (``kind="client"``). Outlives its links: outbound cursors and what was
+    received per topic survive a reconnect to the same instance."""
+
+    def __init__(self, bridge: Bridge, kind: str, url: str | None = None):
+        self.bridge = bridge
+        self.kind = kind
+        self.url = url  # dialed peers: where to dial
+        self.node: str | None = None  # the remote daemon's node id
+        self.node_hint: str | None = None  # dialed peers: its node id from hello
+        self.name = url or "?"
+        self.boot_id = ""
+        self.state = "connecting"
+        self.link: Link | None = None
+        self.since = time.monotonic()
+        self.patterns: set[str] = set()  # the remote side's interest
+        self.sent_interest: set[str] = set()
+        self.out: dict[str, OutTopic] = {}
+        self.out_ids: dict[str, int] = {}  # topic -> its id on links to this peer, kept
+        self.classes: list[OutClass | None] = [None, None, None]  # per priority
+        self.in_topics: dict[int, InTopic] = {}
+        self.received: dict[str, int] = {}  # topic -> messages received from this instance
+        self.grants: dict[int, list] = {}
+        self.kick = Soon(self._pump)  # pump soon (once, however many events ask)
+        self.armed = False
+        self.kept: set[str] = set()  # realtime topics holding a message for credit
+        self.backlogged: set[int] = set()
+        self.grace_handle: asyncio.TimerHandle | None = None
+        self.counters = collections.Counter()
+        self.dialer: asyncio.Task | None = None
+
+    # -- link life ---------------------------------------------------------
+
+    def link_up(self, link: Link, node: str, name: str, boot: str) -> None:
+        if self.grace_handle is not None:
+            self.grace_handle.cancel()
+            self.grace_handle = None
+        if self.link is not None and self.link is not link:
+            old = self.link  # both sides dialed at once: the newer link wins
+            old.send_control(W.encode_control("bye"))
+            old.close()
+        new_instance = self.node is not None and node != self.node
+        if new_instance:
+            log.info("peer %s restarted (new node id): starting afresh", name)
+            self.mark_gaps(f"peer {name} restarted; messages it held are lost")
+            self.close_outbound()
+            self.patterns.clear()
+        self.node, self.name, self.boot_id = node, name, boot
+        self.link = link
+        self.state = "up"
+        self.since = time.monotonic()
+        for t in self.in_topics.values():  # the last link's ids; a lost backlog
+            markers = [item for item in t.backlog if item.entry is None]  # shows as a
+            if markers:  # shortfall in the peer's resume; gap markers still go out
+                t.backlog = collections.deque(markers)
+                self.bridge.orphans.append(t)
+                self.bridge.schedule_retry()
+            elif t.pub is not None:
+                t.pub.close()
+        self.in_topics.clear()
+        self.backlogged.clear()
+        self.sent_interest = None  # the next interest message is the whole set
+        if self.counters["links"]:
+            self.counters["reconnects"] += 1
+        self.counters["links"] += 1
+        # A fresh epoch: credit and sequences start again, topics are
+        # re-announced, and the peer hears what we sent on the last link
+        # (first, in order with the data).
+        resume = {}
+        self.disarm()
+        for t in self.out.values():
+            resume[t.name] = t.sent
+            t.sent = 0
+            t.announced = False
+            t.credit_msgs, t.credit_bytes = W.INITIAL_WINDOW_MSGS, W.INITIAL_WINDOW_BYTES
+            if t.parked:
+                self.classes[t.prio][1].add(t.name, t.sub)
+                t.parked = False
+        link.send_ordered(W.encode_control("resume", sent=resume))
+        if self.kind == "peer":
+            self.bridge.send_interest(self)
+        log.info("link to %s %s is up (%s)", self.kind, name, link.transport)
+        self.kick()
+
+    def on_resume(self, sent: dict) -> None:
+        """What the peer sent of each topic on the last link. Less arrived
+        here (lost in flight, or waiting for ring space when the link
+        broke), or a topic it no longer lists (its cursor was freed while
+        the link was down): a gap."""
+        lost = {}
+        for name, got in list(self.received.items()):
+            count = sent.get(name)
+            if count is None:
+                lost[name] = "messages published while the link was down were not forwarded"
+            elif count > got:
+                lost[name] = f"{count - got} message(s) lost with a broken link"
+        for name, reason in lost.items():
+            self.mark_gaps(reason, [name])
+        self.received.clear()
+
+    def link_down(self, reason: str, link: Link | None = None) -> None:
+        """The link failed (``link``: the one that did, if known; a later
+        link that replaced it is left alone)."""
+        if link is not None and link is not self.link:
+            if not link.closed:
+                link.close()
+            return
+        link, self.link = self.link, None
+        if link is None:
+            return
+        if self.kind == "client":
+            link.send_control(W.encode_control("bye"))  # the client raises, not hangs
+        link.close()
+        self.state = "down"
+        self.since = time.monotonic()
+        self.disarm()
+        log.warning("link to %s %s is down: %s", self.kind, self.name, reason)
+        if self.kind == "client":
+            self.close()
+            return
+        grace = self.bridge.config.link_grace_s
+        self.grace_handle = asyncio.get_running_loop().call_later(grace, self._grace_over, reason)
+
+    def _grace_over(self, reason: str) -> None:
+        self.grace_handle = None
+        if self.link is not None:
+            return
+        log.warning(
+            "peer %s stayed down for %.1f s: its cursors are freed",
+            self.name,
+            self.bridge.config.link_grace_s,
+        )
+        self.close_outbound()  # first: local publishers must not stay blocked
+        self.patterns.clear()
+        self.mark_gaps(f"link to peer {self.name} lost ({reason})")
+        if self.url is None:  # it dialed us: it will open a new link if it returns
+            self.bridge.forget(self)
+
+    def close(self) -> None:
+        if self.grace_handle is not None:
+            self.grace_handle.cancel()
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+        self.close_outbound()
+        for t in self.in_topics.values():
+            if t.pub is not None:
+                with contextlib.suppress(Exception):
+                    t.pub.close()
+        self.in_topics.clear()
+        self.state = "closed"
+        self.bridge.forget(self)
+
+    def stats(self) -> dict:
+        return {
+            "kind": self.kind,
+            "peer": self.name,
+            "node": self.node,
+            "state": self.state,
+            "transport": self.link.transport if self.link is not None else None,
+            "for_s": round(time.monotonic() - self.since, 3),
+            "interest": sorted(self.patterns),
+            "forwarding": len(self.out),
+            "parked": sum(1 for t in self.out.values() if t.parked),
+            "backlog": sum(len(t.backlog) for t in self.in_topics.values()),
+            # Realtime messages the ring overwrote before the bridge read them.
+            "lapped": sum(t.sub.drops for t in self.out.values()),
+            **{
+                k: self.counters[k]
+                for k in (
+                    "sent",
+                    "sent_bytes",
+                    "received",
+                    "received_bytes",
+                    "dropped",
+                    "gaps",
+                    "reconnects",
+                    "bad",
+                )
+            },
+        }
