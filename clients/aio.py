@@ -315,7 +315,8 @@ class AsyncClient:
         if self._requester is not None:
             await self._requester.close()
         for sub in list(self._subscriptions.values()):
-            await sub.close()
+            if isinstance(sub, AsyncSubscriber):  # (a group's reader goes with its stream)
+                await sub.close()
         for rsub in list(self._remote_subs):
             await rsub.close()
         for pub in list(self._publishers):

@@ -38,9 +38,9 @@ class AsyncLightLink(LightLink):
 
     def close(self) -> None:
         try:
-            super().close()  # closes the shadow: the same socket
+            self._control("bye")
         finally:
-            self.async_sock.close(0)
+            self.async_sock.close(0)  # the shadow in self.sock goes with it
 
 
 class AsyncRemotePublisher(RemoteOutlet):

@@ -305,8 +305,13 @@ class AsyncResponder:
         self._stop = True
         task = self._task
         if task is not None and task is not asyncio.current_task():
-            with contextlib.suppress(Exception, asyncio.CancelledError):
+            try:
                 await asyncio.wait_for(asyncio.shield(task), 2.0)
+            except TimeoutError:  # a handler that outlasts the wait: stopped now
+                task.cancel()
+            except (Exception, asyncio.CancelledError):
+                pass  # what stopped the task; the stream closes below all the same
+        await self.stream.close()
         if self in self.stream.client._streams:
             self.stream.client._streams.remove(self)
 

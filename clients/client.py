@@ -423,7 +423,18 @@ class Publisher:
     slot; large ones are copied once into the arena, and arrays from
     :meth:`loan` are sent with no copy. On a reliable topic it waits up to
     ``timeout`` (default: the publisher's) for the slowest subscriber (and
-    for arena space), then raises BackpressureError."""
+    for arena space), then raises BackpressureError.
+
+    ``loan(shape, dtype="float32", *, timeout=None)`` returns a writable
+    array of ``shape`` and ``dtype`` in the arena: fill it, then ``send`` it
+    with no copy (it then belongs to the subscribers); it waits up to
+    ``timeout`` (default: the publisher's) for arena space.
+
+    Both are the core publisher's own methods, bound in ``__init__``: no
+    Python frame sits between the caller and the ring."""
+
+    send: Callable[..., int]
+    loan: Callable[..., Any]
 
     def __init__(self, client: Client, info: dict, timeout: float, inline_max: int | None):
         self.client = client
@@ -438,15 +449,6 @@ class Publisher:
         self.send = self._pub.send
         self.loan = self._pub.loan
         self._closed = False
-
-    def send(self, data, *, timeout: float | None = None, meta: bytes | None = None) -> int:
-        return self._pub.send(data, timeout=timeout, meta=meta)
-
-    def loan(self, shape, dtype="float32", *, timeout: float | None = None):
-        """A writable array of ``shape`` and ``dtype`` in the arena: fill it,
-        then ``send`` it with no copy (it then belongs to the subscribers).
-        Waits up to ``timeout`` (default: the publisher's) for arena space."""
-        return self._pub.loan(shape, dtype, timeout=timeout)
 
     @property
     def inline_max(self) -> int:
