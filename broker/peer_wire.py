@@ -37,6 +37,8 @@ from typing import Any
 
 import msgpack
 
+from tensorbus.broker.schema import FieldError, check_fields
+
 __all__ = [
     "BODY",
     "BODY_CHUNK",
@@ -76,19 +78,20 @@ _DESC = struct.Struct("<16s32s")
 _MAX_NDIM = 8
 _MAX_CONTROL = 1 << 20
 
-# Control messages: field -> (type, required).
+# Control messages: field -> (types, required), checked by broker/schema.py.
+_INT, _STR, _LIST = (int,), (str,), (list,)
 CONTROL_TYPES = {
-    "attach": {"link": (int, True), "secret": (str, True)},
-    "interest": {"add": (list, False), "remove": (list, False), "reset": (bool, False)},
+    "attach": {"link": (_INT, True), "secret": (_STR, True)},
+    "interest": {"add": (_LIST, False), "remove": (_LIST, False), "reset": ((bool,), False)},
     "topic": {
-        "id": (int, True),
-        "name": (str, True),
-        "qos": (str, True),
-        "capacity": (int, True),
-        "slot_size": (int, True),
+        "id": (_INT, True),
+        "name": (_STR, True),
+        "qos": (_STR, True),
+        "capacity": (_INT, True),
+        "slot_size": (_INT, True),
     },
-    "credit": {"grants": (list, True)},
-    "resume": {"sent": (dict, True)},
+    "credit": {"grants": (_LIST, True)},
+    "resume": {"sent": ((dict,), True)},
     "hb": {},
     "bye": {},
 }
@@ -136,19 +139,10 @@ def decode_control(raw: bytes) -> tuple[str, dict]:
     schema = CONTROL_TYPES.get(kind)
     if schema is None:
         raise WireError(f"unknown link control message {kind[:40]!r}")
-    for name, (typ, required) in schema.items():
-        value = obj.get(name)
-        if value is None:
-            if required:
-                raise WireError(f"link message {kind!r} needs field {name!r}")
-            continue
-        ok = (
-            isinstance(value, bool)
-            if typ is bool
-            else (isinstance(value, typ) and not isinstance(value, bool))
-        )
-        if not ok:
-            raise WireError(f"field {name!r} of link message {kind!r} must be {typ.__name__}")
+    try:
+        check_fields(obj, schema, f"link message {kind!r}")
+    except FieldError as exc:
+        raise WireError(str(exc)) from None
     if kind == "interest":
         for name in ("add", "remove"):
             obj[name] = obj.get(name) or []

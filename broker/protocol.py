@@ -18,6 +18,8 @@ from typing import Any
 
 import msgpack
 
+from tensorbus.broker.schema import FieldError, check_fields, type_ok
+
 __all__ = [
     "ERROR_CODES",
     "MAX_MESSAGE_BYTES",
@@ -203,12 +205,6 @@ def _unpack_map(raw: bytes, limit: int = MAX_MESSAGE_BYTES) -> dict:
     return obj
 
 
-def _type_ok(value: Any, types: tuple[type, ...]) -> bool:
-    if types == _BOOL:
-        return isinstance(value, bool)
-    return isinstance(value, types) and not isinstance(value, bool)
-
-
 def encode_request(op: str, request_id: int, **fields: Any) -> bytes:
     """A request frame. Fields whose value is None are left out."""
     body = {"v": PROTOCOL_VERSION, "op": op, "id": request_id}
@@ -220,7 +216,7 @@ def decode_request(raw: bytes) -> Request:
     """Parse and validate a request frame, or raise ProtocolViolation."""
     obj = _unpack_map(raw)
     request_id = obj.get("id")
-    if not _type_ok(request_id, _INT) or not 0 <= request_id <= MAX_ID:
+    if not type_ok(request_id, _INT) or not 0 <= request_id <= MAX_ID:
         raise ProtocolViolation("bad_request", "field 'id' must be an integer in 0..2**63-1")
     version = obj.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:
@@ -248,24 +244,10 @@ def decode_request(raw: bytes) -> Request:
         raise ProtocolViolation(
             "unknown_op", f"unknown op {op[:40]!r}; known ops: {', '.join(OPS)}", request_id
         )
-    fields = {}
-    for name, (types, required) in schema.items():
-        if name not in obj or obj[name] is None:
-            if required:
-                raise ProtocolViolation(
-                    "bad_request", f"op {op!r} needs field {name!r}", request_id
-                )
-            continue
-        value = obj[name]
-        if not _type_ok(value, types):
-            raise ProtocolViolation(
-                "bad_request",
-                f"field {name!r} of op {op!r} must be "
-                f"{' or '.join(t.__name__ for t in types)}, not "
-                f"{type(value).__name__}",
-                request_id,
-            )
-        fields[name] = value
+    try:
+        fields = check_fields(obj, schema, f"op {op!r}")
+    except FieldError as exc:
+        raise ProtocolViolation("bad_request", str(exc), request_id) from None
     return Request(op, request_id, fields)
 
 

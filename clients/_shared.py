@@ -16,11 +16,13 @@ import sys
 
 from tensorbus._core import Arena, BellTable, Inbox, Message, Ring, SlowConsumer, Waiter
 from tensorbus._core import Subscriber as _RingSubscriber
-from tensorbus._core.errors import TensorbusError
+from tensorbus._core.errors import ReceiveTimeout, TensorbusError
 from tensorbus.broker.paths import default_url
-from tensorbus.clients.errors import BrokerUnavailable
+from tensorbus.clients.errors import BrokerUnavailable, ClientClosed
 
 __all__ = [
+    "AsyncEndpoint",
+    "Endpoint",
     "HELLO_PROBE_S",
     "INLINE_MAX",
     "Mappings",
@@ -202,3 +204,104 @@ class Subscription:
     def topics(self) -> list[str]:
         """The topics this subscription reads now."""
         return self._inbox.topic_names
+
+
+class Endpoint:
+    """What every sync receiving endpoint (a local or a remote subscriber)
+    does the same way, written once: ``recv_batch``, iteration and the
+    context manager. A subclass gives ``recv``, ``_more`` and ``close``."""
+
+    _closed: bool
+
+    def recv(self, timeout: float | None = None):
+        raise NotImplementedError
+
+    def _more(self, max_n: int) -> list:
+        """Up to ``max_n`` messages that have already arrived, after one the
+        caller holds: a gap met first is raised by the next call."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def recv_batch(self, max_n: int = 256, max_wait: float | None = None) -> list:
+        """Up to ``max_n`` messages: waits up to ``max_wait`` seconds for the
+        first (None: forever), then takes only what has already arrived.
+        Returns an empty list if nothing came within ``max_wait``.
+
+        A message whose tensor lives in the arena holds its block for as long
+        as the message, its ``data`` or any view of it lives. Release each
+        message (``msg.release()``) or drop the batch (``del batch``) before
+        the next call: ``batch = sub.recv_batch(...)`` rebinds only after that
+        call returns (and a ``for msg in batch`` loop's ``msg`` keeps the last
+        one), so the old blocks stay held while it waits, and a publisher of
+        loans or large tensors can stall on a full arena (``BackpressureError``
+        after its timeout) while this call waits for the message it cannot
+        send. Copy what you keep."""
+        try:
+            first = self.recv(max_wait)
+        except ReceiveTimeout:
+            return []
+        return [first, *self._more(max_n - 1)]
+
+    def __iter__(self):
+        while not self._closed:
+            try:
+                yield self.recv()
+            except ClientClosed:
+                return
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncEndpoint:
+    """The asyncio twin of :class:`Endpoint` (local and remote asyncio
+    subscribers): ``await recv_batch``, ``async for`` and ``async with``."""
+
+    _closed: bool
+
+    async def recv(self, timeout: float | None = None):
+        raise NotImplementedError
+
+    def _more(self, max_n: int) -> list:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def recv_batch(self, max_n: int = 256, max_wait: float | None = None) -> list:
+        """Up to ``max_n`` messages: waits up to ``max_wait`` for the first,
+        then takes what has already arrived; [] if nothing came.
+
+        As with the sync client, a message whose tensor lives in the arena
+        holds its block while the message, its ``data`` or any view of it
+        lives: release each message (``msg.release()``) or drop the batch
+        (``del batch``) before the next call, or a publisher of loans or large
+        tensors can stall on a full arena while this call waits. Copy what
+        you keep."""
+        try:
+            first = await self.recv(max_wait)
+        except ReceiveTimeout:
+            return []
+        return [first, *self._more(max_n - 1)]
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            return await self.recv()
+        except ClientClosed:
+            raise StopAsyncIteration from None
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

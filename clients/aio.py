@@ -4,8 +4,9 @@
 No thread spins or blocks per subscriber: each asyncio subscription sleeps
 on a FIFO doorbell the event loop watches (``loop.add_reader``), which a
 publisher writes one byte to only when the subscription announced a sleep.
-Control requests go through ``zmq.asyncio``; one reader task matches
-replies to requests and hands notices to their subscriptions.
+Control requests go through ``zmq.asyncio``; one reader task feeds the
+control channel (clients/channel.py, the same as the sync client's), which
+matches replies to requests and hands notices to their subscriptions.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import itertools
 import os
-import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,18 +28,40 @@ from tensorbus._core.errors import ReceiveTimeout
 from tensorbus.broker import protocol as P
 from tensorbus.broker.topics import validate_pattern, validate_topic
 from tensorbus.clients._shared import (
-    HELLO_PROBE_S,
     INLINE_MAX,
+    AsyncEndpoint,
     Mappings,
     Subscription,
     client_name,
     ipc_unreachable,
     resolve_url,
 )
-from tensorbus.clients.errors import BrokerUnavailable, ClientClosed, error_for
-from tensorbus.clients.reqrep import INBOX_CAPACITY, Call, inbox_topic
+from tensorbus.clients.aio_remote import (
+    AsyncLightLink,
+    AsyncRemotePublisher,
+    AsyncRemoteSubscriber,
+)
+from tensorbus.clients.aio_reqrep import (
+    AsyncRequest,
+    AsyncRequester,
+    AsyncRequestStream,
+    AsyncResponder,
+)
+from tensorbus.clients.channel import ControlChannel, curve_client
+from tensorbus.clients.errors import BrokerUnavailable, ClientClosed, NotLocalError, ProtocolError
+from tensorbus.clients.reqrep import DEFAULT_GROUP
 
-__all__ = ["AsyncClient", "AsyncPublisher", "AsyncSubscriber", "connect"]
+__all__ = [
+    "AsyncClient",
+    "AsyncPublisher",
+    "AsyncRemotePublisher",
+    "AsyncRemoteSubscriber",
+    "AsyncRequest",
+    "AsyncRequestStream",
+    "AsyncResponder",
+    "AsyncSubscriber",
+    "connect",
+]
 
 DEFAULT_TIMEOUT = 5.0
 STALL_CHECK_S = 0.25  # how often a sleeping subscriber looks for a dead publisher's claim
@@ -52,9 +74,21 @@ async def connect(
     timeout: float = DEFAULT_TIMEOUT,
     token: str | None = None,
     max_holds: int = 1024,
+    spin_us: float | None = None,
+    curve_server_key: str | None = None,
 ) -> AsyncClient:
-    """Connect to a broker (see :func:`tensorbus.connect`)."""
-    client = AsyncClient(url, name=name, timeout=timeout, max_holds=max_holds)
+    """Connect to a broker (see :func:`tensorbus.connect`, which takes the
+    same arguments). ``url`` may be ``tcp://host:port``: a light client
+    (clients/remote.py). ``spin_us``: how long a responder's waiting thread
+    spins before it sleeps (asyncio subscribers always sleep on the loop)."""
+    client = AsyncClient(
+        url,
+        name=name,
+        timeout=timeout,
+        max_holds=max_holds,
+        spin_us=spin_us,
+        curve_server_key=curve_server_key,
+    )
     try:
         await client._hello(token or os.environ.get("TENSORBUS_TOKEN"))
     except BaseException:
@@ -73,24 +107,33 @@ class AsyncClient:
         name: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         max_holds: int = 1024,
+        spin_us: float | None = None,
+        curve_server_key: str | None = None,
     ):
         self.url = resolve_url(url)
         why = ipc_unreachable(self.url)
         if why:
             raise BrokerUnavailable(why, "unavailable")
         self.max_holds = max_holds
+        self.spin_us = spin_us
         self.name = client_name(name)
         self.timeout = timeout
         self.local = False
-        self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future] = {}
-        self._subscriptions: dict[int, AsyncSubscriber] = {}
-        self._publishers: list[AsyncPublisher] = []
+        self._channel = ControlChannel(self.url)
+        self._pending: dict[int, asyncio.Future] = {}  # request id -> its Answer
+        self._subscriptions: dict[int, AsyncSubscriber] = self._channel.subscriptions
+        self._publishers: list[AsyncPublisher | AsyncRemotePublisher] = []
+        self._remote_subs: set[AsyncRemoteSubscriber] = set()
+        self._link: AsyncLightLink | None = None
         self._maps: Mappings | None = None
-        self._requester: _AsyncRequester | None = None
+        self._requester: AsyncRequester | None = None
+        self._streams: list[AsyncRequestStream | AsyncResponder] = []
         self._closed = False
         self._sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._curve = curve_client(curve_server_key)
+        if self._curve is not None:
+            self._curve(self._sock)
         self._sock.connect(self.url)
         self._reader = asyncio.get_running_loop().create_task(self._read_loop())
         self._heartbeat: asyncio.Task | None = None
@@ -101,7 +144,7 @@ class AsyncClient:
         )
         self.local = bool(hello.get("local"))
         if self.local:
-            self._maps = Mappings(hello, self.max_holds)
+            self._maps = Mappings(hello, self.max_holds, self.spin_us)
         else:
             period = float(hello.get("heartbeat_s", 2.0))
             self._heartbeat = asyncio.get_running_loop().create_task(self._beat(period))
@@ -116,59 +159,32 @@ class AsyncClient:
         while True:
             raw = await self._sock.recv()
             try:
-                reply = P.decode_reply(raw)
-            except P.ProtocolViolation:
+                answer = self._channel.receive(raw)
+            except ProtocolError:
                 continue
-            if reply.notice is not None:
-                self._dispatch_notice(reply)
-                continue
-            if reply.id is None and not reply.ok and len(self._pending) == 1:
-                # an error for a request the broker could not parse: ours
-                fut = self._pending.pop(next(iter(self._pending)))
-            else:
-                fut = self._pending.pop(reply.id, None)
+            fut = None if answer is None else self._pending.pop(answer.id, None)
             if fut is not None and not fut.done():
-                fut.set_result(reply)
-
-    def _dispatch_notice(self, reply: P.Reply) -> None:
-        if reply.notice == "shutdown":
-            targets = list(self._subscriptions.values())
-        else:
-            sub = self._subscriptions.get(reply.fields.get("sub"))
-            targets = [] if sub is None else [sub]
-        for sub in targets:
-            sub._queue_notice(reply.notice, reply.fields)
+                fut.set_result(answer)
 
     async def _request(self, op: str, **fields: Any) -> dict:
+        """Send one request and await its reply (clients/channel.py)."""
         if self._closed:
             raise ClientClosed("the client is closed")
-        request_id = next(self._ids)
-        fut = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = fut
+        request_id, frame = self._channel.request(op, **fields)
+        fut = self._pending[request_id] = asyncio.get_running_loop().create_future()
         try:
-            await self._sock.send(P.encode_request(op, request_id, **fields))
-            timeout = self.timeout
-            if op == "hello":
-                # Not answered at once: ask, once, whether anything listens on
-                # the ipc socket, so a stale socket file fails now.
-                done, _ = await asyncio.wait([fut], timeout=min(HELLO_PROBE_S, timeout))
-                if not done:
-                    why = ipc_unreachable(self.url, probe=True)
-                    if why:
-                        raise BrokerUnavailable(why, "unavailable")
-                    timeout -= HELLO_PROBE_S
-            reply = await asyncio.wait_for(fut, max(timeout, 0.001))
-        except TimeoutError:
-            raise BrokerUnavailable(
-                f"no tensorbus broker answered {op!r} at {self.url} within "
-                f"{self.timeout:g} s (is `tensorbus serve` running?)",
-                "unavailable",
-            ) from None
+            await self._sock.send(frame)
+            for span, probe in self._channel.wait_plan(op, self.timeout):
+                done, _ = await asyncio.wait([fut], timeout=max(span, 0.001))
+                if done:
+                    return self._channel.result(fut.result())
+                why = ipc_unreachable(self.url, probe=True) if probe else None
+                if why:
+                    raise BrokerUnavailable(why, "unavailable")
+            raise self._channel.unanswered(op, self.timeout)
         finally:
             self._pending.pop(request_id, None)
-        if not reply.ok:
-            raise error_for(reply.code, reply.error)
-        return reply.fields
+            self._channel.forget(request_id)
 
     async def create_topic(
         self,
@@ -197,9 +213,42 @@ class AsyncClient:
         """The asyncio twin of :meth:`tensorbus.Client.request`: one
         responder's reply, retried with the same id, NoResponders at once."""
         if self._requester is None:
-            self._requester = _AsyncRequester(self)
+            self._requester = AsyncRequester(self)
             await self._requester.open()
         return await self._requester.request(topic, data, timeout, retries)
+
+    def requests(self, topic: str, *, group: str = DEFAULT_GROUP) -> AsyncRequestStream:
+        """The requests of ``topic`` for this member of queue group ``group``:
+        ``async for req in client.requests(t): await req.reply(data)``, or
+        ``stream = await client.requests(t)`` to join the group at once."""
+        self._check_local("queue groups")
+        stream = AsyncRequestStream(self, topic, group)
+        self._streams.append(stream)
+        return stream
+
+    async def respond(
+        self, topic: str, handler: Callable[[AsyncRequest], Any], *, group: str = DEFAULT_GROUP
+    ) -> AsyncResponder:
+        """Answer every request of ``topic`` with ``handler(request)``'s
+        return value (awaited if the handler is a coroutine function), in a
+        task, as a member of ``group``; ``await close()`` the returned
+        AsyncResponder to stop."""
+        self._check_local("queue groups")
+        responder = AsyncResponder(AsyncRequestStream(self, topic, group), handler)
+        self._streams.append(responder)
+        try:
+            return await responder.start()
+        except BaseException:
+            self._streams.remove(responder)
+            raise
+
+    def _check_local(self, what: str) -> None:
+        if self._closed:
+            raise ClientClosed("the client is closed")
+        if not self.local:
+            raise NotLocalError(
+                f"{what} need the broker's shared memory: join them from its host", "not_local"
+            )
 
     async def publisher(
         self,
@@ -211,8 +260,18 @@ class AsyncClient:
         timeout: float = DEFAULT_TIMEOUT,
         inline_max: int | None = None,
     ) -> AsyncPublisher:
-        """See :meth:`tensorbus.Client.publisher`."""
+        """See :meth:`tensorbus.Client.publisher`. Over tcp, a publisher
+        through the broker's link (clients/aio_remote.py)."""
         validate_topic(topic)
+        if not self.local:
+            info = (
+                await self._request(
+                    "create_topic", topic=topic, qos=qos, capacity=capacity, slot_size=slot_size
+                )
+            )["topic"]
+            rpub = AsyncRemotePublisher(self, await self._light_link(), info, timeout)
+            self._publishers.append(rpub)
+            return rpub
         info = (
             await self._request(
                 "open_publisher", topic=topic, qos=qos, capacity=capacity, slot_size=slot_size
@@ -222,12 +281,25 @@ class AsyncClient:
         self._publishers.append(pub)
         return pub
 
-    async def subscribe(self, pattern: str) -> AsyncSubscriber:
+    async def subscribe(self, pattern: str) -> AsyncSubscriber | AsyncRemoteSubscriber:
+        """See :meth:`tensorbus.Client.subscribe` (queue groups: :meth:`requests`)."""
         validate_pattern(pattern)
+        if not self.local:
+            rsub = AsyncRemoteSubscriber(self, await self._light_link(), pattern)
+            self._remote_subs.add(rsub)
+            return rsub
         reply = await self._request("subscribe", pattern=pattern, mode="async")
         sub = AsyncSubscriber(self, reply, pattern)
         self._subscriptions[sub.id] = sub
         return sub
+
+    async def _light_link(self) -> AsyncLightLink:
+        """This tcp client's link to its broker, opened on first use."""
+        if self._link is None:
+            reply = await self._request("link", kind="client", name=self.name, transport="tcp")
+            if self._link is None:  # another task may have opened it meanwhile
+                self._link = AsyncLightLink(self, reply, self._curve)
+        return self._link
 
     async def topics(self, pattern: str | None = None) -> list[dict]:
         return (await self._request("list_topics", pattern=pattern))["topics"]
@@ -238,12 +310,20 @@ class AsyncClient:
     async def close(self) -> None:
         if self._closed:
             return
+        for stream in list(self._streams):
+            await stream.close()
         if self._requester is not None:
             await self._requester.close()
         for sub in list(self._subscriptions.values()):
-            await sub.close()
+            if isinstance(sub, AsyncSubscriber):  # (a group's reader goes with its stream)
+                await sub.close()
+        for rsub in list(self._remote_subs):
+            await rsub.close()
         for pub in list(self._publishers):
             await pub.close()
+        if self._link is not None:
+            with contextlib.suppress(Exception):
+                self._link.close()
         with contextlib.suppress(Exception):
             saved, self.timeout = self.timeout, min(self.timeout, 1.0)
             await self._request("bye", holds=self._maps.holds if self._maps else 0)
@@ -266,51 +346,6 @@ class AsyncClient:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
-
-
-class _AsyncRequester:
-    """The asyncio requesting side: a private inbox read by an
-    AsyncSubscriber, a publisher per request topic (clients/reqrep.py)."""
-
-    def __init__(self, client: AsyncClient):
-        self.client = client
-        self.token = secrets.randbits(64)
-        self.topic = inbox_topic(self.token)
-        self.inbox: AsyncSubscriber | None = None
-        self.publishers: dict[str, AsyncPublisher] = {}
-        self.ids = itertools.count(1)
-        self.lock = asyncio.Lock()  # one request at a time shares the inbox
-        self.stats = {"requests": 0, "retries": 0, "late_replies": 0}
-
-    async def open(self) -> None:
-        await self.client.create_topic(self.topic, capacity=INBOX_CAPACITY, private=True)
-        self.inbox = await self.client.subscribe(self.topic)
-
-    async def request(self, topic: str, data, timeout: float, retries: int) -> Message:
-        async with self.lock:
-            pub = self.publishers.get(topic)
-            if pub is None:
-                pub = self.publishers[topic] = await self.client.publisher(topic)
-            call = Call(
-                topic, next(self.ids), self.token, pub._pub.ring, timeout, retries, self.stats
-            )
-            while True:
-                await pub.send(data, meta=call.next_meta(), timeout=timeout)
-                deadline = time.monotonic() + timeout
-                while (left := deadline - time.monotonic()) > 0:
-                    try:
-                        msg = await self.inbox.recv(left)
-                    except ReceiveTimeout:
-                        break
-                    reply = call.answer(msg)
-                    if reply is not None:
-                        return reply
-
-    async def close(self) -> None:
-        for pub in self.publishers.values():
-            await pub.close()
-        if self.inbox is not None:
-            await self.inbox.close()
 
 
 class AsyncPublisher:
@@ -406,7 +441,7 @@ class AsyncPublisher:
             await self.client._request("close_publisher", topic=self.topic)
 
 
-class AsyncSubscriber(Subscription):
+class AsyncSubscriber(Subscription, AsyncEndpoint):
     """``await sub.recv()``, ``await sub.recv_batch()``, ``async for msg in sub``."""
 
     def __init__(self, client: AsyncClient, reply: dict, pattern: str):
@@ -421,7 +456,8 @@ class AsyncSubscriber(Subscription):
         self._waiter: asyncio.Future | None = None
         self._closed = False
 
-    def _queue_notice(self, kind: str, fields: dict) -> None:
+    def on_notice(self, kind: str, fields: dict) -> None:
+        """Queue a notice of the broker: it is applied between sleeps."""
         self._notices.append((kind, fields))
         self._wake()
 
@@ -444,7 +480,7 @@ class AsyncSubscriber(Subscription):
         while True:
             self._inbox.notice()
             while self._notices:
-                self.on_notice(*self._notices.popleft())
+                super().on_notice(*self._notices.popleft())
             batch = self._take(1)
             if batch:
                 return batch[0]
@@ -467,32 +503,8 @@ class AsyncSubscriber(Subscription):
             if not done:
                 self._inbox.check_stalls()
 
-    async def recv_batch(self, max_n: int = 256, max_wait: float | None = None) -> list:
-        """Up to ``max_n`` messages: waits up to ``max_wait`` for the first,
-        then takes what has already arrived; [] if nothing came.
-
-        As with the sync client, a message whose tensor lives in the arena
-        holds its block while the message, its ``data`` or any view of it
-        lives: release each message (``msg.release()``) or drop the batch
-        (``del batch``) before the next call, or a publisher of loans or large
-        tensors can stall on a full arena while this call waits. Copy what
-        you keep."""
-        try:
-            first = await self.recv(max_wait)
-        except ReceiveTimeout:
-            return []
-        return [first, *self._take(max_n - 1, keep_gap=True)]
-
-    def __aiter__(self) -> AsyncSubscriber:
-        return self
-
-    async def __anext__(self) -> Message:
-        if self._closed:
-            raise StopAsyncIteration
-        try:
-            return await self.recv()
-        except ClientClosed:
-            raise StopAsyncIteration from None
+    def _more(self, max_n: int) -> list:
+        return self._take(max_n, keep_gap=True)
 
     async def close(self) -> None:
         if self._closed:

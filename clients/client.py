@@ -14,12 +14,11 @@ Requests to the broker are serialized by a lock.
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -29,21 +28,16 @@ from tensorbus._core.errors import ReceiveTimeout
 from tensorbus.broker import protocol as P
 from tensorbus.broker.topics import validate_pattern, validate_topic
 from tensorbus.clients._shared import (
-    HELLO_PROBE_S,
     INLINE_MAX,
+    Endpoint,
     Mappings,
     Subscription,
     client_name,
     ipc_unreachable,
     resolve_url,
 )
-from tensorbus.clients.errors import (
-    BrokerUnavailable,
-    ClientClosed,
-    NotLocalError,
-    ProtocolError,
-    error_for,
-)
+from tensorbus.clients.channel import ControlChannel, curve_client
+from tensorbus.clients.errors import BrokerUnavailable, ClientClosed, NotLocalError
 from tensorbus.clients.remote import LightLink, RemotePublisher, RemoteSubscriber
 from tensorbus.clients.reqrep import (
     DEFAULT_GROUP,
@@ -69,18 +63,6 @@ def _invalidate_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_invalidate_after_fork)
-
-
-def _curve_client(server_key: str) -> Callable:
-    """What makes a socket a CURVE client of a broker with ``server_key``."""
-
-    def secure(sock) -> None:
-        public, secret = zmq.curve_keypair()
-        sock.curve_serverkey = server_key.encode()
-        sock.curve_publickey = public
-        sock.curve_secretkey = secret
-
-    return secure
 
 
 def connect(
@@ -140,10 +122,10 @@ class Client:
         self.timeout = timeout
         self._pid = os.getpid()
         self._lock = threading.RLock()
-        self._ids = itertools.count(1)
+        self._channel = ControlChannel(self.url)
         self._closed = False
         self._maps: Mappings | None = None
-        self._subscriptions: dict[int, Subscriber] = {}
+        self._subscriptions: dict[int, Subscriber] = self._channel.subscriptions
         self._publishers: list[Publisher] = []
         self._requester: Requester | None = None
         self._streams: list = []  # RequestStreams and Responders
@@ -151,8 +133,7 @@ class Client:
         # thread for all clients of the process, not one each.
         self._sock = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        server_key = curve_server_key or os.environ.get("TENSORBUS_CURVE_SERVER_KEY")
-        self._curve = _curve_client(server_key) if server_key else None
+        self._curve = curve_client(curve_server_key)
         if self._curve is not None:
             self._curve(self._sock)
         self._link: LightLink | None = None
@@ -194,52 +175,25 @@ class Client:
 
     def _request(self, op: str, **fields: Any) -> dict:
         """Send one request and wait for its reply; notices that arrive
-        meanwhile are dispatched to their subscribers."""
+        meanwhile are dispatched to their subscribers (clients/channel.py)."""
         with self._lock:
-            request_id = next(self._ids)
-            self._sock.send(P.encode_request(op, request_id, **fields))
-            deadline = time.monotonic() + self.timeout
-            # A hello that is not answered at once asks, once, whether
-            # anything listens on the ipc socket: a stale socket file fails
-            # now instead of after the whole timeout.
-            probe_at = time.monotonic() + HELLO_PROBE_S if op == "hello" else None
-            while True:
-                now = time.monotonic()
-                if probe_at is not None and now >= probe_at:
-                    probe_at = None
-                    why = ipc_unreachable(self.url, probe=True)
+            request_id, frame = self._channel.request(op, **fields)
+            try:
+                self._sock.send(frame)
+                for span, probe in self._channel.wait_plan(op, self.timeout):
+                    deadline = time.monotonic() + span
+                    while (left := deadline - time.monotonic()) > 0:
+                        if not self._sock.poll(int(left * 1000) + 1):
+                            continue
+                        answer = self._channel.receive(self._sock.recv())
+                        if answer is not None:
+                            return self._channel.result(answer)
+                    why = ipc_unreachable(self.url, probe=True) if probe else None
                     if why:
                         raise BrokerUnavailable(why, "unavailable")
-                until = deadline if probe_at is None else min(deadline, probe_at)
-                left = until - now
-                if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
-                    if time.monotonic() < deadline:
-                        continue
-                    raise BrokerUnavailable(
-                        f"no tensorbus broker answered {op!r} at {self.url} within "
-                        f"{self.timeout:g} s (is `tensorbus serve` running?)",
-                        "unavailable",
-                    )
-                reply = self._read_frame()
-                if reply is None or reply.notice is not None:
-                    continue
-                # An error without an id answers a request the broker could
-                # not parse; only one of ours is in flight, so it is this one.
-                if reply.id != request_id and not (reply.id is None and not reply.ok):
-                    continue  # the late answer of a request that timed out
-                if not reply.ok:
-                    raise error_for(reply.code, reply.error)
-                return reply.fields
-
-    def _read_frame(self) -> P.Reply | None:
-        raw = self._sock.recv()
-        try:
-            reply = P.decode_reply(raw)
-        except P.ProtocolViolation as exc:
-            raise ProtocolError(f"the broker sent a malformed message: {exc}") from None
-        if reply.notice is not None:
-            self._dispatch_notice(reply)
-        return reply
+                raise self._channel.unanswered(op, self.timeout)
+            finally:
+                self._channel.forget(request_id)
 
     def _drain_notices(self, wait: float = 0.0) -> None:
         """Read what the broker sent on its own, waiting up to ``wait``
@@ -247,18 +201,9 @@ class Client:
         with self._lock:
             if self._sock.poll(int(wait * 1000)):
                 while True:
-                    self._read_frame()
+                    self._channel.receive(self._sock.recv())
                     if not self._sock.poll(0):
                         break
-
-    def _dispatch_notice(self, reply: P.Reply) -> None:
-        if reply.notice == "shutdown":
-            targets = list(self._subscriptions.values())
-        else:
-            sub = self._subscriptions.get(reply.fields.get("sub"))
-            targets = [] if sub is None else [sub]
-        for sub in targets:
-            sub.on_notice(reply.notice, reply.fields)
 
     def _start_heartbeats(self, period: float) -> None:
         stop = threading.Event()
@@ -478,7 +423,18 @@ class Publisher:
     slot; large ones are copied once into the arena, and arrays from
     :meth:`loan` are sent with no copy. On a reliable topic it waits up to
     ``timeout`` (default: the publisher's) for the slowest subscriber (and
-    for arena space), then raises BackpressureError."""
+    for arena space), then raises BackpressureError.
+
+    ``loan(shape, dtype="float32", *, timeout=None)`` returns a writable
+    array of ``shape`` and ``dtype`` in the arena: fill it, then ``send`` it
+    with no copy (it then belongs to the subscribers); it waits up to
+    ``timeout`` (default: the publisher's) for arena space.
+
+    Both are the core publisher's own methods, bound in ``__init__``: no
+    Python frame sits between the caller and the ring."""
+
+    send: Callable[..., int]
+    loan: Callable[..., Any]
 
     def __init__(self, client: Client, info: dict, timeout: float, inline_max: int | None):
         self.client = client
@@ -493,15 +449,6 @@ class Publisher:
         self.send = self._pub.send
         self.loan = self._pub.loan
         self._closed = False
-
-    def send(self, data, *, timeout: float | None = None, meta: bytes | None = None) -> int:
-        return self._pub.send(data, timeout=timeout, meta=meta)
-
-    def loan(self, shape, dtype="float32", *, timeout: float | None = None):
-        """A writable array of ``shape`` and ``dtype`` in the arena: fill it,
-        then ``send`` it with no copy (it then belongs to the subscribers).
-        Waits up to ``timeout`` (default: the publisher's) for arena space."""
-        return self._pub.loan(shape, dtype, timeout=timeout)
 
     @property
     def inline_max(self) -> int:
@@ -544,7 +491,7 @@ class Publisher:
         return f"<tensorbus.Publisher {self.topic!r} {self.qos}>"
 
 
-class Subscriber(Subscription):
+class Subscriber(Subscription, Endpoint):
     """Receives every topic matching a pattern.
 
     ``recv()`` returns a :class:`Message` (``topic``, ``seq``,
@@ -583,32 +530,8 @@ class Subscriber(Subscription):
             if deadline is not None and time.monotonic() >= deadline:
                 raise ReceiveTimeout(f"no message on {self.pattern!r} within {timeout:g} s")
 
-    def recv_batch(self, max_n: int = 256, max_wait: float | None = None) -> list[Message]:
-        """Up to ``max_n`` messages: waits up to ``max_wait`` seconds for the
-        first (None: forever), then takes only what has already arrived.
-        Returns an empty list if nothing came within ``max_wait``.
-
-        A message whose tensor lives in the arena holds its block for as long
-        as the message, its ``data`` or any view of it lives. Release each
-        message (``msg.release()``) or drop the batch (``del batch``) before
-        the next call: ``batch = sub.recv_batch(...)`` rebinds only after that
-        call returns (and a ``for msg in batch`` loop's ``msg`` keeps the last
-        one), so the old blocks stay held while it waits, and a publisher of
-        loans or large tensors can stall on a full arena (``BackpressureError``
-        after its timeout) while this call waits for the message it cannot
-        send. Copy what you keep."""
-        try:
-            first = self.recv(max_wait)
-        except ReceiveTimeout:
-            return []
-        return [first, *self._take(max_n - 1, keep_gap=True)]
-
-    def __iter__(self) -> Iterator[Message]:
-        while not self._closed:
-            try:
-                yield self.recv()
-            except ClientClosed:
-                return
+    def _more(self, max_n: int) -> list[Message]:
+        return self._take(max_n, keep_gap=True)
 
     def close(self) -> None:
         """Stop receiving; the broker frees this subscription's cursors."""
@@ -624,12 +547,6 @@ class Subscriber(Subscription):
                 self.client._request("unsubscribe", sub=self.id)
             except Exception:
                 pass
-
-    def __enter__(self) -> Subscriber:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<tensorbus.Subscriber {self.pattern!r} topics={self.topics}>"

@@ -11,10 +11,10 @@ publishes means on ``agg/<job>/<i>``, and every trainer subscribes to
 from __future__ import annotations
 
 import math
-import struct
 from typing import NamedTuple
 
 from tensorbus.broker.topics import validate_topic
+from tensorbus.clients.meta import MetaCodec
 
 __all__ = [
     "ALL_RANKS",
@@ -40,8 +40,6 @@ KIND_ERROR = 2  # the parameter server gave up on a step: data is the sentence
 ALL_RANKS = 0xFFFF  # an aggregate for every trainer (sync); else for one rank (async)
 DEFAULT_CHUNK_BYTES = 4 << 20  # buckets larger than this are cut and spread over shards
 
-_META = struct.Struct("<QIIIHBxQ")  # 32 bytes: the descriptor's meta field
-
 
 class Meta(NamedTuple):
     step: int  # the trainer's iteration
@@ -53,19 +51,19 @@ class Meta(NamedTuple):
     numel: int  # elements of the whole bucket
 
 
+# The descriptor's 32 bytes of meta (clients/meta.py).
+_CODEC = MetaCodec("<QIIIHBxQ", Meta, (KIND_GRAD, KIND_AGG, KIND_ERROR), "parameter-server")
+
+
 def encode_meta(
     step: int, bucket: int, chunk: int, nchunks: int, rank: int, kind: int, numel: int
 ) -> bytes:
-    return _META.pack(step, bucket, chunk, nchunks, rank, kind, numel)
+    return _CODEC.encode(step, bucket, chunk, nchunks, rank, kind, numel)
 
 
 def decode_meta(raw: bytes | None) -> Meta:
     """ValueError with a sentence for anything that is not our meta."""
-    if raw is None or len(raw) != _META.size:
-        raise ValueError("a message without parameter-server meta (32 bytes)")
-    meta = Meta(*_META.unpack(raw))
-    if meta.kind not in (KIND_GRAD, KIND_AGG, KIND_ERROR):
-        raise ValueError(f"unknown parameter-server message kind {meta.kind}")
+    meta = _CODEC.decode(raw)
     if not 0 <= meta.chunk < max(meta.nchunks, 1):
         raise ValueError(f"chunk {meta.chunk} of {meta.nchunks}")
     return meta

@@ -26,9 +26,17 @@ from tensorbus._core import tensors as _tensors
 from tensorbus._core.errors import BackpressureError, ReceiveTimeout
 from tensorbus.broker import peer_wire as W
 from tensorbus.broker.topics import matches, validate_pattern
+from tensorbus.clients._shared import Endpoint
 from tensorbus.clients.errors import BrokerUnavailable, ClientClosed, GapError, ProtocolError
 
-__all__ = ["LightLink", "RemoteMessage", "RemotePublisher", "RemoteSubscriber"]
+__all__ = [
+    "LightLink",
+    "RemoteInlet",
+    "RemoteMessage",
+    "RemoteOutlet",
+    "RemotePublisher",
+    "RemoteSubscriber",
+]
 
 BATCH_BYTES = 64 << 10
 CHUNK_BYTES = 2 << 20
@@ -97,9 +105,12 @@ class RemoteMessage:
 class LightLink:
     """One client's link to its remote broker."""
 
-    def __init__(self, client, reply: dict, curve):
+    def __init__(self, client, reply: dict, curve, sock=None):
+        """``sock``: a DEALER to use (the asyncio client's shadow of its own
+        socket); default a new one. Every call here is non-blocking but
+        :meth:`pump` with a timeout."""
         self.client = client
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock = sock if sock is not None else zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
@@ -280,8 +291,9 @@ def _describe(state: list, data, meta):
     return (W.BODY, 0, state[0], 0, arr.nbytes, tag, meta_b, shape, None), raw
 
 
-class RemotePublisher:
-    """A publisher on a remote broker's topic (see :class:`tensorbus.Publisher`)."""
+class RemoteOutlet:
+    """What a remote publisher is, whatever the client's style: its topic,
+    its link state, and one attempt to send under the broker's credit."""
 
     def __init__(self, client, link: LightLink, info: dict, timeout: float):
         self.client = client
@@ -290,20 +302,52 @@ class RemotePublisher:
         self.slot_size: int = info["slot_size"]
         self.timeout = timeout
         self._link = link
-        with client._lock:
-            self._state = link.announce(info)
+        self._state = link.announce(info)
         self._closed = False
         self.published = 0
         self.dropped = 0
+
+    def _describe(self, data, meta):
+        if self._closed:
+            raise ClientClosed("the publisher is closed")
+        return _describe(self._state, data, meta)
+
+    def _attempt(self, entry: tuple, body) -> int | None:
+        """This link's sequence of the message if sent, -1 for a realtime
+        message dropped for want of credit, None to wait for credit."""
+        seq = self._link.try_send(self._state, entry, body)
+        if seq is None and self.qos != "reliable":
+            seq = -1  # realtime: no credit, newest wins: dropped here
+        if seq is not None:
+            if seq < 0:
+                self.dropped += 1
+            else:
+                self.published += 1
+        return seq
+
+    def _no_credit(self, timeout: float) -> BackpressureError:
+        return BackpressureError(
+            f"no credit from the broker within {timeout:g} s: a subscriber "
+            f"of {self.topic!r} is behind"
+        )
+
+    def __repr__(self) -> str:
+        return f"<tensorbus.{type(self).__name__} {self.topic!r} {self.qos} via {self.client.url}>"
+
+
+class RemotePublisher(RemoteOutlet):
+    """A publisher on a remote broker's topic (see :class:`tensorbus.Publisher`)."""
+
+    def __init__(self, client, link: LightLink, info: dict, timeout: float):
+        with client._lock:
+            super().__init__(client, link, info, timeout)
 
     def send(self, data, *, timeout: float | None = None, meta: bytes | None = None) -> int:
         """Send ``data`` (bytes, a buffer, an array or a CPU tensor); waits
         up to ``timeout`` for the broker's credit on a reliable topic, then
         raises BackpressureError. Returns this link's sequence, or -1 for a
         realtime message dropped for want of credit."""
-        if self._closed:
-            raise ClientClosed("the publisher is closed")
-        entry, body = _describe(self._state, data, meta)
+        entry, body = self._describe(data, meta)
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while True:
@@ -311,24 +355,13 @@ class RemotePublisher:
             # receivers get their turn while this waits for credit.
             with self.client._lock:
                 self.client._check()
-                seq = self._link.try_send(self._state, entry, body)
-                if seq is None and self.qos != "reliable":
-                    seq = -1  # realtime: no credit, newest wins: dropped here
-                if seq is None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise BackpressureError(
-                            f"no credit from the broker within {timeout:g} s: a subscriber "
-                            f"of {self.topic!r} is behind"
-                        )
-                    self._link.pump(min(left, 0.01))
-            if seq is not None:
-                break
-        if seq < 0:
-            self.dropped += 1
-        else:
-            self.published += 1
-        return seq
+                seq = self._attempt(entry, body)
+                if seq is not None:
+                    return seq
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._no_credit(timeout)
+                self._link.pump(min(left, 0.01))
 
     def close(self) -> None:
         self._closed = True
@@ -339,13 +372,10 @@ class RemotePublisher:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __repr__(self) -> str:
-        return f"<tensorbus.RemotePublisher {self.topic!r} {self.qos} via {self.client.url}>"
 
-
-class RemoteSubscriber:
-    """Receives a remote broker's topics matching a pattern (see
-    :class:`tensorbus.Subscriber`)."""
+class RemoteInlet:
+    """What a remote subscriber is, whatever the client's style: its
+    pattern, the messages its link queued for it, and the credit they carry."""
 
     def __init__(self, client, link: LightLink, pattern: str):
         self.client = client
@@ -365,6 +395,52 @@ class RemoteSubscriber:
             raise GapError.from_marker(bytes(msg), msg.topic)
         return msg
 
+    def _pop_one(self):
+        """The first queued message; the link's grants go out with the last."""
+        msg = self._pop()
+        if not self.queue:
+            self._link._flush_grants()
+        return msg
+
+    def _pop_more(self, max_n: int) -> list:
+        """Up to ``max_n`` queued messages, stopping before a gap marker."""
+        out = []
+        while self.queue and len(out) < max_n and not self.queue[0][0].flags & FLAG_GAP:
+            out.append(self._pop())
+        self._link._flush_grants()
+        return out
+
+    def _timed_out(self, timeout) -> ReceiveTimeout:
+        return ReceiveTimeout(f"no message on {self.pattern!r} within {timeout:g} s")
+
+    def _leave(self) -> None:
+        """Give back the credit of what is still queued, withdraw interest."""
+        self._closed = True
+        link = self._link
+        if self in link.subs:
+            link.subs.remove(self)
+        for _, credit in self.queue:
+            if credit is not None:
+                link.credit(*credit)
+        self.queue.clear()
+        if not self.client._closed:
+            if not any(s.pattern == self.pattern for s in link.subs):
+                link.set_interest([], [self.pattern])
+            link._flush_grants()
+
+    @property
+    def topics(self) -> list[str]:
+        names = self._link.in_topics.values()
+        return sorted({name for name in names if matches(self.pattern, name)})
+
+    def __repr__(self) -> str:
+        return f"<tensorbus.{type(self).__name__} {self.pattern!r} via {self.client.url}>"
+
+
+class RemoteSubscriber(RemoteInlet, Endpoint):
+    """Receives a remote broker's topics matching a pattern (see
+    :class:`tensorbus.Subscriber`)."""
+
     def recv(self, timeout: float | None = None) -> RemoteMessage:
         """The next message; ReceiveTimeout after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -374,60 +450,18 @@ class RemoteSubscriber:
             with self.client._lock:
                 self.client._check()
                 if self.queue:
-                    msg = self._pop()
-                    if not self.queue:
-                        self._link._flush_grants()
-                    return msg
+                    return self._pop_one()
                 left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
                 if self._link.pump(max(0.0, left)) or left > 0:
                     continue
-                raise ReceiveTimeout(f"no message on {self.pattern!r} within {timeout:g} s")
+                raise self._timed_out(timeout)
 
-    def recv_batch(self, max_n: int = 256, max_wait: float | None = None) -> list:
-        try:
-            out = [self.recv(max_wait)]
-        except ReceiveTimeout:
-            return []
+    def _more(self, max_n: int) -> list:
         with self.client._lock:
-            while self.queue and len(out) < max_n and not self.queue[0][0].flags & FLAG_GAP:
-                out.append(self._pop())
-            self._link._flush_grants()
-        return out
-
-    def __iter__(self):
-        while not self._closed:
-            try:
-                yield self.recv()
-            except ClientClosed:
-                return
+            return self._pop_more(max_n)
 
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
-        link = self._link
         with self.client._lock:
-            if self in link.subs:
-                link.subs.remove(self)
-            for _, credit in self.queue:
-                if credit is not None:
-                    link.credit(*credit)
-            self.queue.clear()
-            if not self.client._closed:
-                if not any(s.pattern == self.pattern for s in link.subs):
-                    link.set_interest([], [self.pattern])
-                link._flush_grants()
-
-    @property
-    def topics(self) -> list[str]:
-        names = self._link.in_topics.values()
-        return sorted({name for name in names if matches(self.pattern, name)})
-
-    def __enter__(self) -> RemoteSubscriber:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<tensorbus.RemoteSubscriber {self.pattern!r} via {self.client.url}>"
+            self._leave()

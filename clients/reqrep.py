@@ -27,7 +27,6 @@ import collections
 import itertools
 import logging
 import secrets
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +34,7 @@ from typing import Any, NamedTuple
 
 from tensorbus._core import Message
 from tensorbus._core.errors import ReceiveTimeout, RingClosedError, TensorbusError
+from tensorbus.clients.meta import MetaCodec
 
 __all__ = [
     "Call",
@@ -59,7 +59,6 @@ INBOX_CAPACITY = 64
 DEDUP_WINDOW = 1024  # ids a responder remembers, with their replies
 REPLY_TIMEOUT = 5.0  # a requester that does not read its inbox for this long loses the reply
 REPLY_PUBLISHERS = 64  # reply publishers a responder keeps open (one per recent requester)
-_META = struct.Struct("<QQHB13x")  # id, inbox token, attempt, kind: 32 bytes
 
 
 class NoResponders(TensorbusError):
@@ -81,18 +80,17 @@ class ReqMeta(NamedTuple):
     kind: int
 
 
+# id, inbox token, attempt, kind: the descriptor's 32 bytes of meta (clients/meta.py)
+_CODEC = MetaCodec("<QQHB13x", ReqMeta, (KIND_REQUEST, KIND_REPLY, KIND_FAILURE), "request")
+
+
 def encode_meta(request_id: int, token: int, attempt: int, kind: int) -> bytes:
-    return _META.pack(request_id, token, attempt, kind)
+    return _CODEC.encode(request_id, token, attempt, kind)
 
 
 def decode_meta(raw: bytes | None) -> ReqMeta:
     """ValueError with a sentence for anything that is not request meta."""
-    if raw is None or len(raw) != _META.size:
-        raise ValueError("a message without request meta (32 bytes)")
-    meta = ReqMeta(*_META.unpack(raw))
-    if meta.kind not in (KIND_REQUEST, KIND_REPLY, KIND_FAILURE):
-        raise ValueError(f"unknown request message kind {meta.kind}")
-    return meta
+    return _CODEC.decode(raw)
 
 
 INBOX_PREFIX = "_inbox/"
@@ -130,16 +128,16 @@ class Call:
             if self.ring.responders == 0:
                 raise NoResponders(f"the responders of topic {self.topic!r} left before answering")
             self.stats["retries"] += 1
-        return _META.pack(self.id, self.token, self.attempt, KIND_REQUEST)
+        return encode_meta(self.id, self.token, self.attempt, KIND_REQUEST)
 
     def answer(self, msg: Message) -> Message | None:
         """``msg`` if it answers this call (ResponderError if it reports a
         failure); None, counted, for a late answer to an earlier call."""
-        raw = msg.meta
-        if raw is None or len(raw) != _META.size or _META.unpack(raw)[0] != self.id:
+        meta = _CODEC.unpack(msg.meta)
+        if meta is None or meta.id != self.id:
             self.stats["late_replies"] += 1
             return None
-        if _META.unpack(raw)[3] == KIND_FAILURE:
+        if meta.kind == KIND_FAILURE:
             raise ResponderError(bytes(msg.data).decode(errors="replace"))
         return msg
 
@@ -225,6 +223,72 @@ class Request:
 _IN_PROGRESS = object()
 
 
+class Answering:
+    """The responding side's protocol without I/O, shared by the sync and
+    asyncio request streams: which messages are new requests, the dedup
+    window and its remembered replies, and the reply publishers kept per
+    requester (least recently used first)."""
+
+    def __init__(self, topic: str):
+        self.topic = topic
+        self.seen: collections.OrderedDict = collections.OrderedDict()  # (token, id) -> reply
+        self.replies: collections.OrderedDict = collections.OrderedDict()  # token -> publisher
+        self.stats = {"requests": 0, "duplicates": 0, "replies": 0, "undeliverable": 0}
+
+    def accept(self, msg: Message) -> tuple[ReqMeta | None, tuple | None]:
+        """(meta, None) for a new request; (meta, (data, kind)) for a
+        repeated id answered before: send that again; (None, None) for a
+        message to drop (no request meta, not a request, or a repeated id
+        whose handler still runs)."""
+        meta = _CODEC.unpack(msg.meta)
+        if meta is None:
+            log.warning("ignored a message without request meta on %s", self.topic)
+            return None, None
+        if meta.kind != KIND_REQUEST:
+            return None, None
+        key = (meta.token, meta.id)
+        seen = self.seen.get(key)
+        if seen is not None:
+            self.stats["duplicates"] += 1
+            return (None, None) if seen is _IN_PROGRESS else (meta, seen)
+        self.seen[key] = _IN_PROGRESS
+        if len(self.seen) > DEDUP_WINDOW:
+            self.seen.popitem(last=False)
+        self.stats["requests"] += 1
+        return meta, None
+
+    def record(self, request: Request, data, kind: int) -> None:
+        """Remember ``request``'s answer; TensorbusError for a second one."""
+        if request.answered:
+            raise TensorbusError(f"request {request.id} was already answered")
+        request.answered = True
+        self.seen[(request._token, request.id)] = (data, kind)
+
+    def reply_publisher(self, token: int):
+        """The kept publisher on ``token``'s inbox, now most recently used."""
+        pub = self.replies.get(token)
+        if pub is not None:
+            self.replies.move_to_end(token)
+        return pub
+
+    def evict(self) -> list:
+        """Publishers to close to make room for one more."""
+        out = []
+        while len(self.replies) >= REPLY_PUBLISHERS:
+            out.append(self.replies.popitem(last=False)[1])
+        return out
+
+    def sent(self) -> None:
+        self.stats["replies"] += 1
+
+    def undeliverable(self, token: int, exc: Exception):
+        """Count a reply that could not be sent (the requester is gone, its
+        inbox with it); the stale publisher to close, if any."""
+        self.stats["undeliverable"] += 1
+        log.debug("reply to %016x undeliverable: %s", token, exc)
+        return self.replies.pop(token, None)
+
+
 class RequestStream:
     """The requests of one topic for one member of a queue group; iterate
     it (``for req in client.requests(topic): req.reply(...)``) or call
@@ -235,10 +299,9 @@ class RequestStream:
         self.topic = topic
         self.group = group
         self._sub = client.subscribe(topic, group=group)
-        # inbox token -> Publisher, least recently used first
-        self._replies: collections.OrderedDict = collections.OrderedDict()
-        self._seen: collections.OrderedDict = collections.OrderedDict()  # (token, id) -> reply
-        self.stats = {"requests": 0, "duplicates": 0, "replies": 0, "undeliverable": 0}
+        self._answering = Answering(topic)
+        self._replies = self._answering.replies
+        self.stats = self._answering.stats
         self._closed = False
 
     def next(self, timeout: float | None = None) -> Request:
@@ -247,25 +310,11 @@ class RequestStream:
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             msg = self._sub.recv(left)
-            raw = msg.meta
-            if raw is None or len(raw) != _META.size:
-                log.warning("ignored a message without request meta on %s", self.topic)
-                continue
-            request_id, token, attempt, kind = _META.unpack(raw)
-            if kind != KIND_REQUEST:
-                continue
-            key = (token, request_id)
-            seen = self._seen.get(key)
-            if seen is not None:
-                self.stats["duplicates"] += 1
-                if seen is not _IN_PROGRESS:
-                    self._send(token, seen[0], request_id, seen[1])  # the remembered answer
-                continue
-            self._seen[key] = _IN_PROGRESS
-            if len(self._seen) > DEDUP_WINDOW:
-                self._seen.popitem(last=False)
-            self.stats["requests"] += 1
-            return Request(msg, request_id, token, attempt, self)
+            meta, again = self._answering.accept(msg)
+            if again is not None:
+                self._send(meta.token, again[0], meta.id, again[1])  # the remembered answer
+            elif meta is not None:
+                return Request(msg, meta.id, meta.token, meta.attempt, self)
 
     def __iter__(self) -> Iterator[Request]:
         while not self._closed:
@@ -277,27 +326,21 @@ class RequestStream:
                 raise
 
     def _answer(self, request: Request, data, kind: int) -> None:
-        if request.answered:
-            raise TensorbusError(f"request {request.id} was already answered")
-        request.answered = True
-        self._seen[(request._token, request.id)] = (data, kind)
+        self._answering.record(request, data, kind)
         self._send(request._token, data, request.id, kind)
 
     def _send(self, token: int, data, request_id: int, kind: int) -> None:
-        pub = self._replies.get(token)
+        answering = self._answering
         try:
+            pub = answering.reply_publisher(token)
             if pub is None:
-                while len(self._replies) >= REPLY_PUBLISHERS:  # the least recently used goes
-                    self._replies.popitem(last=False)[1].close()
-                pub = self._replies[token] = self.client.publisher(inbox_topic(token))
-            else:
-                self._replies.move_to_end(token)
-            pub.send(data, meta=_META.pack(request_id, token, 0, kind), timeout=REPLY_TIMEOUT)
-            self.stats["replies"] += 1
-        except TensorbusError as exc:  # the requester is gone (its inbox with it)
-            self.stats["undeliverable"] += 1
-            log.debug("reply to %016x undeliverable: %s", token, exc)
-            stale = self._replies.pop(token, None)
+                for old in answering.evict():
+                    old.close()
+                pub = answering.replies[token] = self.client.publisher(inbox_topic(token))
+            pub.send(data, meta=encode_meta(request_id, token, 0, kind), timeout=REPLY_TIMEOUT)
+            answering.sent()
+        except TensorbusError as exc:
+            stale = answering.undeliverable(token, exc)
             if stale is not None:
                 stale.close()
 
