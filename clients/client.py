@@ -26,7 +26,7 @@ import zmq
 from tensorbus._core import Message, SlowConsumer
 from tensorbus._core.errors import ReceiveTimeout
 from tensorbus.broker import protocol as P
-from tensorbus.broker.topics import validate_pattern, validate_topic
+from tensorbus.broker.topics import INBOX_PREFIX, validate_pattern, validate_topic
 from tensorbus.clients._shared import (
     INLINE_MAX,
     Endpoint,
@@ -41,7 +41,6 @@ from tensorbus.clients.errors import BrokerUnavailable, ClientClosed, NotLocalEr
 from tensorbus.clients.remote import LightLink, RemotePublisher, RemoteSubscriber
 from tensorbus.clients.reqrep import (
     DEFAULT_GROUP,
-    INBOX_PREFIX,
     Request,
     Requester,
     RequestStream,
@@ -326,6 +325,12 @@ class Client:
         ResponderError if the responder's handler failed. One request at a
         time per client."""
         self._check()
+        if not self.local:
+            raise NotLocalError(
+                "requests need the broker's shared memory (a reply inbox and a queue "
+                "group's ring): send them from the broker's host",
+                "not_local",
+            )
         if self._requester is None:
             self._requester = Requester(self)
         return self._requester.request(topic, data, timeout, retries)

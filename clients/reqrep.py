@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 from tensorbus._core import Message
 from tensorbus._core.errors import ReceiveTimeout, RingClosedError, TensorbusError
+from tensorbus.broker.topics import INBOX_PREFIX
 from tensorbus.clients.meta import MetaCodec
 
 __all__ = [
@@ -91,9 +92,6 @@ def encode_meta(request_id: int, token: int, attempt: int, kind: int) -> bytes:
 def decode_meta(raw: bytes | None) -> ReqMeta:
     """ValueError with a sentence for anything that is not request meta."""
     return _CODEC.decode(raw)
-
-
-INBOX_PREFIX = "_inbox/"
 
 
 def inbox_topic(token: int) -> str:

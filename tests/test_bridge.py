@@ -307,6 +307,8 @@ def test_light_client_publishes_and_subscribes_through_a_remote_daemon(daemon_fa
         assert np.array_equal(rsub.recv(timeout=5).data, big)
         with pytest.raises(tensorbus.NotLocalError):
             remote.subscribe("cmd/go", group="workers")
+        with pytest.raises(tensorbus.NotLocalError, match="requests need"):
+            remote.request("cmd/go", b"x")
 
 
 def test_curve_encrypts_links_and_refuses_clients_without_the_key(pair, tmp_path):
