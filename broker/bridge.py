@@ -24,7 +24,8 @@ Design notes (docs/bridge.md has the full story):
   forwarded to another daemon, so a full mesh carries each message once.
 
 This module is the Bridge itself: accepting links, dialing peers,
-heartbeats, interest, and the shared ring mappings.
+heartbeats, interest, and the shared ring mappings; dialing a configured
+peer is broker/dial.py.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import random
 import secrets
 import time
 import uuid
@@ -44,7 +43,8 @@ from tensorbus._core import FLAG_GAP, BackpressureError, Ring, TensorbusError, W
 from tensorbus.broker import peer_wire as W
 from tensorbus.broker import protocol as P
 from tensorbus.broker.bridge_view import BridgeView
-from tensorbus.broker.curve import secure_client, secure_server
+from tensorbus.broker.curve import secure_server
+from tensorbus.broker.dial import keep_dialing
 from tensorbus.broker.flow_in import InTopic
 from tensorbus.broker.flow_out import DEFAULT_PRIORITIES, PRIORITY_NAMES, priority_of
 from tensorbus.broker.link import MAX_LINK_MESSAGE, Link, Remote, Watch, drain
@@ -54,9 +54,6 @@ from tensorbus.broker.soon import Soon
 __all__ = ["Bridge", "PRIORITY_NAMES", "priority_of"]
 
 log = logging.getLogger("tensorbus.bridge")
-
-BACKOFF_MIN_S = 0.05
-BACKOFF_MAX_S = 5.0
 
 
 def boot_id() -> str:
@@ -141,7 +138,7 @@ class Bridge:
         for url in self.config.peers:
             peer = Peer(self, "peer", url)
             self.peers.append(peer)
-            peer.dialer = asyncio.create_task(self._dial(peer, ctx))
+            peer.dialer = asyncio.create_task(keep_dialing(self, peer, ctx))
 
     async def stop(self) -> None:
         for peer in list(self.peers):
@@ -343,9 +340,9 @@ class Bridge:
         link.identity = identity
         link.watch = self.router_watch
         self.by_identity[identity] = link
-        self._go_up(link)
+        self.go_up(link)
 
-    def _go_up(self, link: Link) -> None:
+    def go_up(self, link: Link) -> None:
         link.up = True
         link.last_rx = time.monotonic()
         node, name, boot = link.pending
@@ -380,91 +377,6 @@ class Bridge:
         elif kind == "bye":
             self.loop.call_soon(peer.link_down, "the peer said bye")
         # "hb" and "attach" (a repeat) need nothing beyond last_rx.
-
-    # -- dialing -------------------------------------------------------------
-
-    async def _dial(self, peer: Peer, ctx) -> None:
-        """Keep a link to a configured peer: connect, link, watch; on loss,
-        back off and try again."""
-        delay = BACKOFF_MIN_S
-        while True:
-            if peer.link is not None:  # the peer dialed us: that link serves
-                await asyncio.sleep(self.config.heartbeat_s / 4)
-                continue
-            try:
-                await self._connect(peer, ctx)
-                delay = BACKOFF_MIN_S
-                while peer.link is not None:
-                    await asyncio.sleep(self.config.heartbeat_s / 4)
-            except asyncio.CancelledError:
-                raise
-            except _Redundant:
-                await asyncio.sleep(self.config.heartbeat_s)
-                continue
-            except Exception as exc:
-                peer.counters["dial_failures"] += 1
-                if peer.state != "down" or peer.counters["dial_failures"] % 20 == 1:
-                    log.info("cannot link to peer %s: %s", peer.url, exc)
-                if peer.state == "connecting" and peer.counters["links"]:
-                    peer.state = "down"
-            # Jitter: two daemons that lost each other do not redial in step.
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, BACKOFF_MAX_S)
-
-    async def _connect(self, peer: Peer, ctx) -> None:
-        control = ctx.socket(zmq.DEALER)
-        control.setsockopt(zmq.LINGER, 0)
-        secure_client(control, self.config.curve_secret)
-        control.connect(peer.url)
-        timeout = max(1.0, 2 * self.config.heartbeat_s)
-        try:
-            hello = await _ask(
-                control,
-                "hello",
-                timeout,
-                name=f"bridge-{self.node[:8]}",
-                pid=os.getpid(),
-                protocol=P.PROTOCOL_VERSION,
-                token=self.config.token,
-            )
-            fields = dict(
-                kind="peer",
-                node=self.node,
-                boot_id=self.boot_id,
-                name=self.link_name,
-                transport=self.transport,
-            )
-            if self.transport == "ucx":
-                from tensorbus.broker import bridge_ucx
-
-                fields["ucx_address"] = bridge_ucx.worker_address()
-                fields["ucx_tag"] = recv_tag = self.ucx_context.next_tag_base()
-            peer.node_hint = hello.get("node")
-            reply = await _ask(control, "link", timeout, **fields)
-            with contextlib.suppress(Exception):
-                await _ask(control, "bye", 0.5)
-        finally:
-            control.close(0)
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        secure_client(sock, self.config.curve_secret)
-        sock.connect(_on_host_of(reply["endpoint"], peer.url))
-        sync = zmq.Socket.shadow(sock.underlying)
-        self.ids += 1
-        link = Link(self, peer, self.ids, reply["secret"], reply["transport"], sock=sync)
-        link.remote_id = reply["link"]
-        link.pending = Remote(reply["node"], peer.url, reply.get("boot_id", ""))
-        if link.transport == "ucx":
-            link.ucx_peer_address = reply["ucx_address"]
-            link.ucx_send_tag = reply["ucx_tag"]
-            link.ucx_recv_tag = recv_tag
-        link.async_sock = sock
-        self.links[link.id] = link
-        link.send_control(W.encode_control("attach", link=link.remote_id, secret=link.secret))
-        link.watch = Watch(self.loop, sync, link.read)
-        self._go_up(link)
 
     # -- liveness ----------------------------------------------------------
 
@@ -503,28 +415,3 @@ class Bridge:
 
     def stats(self) -> list[dict]:
         return [peer.stats() for peer in self.peers]
-
-
-class _Redundant(Exception):
-    pass
-
-
-def _on_host_of(endpoint: str, url: str) -> str:
-    """``endpoint``'s port on the host of ``url``: a daemon bound to a
-    wildcard (0.0.0.0) announces it as such, which is no address to dial."""
-    port = endpoint.rsplit(":", 1)[1]
-    host = url.split("://", 1)[1].rsplit(":", 1)[0]
-    return f"tcp://{host}:{port}"
-
-
-async def _ask(sock, op: str, timeout: float, **fields) -> dict:
-    """One request on a control DEALER (asyncio), its reply's fields."""
-    sock.send(P.encode_request(op, 1, **fields))
-    if not await sock.poll(int(timeout * 1000)):
-        raise TimeoutError(f"no answer to {op!r} within {timeout:g} s")
-    reply = P.decode_reply(await sock.recv())
-    if not reply.ok:
-        if reply.code == "redundant_link":
-            raise _Redundant(reply.error)
-        raise ConnectionRefusedError(f"{reply.code}: {reply.error}")
-    return reply.fields

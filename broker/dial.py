@@ -1,0 +1,147 @@
+"""Dialing a configured peer: keep a link to it, with jittered backoff.
+
+The dialer says hello on the peer's control socket with the cluster's
+token, asks for a ``link`` (docs/bridge.md), then attaches the link channel
+the reply names with its secret. A ``redundant_link`` refusal means the
+peer's own dialed link serves both: wait and look again, do not count a
+failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+from typing import TYPE_CHECKING
+
+import zmq
+
+from tensorbus.broker import peer_wire as W
+from tensorbus.broker import protocol as P
+from tensorbus.broker.curve import secure_client
+from tensorbus.broker.link import Link, Remote, Watch
+from tensorbus.broker.peer import Peer
+
+if TYPE_CHECKING:
+    from tensorbus.broker.bridge import Bridge
+
+__all__ = ["BACKOFF_MAX_S", "BACKOFF_MIN_S", "connect", "keep_dialing"]
+
+log = logging.getLogger("tensorbus.bridge")
+
+BACKOFF_MIN_S = 0.05
+BACKOFF_MAX_S = 5.0
+
+
+async def keep_dialing(bridge: Bridge, peer: Peer, ctx) -> None:
+    """Keep a link to a configured peer: connect, link, watch; on loss,
+    back off and try again."""
+    delay = BACKOFF_MIN_S
+    while True:
+        if peer.link is not None:  # the peer dialed us: that link serves
+            await asyncio.sleep(bridge.config.heartbeat_s / 4)
+            continue
+        try:
+            await connect(bridge, peer, ctx)
+            delay = BACKOFF_MIN_S
+            while peer.link is not None:
+                await asyncio.sleep(bridge.config.heartbeat_s / 4)
+        except asyncio.CancelledError:
+            raise
+        except _Redundant:
+            await asyncio.sleep(bridge.config.heartbeat_s)
+            continue
+        except Exception as exc:
+            peer.counters["dial_failures"] += 1
+            if peer.state != "down" or peer.counters["dial_failures"] % 20 == 1:
+                log.info("cannot link to peer %s: %s", peer.url, exc)
+            if peer.state == "connecting" and peer.counters["links"]:
+                peer.state = "down"
+        # Jitter: two daemons that lost each other do not redial in step.
+        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+        delay = min(delay * 2, BACKOFF_MAX_S)
+
+
+async def connect(bridge: Bridge, peer: Peer, ctx) -> None:
+    """One attempt: hello and ``link`` on the peer's control socket, then
+    attach the link channel it names and bring the link up."""
+    control = ctx.socket(zmq.DEALER)
+    control.setsockopt(zmq.LINGER, 0)
+    secure_client(control, bridge.config.curve_secret)
+    control.connect(peer.url)
+    timeout = max(1.0, 2 * bridge.config.heartbeat_s)
+    try:
+        hello = await _ask(
+            control,
+            "hello",
+            timeout,
+            name=f"bridge-{bridge.node[:8]}",
+            pid=os.getpid(),
+            protocol=P.PROTOCOL_VERSION,
+            token=bridge.config.token,
+        )
+        fields = dict(
+            kind="peer",
+            node=bridge.node,
+            boot_id=bridge.boot_id,
+            name=bridge.link_name,
+            transport=bridge.transport,
+        )
+        if bridge.transport == "ucx":
+            from tensorbus.broker import bridge_ucx
+
+            fields["ucx_address"] = bridge_ucx.worker_address()
+            fields["ucx_tag"] = recv_tag = bridge.ucx_context.next_tag_base()
+        peer.node_hint = hello.get("node")
+        reply = await _ask(control, "link", timeout, **fields)
+        with contextlib.suppress(Exception):
+            await _ask(control, "bye", 0.5)
+    finally:
+        control.close(0)
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    secure_client(sock, bridge.config.curve_secret)
+    sock.connect(_on_host_of(reply["endpoint"], peer.url))
+    sync = zmq.Socket.shadow(sock.underlying)
+    bridge.ids += 1
+    link = Link(bridge, peer, bridge.ids, reply["secret"], reply["transport"], sock=sync)
+    link.remote_id = reply["link"]
+    link.pending = Remote(reply["node"], peer.url, reply.get("boot_id", ""))
+    if link.transport == "ucx":
+        link.ucx_peer_address = reply["ucx_address"]
+        link.ucx_send_tag = reply["ucx_tag"]
+        link.ucx_recv_tag = recv_tag
+    link.async_sock = sock
+    bridge.links[link.id] = link
+    link.send_control(W.encode_control("attach", link=link.remote_id, secret=link.secret))
+    link.watch = Watch(bridge.loop, sync, link.read)
+    bridge.go_up(link)
+
+
+class _Redundant(Exception):
+    pass
+
+
+def _on_host_of(endpoint: str, url: str) -> str:
+    """``endpoint``'s port on the host of ``url``: a daemon bound to a
+    wildcard (0.0.0.0) announces it as such, which is no address to dial."""
+    port = endpoint.rsplit(":", 1)[1]
+    host = url.split("://", 1)[1].rsplit(":", 1)[0]
+    return f"tcp://{host}:{port}"
+
+
+async def _ask(sock, op: str, timeout: float, **fields) -> dict:
+    """One request on a control DEALER (asyncio), its reply's fields."""
+    sock.send(P.encode_request(op, 1, **fields))
+    if not await sock.poll(int(timeout * 1000)):
+        raise TimeoutError(f"no answer to {op!r} within {timeout:g} s")
+    reply = P.decode_reply(await sock.recv())
+    if not reply.ok:
+        if reply.code == "redundant_link":
+            raise _Redundant(reply.error)
+        raise ConnectionRefusedError(f"{reply.code}: {reply.error}")
+    return reply.fields
