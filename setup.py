@@ -40,7 +40,8 @@ def core_extension(name: str) -> Extension:
     )
 
 
-extensions = [core_extension(n) for n in ("segment", "wait", "bells", "arena", "ring", "inbox")]
+CORE_MODULES = ("segment", "wait", "bells", "arena", "ring", "publisher", "subscriber", "inbox")
+extensions = [core_extension(n) for n in CORE_MODULES]
 
 setup(
     packages=["tensorbus", "tensorbus._core", "tensorbus.broker", "tensorbus.clients"],

@@ -24,8 +24,10 @@ from tensorbus._core.errors import (
     ViewInUseError,
 )
 from tensorbus._core.inbox import Inbox, Message
-from tensorbus._core.ring import FLAG_BRIDGED, FLAG_GAP, POLICIES, Publisher, Ring, Subscriber
+from tensorbus._core.publisher import Publisher
+from tensorbus._core.ring import FLAG_BRIDGED, FLAG_GAP, POLICIES, Ring
 from tensorbus._core.segment import Segment, check_segment_name, segment_name
+from tensorbus._core.subscriber import Subscriber
 from tensorbus._core.wait import SpinRegistry, Waiter
 
 __all__ = [

@@ -5,7 +5,8 @@ from libc.stdint cimport int64_t, uint32_t
 from tensorbus._core.arena cimport Hold
 from tensorbus._core.bells cimport BellTable
 from tensorbus._core.layout cimport tb_bell_t, tb_cursor_t, tb_slot_header_t
-from tensorbus._core.ring cimport RingView, Subscriber
+from tensorbus._core.ring cimport tb_ring_t
+from tensorbus._core.subscriber cimport Subscriber
 from tensorbus._core.wait cimport Waiter
 
 
@@ -25,7 +26,7 @@ cdef class Message:
 
 # What a nogil waiter needs of one member, pointing into the Subscriber.
 cdef struct Member:
-    RingView *v
+    tb_ring_t *v
     tb_cursor_t *cur
     int64_t *pos
     bint latest

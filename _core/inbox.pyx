@@ -45,7 +45,18 @@ from tensorbus._core.layout cimport (
     tb_slot_header_t,
     tb_tensor_desc_t,
 )
-from tensorbus._core.ring cimport Subscriber, cursor_ready, reclaim_passed, timeout_to_ns
+from tensorbus._core.ring cimport (
+    TB_ST_CLOSED,
+    TB_ST_EVICTED,
+    TB_ST_OK,
+    tb_cursor_ready,
+    tb_reclaim_passed,
+    tb_ring_advance,
+    tb_ring_poll,
+    tb_ring_still_there,
+    timeout_to_ns,
+)
+from tensorbus._core.subscriber cimport Subscriber
 from tensorbus._core.wait cimport Waiter
 
 import numpy as _np
@@ -67,13 +78,6 @@ _TAGS = {}  # dtype tag bytes -> str, so a steady stream decodes nothing
 
 cdef enum:
     GAP_FLAG = 0x4000  # ring.FLAG_GAP: a bridge's gap marker
-
-cdef enum Status:  # as in ring.pyx
-    ST_OK = 0
-    ST_EMPTY = 1
-    ST_CLOSED = 2
-    ST_EVICTED = 5
-
 
 cdef class Message:
     """One received message.
@@ -193,7 +197,7 @@ cdef bint inbox_ready(void *p) noexcept nogil:
     if tb_load_acq32(&w.bell.notice):
         return True
     for k in range(w.n):
-        if cursor_ready(w.members[k].v, w.members[k].cur, w.members[k].pos[0],
+        if tb_cursor_ready(w.members[k].v, w.members[k].cur, w.members[k].pos[0],
                         w.members[k].latest):
             return True
     return False
@@ -232,7 +236,7 @@ cdef class Inbox:
 
     def add(self, str topic, Subscriber sub) -> None:
         """Add ``sub`` (a cursor naming this inbox's bell) under ``topic``."""
-        if sub.cur.bell_ref != self.bell_index + 1:
+        if sub.r.cur.bell_ref != self.bell_index + 1:
             raise ValueError(f"the cursor of {topic!r} does not name bell {self.bell_index}")
         if self.armed:
             raise TensorbusError("cannot add a ring while the inbox is armed")
@@ -266,9 +270,9 @@ cdef class Inbox:
         for k in range(n):
             sub = self.subs[k]
             members[k].v = sub.v
-            members[k].cur = sub.cur
-            members[k].pos = &sub.pos
-            members[k].latest = sub.latest
+            members[k].cur = sub.r.cur
+            members[k].pos = &sub.r.pos
+            members[k].latest = sub.r.latest
             sleepers[k] = &sub.v.h.sleepers
         if self.waiting:
             # Another thread sleeps on the old arrays (a notice attached a
@@ -302,18 +306,18 @@ cdef class Inbox:
         while k < self.n:
             i = (self.next + k) % self.n
             sub = <Subscriber>self.subs[i]
-            if sub.group:
-                sub.pos = tb_load_acq64(&sub.cur.position)  # shared with the other members
-            st = sub._poll(&s)
-            if st == ST_OK:
+            if sub.r.group:
+                sub.r.pos = tb_load_acq64(&sub.r.cur.position)  # shared with the other members
+            st = tb_ring_poll(sub.v, &sub.r, &s)
+            if st == TB_ST_OK:
                 if s.type != TB_MSG_INLINE:
                     m = self._take_tensor(sub, s, i)
-                    if m is not None and sub.claimed:
+                    if m is not None and sub.r.claimed:
                         self.next = i + 1
                         return m
                     continue  # skipped, or another member claimed it: look again
                 payload = sub._take(s)
-                if payload is not None and not sub.claimed:
+                if payload is not None and not sub.r.claimed:
                     continue  # another member of the queue group took it
                 if payload is not None:
                     self.next = i + 1
@@ -327,10 +331,10 @@ cdef class Inbox:
                     m.timestamp_ns = sub.last_timestamp_ns
                     m.flags = sub.last_flags
                     return m
-                st = ST_EVICTED  # evicted while we copied: the copy may be torn
-            if st == ST_EVICTED:
+                st = TB_ST_EVICTED  # evicted while we copied: the copy may be torn
+            if st == TB_ST_EVICTED:
                 raise self._evicted(i)
-            if st == ST_CLOSED:
+            if st == TB_ST_CLOSED:
                 self.closed_members += 1
                 self.topics.pop(i)
                 self.subs.pop(i)
@@ -373,7 +377,7 @@ cdef class Inbox:
                 if sub.ring.arena is None or d.offset + nbytes > sub.ring.arena.size:
                     return self._skip(sub)  # an arena descriptor outside the arena
                 payload = sub.ring.arena.copy_out(d.offset, nbytes)
-                if not sub._still_there(s):
+                if not tb_ring_still_there(sub.v, &sub.r):
                     return self._skip(sub)  # overwritten while we copied
             else:
                 if d.offset + nbytes > holder.arena.a.data_size:
@@ -383,12 +387,12 @@ cdef class Inbox:
                 hold = Hold._make(holder, d.block, d.offset, nbytes)
         else:
             return self._skip(sub)  # an unknown message type
-        if tb_load_acq32(&sub.cur.state) == TB_CURSOR_EVICTED:
+        if tb_load_acq32(&sub.r.cur.state) == TB_CURSOR_EVICTED:
             raise self._evicted(i)  # evicted while we copied: the copy may be torn
         sub._note(s)
-        sub._advance()
+        tb_ring_advance(sub.v, &sub.r)
         if hold is not None:
-            reclaim_passed(sub.v)
+            tb_reclaim_passed(sub.v)
         m = Message.__new__(Message)
         m.payload = payload
         m.hold = hold
@@ -409,9 +413,9 @@ cdef class Inbox:
     cdef _skip(self, Subscriber sub):
         """Consume a message that cannot be delivered, counting it as a drop
         (a queue-group member only if it won the message)."""
-        sub._advance()
-        if sub.claimed:
-            tb_fetch_add_u64(&sub.cur.drops, 1)
+        tb_ring_advance(sub.v, &sub.r)
+        if sub.r.claimed:
+            tb_fetch_add_u64(&sub.r.cur.drops, 1)
         return None
 
     def poll(self):
