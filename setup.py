@@ -40,7 +40,17 @@ def core_extension(name: str) -> Extension:
     )
 
 
-CORE_MODULES = ("segment", "wait", "bells", "arena", "ring", "publisher", "subscriber", "inbox")
+CORE_MODULES = (
+    "segment",
+    "wait",
+    "bells",
+    "arena",
+    "ring",
+    "publisher",
+    "subscriber",
+    "message",
+    "ringset",
+)
 extensions = [core_extension(n) for n in CORE_MODULES]
 
 setup(

@@ -14,13 +14,13 @@ Design notes (docs/bridge.md has the full story):
 * Credit (hard detail 12): the receiver grants per-topic windows (messages
   and bytes, INITIAL_WINDOW_* up front) and returns them as it commits into
   its ring. A reliable topic at zero credit is taken out of the bridge's
-  inbox, so its cursor stalls and local publishers block on a full ring: a
+  ring set, so its cursor stalls and local publishers block on a full ring: a
   slow remote subscriber slows the publisher and nothing is dropped.
   Realtime and latest topics never stall: out of credit, the bridge keeps
   each topic's newest message for when credit returns, and counts what it
   replaces.
 * Batching is opportunistic: the bridge sends what it took as soon as its
-  inbox is empty, coalescing what queued meanwhile (up to BATCH_BYTES), so a
+  ring sets are empty, coalescing what queued meanwhile (up to BATCH_BYTES), so a
   lone small message never waits for a timer.
 * Priorities: control > params > gradients by topic prefix. The bridge
   drains the classes in that order while the link's bytes in flight stay
@@ -55,8 +55,8 @@ from tensorbus._core import (
     FLAG_BRIDGED,
     FLAG_GAP,
     BackpressureError,
-    Inbox,
     Ring,
+    RingSet,
     Subscriber,
     TensorbusError,
     Waiter,
@@ -86,7 +86,7 @@ BATCH_BYTES = 64 << 10  # inline entries up to this; a batch is sent at this siz
 INFLIGHT_BYTES = {"tcp": 8 << 20, "ucx": 256 << 20}
 CHUNK_BYTES = 2 << 20  # tcp: bodies travel in chunks, so control never waits long
 MAX_LINK_MESSAGE = CHUNK_BYTES + (2 << 20)  # a chunk, or a batch, or a control message
-TAKE = 8  # messages taken from an inbox at a time
+TAKE = 8  # messages taken from a ring set at a time
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 5.0
 NOT_FORWARDED = ("_inbox/",)  # reply inboxes are private to their host
@@ -173,7 +173,7 @@ class Peer:
         self.sent_interest: set[str] = set()
         self.out: dict[str, OutTopic] = {}
         self.out_ids: dict[str, int] = {}  # topic -> its id on links to this peer, kept
-        self.classes: list = [None, None, None]  # per priority: (Subscription, Inbox, fd)
+        self.classes: list = [None, None, None]  # per priority: (Subscription, RingSet, fd)
         self.in_topics: dict[int, InTopic] = {}
         self.received: dict[str, int] = {}  # topic -> messages received from this instance
         self.grants: dict[int, list] = {}
@@ -215,11 +215,11 @@ class Peer:
                     lambda name, p=prio: self.wants(name) and self.prio(name) == p,
                     self._attach,
                 )
-                inbox = Inbox(
+                rings = RingSet(
                     broker.bells, bell["index"], waiter=self.bridge.waiter, raise_gaps=False
                 )
                 fd = os.open(bell["fifo"], os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-                self.classes[prio] = (sub, inbox, fd)
+                self.classes[prio] = (sub, rings, fd)
                 asyncio.get_running_loop().add_reader(fd, self._fifo_ready, fd)
         for name in [n for n in self.out if not self.wants(n)]:
             self._detach(name)
@@ -263,11 +263,11 @@ class Peer:
         for entry in self.classes:
             if entry is None:
                 continue
-            sub, inbox, fd = entry
+            sub, rings, fd = entry
             with contextlib.suppress(Exception):
                 loop.remove_reader(fd)
             os.close(fd)
-            inbox.close()
+            rings.close()
             self.bridge.broker.close_bridge_subscription(sub)
         self.classes = [None, None, None]
 
@@ -328,13 +328,13 @@ class Peer:
                     m, t.newest = t.newest, None
                     self._encode_one(m, batch, bodies)
             for prio in range(3):
-                inbox = self.classes[prio][1]
+                rings = self.classes[prio][1]
                 while True:
                     if link.inflight() >= budget:
                         budget_hit = True
                         break
                     try:
-                        msgs = inbox.take(TAKE)
+                        msgs = rings.take(TAKE)
                     except TensorbusError as exc:  # a cursor the broker took back
                         log.warning("peer %s: bridge read failed: %s", self.name, exc)
                         self.counters["bad"] += 1

@@ -415,7 +415,7 @@ class AsyncSubscriber(Subscription):
         # O_RDWR: we hold a writer ourselves, so the pipe never reads as EOF
         # (which would make it readable forever) while no publisher has it open.
         self._fd = os.open(reply["bell"]["fifo"], os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        # Notices wait here until recv is between sleeps: an armed inbox
+        # Notices wait here until recv is between sleeps: an armed ring set
         # cannot take a new member.
         self._notices: collections.deque[tuple[str, dict]] = collections.deque()
         self._waiter: asyncio.Future | None = None
@@ -442,7 +442,7 @@ class AsyncSubscriber(Subscription):
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            self._inbox.notice()
+            self._rings.notice()
             while self._notices:
                 self.on_notice(*self._notices.popleft())
             batch = self._take(1)
@@ -452,7 +452,7 @@ class AsyncSubscriber(Subscription):
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise ReceiveTimeout(f"no message on {self.pattern!r} within {timeout:g} s")
-            if self._notices or not self._inbox.arm():
+            if self._notices or not self._rings.arm():
                 continue
             self._waiter = loop.create_future()
             loop.add_reader(self._fd, self._wake)
@@ -462,10 +462,10 @@ class AsyncSubscriber(Subscription):
             finally:
                 loop.remove_reader(self._fd)
                 self._waiter = None
-                self._inbox.disarm()
+                self._rings.disarm()
                 self._drain_fifo()
             if not done:
-                self._inbox.check_stalls()
+                self._rings.check_stalls()
 
     async def recv_batch(self, max_n: int = 256, max_wait: float | None = None) -> list:
         """Up to ``max_n`` messages: waits up to ``max_wait`` for the first,
@@ -499,7 +499,7 @@ class AsyncSubscriber(Subscription):
             return
         self._closed = True
         self._wake()
-        self._inbox.close()
+        self._rings.close()
         os.close(self._fd)
         self.client._subscriptions.pop(self.id, None)
         with contextlib.suppress(Exception):

@@ -4,7 +4,7 @@ A :class:`Client` holds one control connection to the broker (a ZeroMQ
 DEALER speaking broker/protocol.py). Publishing and receiving do not touch
 that connection: a :class:`Publisher` writes straight into its topic's
 shared-memory ring, and a :class:`Subscriber` reads the rings of every topic
-its pattern matches through one doorbell (an Inbox). The broker is asked only
+its pattern matches through one doorbell (a RingSet). The broker is asked only
 to open, subscribe and close, and it tells a subscriber when a new topic
 matches its pattern (a notice).
 
@@ -569,7 +569,7 @@ class Subscriber(Subscription):
                 self._check_broker()
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                msg = self._inbox.recv(left)
+                msg = self._rings.recv(left)
             except SlowConsumer as exc:
                 self.client._drain_notices(wait=0.2)  # the eviction notice has the reason
                 raise self._slow_consumer(exc) from None
@@ -578,7 +578,7 @@ class Subscriber(Subscription):
             if self._closed:  # closed from another thread while we waited
                 raise ClientClosed("the subscriber is closed")
             # The bell's notice flag was up (or a ring closed): read the news.
-            self._inbox.notice()
+            self._rings.notice()
             self.client._drain_notices(wait=0.2)
             if deadline is not None and time.monotonic() >= deadline:
                 raise ReceiveTimeout(f"no message on {self.pattern!r} within {timeout:g} s")
@@ -617,7 +617,7 @@ class Subscriber(Subscription):
         self._closed = True
         if self.client._pid != os.getpid():
             return
-        self._inbox.close()
+        self._rings.close()
         self.client._subscriptions.pop(self.id, None)
         if not self.client._closed:
             try:

@@ -26,7 +26,7 @@ def test_attach_while_another_thread_waits(daemon):
 
         t = threading.Thread(target=wait)
         t.start()
-        time.sleep(0.2)  # it sleeps on the inbox's arrays now
+        time.sleep(0.2)  # it sleeps on the ring set's arrays now
         for i in range(20):  # each new topic rebuilds those arrays (attach notice)
             c.publisher(f"w/t{i}")
         c.publisher("w/last").send(b"done")
