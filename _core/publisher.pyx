@@ -212,8 +212,9 @@ cdef class Publisher:
         """Publish ``data`` and return its sequence number.
 
         ``data``: bytes or any buffer (received as a memoryview); a numpy
-        array, a torch CPU tensor or a ``__dlpack__`` object (received as an
-        array of the same dtype and shape). Up to ``inline_max`` bytes go in
+        array (received as an array of the same dtype and shape), or, on a
+        ring with an arena, any object the publisher's ``encoder`` turns into
+        one (the client's: torch CPU tensors and ``__dlpack__`` objects). Up to ``inline_max`` bytes go in
         the ring slot; larger ones are copied once into the arena, and an
         array from :meth:`loan` is sent with no copy at all. A non-contiguous
         array is made contiguous by that one copy. ``meta``: up to 32 bytes
@@ -274,9 +275,10 @@ cdef class Publisher:
                 return self._send_array(data, None, flags, timeout, meta)
             if isinstance(data, _np.generic):  # a numpy scalar: a 0-d array
                 return self._send_array(_np.asarray(data), None, flags, timeout, meta)
-            arr, tag = _tensors.from_object(data)
-            if arr is not None:
-                return self._send_array(arr, tag, flags, timeout, meta)
+            if self.encoder is not None:  # torch, DLPack...: the layer above's policy
+                arr, tag = self.encoder(data)
+                if arr is not None:
+                    return self._send_array(arr, tag, flags, timeout, meta)
         try:
             PyObject_GetBuffer(data, &buf, PyBUF_C_CONTIGUOUS)
         except (TypeError, ValueError, BufferError) as exc:

@@ -25,6 +25,7 @@ import zmq.asyncio
 
 from tensorbus._core import BackpressureError, Message
 from tensorbus._core.errors import ReceiveTimeout
+from tensorbus._core.tensors import from_object
 from tensorbus.broker import protocol as P
 from tensorbus.broker.topics import validate_pattern, validate_topic
 from tensorbus.clients._shared import (
@@ -325,6 +326,7 @@ class AsyncPublisher:
         self.qos: str = info["qos"]
         self.timeout = timeout
         self._pub = client._maps.ring(info).publisher(timeout=timeout)
+        self._pub.encoder = from_object  # torch tensors, __dlpack__ objects
         self._pub.inline_max = min(
             info["slot_size"], INLINE_MAX if inline_max is None else max(0, inline_max)
         )

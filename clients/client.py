@@ -26,6 +26,7 @@ import zmq
 
 from tensorbus._core import Message, SlowConsumer
 from tensorbus._core.errors import ReceiveTimeout
+from tensorbus._core.tensors import from_object
 from tensorbus.broker import protocol as P
 from tensorbus.broker.topics import validate_pattern, validate_topic
 from tensorbus.clients._shared import (
@@ -486,6 +487,7 @@ class Publisher:
         self.qos: str = info["qos"]
         self.slot_size: int = info["slot_size"]
         self._pub = client._maps.ring(info).publisher(timeout=timeout)
+        self._pub.encoder = from_object  # torch tensors, __dlpack__ objects
         self._pub.inline_max = min(
             self.slot_size, INLINE_MAX if inline_max is None else max(0, inline_max)
         )
