@@ -62,6 +62,8 @@ from tensorbus._core.layout cimport (
     TB_RING_MAGIC,
     TB_RING_VERSION,
     TB_SLOT_HEADER_BYTES,
+    TB_SLOT_BRIDGED,
+    TB_SLOT_GAP,
     TB_SLOTS_ALIGN,
     tb_cursor_t,
     tb_publisher_t,
@@ -96,8 +98,8 @@ MAX_SLOT_SIZE = TB_MAX_SLOT_SIZE
 # forward it again, so a full mesh of daemons carries each message once.
 # FLAG_GAP: a gap marker a bridge publishes where messages were lost with a
 # link; subscribers raise GapError with its msgpack body.
-FLAG_BRIDGED = 0x8000
-FLAG_GAP = 0x4000
+FLAG_BRIDGED = TB_SLOT_BRIDGED
+FLAG_GAP = TB_SLOT_GAP
 
 
 cdef int64_t timeout_to_ns(object timeout) except -2:

@@ -43,6 +43,7 @@ from tensorbus._core.layout cimport (
     TB_MSG_ARENA,
     TB_MSG_INLINE,
     TB_MSG_TENSOR,
+    TB_SLOT_GAP,
     TB_SLOT_HEADER_BYTES,
     tb_slot_header_t,
     tb_tensor_desc_t,
@@ -74,9 +75,6 @@ from tensorbus._core.errors import (
 __all__ = ["RingSet"]
 
 _TAGS = {}  # dtype tag bytes -> str, so a steady stream decodes nothing
-
-cdef enum:
-    GAP_FLAG = 0x4000  # ring.FLAG_GAP: a bridge's gap marker
 
 cdef bint ringset_ready(void *p) noexcept nogil:
     cdef RingSetWait *w = <RingSetWait *>p
@@ -208,7 +206,7 @@ cdef class RingSet:
                     continue  # another member of the queue group took it
                 if payload is not None:
                     self.next = i + 1
-                    if sub.last_flags & GAP_FLAG and self.raise_gaps:  # a gap marker, consumed
+                    if sub.last_flags & TB_SLOT_GAP and self.raise_gaps:  # a gap marker, consumed
                         raise GapError.from_marker(payload, <str>self.topics[i])
                     m = Message.__new__(Message)
                     m.payload = payload
