@@ -2,8 +2,23 @@
 # call, and the encoding of arrays and loans into tensor descriptors.
 from libc.stdint cimport int64_t, uint16_t, uint32_t
 
+from tensorbus._core.arena cimport Loan
 from tensorbus._core.layout cimport tb_publisher_t
 from tensorbus._core.ring cimport Ring, tb_ring_t
+
+
+cdef class Loans:
+    # A publisher's arena blocks: borrowed (waiting for space if it must) and
+    # tracked while open, so an array inside one is sent with no copy.
+    cdef Ring ring
+    cdef tb_ring_t *v
+    cdef object open          # block -> weakref of an open Loan
+    cdef double default_timeout
+
+    cdef object array(self, shape, dtype, timeout, Py_ssize_t inline_max)
+    cdef void sent(self, Loan loan)
+    cdef object find(self, size_t address, Py_ssize_t nbytes)
+    cdef object block(self, Py_ssize_t nbytes, object timeout, Py_ssize_t inline_max)
 
 
 cdef class Publisher:
@@ -24,7 +39,7 @@ cdef class Publisher:
     # or (None, None); None: such objects are refused.
     cdef public object encoder
     cdef bint last_dropped    # the last send was overtaken on an overwrite ring (counted)
-    cdef object loans         # block -> open Loan of this publisher (weak values)
+    cdef Loans loans          # the arena blocks it borrows and its open loans
 
     cdef int _publish(self, const char *hdr, uint32_t hn, const char *data, uint32_t n,
                       uint16_t type, uint16_t flags, int64_t *seq) noexcept nogil
@@ -36,5 +51,3 @@ cdef class Publisher:
                                    object timeout) except -2
     cdef int64_t _send_array(self, object arr, str tag, int flags, object timeout,
                              object meta) except -2
-    cdef object _loan_block(self, Py_ssize_t nbytes, object timeout)
-    cdef object _own_loan(self, size_t address, Py_ssize_t nbytes)

@@ -97,6 +97,109 @@ cdef int put_meta(tb_tensor_desc_t *d, bytes meta) except -1:
 
 
 
+cdef class Loans:
+    """A publisher's side of the arena: the blocks it borrows (waiting for
+    space on reliable rings) and the loans it has handed out and not sent,
+    so that an array inside one of them is sent without a copy."""
+
+    def __cinit__(self, Ring ring, double default_timeout):
+        self.ring = ring
+        self.v = &ring.v
+        self.open = {}
+        self.default_timeout = default_timeout
+
+    cdef object array(self, shape, dtype, timeout, Py_ssize_t inline_max):
+        """``Publisher.loan``: a writable array of ``shape`` and ``dtype`` in
+        a fresh block, tracked until it is sent or dropped."""
+        try:
+            dt, tag = _LOAN_DTYPES[dtype]
+        except (KeyError, TypeError):  # TypeError: an unhashable dtype argument
+            dt, tag = _tensors.loan_dtype(dtype)
+            try:
+                _LOAN_DTYPES[dtype] = (dt, tag)
+            except TypeError:
+                pass
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        if len(shape) > TB_MAX_NDIM:
+            raise ValueError(f"at most {TB_MAX_NDIM} dimensions, not {len(shape)}")
+        nbytes = dt.itemsize
+        for n in shape:
+            if n < 0:
+                raise ValueError(f"negative dimension in shape {shape}")
+            nbytes *= n
+        loan = self.block(nbytes, timeout, inline_max)
+        self.open[loan.block] = weakref.ref(loan)
+        arr = _np.ndarray(shape, dtype=dt, buffer=loan)
+        if tag == _tensors.BF16_TAG:
+            return _tensors.to_torch(arr, tag)  # bfloat16 exists only as a torch tensor
+        return arr
+
+    cdef void sent(self, Loan loan):
+        """``loan`` was published: the subscribers own it now."""
+        self.open.pop(loan.block, None)
+
+    cdef object find(self, size_t address, Py_ssize_t nbytes):
+        """The open loan of the publisher that [address, address + nbytes)
+        lies in, or None (then the array is copied like any other). Usually
+        the array starts its loan's block: a dict lookup; else a scan."""
+        cdef Loan loan
+        cdef uint32_t block = (address - <size_t>self.v.arena.data) >> self.v.arena.min_shift
+        ref = self.open.get(block)
+        candidates = [ref] if ref is not None else list(self.open.values())
+        for ref in candidates:
+            loan = ref()
+            if (loan is not None and loan.state == 0 and <size_t>loan.ptr <= address
+                    and address + nbytes <= <size_t>loan.ptr + loan.nbytes):
+                return loan
+        return None
+
+    cdef object block(self, Py_ssize_t nbytes, object timeout, Py_ssize_t inline_max):
+        """A block of ``nbytes`` from the arena. A full arena: reliable rings
+        wait up to ``timeout`` (reclaiming what subscribers have passed),
+        realtime ones raise BackpressureError at once (``send`` counts it as
+        a drop instead)."""
+        if self.v.arena == NULL:
+            raise MessageTooLargeError(
+                f"a message of {nbytes} bytes needs the arena, and ring {self.ring.name!r} "
+                "was attached without one")
+        if self.ring.holder is None:
+            raise MessageTooLargeError(
+                f"a message of {nbytes} bytes needs the arena, and this client has no arena "
+                "holder slot (all 63 of the broker's are in use): it can publish up to "
+                f"inline_max ({inline_max}) bytes only")
+        arena = self.ring.arena
+        owner = self.ring.holder.slot
+        loan = arena.loan(nbytes, owner)
+        if loan is not None:
+            return loan
+        cdef int64_t timeout_ns = (<int64_t>(self.default_timeout * 1e9) if timeout is None
+                                   else timeout_to_ns(timeout))
+        cdef int64_t start = tb_now_ns(), nap_ns = 20000
+        cdef timespec ts
+        while True:
+            with nogil:
+                tb_reclaim_passed(self.v)
+            loan = arena.loan(nbytes, owner)
+            if loan is not None:
+                return loan
+            now = tb_now_ns()
+            if self.v.policy != TB_POLICY_BLOCK or (0 <= timeout_ns <= now - start):
+                st = arena.stats()
+                raise BackpressureError(
+                    f"the arena has no free block of {arena.block_bytes(nbytes)} bytes "
+                    + (f"within {timeout_ns / 1e9:g} s" if self.v.policy == TB_POLICY_BLOCK
+                       else "(realtime topics do not wait)")
+                    + f": {st['used']} of {st['size']} bytes are in use by unread messages "
+                    "and views subscribers still hold")
+            ts.tv_sec = 0
+            ts.tv_nsec = nap_ns
+            with nogil:
+                nanosleep(&ts, NULL)
+            if nap_ns < 2000000:
+                nap_ns *= 2
+            PyErr_CheckSignals()
+
+
 cdef class Publisher:
     """Publishes messages into a ring. Messages up to the ring's slot size
     are copied into the slot in one nogil call (claim, copy, commit)."""
@@ -129,7 +232,7 @@ cdef class Publisher:
         self.cached_min = -(1 << 62)
         self.stall_since = 0
         self.inline_max = self.v.slot_size
-        self.loans = {}
+        self.loans = Loans(ring, timeout)
         self.closed = False
         ring.endpoints += 1
 
@@ -214,9 +317,10 @@ cdef class Publisher:
         ``data``: bytes or any buffer (received as a memoryview); a numpy
         array (received as an array of the same dtype and shape), or, on a
         ring with an arena, any object the publisher's ``encoder`` turns into
-        one (the client's: torch CPU tensors and ``__dlpack__`` objects). Up to ``inline_max`` bytes go in
-        the ring slot; larger ones are copied once into the arena, and an
-        array from :meth:`loan` is sent with no copy at all. A non-contiguous
+        one (the client's: torch CPU tensors and ``__dlpack__`` objects). Up
+        to ``inline_max`` bytes go in the ring slot; larger ones are copied
+        once into the arena, and an array from :meth:`loan` is sent with no
+        copy at all. A non-contiguous
         array is made contiguous by that one copy. ``meta``: up to 32 bytes
         of the application's, carried with tensors.
 
@@ -335,7 +439,7 @@ cdef class Publisher:
             if have_buf and self.v.arena != NULL:
                 base = self.v.arena.data
                 if base <= <char *>buf.buf < base + self.v.arena.data_size:
-                    loan = self._own_loan(<size_t>buf.buf, nbytes)
+                    loan = self.loans.find(<size_t>buf.buf, nbytes)
                     if loan is not None:
                         # Zero copy: the array lives in our loaned block.
                         d.block = loan.block
@@ -346,7 +450,7 @@ cdef class Publisher:
                         if self.last_dropped:
                             return seq  # overtaken, never written: the loan stays the caller's
                         loan.mark_sent()
-                        self.loans.pop(loan.block, None)
+                        self.loans.sent(loan)
                         tb_reclaim_passed(self.v)
                         return seq
             if TB_DESC_BYTES + nbytes <= self.inline_max:
@@ -358,7 +462,7 @@ cdef class Publisher:
                                   nbytes, TB_MSG_TENSOR, flags, timeout)
             # One copy into a fresh block, then publish its descriptor.
             try:
-                loan = self._loan_block(nbytes, timeout)
+                loan = self.loans.block(nbytes, timeout, self.inline_max)
             except BackpressureError:
                 if self.v.policy == TB_POLICY_BLOCK:
                     raise
@@ -389,67 +493,6 @@ cdef class Publisher:
             if have_buf:
                 PyBuffer_Release(&buf)
 
-    cdef object _own_loan(self, size_t address, Py_ssize_t nbytes):
-        """The open loan of this publisher that [address, address + nbytes)
-        lies in, or None (then the array is copied like any other). Usually
-        the array starts its loan's block: a dict lookup; else a scan."""
-        cdef Loan loan
-        cdef uint32_t block = (address - <size_t>self.v.arena.data) >> self.v.arena.min_shift
-        ref = self.loans.get(block)
-        candidates = [ref] if ref is not None else list(self.loans.values())
-        for ref in candidates:
-            loan = ref()
-            if (loan is not None and loan.state == 0 and <size_t>loan.ptr <= address
-                    and address + nbytes <= <size_t>loan.ptr + loan.nbytes):
-                return loan
-        return None
-
-    cdef object _loan_block(self, Py_ssize_t nbytes, object timeout):
-        """A block of ``nbytes`` from the arena. A full arena: reliable rings
-        wait up to ``timeout`` (reclaiming what subscribers have passed),
-        realtime ones raise BackpressureError at once (``send`` counts it as
-        a drop instead)."""
-        if self.v.arena == NULL:
-            raise MessageTooLargeError(
-                f"a message of {nbytes} bytes needs the arena, and ring {self.ring.name!r} "
-                "was attached without one")
-        if self.ring.holder is None:
-            raise MessageTooLargeError(
-                f"a message of {nbytes} bytes needs the arena, and this client has no arena "
-                "holder slot (all 63 of the broker's are in use): it can publish up to "
-                f"inline_max ({self.inline_max}) bytes only")
-        arena = self.ring.arena
-        owner = self.ring.holder.slot
-        loan = arena.loan(nbytes, owner)
-        if loan is not None:
-            return loan
-        cdef int64_t timeout_ns = (<int64_t>(self.default_timeout * 1e9) if timeout is None
-                                   else timeout_to_ns(timeout))
-        cdef int64_t start = tb_now_ns(), nap_ns = 20000
-        cdef timespec ts
-        while True:
-            with nogil:
-                tb_reclaim_passed(self.v)
-            loan = arena.loan(nbytes, owner)
-            if loan is not None:
-                return loan
-            now = tb_now_ns()
-            if self.v.policy != TB_POLICY_BLOCK or (0 <= timeout_ns <= now - start):
-                st = arena.stats()
-                raise BackpressureError(
-                    f"the arena has no free block of {arena.block_bytes(nbytes)} bytes "
-                    + (f"within {timeout_ns / 1e9:g} s" if self.v.policy == TB_POLICY_BLOCK
-                       else "(realtime topics do not wait)")
-                    + f": {st['used']} of {st['size']} bytes are in use by unread messages "
-                    "and views subscribers still hold")
-            ts.tv_sec = 0
-            ts.tv_nsec = nap_ns
-            with nogil:
-                nanosleep(&ts, NULL)
-            if nap_ns < 2000000:
-                nap_ns *= 2
-            PyErr_CheckSignals()
-
     def loan(self, shape, dtype="float32", *, timeout=None):
         """A writable numpy array of ``shape`` and ``dtype`` (numpy, a string
         or a torch dtype) living in the arena: fill it, then ``send`` it with
@@ -458,28 +501,7 @@ cdef class Publisher:
         space like ``send`` (``timeout``: default the publisher's)."""
         if self.closed:
             raise RingClosedError("publisher is closed")
-        try:
-            dt, tag = _LOAN_DTYPES[dtype]
-        except (KeyError, TypeError):  # TypeError: an unhashable dtype argument
-            dt, tag = _tensors.loan_dtype(dtype)
-            try:
-                _LOAN_DTYPES[dtype] = (dt, tag)
-            except TypeError:
-                pass
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        if len(shape) > TB_MAX_NDIM:
-            raise ValueError(f"at most {TB_MAX_NDIM} dimensions, not {len(shape)}")
-        nbytes = dt.itemsize
-        for n in shape:
-            if n < 0:
-                raise ValueError(f"negative dimension in shape {shape}")
-            nbytes *= n
-        loan = self._loan_block(nbytes, timeout)
-        self.loans[loan.block] = weakref.ref(loan)
-        arr = _np.ndarray(shape, dtype=dt, buffer=loan)
-        if tag == _tensors.BF16_TAG:
-            return _tensors.to_torch(arr, tag)  # bfloat16 exists only as a torch tensor
-        return arr
+        return self.loans.array(shape, dtype, timeout, self.inline_max)
 
     def reserve(self, Py_ssize_t nbytes) -> memoryview:
         """A writable buffer of ``nbytes`` to fill, then :meth:`commit`.
