@@ -40,9 +40,19 @@ def core_extension(name: str) -> Extension:
     )
 
 
-extensions = [
-    core_extension(n) for n in ("segment", "wait", "bells", "arena", "ring", "inbox", "offsets")
-]
+CORE_MODULES = (
+    "segment",
+    "wait",
+    "bells",
+    "arena",
+    "ring",
+    "publisher",
+    "subscriber",
+    "message",
+    "ringset",
+    "offsets",
+)
+extensions = [core_extension(n) for n in CORE_MODULES]
 
 setup(
     packages=["tensorbus", "tensorbus._core", "tensorbus.broker", "tensorbus.clients"],

@@ -23,9 +23,19 @@ from tensorbus._core.errors import (
     TensorbusError,
     ViewInUseError,
 )
-from tensorbus._core.inbox import Inbox, Message
-from tensorbus._core.ring import FLAG_BRIDGED, FLAG_GAP, POLICIES, Publisher, Ring, Subscriber
+from tensorbus._core.message import Message
+from tensorbus._core.publisher import Publisher
+from tensorbus._core.ring import (
+    FLAG_BRIDGED,
+    FLAG_GAP,
+    MAX_CAPACITY,
+    MAX_SLOT_SIZE,
+    POLICIES,
+    Ring,
+)
+from tensorbus._core.ringset import RingSet
 from tensorbus._core.segment import Segment, check_segment_name, segment_name
+from tensorbus._core.subscriber import Subscriber
 from tensorbus._core.wait import SpinRegistry, Waiter
 
 __all__ = [
@@ -34,7 +44,8 @@ __all__ = [
     "FLAG_GAP",
     "BackpressureError",
     "BellTable",
-    "Inbox",
+    "MAX_CAPACITY",
+    "MAX_SLOT_SIZE",
     "Message",
     "CapacityError",
     "ClaimLostError",
@@ -50,6 +61,7 @@ __all__ = [
     "ReceiveTimeout",
     "Ring",
     "RingClosedError",
+    "RingSet",
     "Segment",
     "SegmentError",
     "SegmentNameError",

@@ -272,20 +272,6 @@ cdef class Arena:
         self._check()
         return tb_arena_drop_owner(&self.a, block, generation) == 1
 
-    def holds_of(self, uint32_t block) -> int:
-        """The hold bitmap of ``block`` (tests and diagnostics)."""
-        self._check()
-        if block >= self.a.nblocks:
-            raise ValueError(f"block {block} is outside the arena")
-        return tb_load_acq_u64(&self.a.blocks[block].holds)
-
-    def _crash_holding_lock(self, int status=0) -> None:
-        """Take the allocator's mutex and exit the process without releasing
-        it: what a crash inside the allocator looks like. Tests use it to
-        check that the next locker repairs the free lists."""
-        tb_arena_lock(&self.a)
-        os._exit(status)
-
     def stats(self) -> dict:
         """Size, bytes in use, the largest free block, counters."""
         self._check()

@@ -37,6 +37,8 @@ cdef extern from "tb_layout.h" nogil:
         TB_CURSOR_LATEST
         TB_CURSOR_GROUP
         TB_RING_KEEP_LAST
+        TB_SLOT_BRIDGED
+        TB_SLOT_GAP
 
     ctypedef struct tb_doorbell_t:
         uint32_t seq          # bumped by every wake; the futex word

@@ -34,6 +34,11 @@ enum { TB_PUB_FREE = 0, TB_PUB_IDLE = 1, TB_PUB_CLAIMING = 2, TB_PUB_CLAIMED = 3
  * descriptor of a tensor in the arena (ARENA). */
 enum { TB_MSG_INLINE = 0, TB_MSG_PAD = 1, TB_MSG_TENSOR = 2, TB_MSG_ARENA = 3 };
 enum { TB_BELL_FUTEX = 0, TB_BELL_FIFO = 1 };
+/* Slot flags: the low byte is the application's; tensorbus uses two high
+ * bits. BRIDGED: published by a bridge from another host (bridges never
+ * forward it again). GAP: an INLINE gap marker a bridge publishes where
+ * messages were lost with a link (subscribers raise GapError). */
+enum { TB_SLOT_BRIDGED = 0x8000, TB_SLOT_GAP = 0x4000 };
 /* cursor flags */
 enum { TB_CURSOR_LATEST = 1, /* reads only the newest message (QoS "latest") */
        TB_CURSOR_GROUP = 2 };  /* shared by a queue group: members claim each message by CAS */
@@ -119,7 +124,7 @@ typedef struct {
     uint32_t owner_pid;
     uint32_t bell_ref;        /* 0: ring `bell` below; i + 1: bell i of the broker's table */
     tb_doorbell_t bell;       /* the wake-up word of a subscriber without a bell table */
-    uint32_t flags;           /* TB_CURSOR_LATEST */
+    uint32_t flags;           /* TB_CURSOR_LATEST, TB_CURSOR_GROUP */
     char _pad1[28];
     /* lines 2-4: delivery latency (publish timestamp to receive), written by the owner */
     uint32_t latency[TB_LAT_BUCKETS];
@@ -140,7 +145,7 @@ typedef struct {
     int64_t commit;           /* block: seq once committed; overwrite: seqlock word */
     uint32_t length;
     uint16_t type;            /* TB_MSG_* */
-    uint16_t flags;           /* free for the application */
+    uint16_t flags;           /* low byte the application's; TB_SLOT_BRIDGED, TB_SLOT_GAP */
     int64_t timestamp_ns;     /* CLOCK_REALTIME at publish */
     uint32_t publisher;       /* publisher record index */
     uint32_t _reserved;

@@ -411,7 +411,7 @@ class Bridge:
                 link.send_control(hb)
             for entry in peer.classes:
                 if entry is not None:
-                    entry.inbox.check_stalls()  # a dead publisher's claim: repair
+                    entry.rings.check_stalls()  # a dead publisher's claim: repair
 
     def stats(self) -> list[dict]:
         return [peer.stats() for peer in self.peers]

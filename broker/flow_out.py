@@ -4,13 +4,13 @@ batching, and per-topic credit (docs/bridge.md).
 
 The receiver grants per-topic windows (messages and bytes,
 INITIAL_WINDOW_* up front) and returns them as it commits into its ring. A
-reliable topic at zero credit is taken out of the bridge's inbox, so its
+reliable topic at zero credit is taken out of the bridge's ring set, so its
 cursor stalls and local publishers block on a full ring: a slow remote
 subscriber slows the publisher and nothing is dropped. Realtime and latest
 topics never stall: out of credit, the bridge keeps each topic's newest
 message for when credit returns, and counts what it replaces.
 
-Batching is opportunistic: what was taken is sent as soon as the inbox is
+Batching is opportunistic: what was taken is sent as soon as the ring sets are
 empty, coalescing what queued meanwhile (up to BATCH_BYTES), so a lone
 small message never waits for a timer. Priorities: control > params >
 gradients by topic prefix, drained in that order while the link's bytes in
@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from tensorbus._core import FLAG_BRIDGED, FLAG_GAP, Inbox, Subscriber, TensorbusError
+from tensorbus._core import FLAG_BRIDGED, FLAG_GAP, RingSet, Subscriber, TensorbusError
 from tensorbus.broker import peer_wire as W
 from tensorbus.broker.link import INFLIGHT_BYTES
 from tensorbus.broker.topics import (
@@ -60,7 +60,7 @@ DEFAULT_PRIORITIES = (
 )
 DEFAULT_PRIORITY = 1
 BATCH_BYTES = 64 << 10  # inline entries up to this; a batch is sent at this size
-TAKE = 8  # messages taken from an inbox at a time
+TAKE = 8  # messages taken from a ring set at a time
 APP_FLAGS = 0x00FF  # the slot flags an application sets; ours never cross a link
 
 
@@ -105,10 +105,10 @@ class OutTopic:
 
 class OutClass(NamedTuple):
     """One priority class of a peer's outbound topics: the bridge's
-    subscription, the inbox its cursors are read through, its FIFO bell's fd."""
+    subscription, the ring set its cursors are read through, its FIFO bell's fd."""
 
     sub: object  # registry.Subscription
-    inbox: Inbox
+    rings: RingSet
     fd: int
 
 
@@ -145,11 +145,11 @@ class Outbound:
                     lambda name, p=prio: self.wants(name) and self.prio(name) == p,
                     self._attach,
                 )
-                inbox = Inbox(
+                rings = RingSet(
                     registry.bells, bell["index"], waiter=self.bridge.waiter, raise_gaps=False
                 )
                 fd = os.open(bell["fifo"], os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-                self.classes[prio] = OutClass(sub, inbox, fd)
+                self.classes[prio] = OutClass(sub, rings, fd)
                 asyncio.get_running_loop().add_reader(fd, self._fifo_ready, fd)
         for name in [n for n in self.out if not self.wants(n)]:
             self._detach(name)
@@ -172,7 +172,7 @@ class Outbound:
         tid = self.out_ids.setdefault(topic.name, len(self.out_ids) + 1)
         t = OutTopic(topic.name, tid, topic.qos, prio, core)
         self.out[topic.name] = t
-        self.classes[prio].inbox.add(topic.name, core)
+        self.classes[prio].rings.add(topic.name, core)
         if self.link is not None and self.link.up:
             self._announce(t)
         self.kick()
@@ -180,7 +180,7 @@ class Outbound:
     def _detach(self, name: str) -> None:
         t = self.out.pop(name)
         if not t.parked:
-            self.classes[t.prio].inbox.remove(name)
+            self.classes[t.prio].rings.remove(name)
         t.sub.close()
         self.bridge.registry.drop_cursor(self.classes[t.prio].sub, name)
 
@@ -193,11 +193,11 @@ class Outbound:
         for entry in self.classes:
             if entry is None:
                 continue
-            sub, inbox, fd = entry
+            sub, rings, fd = entry
             with contextlib.suppress(Exception):
                 loop.remove_reader(fd)
             os.close(fd)
-            inbox.close()
+            rings.close()
             self.bridge.registry.close_subscription(sub)
         self.classes = [None, None, None]
 
@@ -229,7 +229,7 @@ class Outbound:
         if self.armed:
             for entry in self.classes:
                 if entry is not None:
-                    entry.inbox.disarm()
+                    entry.rings.disarm()
             self.armed = False
 
     def _pump(self) -> None:
@@ -251,13 +251,13 @@ class Outbound:
                     m, t.newest = t.newest, None
                     self._encode_one(m, batch, bodies)
             for prio in range(3):
-                inbox = self.classes[prio].inbox
+                rings = self.classes[prio].rings
                 while True:
                     if link.inflight() >= budget:
                         budget_hit = True
                         break
                     try:
-                        msgs = inbox.take(TAKE)
+                        msgs = rings.take(TAKE)
                     except TensorbusError as exc:  # a cursor the broker took back
                         log.warning("peer %s: bridge read failed: %s", self.name, exc)
                         self.counters["bad"] += 1
@@ -279,7 +279,7 @@ class Outbound:
             if budget_hit:
                 return
             self.armed = True
-            if all(entry.inbox.arm() for entry in self.classes):
+            if all(entry.rings.arm() for entry in self.classes):
                 return
             self.disarm()  # something arrived while arming: go again
 
@@ -332,7 +332,7 @@ class Outbound:
         if body is not None:
             bodies.append(body)
         if t.qos == "reliable" and (t.credit_msgs <= 0 or t.credit_bytes <= 0) and not t.parked:
-            self.classes[t.prio].inbox.remove(t.name)  # its cursor stalls: backpressure upstream
+            self.classes[t.prio].rings.remove(t.name)  # its cursor stalls: backpressure upstream
             t.parked = True
 
     def on_credit(self, grants: list) -> None:
@@ -345,6 +345,6 @@ class Outbound:
             t.credit_msgs += msgs
             t.credit_bytes += nbytes
             if t.parked and t.credit_msgs > 0 and t.credit_bytes > 0:
-                self.classes[t.prio].inbox.add(t.name, t.sub)
+                self.classes[t.prio].rings.add(t.name, t.sub)
                 t.parked = False
         self.kick()

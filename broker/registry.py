@@ -25,7 +25,14 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tensorbus._core import CapacityError, Ring, SegmentError, TensorbusError
+from tensorbus._core import (
+    MAX_CAPACITY,
+    MAX_SLOT_SIZE,
+    CapacityError,
+    Ring,
+    SegmentError,
+    TensorbusError,
+)
 from tensorbus._core.arena import MAX_HOLDERS
 from tensorbus.broker import protocol as P
 from tensorbus.broker.stats import TopicMeter
@@ -39,8 +46,6 @@ from tensorbus.broker.topics import (
 )
 
 __all__ = [
-    "MAX_CAPACITY",
-    "MAX_SLOT_SIZE",
     "Group",
     "Registry",
     "Session",
@@ -50,9 +55,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("tensorbus.broker")
-
-MAX_CAPACITY = 1 << 24
-MAX_SLOT_SIZE = 1 << 26
 
 
 @dataclass(eq=False)

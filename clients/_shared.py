@@ -1,7 +1,7 @@
 """What the sync and the asyncio client share: the shared memory a client
 maps (rings, the broker's bell table and tensor arena, one wait policy) and
 the state of one
-subscription (its inbox, and what the broker's notices told it).
+subscription (its ring set, and what the broker's notices told it).
 
 Nothing here does I/O on the control socket; each client does that its own
 way (blocking or awaiting) and hands notices to :meth:`Subscription.on_notice`.
@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 
-from tensorbus._core import Arena, BellTable, Inbox, Message, Ring, SlowConsumer, Waiter
+from tensorbus._core import Arena, BellTable, Message, Ring, RingSet, SlowConsumer, Waiter
 from tensorbus._core import Subscriber as _RingSubscriber
 from tensorbus._core.errors import ReceiveTimeout, TensorbusError
 from tensorbus.broker.paths import default_url
@@ -139,8 +139,8 @@ class Mappings:
         """Arena blocks this client still holds views of."""
         return self.holder.held if self.holder is not None else 0
 
-    def inbox(self, bell: dict) -> Inbox:
-        return Inbox(self.bells, bell["index"], waiter=self.waiter)
+    def ringset(self, bell: dict) -> RingSet:
+        return RingSet(self.bells, bell["index"], waiter=self.waiter)
 
     def detach(self) -> None:
         """Unmap every ring no endpoint uses any more."""
@@ -157,7 +157,7 @@ class Subscription:
         self.pattern = pattern
         self.id: int = reply["sub"]
         self._maps = maps
-        self._inbox = maps.inbox(reply["bell"])
+        self._rings = maps.ringset(reply["bell"])
         self._evicted: dict[str, str] = {}
         self._broker_gone: str | None = None
         for member in reply["members"]:
@@ -168,7 +168,7 @@ class Subscription:
         core = _RingSubscriber(
             self._maps.ring(info), cursor=member["cursor"], generation=member["generation"]
         )
-        self._inbox.add(info["name"], core)
+        self._rings.add(info["name"], core)
 
     def on_notice(self, kind: str, fields: dict) -> None:
         """Apply a notice of the broker: a new topic to read, an eviction, a shutdown."""
@@ -188,7 +188,7 @@ class Subscription:
         return SlowConsumer(f"{exc}" + (f" ({reasons})" if reasons else ""))
 
     def _check_broker(self) -> None:
-        if self._broker_gone and not self._inbox.topic_names:
+        if self._broker_gone and not self._rings.topic_names:
             raise BrokerUnavailable(f"the broker went away: {self._broker_gone}", "unavailable")
 
     def _take(self, max_n: int, keep_gap: bool = False) -> list[Message]:
@@ -196,14 +196,14 @@ class Subscription:
         ``keep_gap``: the caller holds a message already, so a gap marker met
         first is raised by the next call, not this one."""
         try:
-            return self._inbox.take(max_n, keep_gap)
+            return self._rings.take(max_n, keep_gap)
         except SlowConsumer as exc:
             raise self._slow_consumer(exc) from None
 
     @property
     def topics(self) -> list[str]:
         """The topics this subscription reads now."""
-        return self._inbox.topic_names
+        return self._rings.topic_names
 
 
 class Endpoint:

@@ -25,6 +25,7 @@ import zmq.asyncio
 
 from tensorbus._core import BackpressureError, Message
 from tensorbus._core.errors import ReceiveTimeout
+from tensorbus._core.tensors import from_object
 from tensorbus.broker import protocol as P
 from tensorbus.broker.topics import validate_pattern, validate_topic
 from tensorbus.clients._shared import (
@@ -361,6 +362,7 @@ class AsyncPublisher:
         self.qos: str = info["qos"]
         self.timeout = timeout
         self._pub = client._maps.ring(info).publisher(timeout=timeout)
+        self._pub.encoder = from_object  # torch tensors, __dlpack__ objects
         self._pub.inline_max = min(
             info["slot_size"], INLINE_MAX if inline_max is None else max(0, inline_max)
         )
@@ -451,7 +453,7 @@ class AsyncSubscriber(Subscription, AsyncEndpoint):
         # O_RDWR: we hold a writer ourselves, so the pipe never reads as EOF
         # (which would make it readable forever) while no publisher has it open.
         self._fd = os.open(reply["bell"]["fifo"], os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        # Notices wait here until recv is between sleeps: an armed inbox
+        # Notices wait here until recv is between sleeps: an armed ring set
         # cannot take a new member.
         self._notices: collections.deque[tuple[str, dict]] = collections.deque()
         self._waiter: asyncio.Future | None = None
@@ -479,7 +481,7 @@ class AsyncSubscriber(Subscription, AsyncEndpoint):
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            self._inbox.notice()
+            self._rings.notice()
             while self._notices:
                 super().on_notice(*self._notices.popleft())
             batch = self._take(1)
@@ -489,7 +491,7 @@ class AsyncSubscriber(Subscription, AsyncEndpoint):
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise ReceiveTimeout(f"no message on {self.pattern!r} within {timeout:g} s")
-            if self._notices or not self._inbox.arm():
+            if self._notices or not self._rings.arm():
                 continue
             self._waiter = loop.create_future()
             loop.add_reader(self._fd, self._wake)
@@ -499,10 +501,10 @@ class AsyncSubscriber(Subscription, AsyncEndpoint):
             finally:
                 loop.remove_reader(self._fd)
                 self._waiter = None
-                self._inbox.disarm()
+                self._rings.disarm()
                 self._drain_fifo()
             if not done:
-                self._inbox.check_stalls()
+                self._rings.check_stalls()
 
     def _more(self, max_n: int) -> list:
         return self._take(max_n, keep_gap=True)
@@ -512,7 +514,7 @@ class AsyncSubscriber(Subscription, AsyncEndpoint):
             return
         self._closed = True
         self._wake()
-        self._inbox.close()
+        self._rings.close()
         os.close(self._fd)
         self.client._subscriptions.pop(self.id, None)
         with contextlib.suppress(Exception):

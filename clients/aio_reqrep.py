@@ -146,7 +146,7 @@ class AsyncRequestStream:
 
     def _wait(self, timeout: float) -> Message | None:
         """In the worker thread: the next message, or None after ``timeout``."""
-        inbox = self._reader._inbox
+        inbox = self._reader._rings
         try:
             msg = inbox.recv(timeout)
         except ReceiveTimeout:
@@ -242,7 +242,7 @@ class AsyncRequestStream:
             loop = asyncio.get_running_loop()
             with contextlib.suppress(Exception):
                 # In the worker: after its wait, never under it.
-                await loop.run_in_executor(self._pool, reader._inbox.close)
+                await loop.run_in_executor(self._pool, reader._rings.close)
             self.client._subscriptions.pop(reader.id, None)
             if not self.client._closed:
                 with contextlib.suppress(Exception):

@@ -4,7 +4,7 @@ A :class:`Client` holds one control connection to the broker (a ZeroMQ
 DEALER speaking broker/protocol.py). Publishing and receiving do not touch
 that connection: a :class:`Publisher` writes straight into its topic's
 shared-memory ring, and a :class:`Subscriber` reads the rings of every topic
-its pattern matches through one doorbell (an Inbox). The broker is asked only
+its pattern matches through one doorbell (a RingSet). The broker is asked only
 to open, subscribe and close, and it tells a subscriber when a new topic
 matches its pattern (a notice).
 
@@ -25,6 +25,7 @@ import zmq
 
 from tensorbus._core import Message, SlowConsumer
 from tensorbus._core.errors import ReceiveTimeout
+from tensorbus._core.tensors import from_object
 from tensorbus.broker import protocol as P
 from tensorbus.broker.topics import INBOX_PREFIX, validate_pattern, validate_topic
 from tensorbus.clients._shared import (
@@ -447,6 +448,7 @@ class Publisher:
         self.qos: str = info["qos"]
         self.slot_size: int = info["slot_size"]
         self._pub = client._maps.ring(info).publisher(timeout=timeout)
+        self._pub.encoder = from_object  # torch tensors, __dlpack__ objects
         self._pub.inline_max = min(
             self.slot_size, INLINE_MAX if inline_max is None else max(0, inline_max)
         )
@@ -521,7 +523,7 @@ class Subscriber(Subscription, Endpoint):
                 self._check_broker()
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                msg = self._inbox.recv(left)
+                msg = self._rings.recv(left)
             except SlowConsumer as exc:
                 self.client._drain_notices(wait=0.2)  # the eviction notice has the reason
                 raise self._slow_consumer(exc) from None
@@ -530,7 +532,7 @@ class Subscriber(Subscription, Endpoint):
             if self._closed:  # closed from another thread while we waited
                 raise ClientClosed("the subscriber is closed")
             # The bell's notice flag was up (or a ring closed): read the news.
-            self._inbox.notice()
+            self._rings.notice()
             self.client._drain_notices(wait=0.2)
             if deadline is not None and time.monotonic() >= deadline:
                 raise ReceiveTimeout(f"no message on {self.pattern!r} within {timeout:g} s")
@@ -545,7 +547,7 @@ class Subscriber(Subscription, Endpoint):
         self._closed = True
         if self.client._pid != os.getpid():
             return
-        self._inbox.close()
+        self._rings.close()
         self.client._subscriptions.pop(self.id, None)
         if not self.client._closed:
             try:

@@ -1,4 +1,5 @@
-"""The receiving end of one subscription: every ring its pattern matches.
+"""RingSet: the receiving end of one subscription, every ring its pattern
+matches. (Not to be confused with request/reply's ``_inbox/`` reply topics.)
 
 Each member ring has a cursor of this subscription, and every one of those
 cursors names the same doorbell in the broker's bell table, so a waiter
@@ -31,6 +32,7 @@ cdef extern from "<string.h>" nogil:
     size_t strnlen(const char *s, size_t maxlen)
 
 from tensorbus._core.arena cimport Hold, Holder
+from tensorbus._core.message cimport Message
 from tensorbus._core.bells cimport BellTable
 from tensorbus._core.layout cimport (
     TB_CURSOR_EVICTED,
@@ -41,16 +43,25 @@ from tensorbus._core.layout cimport (
     TB_MSG_ARENA,
     TB_MSG_INLINE,
     TB_MSG_TENSOR,
+    TB_SLOT_GAP,
     TB_SLOT_HEADER_BYTES,
     tb_slot_header_t,
     tb_tensor_desc_t,
 )
-from tensorbus._core.ring cimport Subscriber, cursor_ready, reclaim_passed, timeout_to_ns
+from tensorbus._core.ring cimport (
+    TB_ST_CLOSED,
+    TB_ST_EVICTED,
+    TB_ST_OK,
+    tb_cursor_ready,
+    tb_reclaim_passed,
+    tb_ring_advance,
+    tb_ring_poll,
+    tb_ring_still_there,
+    timeout_to_ns,
+)
+from tensorbus._core.subscriber cimport Subscriber
 from tensorbus._core.wait cimport Waiter
 
-import numpy as _np
-
-from tensorbus._core import tensors as _tensors
 
 from tensorbus._core.errors import (
     GapError,
@@ -61,145 +72,23 @@ from tensorbus._core.errors import (
     TensorbusError,
 )
 
-__all__ = ["Inbox", "Message"]
+__all__ = ["RingSet"]
 
 _TAGS = {}  # dtype tag bytes -> str, so a steady stream decodes nothing
 
-cdef enum:
-    GAP_FLAG = 0x4000  # ring.FLAG_GAP: a bridge's gap marker
-
-cdef enum Status:  # as in ring.pyx
-    ST_OK = 0
-    ST_EMPTY = 1
-    ST_CLOSED = 2
-    ST_EVICTED = 5
-
-
-cdef class Message:
-    """One received message.
-
-    ``data`` is what was sent: a read-only memoryview for bytes and buffers,
-    a read-only numpy array (same dtype and shape) for arrays and tensors.
-    Small payloads were copied out of the ring slot; large tensors are views
-    of the arena block, which stays reserved while ``data`` or any view made
-    from it lives. ``release()`` (or leaving a ``with`` block) drops the
-    message's own references early; ``as_torch()`` gives a torch tensor over
-    the same memory."""
-
-    @property
-    def data(self):
-        if self.view is not None:
-            return self.view
-        if self.payload is None and self.hold is None:
-            raise TensorbusError("the message was released")
-        if self.dtype is None:
-            self.view = memoryview(self.payload)
-        else:
-            self.view = self._array(False)
-        return self.view
-
-    def _array(self, bint writable):
-        src = self.hold if self.hold is not None else self.payload
-        if self.dtype == _tensors.BYTES_TAG:
-            mv = memoryview(src)
-            return mv if writable else mv.toreadonly()
-        dt = _tensors.numpy_dtype(self.dtype)
-        try:
-            arr = _np.frombuffer(src, dtype=dt, count=self.size // dt.itemsize).reshape(self.shape)
-        except ValueError as exc:
-            raise TensorbusError(f"message {self.seq} of {self.topic!r} has an inconsistent "
-                                 f"tensor descriptor ({self.dtype}, {self.shape}, "
-                                 f"{self.size} bytes): {exc}") from None
-        if not writable:
-            arr.flags.writeable = False
-        elif not arr.flags.writeable:
-            arr = arr.copy()  # an inline payload: small, and bytes are immutable
-        return arr
-
-    def as_torch(self):
-        """A torch tensor of the message's data: over the same arena memory
-        for large tensors (do not write it: other subscribers see the same
-        block; ``.clone()`` first), a copy for small inline ones."""
-        if self.payload is None and self.hold is None:
-            raise TensorbusError("the message was released")
-        if self.dtype is None or self.dtype == _tensors.BYTES_TAG:
-            import torch
-            return torch.frombuffer(bytearray(self.payload if self.hold is None
-                                              else memoryview(self.hold)), dtype=torch.uint8)
-        return _tensors.to_torch(self._array(True), self.dtype)
-
-    def __dlpack__(self, **kwargs):
-        return self.data.__dlpack__(**kwargs)
-
-    def __dlpack_device__(self):
-        return (1, 0)  # kDLCPU
-
-    @property
-    def is_tensor(self) -> bool:
-        """True for arrays and tensors (``data`` is an ndarray)."""
-        return self.dtype is not None and self.dtype != _tensors.BYTES_TAG
-
-    @property
-    def zero_copy(self) -> bool:
-        """True if ``data`` views the arena rather than a copy."""
-        return self.hold is not None
-
-    @property
-    def meta(self):
-        """The 32 bytes of application metadata sent with a tensor, or None."""
-        return self.meta_bytes
-
-    @property
-    def nbytes(self) -> int:
-        return self.size
-
-    def __bytes__(self):
-        if self.payload is None and self.hold is None:
-            raise TensorbusError("the message was released")
-        if self.hold is not None:
-            return bytes(memoryview(self.hold))
-        return self.payload
-
-    def __len__(self):
-        return self.size
-
-    def release(self) -> None:
-        """Drop this message's references to its data. An arena block goes
-        back once no view made from ``data`` is alive either."""
-        if self.view is not None and type(self.view) is memoryview:
-            try:
-                self.view.release()
-            except BufferError:
-                pass  # something still views it: it keeps the data alive
-        self.view = None
-        self.payload = None
-        self.hold = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
-    def __repr__(self):
-        kind = f" {self.dtype}{list(self.shape)}" if self.dtype is not None else ""
-        return (f"<Message topic={self.topic!r} seq={self.seq} nbytes={self.size}{kind} "
-                f"timestamp_ns={self.timestamp_ns}>")
-
-
-cdef bint inbox_ready(void *p) noexcept nogil:
-    cdef InboxWait *w = <InboxWait *>p
+cdef bint ringset_ready(void *p) noexcept nogil:
+    cdef RingSetWait *w = <RingSetWait *>p
     cdef int k
     if tb_load_acq32(&w.bell.notice):
         return True
     for k in range(w.n):
-        if cursor_ready(w.members[k].v, w.members[k].cur, w.members[k].pos[0],
+        if tb_cursor_ready(w.members[k].v, w.members[k].cur, w.members[k].pos[0],
                         w.members[k].latest):
             return True
     return False
 
 
-cdef class Inbox:
+cdef class RingSet:
     """Subscribers of several rings sharing doorbell ``bell_index``."""
 
     def __cinit__(self, BellTable bells, uint32_t bell_index, Waiter waiter=None, spin_us=None,
@@ -231,11 +120,11 @@ cdef class Inbox:
             self._bury()
 
     def add(self, str topic, Subscriber sub) -> None:
-        """Add ``sub`` (a cursor naming this inbox's bell) under ``topic``."""
-        if sub.cur.bell_ref != self.bell_index + 1:
+        """Add ``sub`` (a cursor naming this ring set's bell) under ``topic``."""
+        if sub.r.cur.bell_ref != self.bell_index + 1:
             raise ValueError(f"the cursor of {topic!r} does not name bell {self.bell_index}")
         if self.armed:
-            raise TensorbusError("cannot add a ring while the inbox is armed")
+            raise TensorbusError("cannot add a ring while the ring set is armed")
         self.subs.append(sub)
         self.topics.append(topic)
         self._rebuild()
@@ -243,7 +132,7 @@ cdef class Inbox:
     def remove(self, str topic) -> Subscriber:
         """Take ``topic``'s subscriber out (the caller closes it)."""
         if self.armed:
-            raise TensorbusError("cannot remove a ring while the inbox is armed")
+            raise TensorbusError("cannot remove a ring while the ring set is armed")
         k = self.topics.index(topic)
         self.topics.pop(k)
         sub = self.subs.pop(k)
@@ -266,9 +155,9 @@ cdef class Inbox:
         for k in range(n):
             sub = self.subs[k]
             members[k].v = sub.v
-            members[k].cur = sub.cur
-            members[k].pos = &sub.pos
-            members[k].latest = sub.latest
+            members[k].cur = sub.r.cur
+            members[k].pos = &sub.r.pos
+            members[k].latest = sub.r.latest
             sleepers[k] = &sub.v.h.sleepers
         if self.waiting:
             # Another thread sleeps on the old arrays (a notice attached a
@@ -302,22 +191,22 @@ cdef class Inbox:
         while k < self.n:
             i = (self.next + k) % self.n
             sub = <Subscriber>self.subs[i]
-            if sub.group:
-                sub.pos = tb_load_acq64(&sub.cur.position)  # shared with the other members
-            st = sub._poll(&s)
-            if st == ST_OK:
+            if sub.r.group:
+                sub.r.pos = tb_load_acq64(&sub.r.cur.position)  # shared with the other members
+            st = tb_ring_poll(sub.v, &sub.r, &s)
+            if st == TB_ST_OK:
                 if s.type != TB_MSG_INLINE:
                     m = self._take_tensor(sub, s, i)
-                    if m is not None and sub.claimed:
+                    if m is not None and sub.r.claimed:
                         self.next = i + 1
                         return m
                     continue  # skipped, or another member claimed it: look again
                 payload = sub._take(s)
-                if payload is not None and not sub.claimed:
+                if payload is not None and not sub.r.claimed:
                     continue  # another member of the queue group took it
                 if payload is not None:
                     self.next = i + 1
-                    if sub.last_flags & GAP_FLAG and self.raise_gaps:  # a gap marker, consumed
+                    if sub.last_flags & TB_SLOT_GAP and self.raise_gaps:  # a gap marker, consumed
                         raise GapError.from_marker(payload, <str>self.topics[i])
                     m = Message.__new__(Message)
                     m.payload = payload
@@ -327,10 +216,10 @@ cdef class Inbox:
                     m.timestamp_ns = sub.last_timestamp_ns
                     m.flags = sub.last_flags
                     return m
-                st = ST_EVICTED  # evicted while we copied: the copy may be torn
-            if st == ST_EVICTED:
+                st = TB_ST_EVICTED  # evicted while we copied: the copy may be torn
+            if st == TB_ST_EVICTED:
                 raise self._evicted(i)
-            if st == ST_CLOSED:
+            if st == TB_ST_CLOSED:
                 self.closed_members += 1
                 self.topics.pop(i)
                 self.subs.pop(i)
@@ -373,7 +262,7 @@ cdef class Inbox:
                 if sub.ring.arena is None or d.offset + nbytes > sub.ring.arena.size:
                     return self._skip(sub)  # an arena descriptor outside the arena
                 payload = sub.ring.arena.copy_out(d.offset, nbytes)
-                if not sub._still_there(s):
+                if not tb_ring_still_there(sub.v, &sub.r):
                     return self._skip(sub)  # overwritten while we copied
             else:
                 if d.offset + nbytes > holder.arena.a.data_size:
@@ -383,12 +272,12 @@ cdef class Inbox:
                 hold = Hold._make(holder, d.block, d.offset, nbytes)
         else:
             return self._skip(sub)  # an unknown message type
-        if tb_load_acq32(&sub.cur.state) == TB_CURSOR_EVICTED:
+        if tb_load_acq32(&sub.r.cur.state) == TB_CURSOR_EVICTED:
             raise self._evicted(i)  # evicted while we copied: the copy may be torn
         sub._note(s)
-        sub._advance()
+        tb_ring_advance(sub.v, &sub.r)
         if hold is not None:
-            reclaim_passed(sub.v)
+            tb_reclaim_passed(sub.v)
         m = Message.__new__(Message)
         m.payload = payload
         m.hold = hold
@@ -409,9 +298,9 @@ cdef class Inbox:
     cdef _skip(self, Subscriber sub):
         """Consume a message that cannot be delivered, counting it as a drop
         (a queue-group member only if it won the message)."""
-        sub._advance()
-        if sub.claimed:
-            tb_fetch_add_u64(&sub.cur.drops, 1)
+        tb_ring_advance(sub.v, &sub.r)
+        if sub.r.claimed:
+            tb_fetch_add_u64(&sub.r.cur.drops, 1)
         return None
 
     def poll(self):
@@ -441,7 +330,7 @@ cdef class Inbox:
         cdef int64_t timeout_ns = timeout_to_ns(timeout)
         cdef int64_t deadline = -1 if timeout_ns < 0 else tb_now_ns() + timeout_ns
         cdef int64_t now, slice_ns
-        cdef InboxWait w
+        cdef RingSetWait w
         cdef bint ready
         while True:
             if (tb_load_acq32(&self.bell.notice) or self.closed_members != closed_before
@@ -458,7 +347,7 @@ cdef class Inbox:
             w.bell = self.bell
             self.waiting += 1
             with nogil:
-                ready = self.waiter.wait(inbox_ready, &w, &self.bell.seq, &self.bell.sleeping,
+                ready = self.waiter.wait(ringset_ready, &w, &self.bell.seq, &self.bell.sleeping,
                                          self.sleepers, self.n, slice_ns)
             self.waiting -= 1
             if self.graveyard and not self.waiting:
@@ -505,7 +394,7 @@ cdef class Inbox:
         """Announce a sleep (the caller then waits for the FIFO to become
         readable). False, and nothing announced, if there is already
         something to read or a notice: poll again instead."""
-        cdef InboxWait w
+        cdef RingSetWait w
         cdef int k
         if self.armed:
             return True
@@ -517,7 +406,7 @@ cdef class Inbox:
         w.members = self.members
         w.n = self.n
         w.bell = self.bell
-        if inbox_ready(&w):
+        if ringset_ready(&w):
             self.disarm()
             return False
         return True

@@ -2,42 +2,29 @@
 # pattern matches, sharing one doorbell, read round-robin.
 from libc.stdint cimport int64_t, uint32_t
 
-from tensorbus._core.arena cimport Hold
+from tensorbus._core.message cimport Message
 from tensorbus._core.bells cimport BellTable
 from tensorbus._core.layout cimport tb_bell_t, tb_cursor_t, tb_slot_header_t
-from tensorbus._core.ring cimport RingView, Subscriber
+from tensorbus._core.ring cimport tb_ring_t
+from tensorbus._core.subscriber cimport Subscriber
 from tensorbus._core.wait cimport Waiter
-
-
-cdef class Message:
-    cdef readonly str topic
-    cdef readonly int64_t seq           # the message's sequence in its topic's ring
-    cdef readonly int64_t timestamp_ns  # CLOCK_REALTIME at publish
-    cdef readonly int flags
-    cdef bytes payload                  # inline messages are copied out of the slot
-    cdef object view                    # what .data handed out (memoryview or ndarray)
-    cdef Hold hold                      # arena messages: keeps the block alive
-    cdef readonly str dtype             # tensors: the dtype tag; None for plain bytes
-    cdef readonly tuple shape           # tensors: the shape
-    cdef bytes meta_bytes               # tensors: the application's 32 bytes
-    cdef Py_ssize_t size                # bytes of data
 
 
 # What a nogil waiter needs of one member, pointing into the Subscriber.
 cdef struct Member:
-    RingView *v
+    tb_ring_t *v
     tb_cursor_t *cur
     int64_t *pos
     bint latest
 
 
-cdef struct InboxWait:
+cdef struct RingSetWait:
     Member *members
     int n
     tb_bell_t *bell
 
 
-cdef class Inbox:
+cdef class RingSet:
     cdef readonly BellTable bells
     cdef readonly uint32_t bell_index
     cdef tb_bell_t *bell

@@ -1,4 +1,4 @@
-"""The bell table and the inbox (one subscription over several rings),
+"""The bell table and the ring set (one subscription over several rings),
 without a broker: the core pieces the broker hands out."""
 
 import os
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tensorbus._core import BellTable, Inbox, ReceiveTimeout, SlowConsumer, Subscriber
+from tensorbus._core import BellTable, ReceiveTimeout, RingSet, SlowConsumer, Subscriber
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -35,59 +35,59 @@ def member(ring, bell, latest=False):
 
 def test_one_bell_wakes_a_waiter_for_every_ring(bells, rings):
     a, b = rings(), rings()
-    inbox = Inbox(bells, 3)
-    inbox.add("a", member(a, 3))
-    inbox.add("b", member(b, 3))
+    rs = RingSet(bells, 3)
+    rs.add("a", member(a, 3))
+    rs.add("b", member(b, 3))
     pub = b.publisher()
 
     def later():
-        time.sleep(0.2)  # long enough for the inbox to be asleep on the futex
+        time.sleep(0.2)  # long enough for the ring set to be asleep on the futex
         pub.send(b"from b")
 
     t = threading.Thread(target=later)
     t.start()
-    msg = inbox.recv(timeout=5)
+    msg = rs.recv(timeout=5)
     t.join()
     assert (msg.topic, bytes(msg.data), msg.seq) == ("b", b"from b", 0)
     with pytest.raises(ReceiveTimeout):
-        inbox.recv(timeout=0.05)
-    inbox.close()
+        rs.recv(timeout=0.05)
+    rs.close()
 
 
 def test_members_are_read_round_robin_and_in_order(bells, rings):
     a, b = rings(), rings()
-    inbox = Inbox(bells, 0)
-    inbox.add("a", member(a, 0))
-    inbox.add("b", member(b, 0))
+    rs = RingSet(bells, 0)
+    rs.add("a", member(a, 0))
+    rs.add("b", member(b, 0))
     for i in range(3):
         a.publisher().send(b"a%d" % i)
         b.publisher().send(b"b%d" % i)
-    got = [bytes(m.data) for m in inbox.take(10)]
+    got = [bytes(m.data) for m in rs.take(10)]
     assert got == [b"a0", b"b0", b"a1", b"b1", b"a2", b"b2"]
-    inbox.close()
+    rs.close()
 
 
 def test_a_notice_interrupts_the_wait(bells, rings):
-    inbox = Inbox(bells, 1)
-    inbox.add("a", member(rings(), 1))
+    rs = RingSet(bells, 1)
+    rs.add("a", member(rings(), 1))
     threading.Timer(0.1, bells.notify, args=(1,)).start()
-    assert inbox.recv(timeout=5) is None
-    assert inbox.notice() is True and inbox.notice() is False
-    inbox.close()
+    assert rs.recv(timeout=5) is None
+    assert rs.notice() is True and rs.notice() is False
+    rs.close()
 
 
 def test_an_eviction_after_some_messages_keeps_them(bells, rings):
     a, b = rings(), rings()
-    inbox = Inbox(bells, 2)
-    inbox.add("a", member(a, 2))
-    inbox.add("b", member(b, 2))
+    rs = RingSet(bells, 2)
+    rs.add("a", member(a, 2))
+    rs.add("b", member(b, 2))
     a.publisher().send(b"kept")
     cursor = a.cursor_lags()[0][:2]
     b_cursor = b.cursor_lags()[0][:2]
     assert b.evict_cursor(*b_cursor)
-    assert [bytes(m.data) for m in inbox.take(10)] == [b"kept"]
+    assert [bytes(m.data) for m in rs.take(10)] == [b"kept"]
     with pytest.raises(SlowConsumer):
-        inbox.take(10)
+        rs.take(10)
     assert a.free_cursor(*cursor)
 
 
@@ -96,13 +96,13 @@ def test_latest_reader_gets_the_current_value_then_only_newer(bells, rings):
     pub = ring.publisher()
     for i in range(3):
         pub.send(bytes([i]))
-    inbox = Inbox(bells, 4)
-    inbox.add("p", member(ring, 4, latest=True))
-    assert inbox.recv(timeout=1).data[0] == 2
+    rs = RingSet(bells, 4)
+    rs.add("p", member(ring, 4, latest=True))
+    assert rs.recv(timeout=1).data[0] == 2
     for i in range(3, 10):
         pub.send(bytes([i]))
-    assert [m.data[0] for m in inbox.take(10)] == [9]
-    inbox.close()
+    assert [m.data[0] for m in rs.take(10)] == [9]
+    rs.close()
 
 
 def test_fifo_bell_is_written_only_while_armed(bells, rings, tmp_path):
@@ -112,25 +112,25 @@ def test_fifo_bell_is_written_only_while_armed(bells, rings, tmp_path):
     fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
     try:
         ring = rings()
-        inbox = Inbox(bells, 5)
-        inbox.add("a", member(ring, 5))
+        rs = RingSet(bells, 5)
+        rs.add("a", member(ring, 5))
         pub = ring.publisher()
         pub.send(b"unarmed")  # nobody announced a sleep: no byte written
         assert select.select([fd], [], [], 0.05)[0] == []
-        assert inbox.arm() is False  # something is there already: poll, do not sleep
-        assert bytes(inbox.poll().data) == b"unarmed"
-        assert inbox.arm() is True
+        assert rs.arm() is False  # something is there already: poll, do not sleep
+        assert bytes(rs.poll().data) == b"unarmed"
+        assert rs.arm() is True
         pub.send(b"armed")
         assert select.select([fd], [], [], 2)[0] == [fd]
-        inbox.disarm()
+        rs.disarm()
         assert os.read(fd, 16) == b"\x01"
-        assert bytes(inbox.poll().data) == b"armed"
-        inbox.close()
+        assert bytes(rs.poll().data) == b"armed"
+        rs.close()
     finally:
         os.close(fd)
 
 
 def test_a_cursor_of_another_bell_is_refused(bells, rings):
-    inbox = Inbox(bells, 6)
+    rs = RingSet(bells, 6)
     with pytest.raises(ValueError, match="does not name bell 6"):
-        inbox.add("a", member(rings(), 7))
+        rs.add("a", member(rings(), 7))
