@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from tensorbus._core import Arena, Loan, MessageTooLargeError, parse_size
+from tensorbus._core import Arena, Loan, MessageTooLargeError, Ring, parse_size
 
 
 @pytest.fixture
@@ -182,3 +182,25 @@ def test_a_crash_inside_the_allocator_is_repaired(make_arena):
     del loan
     st = arena.stats()
     assert st["used"] == 0 and st["largest_free"] == arena.size
+
+
+def test_realtime_arena_sends_without_readers_leave_nothing():
+    arena = Arena.create("16MiB", instance="rv")
+    try:
+        holder = arena.holder(1)
+        ring = Ring.create(capacity=2, slot_size=4096, policy="overwrite", instance="rv",
+                           holder=holder)  # fmt: skip
+        try:
+            pub = ring.publisher()
+            pub.inline_max = 0
+            for _ in range(50):
+                pub.send(np.ones(1000))
+            ring.reclaim()
+            # Nothing reads the ring: every block went back (overtaken sends,
+            # never written, cancel theirs instead of leaking them).
+            assert arena.stats()["used"] == 0
+            assert arena.stats()["allocs"] == arena.stats()["frees"]
+        finally:
+            ring.unlink()
+    finally:
+        arena.unlink()

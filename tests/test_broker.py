@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import msgpack
@@ -589,3 +590,21 @@ def test_an_ipc_session_closed_without_bye_lives_until_its_process_exits(daemon)
                 child.kill()
                 child.wait()
             child.stdout.close()
+
+
+def test_attach_while_another_thread_waits(daemon):
+    with tensorbus.connect(daemon.url) as c:
+        sub = c.subscribe("w/>")
+        got = []
+
+        def wait():
+            got.append(bytes(sub.recv(timeout=10).data))
+
+        t = threading.Thread(target=wait)
+        t.start()
+        time.sleep(0.2)  # it sleeps on the ring set's arrays now
+        for i in range(20):  # each new topic rebuilds those arrays (attach notice)
+            c.publisher(f"w/t{i}")
+        c.publisher("w/last").send(b"done")
+        t.join(10)
+        assert got == [b"done"]

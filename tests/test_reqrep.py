@@ -4,6 +4,7 @@ past a killed responder, duplicate suppression, NoResponders, timeouts,
 
 import asyncio
 import collections
+import gc
 import subprocess
 import sys
 import threading
@@ -269,3 +270,48 @@ def test_a_reply_to_a_gone_requester_does_not_recreate_its_inbox(daemon):
         assert not any(t["name"].startswith("_inbox/") for t in srv.topics())
         with pytest.raises(tensorbus.TopicError, match="reply inboxes"):
             srv.create_topic("_inbox/0000000000000001")
+
+
+def test_queue_group_under_pressure_loses_and_repeats_nothing(daemon, popen):
+    """Three members on a 4-slot ring: members that sleep while the others
+    claim on must catch up with the shared position, never move it."""
+    with tensorbus.connect(daemon.url) as c:
+        c.create_topic("grp/t", capacity=4)
+        readers = [popen("group_reader", daemon.url, "grp/t") for _ in range(3)]
+        for r in readers:
+            assert read_line(r) == "ready"
+        pub = c.publisher("grp/t")
+        n = 20000
+        for i in range(n):
+            pub.send(b"%d" % i, timeout=10)
+        got = []
+        for r in readers:
+            line = read_line(r, 30)
+            got += [int(x) for x in line.split()]
+        assert sorted(got) == list(range(n))  # each exactly once
+        stats = c.stats("grp/t")["topics"][0]
+        assert stats["drops"] == 0
+
+
+def test_private_topic_removed_under_a_queue_group(daemon):
+    with tensorbus.connect(daemon.url) as srv:
+        before = srv.stats()["broker"]["bells_free"]
+        with tensorbus.connect(daemon.url) as owner:
+            owner.create_topic("_inbox/00000000000000aa", private=True)
+            stream = srv.requests("_inbox/00000000000000aa")
+        stream.close()
+        time.sleep(0.2)
+        assert srv.stats()["broker"]["bells_free"] == before
+
+
+def test_responders_keep_a_bounded_number_of_reply_publishers(daemon):
+    with tensorbus.connect(daemon.url) as srv:
+        srv.respond("svc/many", lambda req: b"ok")
+        for _ in range(R.REPLY_PUBLISHERS + 10):
+            with tensorbus.connect(daemon.url) as cli:
+                assert bytes(cli.request("svc/many", b"x").data) == b"ok"
+        responder = srv._streams[0]
+        assert len(responder.stream._replies) <= R.REPLY_PUBLISHERS
+        gc.collect()
+        inbox_rings = [n for n in srv._maps.rings if n]  # mappings still held
+        assert len(inbox_rings) <= R.REPLY_PUBLISHERS + 2
