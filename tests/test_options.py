@@ -201,3 +201,13 @@ def test_serve_help_shows_the_tables_defaults():
     ).stdout
     for text in ("--capacity", "(default: 256)", "--peer tcp://HOST:PORT", "--log-format"):
         assert text in " ".join(out.split()), text
+
+
+def test_the_systemd_unit_starts_serve_with_flags_it_has():
+    with open(os.path.join(ROOT, "examples", "systemd", "tensorbus.service")) as f:
+        exec_start = next(line for line in f if line.startswith("ExecStart="))
+    argv = exec_start.split()
+    parser = argparse.ArgumentParser()
+    add_serve_flags(parser)
+    args = parser.parse_args(argv[argv.index("serve") + 1 :])  # exits on an unknown flag
+    assert args.ipc == "/run/tensorbus/broker.sock" and args.log_format == "json"
