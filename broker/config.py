@@ -1,4 +1,5 @@
-"""The daemon's options, one dataclass: ``tensorbus serve --help`` documents each."""
+"""The daemon's options, one dataclass: the typed result of the option table
+(broker/options.py), which documents each and holds the same defaults."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ __all__ = ["BrokerConfig"]
 
 @dataclass
 class BrokerConfig:
-    """Every daemon option; ``tensorbus serve --help`` documents each."""
+    """Every daemon option; broker/options.py documents each (its ``field``)."""
 
     ipc_path: str | None = None  # None: the per-user default
     tcp: str | None = None  # "HOST:PORT"
@@ -35,3 +36,5 @@ class BrokerConfig:
     link_port: int = 0
     link_grace_s: float = 10.0
     curve_secret: str | None = None
+    log_level: str = "warning"  # the cli configures logging from these two
+    log_format: str = "text"  # "text" or "json"

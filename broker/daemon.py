@@ -58,6 +58,8 @@ _PATTERN_OPS = frozenset(("subscribe", "list_topics", "stats"))
 # How many ended sessions are remembered, so that a connection's next
 # request hears why its session is gone (timed out, bye) instead of "no hello".
 ENDED_SESSIONS_KEPT = 1024
+# Why a session ends when its client is gone without a bye (broker/liveness.py).
+CLIENT_DEATHS = frozenset(("process exited", "process gone", "heartbeat timeout"))
 
 
 class Broker:
@@ -179,6 +181,11 @@ class Broker:
             await self.start()
         if ready is not None:
             ready(self.endpoints)
+        log.info(
+            "serving %s",
+            " ".join(self.endpoints),
+            extra={"event": "broker_started", "endpoints": self.endpoints, "pid": os.getpid()},
+        )
         tasks = [asyncio.create_task(self._receive(*entry)) for entry in self.sockets]
         tasks.append(asyncio.create_task(self.liveness.run()))
         try:
@@ -203,6 +210,11 @@ class Broker:
                 "shutting down: %d topic(s), %d session(s)",
                 len(registry.topics),
                 len(registry.sessions),
+                extra={
+                    "event": "broker_stopping",
+                    "topics": len(registry.topics),
+                    "sessions": len(registry.sessions),
+                },
             )
             for session in list(registry.sessions.values()):
                 self._send(
@@ -324,7 +336,10 @@ class Broker:
         if transport == "tcp" and self.config.token:
             token = f.get("token") or ""
             if not hmac.compare_digest(token.encode(), self.config.token.encode()):
-                log.warning("tcp client refused: bad or missing token")
+                log.warning(
+                    "tcp client refused: bad or missing token",
+                    extra={"event": "auth_failed", "transport": transport},
+                )
                 raise P.ProtocolViolation("auth_failed", "missing or wrong token")
         registry = self.registry
         old = registry.sessions.get(key)
@@ -337,7 +352,7 @@ class Broker:
         )
         if transport == "ipc":
             self.liveness.watch(session)
-        log.info("hello from %s (pid %d, %s)", session.name, pid, transport)
+        log_client(session, "joined")
         local = transport == "ipc"
         return P.encode_reply(
             request.id,
@@ -366,7 +381,7 @@ class Broker:
             self.liveness.park(session, slot)
         self.liveness.unwatch(session)
         self.bridge.session_closed(session.key)
-        log.debug("session %s dropped: %s", session.name, reason)
+        log_client(session, "died" if reason in CLIENT_DEATHS else "left", reason)
         if reason in ("bye", "heartbeat timeout"):  # the connection may speak again
             self._remember_end(session, reason)
 
@@ -465,6 +480,29 @@ class Broker:
             **registry.counters,
         }
         return P.encode_reply(request.id, topics=topics, broker=broker)
+
+
+def log_client(session: Session, what: str, reason: str | None = None) -> None:
+    """Tell the operator a client ``what`` ("joined", "left" or "died"):
+    the events client_joined, client_left and client_died."""
+    fields = {"client": session.name, "pid": session.pid, "transport": session.transport}
+    if reason is None:
+        log.info(
+            "client %s %s (pid %d, %s)",
+            session.name,
+            what,
+            session.pid,
+            session.transport,
+            extra={"event": f"client_{what}", **fields},
+        )
+    else:
+        log.info(
+            "client %s %s: %s",
+            session.name,
+            what,
+            reason,
+            extra={"event": f"client_{what}", "reason": reason, **fields},
+        )
 
 
 def _peer_credentials(frame) -> tuple[int, int] | None:

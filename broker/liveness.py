@@ -67,7 +67,6 @@ class Liveness:
 
     def _exited(self, session: Session) -> None:
         if self.registry.sessions.get(session.key) is session:
-            log.info("client %s (pid %d) died", session.name, session.pid)
             self.registry.counters["clients_lost"] += 1
             self.drop(session, "process exited")
         else:
@@ -122,7 +121,6 @@ class Liveness:
         for session in list(self.registry.sessions.values()):
             if session.transport == "tcp":
                 if now - session.last_seen > timeout:
-                    log.info("tcp client %s missed its heartbeats", session.name)
                     counters["clients_lost"] += 1
                     self.drop(session, "heartbeat timeout")
             elif session.pidfd < 0 and not pid_alive(session.pid):
@@ -186,6 +184,16 @@ class Liveness:
             sub.session.name,
             topic.name,
             reason,
+            extra={
+                "event": "subscriber_evicted",
+                "topic": topic.name,
+                "client": sub.session.name,
+                "pid": sub.session.pid,
+                "sub": sub.id,
+                "qos": topic.qos,
+                "behind_s": round(behind_s, 3),
+                "reason": reason,
+            },
         )
         self.registry.notify(sub, "evicted", {"topic": topic.name, "reason": reason})
 

@@ -71,7 +71,11 @@ class Peer(Outbound, Inbound):
             old.close()
         new_instance = self.node is not None and node != self.node
         if new_instance:
-            log.info("peer %s restarted (new node id): starting afresh", name)
+            log.info(
+                "peer %s restarted (new node id): starting afresh",
+                name,
+                extra={"event": "peer_restarted", "peer": name, "node": node},
+            )
             self.mark_gaps(f"peer {name} restarted; messages it held are lost")
             self.close_outbound()
             self.patterns.clear()
@@ -109,7 +113,20 @@ class Peer(Outbound, Inbound):
         link.send_ordered(W.encode_control("resume", sent=resume))
         if self.kind == "peer":
             self.bridge.send_interest(self)
-        log.info("link to %s %s is up (%s)", self.kind, name, link.transport)
+        log.info(
+            "link to %s %s is up (%s)",
+            self.kind,
+            name,
+            link.transport,
+            extra={
+                "event": "link_up",
+                "kind": self.kind,
+                "peer": name,
+                "node": node,
+                "transport": link.transport,
+                "reconnects": self.counters["reconnects"],
+            },
+        )
         self.kick()
 
     def on_resume(self, sent: dict) -> None:
@@ -144,7 +161,13 @@ class Peer(Outbound, Inbound):
         self.state = "down"
         self.since = time.monotonic()
         self.disarm()
-        log.warning("link to %s %s is down: %s", self.kind, self.name, reason)
+        log.warning(
+            "link to %s %s is down: %s",
+            self.kind,
+            self.name,
+            reason,
+            extra={"event": "link_down", "kind": self.kind, "peer": self.name, "reason": reason},
+        )
         if self.kind == "client":
             self.close()
             return
@@ -159,6 +182,7 @@ class Peer(Outbound, Inbound):
             "peer %s stayed down for %.1f s: its cursors are freed",
             self.name,
             self.bridge.config.link_grace_s,
+            extra={"event": "peer_lost", "peer": self.name, "reason": reason},
         )
         self.close_outbound()  # first: local publishers must not stay blocked
         self.patterns.clear()

@@ -1,6 +1,6 @@
 """The ``tensorbus`` command: run the broker and talk to it.
 
-tensorbus serve [--ipc PATH] [--tcp HOST:PORT] [--log-level L] ...
+tensorbus serve [--config FILE] [--ipc PATH] [--tcp HOST:PORT] [--log-format json] ...
 tensorbus topics [PATTERN]
 tensorbus stats [--watch [SECONDS]]
 tensorbus pub TOPIC DATA [--count N] [--interval S]
@@ -10,17 +10,15 @@ tensorbus sub PATTERN [--count N]
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
-import os
 import sys
 import time
-import tomllib
 
-from tensorbus._core.arena import parse_size
 from tensorbus._core.errors import TensorbusError
-from tensorbus.broker.daemon import BrokerConfig, BrokerStartError, run
+from tensorbus.broker.config_load import ConfigError, add_serve_flags, config_from
+from tensorbus.broker.daemon import BrokerStartError, run
+from tensorbus.broker.logs import setup_logging
 from tensorbus.clients.client import connect
 
 __all__ = ["main"]
@@ -50,100 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         "<endpoint>...' on stdout once it accepts clients; SIGTERM or "
         "SIGINT shut it down and remove every segment it made.",
     )
-    s.add_argument("--config", help="TOML file of options (the flags' long names, with _)")
-    s.add_argument(
-        "--ipc",
-        dest="ipc_path",
-        help="ipc socket path (default: "
-        "$XDG_RUNTIME_DIR/tensorbus/broker.sock or /tmp/tensorbus-$UID/broker.sock)",
-    )
-    s.add_argument(
-        "--tcp",
-        help="also serve the control protocol on HOST:PORT (tools such "
-        "as topics and stats); a non-loopback HOST needs a token or --insecure",
-    )
-    s.add_argument(
-        "--token-file",
-        help="file holding the token tcp clients must present (default: $TENSORBUS_TOKEN)",
-    )
-    s.add_argument(
-        "--insecure",
-        action="store_true",
-        default=None,
-        help="allow a non-loopback --tcp address without a token",
-    )
-    s.add_argument(
-        "--capacity",
-        dest="default_capacity",
-        type=int,
-        help="default slots per topic ring (power of two; default 256)",
-    )
-    s.add_argument(
-        "--slot-size",
-        dest="default_slot_size",
-        type=int,
-        help="default largest message in bytes (default 4096)",
-    )
-    s.add_argument("--max-subscribers", type=int, help="subscriptions per topic (default 64)")
-    s.add_argument(
-        "--max-subscriptions",
-        type=int,
-        help="subscriptions on this host (default 4096)",
-    )
-    s.add_argument("--max-topics", type=int, help="topics on this broker (default 4096)")
-    s.add_argument(
-        "--arena-size",
-        type=parse_size,
-        metavar="SIZE",
-        help="shared memory for large messages and tensors, e.g. 4GiB "
-        "(default 1GiB, or a quarter of /dev/shm if smaller)",
-    )
-    s.add_argument(
-        "--slow-consumer-grace",
-        type=float,
-        metavar="SECONDS",
-        help="evict a subscriber that stays too far behind this long "
-        "(reliable: ring full; realtime: still dropping); 0 = never (default)",
-    )
-    s.add_argument(
-        "--heartbeat",
-        dest="heartbeat_s",
-        type=float,
-        metavar="SECONDS",
-        help="heartbeat period asked of tcp clients (default 2)",
-    )
-    s.add_argument(
-        "--peer",
-        dest="peers",
-        action="append",
-        metavar="tcp://HOST:PORT",
-        help="another daemon to bridge topics with (its --tcp address); repeatable",
-    )
-    s.add_argument(
-        "--transport",
-        choices=["ucx", "tcp", "auto"],
-        help="how bridges carry data: ucx (ucxx), tcp (ZeroMQ), or auto "
-        "(ucx where ucxx imports; the default)",
-    )
-    s.add_argument(
-        "--link-port",
-        type=int,
-        metavar="PORT",
-        help="port peers attach their link channel on, beside --tcp (default: any free)",
-    )
-    s.add_argument(
-        "--link-grace",
-        dest="link_grace_s",
-        type=float,
-        metavar="SECONDS",
-        help="keep a lost peer's cursors this long before dropping them (default 10)",
-    )
-    s.add_argument(
-        "--curve-secret-file",
-        help="file holding the cluster's CURVE secret key (z85; see docs/bridge.md): "
-        "encrypts tcp between daemons and clients",
-    )
-    s.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    add_serve_flags(s)  # every option of broker/options.py that has a flag
 
     t = sub.add_parser("topics", help="list topics", description="List the broker's topics.")
     t.add_argument("pattern", nargs="?", default=None, help="only topics matching this pattern")
@@ -251,38 +156,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s tensorbus %(levelname)s %(message)s",
-    )
-    options = {}
-    if args.config:
-        with open(args.config, "rb") as f:
-            options.update(tomllib.load(f))
-    known = {f.name for f in dataclasses.fields(BrokerConfig)}
-    unknown = set(options) - known - {"token_file", "curve_secret_file"}
-    if unknown:
-        print(
-            f"tensorbus: unknown option(s) in {args.config}: {', '.join(sorted(unknown))}",
-            file=sys.stderr,
-        )
-        return 2
-    for name in known | {"token_file", "curve_secret_file"}:
-        value = getattr(args, name, None)
-        if value is not None:
-            options[name] = value
-    token_file = options.pop("token_file", None)
-    if token_file:
-        with open(token_file) as f:
-            options["token"] = f.read().strip()
-    elif "token" not in options and os.environ.get("TENSORBUS_TOKEN"):
-        options["token"] = os.environ["TENSORBUS_TOKEN"]
-    curve_file = options.pop("curve_secret_file", None)
-    if curve_file:
-        with open(curve_file) as f:
-            options["curve_secret"] = f.read().strip()
-    config = BrokerConfig(**options)
+    try:
+        config = config_from(args)
+    except ConfigError as exc:
+        print(f"tensorbus: {exc}", file=sys.stderr)
+        return 1
+    setup_logging(config.log_level, config.log_format)
 
     def ready(endpoints: list[str]) -> None:
         print("tensorbus ready " + " ".join(endpoints), flush=True)
