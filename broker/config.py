@@ -35,3 +35,7 @@ class BrokerConfig:
     link_port: int = 0
     link_grace_s: float = 10.0
     curve_secret: str | None = None
+    # Prometheus metrics (docs/metrics.md): "HOST:PORT" or a bare port
+    # (loopback) to serve /metrics on; topics with a label of their own.
+    metrics: str | None = None
+    metrics_max_topics: int = 100

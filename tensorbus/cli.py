@@ -143,6 +143,19 @@ def _parser() -> argparse.ArgumentParser:
         help="file holding the cluster's CURVE secret key (z85; see docs/bridge.md): "
         "encrypts tcp between daemons and clients",
     )
+    s.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics "
+        "(a bare PORT: 127.0.0.1; docs/metrics.md lists them)",
+    )
+    s.add_argument(
+        "--metrics-max-topics",
+        type=int,
+        metavar="N",
+        help="topics with a metrics label of their own; the rest sum into "
+        'topic="other" (default 100)',
+    )
     s.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
     t = sub.add_parser("topics", help="list topics", description="List the broker's topics.")
