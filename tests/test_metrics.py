@@ -1,6 +1,8 @@
 """``tensorbus serve --metrics``: real daemons, real traffic, real scrapes."""
 
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -12,10 +14,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import tensorbus
 from tensorbus.broker import metrics
-from tensorbus.broker.metrics_table import LATENCY_LE_NS, METRICS
+from tensorbus.broker.metrics_table import LATENCY_LE_NS, METRICS, markdown_table
 from tensorbus.broker.metrics_totals import TopicTotals
 
 pytestmark = pytest.mark.timeout(90)
+
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 
 
 def free_port() -> int:
@@ -118,6 +122,10 @@ def test_a_scrape_matches_the_traffic_sent(daemon_factory):
         ours = {f for f in families if f.startswith("tensorbus_")}
         assert ours == {m.name.removesuffix("_total") for m in METRICS}
 
+        # The Grafana dashboard names only metrics this scrape has.
+        for name in dashboard_metric_names():
+            assert name in scraped, f"docs/grafana-dashboard.json: no metric {name!r}"
+
     # A client that left is still counted: no counter goes down.
     after = scrape_until(port, lambda s: value(s, "tensorbus_sessions", transport="ipc") == 0)
     assert value(after, "tensorbus_published_messages_total", topic="m/x") == n
@@ -207,3 +215,58 @@ def test_totals_never_go_down_when_entries_are_reused():
     t.cursors_seen[0] = (2, 2, 0, (0xFFFFFFFF,) + (0,) * 47)
     t.update((7, [(0, 2, True, 0, 2, 0, wrapped)], []), 8)
     assert t.latency[0] == 2
+
+
+def test_docs_list_every_metric():
+    with open(os.path.join(DOCS, "metrics.md")) as f:
+        text = f.read()
+    table = text.split("<!-- metrics: begin -->\n", 1)[1].split("<!-- metrics: end -->", 1)[0]
+    assert table == markdown_table(), (
+        "docs/metrics.md is out of date: paste the output of "
+        "python -c 'from tensorbus.broker.metrics_table import markdown_table; "
+        'print(markdown_table(), end="")\''
+    )
+
+
+def _exprs(node):
+    if isinstance(node, dict):
+        for key, v in node.items():
+            if key in ("expr", "query") and isinstance(v, str):
+                yield v
+            else:
+                yield from _exprs(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _exprs(v)
+
+
+def dashboard_metric_names() -> set[str]:
+    """The metric names in docs/grafana-dashboard.json's PromQL."""
+    with open(os.path.join(DOCS, "grafana-dashboard.json")) as f:
+        dashboard = json.load(f)
+    names = set()
+    for expr in _exprs(dashboard):
+        values = re.fullmatch(r"label_values\((\w+),\s*\w+\)", expr)
+        if values:
+            names.add(values.group(1))
+            continue
+        bare = re.sub(r'"[^"]*"', "", expr)  # label values
+        bare = re.sub(r"\{[^}]*\}|\[[^\]]*\]", "", bare)  # matchers, ranges
+        bare = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", "", bare)  # label lists
+        for token in re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*(?![A-Za-z0-9_:]|\s*\()", bare):
+            if token not in ("and", "or", "unless", "bool", "offset"):
+                names.add(token)
+    return names
+
+
+def test_the_grafana_dashboard_loads_and_names_metrics():
+    names = dashboard_metric_names()
+    assert names, "no PromQL found in docs/grafana-dashboard.json"
+    # Checked against a real scrape in test_a_scrape_matches_the_traffic_sent;
+    # here, against the definitions (histograms scrape as _bucket/_sum/_count).
+    defined = {m.name for m in METRICS}
+    for m in METRICS:
+        if m.kind == "histogram":
+            defined |= {m.name + "_bucket", m.name + "_sum", m.name + "_count"}
+    unknown = {n for n in names if n not in defined and not n.startswith("process_")}
+    assert not unknown, f"docs/grafana-dashboard.json names unknown metrics: {sorted(unknown)}"
