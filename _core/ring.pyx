@@ -518,6 +518,35 @@ cdef class Ring:
                 "slot_size": v.slot_size, "head": head, "closed": bool(v.h.closed),
                 "cursors": cursors, "publishers": publishers}
 
+    def totals(self) -> tuple:
+        """Every entry's counters, free entries included, for a reader that
+        keeps cumulative totals: ``(head, cursors, publishers)``, cursors as
+        ``(index, generation, active, lag, received, drops, latency)`` and
+        publisher records as ``(index, pid, live, published, bytes, dropped)``.
+        A freed entry keeps its last counts until it is taken again (which
+        zeroes them), so a subscriber or publisher that left since the last
+        read is still counted whole. The ``latency`` counts are u32 and wrap."""
+        self._check_open()
+        cdef tb_ring_t *v = &self.v
+        cdef int64_t head = tb_load_acq64(&v.h.head)
+        cdef uint32_t i
+        cdef tb_cursor_t *c
+        cdef tb_publisher_t *r
+        cursors = []
+        for i in range(tb_cursor_bound(v)):
+            c = &v.cursors[i]
+            cursors.append((i, c.generation, tb_load_acq32(&c.state) == TB_CURSOR_ACTIVE,
+                            head - tb_load_acq64(&c.position),
+                            tb_load_rlx_u64(&c.received), tb_load_rlx_u64(&c.drops),
+                            tuple([c.latency[k] for k in range(TB_LAT_BUCKETS)])))
+        publishers = []
+        for i in range(tb_record_bound(v)):
+            r = &v.records[i]
+            publishers.append((i, r.owner_pid, tb_load_acq32(&r.state) != TB_PUB_FREE,
+                               tb_load_rlx_u64(&r.published),
+                               tb_load_rlx_u64(&r.bytes), tb_load_rlx_u64(&r.dropped)))
+        return head, cursors, publishers
+
     def cursor_lags(self) -> list:
         """``(index, generation, lag, drops)`` of each active cursor: the
         broker's cheap per-tick view for pressure and slow-consumer checks."""

@@ -10,6 +10,9 @@ on one host itself.
 * ``daemon``: the event loop, the op table and session I/O; ``startup``:
   the lock and the sweep; ``liveness``: pidfds, heartbeats, pressure and
   slow consumers; ``stats``: meters; ``paths``: where the socket lives.
+* ``metrics``: Prometheus metrics (``--metrics``) from snapshots the loop
+  takes; ``metrics_table``: their definitions; ``metrics_totals``:
+  cumulative per-topic totals from the rings' counters.
 * ``bridge``: links to other daemons and light clients (accept, dial,
   heartbeats); ``peer``: one remote party and its link epochs; ``link``:
   the link channel; ``flow_out`` / ``flow_in``: cursors, batching and
@@ -29,6 +32,9 @@ __all__ = [
     "flow_out",
     "link",
     "liveness",
+    "metrics",
+    "metrics_table",
+    "metrics_totals",
     "paths",
     "peer",
     "peer_wire",

@@ -38,3 +38,7 @@ class BrokerConfig:
     curve_secret: str | None = None
     log_level: str = "warning"  # the cli configures logging from these two
     log_format: str = "text"  # "text" or "json"
+    # Prometheus metrics (docs/metrics.md): "HOST:PORT" or a bare port
+    # (loopback) to serve /metrics on; topics with a label of their own.
+    metrics: str | None = None
+    metrics_max_topics: int = 100

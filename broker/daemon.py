@@ -73,6 +73,7 @@ class Broker:
         self.ended_sessions: OrderedDict[tuple, str] = OrderedDict()  # key -> why it ended
         self.registry: Registry | None = None  # made by start(), with the segments
         self.liveness: Liveness | None = None
+        self.metrics = None  # a MetricsServer with --metrics
         self.fifo_dir = ""
         self.ctx: zmq.asyncio.Context | None = None
         # (socket the loop waits on, a blocking shadow of it for NOBLOCK I/O, transport)
@@ -160,6 +161,12 @@ class Broker:
             raise BrokerStartError(f"cannot start the bridge: {exc}") from None
         if self.bridge.endpoint:
             log.info("links attach on %s", self.bridge.endpoint)
+        if config.metrics:
+            from tensorbus.broker.metrics import MetricsServer  # prometheus_client only then
+
+            self.metrics = MetricsServer(self.registry, self.bridge, config)
+            self.metrics.start()
+            self.liveness.meter_hooks.append(self.metrics.refresh)
         return self.endpoints
 
     def _socket(self) -> zmq.asyncio.Socket:
@@ -203,6 +210,8 @@ class Broker:
     async def _shutdown(self) -> None:
         """Tell every client, close every ring, unlink everything we made."""
         registry = self.registry
+        if self.metrics is not None:
+            self.metrics.close()
         with contextlib.suppress(Exception):
             await self.bridge.stop()
         if registry is not None:

@@ -51,6 +51,8 @@ class Liveness:
         # Holder slots of clients that said bye while their process may still
         # view arena blocks: released when that process exits. pidfd -> slot.
         self.parked: dict[int, int] = {}
+        # Called after each second's meters, on the loop (the metrics snapshot).
+        self.meter_hooks: list[Callable[[float], None]] = []
 
     # -- pidfds ------------------------------------------------------------
 
@@ -111,6 +113,8 @@ class Liveness:
                 self.check_pressure(now)
                 if now - last_meter >= 1.0:
                     self.update_meters(now)
+                    for hook in self.meter_hooks:
+                        hook(now)
                     last_meter = now
             except Exception:
                 log.exception("monitor tick failed")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from tensorbus._core.arena import parse_size
 
 __all__ = [
+    "ADDRESS",
     "BOOLEAN",
     "BOTH",
     "FLAG",
@@ -106,6 +107,12 @@ def _size(value: object) -> int:
         raise OptionValueError(f"must be a size: {exc}") from None
 
 
+def _address(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise OptionValueError(f'must be "HOST:PORT" or a port number, not {describe(value)}')
+    return str(value)
+
+
 @dataclass(frozen=True)
 class Kind:
     """A kind of value: its name in the config reference, how a flag's
@@ -123,6 +130,7 @@ NUMBER = Kind("number", float, _number)
 BOOLEAN = Kind("boolean", None, _boolean)  # a switch: --insecure
 STRINGS = Kind("array of strings", None, _strings)  # a repeated flag: --peer A --peer B
 SIZE = Kind("size", parse_size, _size)
+ADDRESS = Kind("address", str, _address)  # "HOST:PORT", or a bare port (loopback)
 # A path whose file holds a secret: the loader reads it into ``field``.
 SECRET_FILE = Kind("path", str, _string)
 

@@ -18,6 +18,7 @@ import argparse
 import sys
 
 from tensorbus.broker.option_kinds import (
+    ADDRESS,
     BOOLEAN,
     FLAG,
     INTEGER,
@@ -197,6 +198,22 @@ OPTIONS: tuple[Option, ...] = (
         None,
         "the CURVE secret key itself, if no curve_secret_file is given",
         where=TOML,
+    ),
+    Option(
+        "metrics",
+        ADDRESS,
+        None,
+        "serve Prometheus metrics at http://HOST:PORT/metrics; a bare PORT means "
+        "127.0.0.1 (docs/metrics.md lists them)",
+        metavar="HOST:PORT",
+        default_doc="no metrics",
+    ),
+    Option(
+        "metrics_max_topics",
+        INTEGER,
+        100,
+        'topics with a metrics label of their own; the rest sum into topic="other"',
+        metavar="N",
     ),
     Option(
         "log_level",

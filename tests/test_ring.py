@@ -1,6 +1,8 @@
 """The ring's API in one process: delivery, policies, zero-copy views and
 every bad input the issue names."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -283,6 +285,24 @@ def test_stats(make_ring):
     (cursor,) = stats["cursors"]
     assert cursor["lag"] == 2 and cursor["received"] == 1
     assert stats["publishers"][0]["published"] == 3
+
+
+def test_totals_keep_the_counts_of_freed_entries_until_reused(make_ring):
+    ring = make_ring(capacity=8, slot_size=16)
+    sub, pub = ring.subscriber(), ring.publisher()
+    for _ in range(3):
+        pub.send(b"abcd")
+    sub.recv(), sub.recv()
+    sub.close(), pub.close()  # both entries free, their counts still there
+    head, cursors, records = ring.totals()
+    assert head == 3
+    (index, generation, active, lag, received, drops, latency) = cursors[0]
+    assert (index, active, received, drops, sum(latency)) == (0, False, 2, 0, 2)
+    assert records == [(0, os.getpid(), False, 3, 12, 0)]
+    again = ring.subscriber()  # the entry is taken again: a new generation, zeroed
+    _, (cursor,), _ = ring.totals()
+    assert cursor[1] == generation + 1 and cursor[2] and cursor[4] == 0
+    again.close()
 
 
 def test_a_reclaimed_cursor_is_reported_not_silently_reused(make_ring):
