@@ -35,3 +35,10 @@ class BrokerConfig:
     link_port: int = 0
     link_grace_s: float = 10.0
     curve_secret: str | None = None
+    # Permissions (docs/permissions.md): the [[users]] of the TOML config,
+    # parsed (broker/permissions.py User records); none: the owner's uid and
+    # the token may do everything, as before. ``ipc_group``: share the ipc
+    # socket and the segments with this group, so users of other uids in it
+    # can connect.
+    users: list = field(default_factory=list)
+    ipc_group: str | None = None

@@ -21,6 +21,7 @@ import tomllib
 from tensorbus._core.arena import parse_size
 from tensorbus._core.errors import TensorbusError
 from tensorbus.broker.daemon import BrokerConfig, BrokerStartError, run
+from tensorbus.broker.permissions import ConfigError, load_users, read_token_file
 from tensorbus.clients.client import connect
 
 __all__ = ["main"]
@@ -142,6 +143,12 @@ def _parser() -> argparse.ArgumentParser:
         "--curve-secret-file",
         help="file holding the cluster's CURVE secret key (z85; see docs/bridge.md): "
         "encrypts tcp between daemons and clients",
+    )
+    s.add_argument(
+        "--ipc-group",
+        metavar="GROUP",
+        help="share the ipc socket, its directory and the segments with GROUP "
+        "(0750/0660), so that [[users]] with a uid in it can connect (docs/permissions.md)",
     )
     s.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
@@ -272,16 +279,11 @@ def _serve(args: argparse.Namespace) -> int:
         value = getattr(args, name, None)
         if value is not None:
             options[name] = value
-    token_file = options.pop("token_file", None)
-    if token_file:
-        with open(token_file) as f:
-            options["token"] = f.read().strip()
-    elif "token" not in options and os.environ.get("TENSORBUS_TOKEN"):
-        options["token"] = os.environ["TENSORBUS_TOKEN"]
-    curve_file = options.pop("curve_secret_file", None)
-    if curve_file:
-        with open(curve_file) as f:
-            options["curve_secret"] = f.read().strip()
+    try:
+        _load_secrets(options, args.config)
+    except ConfigError as exc:
+        print(f"tensorbus: {exc}", file=sys.stderr)
+        return 1
     config = BrokerConfig(**options)
 
     def ready(endpoints: list[str]) -> None:
@@ -292,6 +294,31 @@ def _serve(args: argparse.Namespace) -> int:
     except (BrokerStartError, PermissionError) as exc:
         print(f"tensorbus: {exc}", file=sys.stderr)
         return 1
+
+
+def _load_secrets(options: dict, config_file: str | None) -> None:
+    """Read the token, the users' tokens and the CURVE key into ``options``;
+    ConfigError for a token file that is unreadable or open to others, or a
+    bad ``[[users]]`` entry."""
+    token_file = options.pop("token_file", None)
+    if token_file:
+        options["token"] = read_token_file(token_file, "--token-file")
+    elif "token" not in options and os.environ.get("TENSORBUS_TOKEN"):
+        options["token"] = os.environ["TENSORBUS_TOKEN"]
+    curve_file = options.pop("curve_secret_file", None)
+    if curve_file:
+        with open(curve_file) as f:
+            options["curve_secret"] = f.read().strip()
+    if "users" in options:
+        users = load_users(options["users"], config_file or "the config")
+        token = options.get("token")
+        for index, user in enumerate(users):
+            if token is not None and user.token == token:
+                raise ConfigError(
+                    f"{config_file}: [[users]] entry {index} ({user.name!r}): key 'token' "
+                    "is the daemon's own token (--token-file), which may do everything"
+                )
+        options["users"] = users
 
 
 def _fmt_rate(x: float, unit: str = "") -> str:

@@ -113,3 +113,21 @@ def test_token_files_open_to_others_or_unreadable_are_refused(tmp_path):
     assert missing in str(exc.value)
     with pytest.raises(ConfigError, match="is empty"):
         read_token_file(token_file(tmp_path, "e.token", text=""), "--token-file")
+
+
+def test_segments_follow_a_shared_group():
+    """--ipc-group: segments are created 0660 with the group, then private again."""
+    from tensorbus._core.segment import Segment, segment_name, share_segments_with_group
+
+    gid = os.getgid()
+    share_segments_with_group(gid)
+    try:
+        seg = Segment.create(segment_name("permtest", "ring"), 4096)
+    finally:
+        share_segments_with_group(-1)
+    try:
+        st = os.stat(f"/dev/shm/{seg.name}")
+        assert (st.st_mode & 0o777, st.st_gid) == (0o660, gid)
+    finally:
+        seg.unlink()
+        seg.close()
