@@ -1,4 +1,5 @@
-"""POSIX shared-memory segments: create (0600, space reserved up front),
+"""POSIX shared-memory segments: create (0600, or 0660 for a shared group;
+space reserved up front),
 attach, map, unlink, and the naming scheme that lets a daemon sweep the
 segments of instances that died."""
 
@@ -21,8 +22,11 @@ from posix.mman cimport (
     shm_unlink,
 )
 from posix.stat cimport fchmod, fstat, struct_stat
-from posix.types cimport off_t
+from posix.types cimport gid_t, off_t, uid_t
 from posix.unistd cimport close
+
+cdef extern from "<unistd.h>" nogil:
+    int fchown(int fd, uid_t owner, gid_t group)
 
 from tensorbus._core.errors import SegmentError, SegmentNameError, SegmentNotFoundError
 
@@ -32,7 +36,18 @@ cdef extern from "<sys/mman.h>" nogil:
 cdef extern from "<fcntl.h>" nogil:
     int posix_fallocate(int fd, off_t offset, off_t length)
 
-__all__ = ["Segment", "segment_name", "check_segment_name", "SHM_DIR"]
+__all__ = ["Segment", "segment_name", "check_segment_name", "share_segments_with_group", "SHM_DIR"]
+
+# The group new segments are shared with (a daemon's --ipc-group); -1: none.
+cdef long _share_gid = -1
+
+
+def share_segments_with_group(long gid) -> None:
+    """Create every later segment of this process with group ``gid`` and
+    mode 0660 (-1: back to private, 0600), so that clients of another uid
+    in that group can map them."""
+    global _share_gid
+    _share_gid = gid
 
 SHM_DIR = "/dev/shm"
 _NAME_RE = re.compile(r"^tb-[0-9]+-[A-Za-z0-9_.]{1,64}-[A-Za-z0-9_.-]{1,128}$")
@@ -93,7 +108,14 @@ cdef class Segment:
                                f"{_oserror_text(err)}")
         cdef int rc
         try:
-            fchmod(fd, 0o600)  # the umask may only have narrowed it; make it exact
+            if _share_gid >= 0:
+                if fchown(fd, <uid_t>-1, <gid_t>_share_gid) != 0:
+                    err = errno
+                    raise SegmentError(err, f"cannot give segment {name!r} to group "
+                                       f"{_share_gid}: {_oserror_text(err)}")
+                fchmod(fd, 0o660)
+            else:
+                fchmod(fd, 0o600)  # the umask may only have narrowed it; make it exact
             rc = posix_fallocate(fd, 0, <off_t>size)
             if rc != 0:
                 raise SegmentError(rc, f"cannot reserve {size} bytes for segment {name!r} "

@@ -243,9 +243,11 @@ class Bridge:
 
     # -- accepting links ---------------------------------------------------
 
-    def open_link(self, f: dict, session_key) -> dict:
+    def open_link(self, f: dict, session_key, user=None) -> dict:
         """The ``link`` op: a peer daemon or a light client wants a link.
-        Returns the reply fields (where to attach, and with what secret)."""
+        Returns the reply fields (where to attach, and with what secret).
+        ``user``: the restricted user its session authenticated as (None:
+        may do everything), whose permissions govern what the link carries."""
         if self.router is None:
             raise P.ProtocolViolation(
                 "bad_request", "this broker accepts no links: start it with --tcp HOST:PORT"
@@ -283,6 +285,7 @@ class Bridge:
             self.peers.append(peer)
         if peer.link is not None:
             peer.link_down("replaced by a new link")
+        peer.user = user
         self.ids += 1
         link = Link(self, peer, self.ids, secrets.token_hex(16), transport, sock=self.router)
         link.last_rx = time.monotonic()
@@ -376,6 +379,8 @@ class Bridge:
             peer.on_resume(f["sent"])
         elif kind == "bye":
             self.loop.call_soon(peer.link_down, "the peer said bye")
+        elif kind == "denied":  # the peer refused what we sent or asked for
+            log.warning("peer %s: permission denied: %s", peer.name, f["error"])
         # "hb" and "attach" (a repeat) need nothing beyond last_rx.
 
     # -- liveness ----------------------------------------------------------

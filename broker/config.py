@@ -42,3 +42,10 @@ class BrokerConfig:
     # (loopback) to serve /metrics on; topics with a label of their own.
     metrics: str | None = None
     metrics_max_topics: int = 100
+    # Permissions (docs/permissions.md): the [[users]] of the TOML config,
+    # parsed (broker/permissions.py User records); none: the owner's uid and
+    # the token may do everything, as before. ``ipc_group``: share the ipc
+    # socket and the segments with this group, so users of other uids in it
+    # can connect.
+    users: list = field(default_factory=list)
+    ipc_group: str | None = None

@@ -17,8 +17,17 @@ import tomllib
 from collections.abc import Mapping
 
 from tensorbus.broker.config import BrokerConfig
-from tensorbus.broker.option_kinds import BOOLEAN, SECRET_FILE, STRINGS, Option, OptionValueError
+from tensorbus.broker.option_kinds import (
+    BOOLEAN,
+    SECRET_FILE,
+    STRINGS,
+    TABLES,
+    Option,
+    OptionValueError,
+)
 from tensorbus.broker.options import OPTIONS, by_key
+from tensorbus.broker.permissions import ConfigError as UsersConfigError
+from tensorbus.broker.permissions import load_users, read_token_file
 
 __all__ = ["ConfigError", "add_serve_flags", "config_from", "read_config_file"]
 
@@ -136,10 +145,29 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str] | None = No
         if option.target is None or option.name not in values:
             continue
         value, source = values[option.name]
-        if option.kind is SECRET_FILE:
-            value = _read_secret(value, source)
+        try:
+            if option.name == "token_file":  # refused when others may read it, as ssh does
+                value = read_token_file(value, source)
+            elif option.kind is SECRET_FILE:
+                value = _read_secret(value, source)
+            elif option.kind is TABLES:
+                value = load_users(value, args.config)
+        except UsersConfigError as exc:
+            raise ConfigError(str(exc)) from None
         fields[option.target] = value
     for option in OPTIONS:
         if option.env and option.target not in fields and environ.get(option.env):
             fields[option.target] = environ[option.env]
+    _check_user_tokens(fields, getattr(args, "config", None))
     return BrokerConfig(**fields)
+
+
+def _check_user_tokens(fields: dict, config_file: str | None) -> None:
+    """A user's token may not be the daemon's own, which may do everything."""
+    token = fields.get("token")
+    for index, user in enumerate(fields.get("users") or []):
+        if token is not None and user.token == token:
+            raise ConfigError(
+                f"{config_file}: [[users]] entry {index} ({user.name!r}): key 'token' "
+                "is the daemon's own token (--token-file), which may do everything"
+            )

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 import shutil
@@ -30,12 +29,13 @@ import zmq.asyncio
 
 from tensorbus._core import Arena, BellTable, SegmentError
 from tensorbus.broker import protocol as P
+from tensorbus.broker.access import Access
 from tensorbus.broker.bridge import Bridge
 from tensorbus.broker.bridge_view import BridgeView
 from tensorbus.broker.config import BrokerConfig
 from tensorbus.broker.curve import secure_server
 from tensorbus.broker.liveness import Liveness
-from tensorbus.broker.paths import default_ipc_path, ensure_private_dir
+from tensorbus.broker.paths import default_ipc_path, ensure_private_dir, share_with_group
 from tensorbus.broker.registry import Registry, Session, Subscription
 from tensorbus.broker.soon import Soon
 from tensorbus.broker.startup import (
@@ -82,6 +82,7 @@ class Broker:
         self.started = time.monotonic()
         self.stopping: asyncio.Event | None = None
         self.bridge = Bridge(config)
+        self.access = Access(config.users, config.token)
         self.interest_changed = Soon(self.bridge.interest_changed)  # once per loop turn
         # The op table: request op -> handler(session, request) -> reply.
         # ``hello`` is served before there is a session (_hello).
@@ -109,6 +110,7 @@ class Broker:
         sweep(self.ipc_path)
         run_dir = os.path.dirname(os.path.abspath(self.ipc_path))
         self.fifo_dir = ensure_private_dir(os.path.join(run_dir, f"bells-{self.instance}"))
+        group = share_with_group(config.ipc_group, run_dir, self.fifo_dir)
         bells = BellTable.create(config.max_subscriptions, self.fifo_dir, instance=self.instance)
         size = config.arena_size or default_arena_size()
         try:
@@ -135,7 +137,9 @@ class Broker:
         try:
             sock = self._socket()
             sock.bind(f"ipc://{self.ipc_path}")
-            os.chmod(self.ipc_path, 0o600)
+            os.chmod(self.ipc_path, 0o600 if group is None else 0o660)
+            if group is not None:
+                os.chown(self.ipc_path, -1, group)
             self.sockets.append((sock, zmq.Socket.shadow(sock.underlying), "ipc"))
             self.endpoints.append(f"ipc://{self.ipc_path}")
             if tcp:
@@ -299,15 +303,17 @@ class Broker:
             return self._error(
                 None, "bad_request", f"a request is exactly one frame, got {len(frames) - 1}"
             )
-        peer_pid = None
+        peer = None
         if transport == "ipc":
             peer = _peer_credentials(frames[1])
-            if peer is None or peer[0] != os.getuid():
+            if peer is None or not self.access.admits_uid(peer[0]):
                 uid = "unknown" if peer is None else peer[0]
                 return self._error(
-                    None, "auth_failed", f"peer uid {uid} is not this broker's uid {os.getuid()}"
+                    None,
+                    "auth_failed",
+                    f"peer uid {uid} is neither this broker's uid {os.getuid()} "
+                    "nor a configured user's",
                 )
-            peer_pid = peer[1]
         try:
             request = P.decode_request(frames[1].bytes)
         except P.ProtocolViolation as exc:
@@ -320,7 +326,7 @@ class Broker:
             session.last_seen = time.monotonic()
         try:
             if request.op == "hello":
-                return self._hello(key, transport, peer_pid, request)
+                return self._hello(key, transport, peer, request)
             return self.ops[request.op](session, request)
         except P.ProtocolViolation as exc:
             return self._error(request.id, exc.code, exc.message)
@@ -335,30 +341,30 @@ class Broker:
 
     # -- sessions ----------------------------------------------------------
 
-    def _hello(self, key, transport: str, peer_pid, request: P.Request) -> bytes:
+    def _hello(self, key, transport: str, peer, request: P.Request) -> bytes:
+        """A new session; ``peer``: (uid, pid) from the kernel on ipc."""
         f = request.fields
         if f["protocol"] != P.PROTOCOL_VERSION:
             raise P.ProtocolViolation(
                 "unsupported_version",
                 f"client speaks protocol {f['protocol']}, this broker {P.PROTOCOL_VERSION}",
             )
-        if transport == "tcp" and self.config.token:
-            token = f.get("token") or ""
-            if not hmac.compare_digest(token.encode(), self.config.token.encode()):
-                log.warning(
-                    "tcp client refused: bad or missing token",
-                    extra={"event": "auth_failed", "transport": transport},
-                )
-                raise P.ProtocolViolation("auth_failed", "missing or wrong token")
+        uid = peer[0] if peer is not None else None
+        user = self.access.identify(transport, uid, f.get("token") or "")
         registry = self.registry
         old = registry.sessions.get(key)
         if old is not None:
             self._drop_session(old, "hello again on the same connection")
+        self.access.bind(key, user)
         self.ended_sessions.pop(key, None)
-        pid = peer_pid if peer_pid is not None else f["pid"]
+        pid = peer[1] if peer is not None else f["pid"]
         session = registry.open_session(
             key, transport, P.session_name(f.get("name"), pid), pid, time.monotonic()
         )
+        reader = self.access.reader(session, lambda name: self._owns(session, name))
+        if reader is not None:
+            session.may_read = reader
+            log.info("%s is %s", session.name, user)
         if transport == "ipc":
             self.liveness.watch(session)
         log_client(session, "joined")
@@ -391,6 +397,7 @@ class Broker:
         self.liveness.unwatch(session)
         self.bridge.session_closed(session.key)
         log_client(session, "died" if reason in CLIENT_DEATHS else "left", reason)
+        self.access.forget(session.key)
         if reason in ("bye", "heartbeat timeout"):  # the connection may speak again
             self._remember_end(session, reason)
 
@@ -419,11 +426,19 @@ class Broker:
     def _op_heartbeat(self, session: Session, request: P.Request) -> bytes:
         return P.encode_reply(request.id, now_ns=time.time_ns())
 
+    def _owns(self, session: Session, name: str) -> bool:
+        topic = self.registry.topics.get(name)
+        return topic is not None and topic.owner == session.key
+
     def _op_create_topic(self, session: Session, request: P.Request) -> bytes:
+        f = request.fields
+        self.access.check_publish(session, "create", f["topic"], private=bool(f.get("private")))
         topic, created = self.registry.create_topic(session, request.fields)
         return P.encode_reply(request.id, topic=topic.info(), created=created)
 
     def _op_open_publisher(self, session: Session, request: P.Request) -> bytes:
+        self.registry.require_local(session, "publishing")
+        self.access.check_publish(session, "publish on", request.fields["topic"])
         topic, created = self.registry.open_publisher(session, request.fields)
         return P.encode_reply(request.id, topic=topic.info(), created=created)
 
@@ -432,6 +447,10 @@ class Broker:
         return P.encode_reply(request.id)
 
     def _op_subscribe(self, session: Session, request: P.Request) -> bytes:
+        self.registry.require_local(session, "subscribing")
+        pattern = request.fields["pattern"]
+        owned = isinstance(pattern, str) and self._owns(session, pattern)
+        self.access.check_subscribe(session, pattern, owned=owned)
         return P.encode_reply(request.id, **self.registry.subscribe(session, request.fields))
 
     def _op_unsubscribe(self, session: Session, request: P.Request) -> bytes:
@@ -440,7 +459,10 @@ class Broker:
 
     def _op_link(self, session: Session, request: P.Request) -> bytes:
         """A peer daemon or a light client opens a link (docs/bridge.md)."""
-        return P.encode_reply(request.id, **self.bridge.open_link(request.fields, session.key))
+        user = self.access.user_of(session.key)
+        return P.encode_reply(
+            request.id, **self.bridge.open_link(request.fields, session.key, user)
+        )
 
     def _op_list_topics(self, session: Session, request: P.Request) -> bytes:
         topics = []

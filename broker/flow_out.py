@@ -121,6 +121,8 @@ class Outbound:
     def wants(self, name: str) -> bool:
         if is_system(name) or name.startswith(INBOX_PREFIX):
             return False
+        if self.user is not None and not self.user.may_subscribe(name):
+            return False  # a wildcard interest gets only the topics its user may read
         return any(matches(p, name) for p in self.patterns)
 
     def set_interest(self, add: list, remove: list, reset: bool = False) -> None:
@@ -129,9 +131,14 @@ class Outbound:
         valid = []
         for pattern in add:
             try:
-                valid.append(validate_pattern(pattern))
+                validate_pattern(pattern)
             except TopicNameError as exc:
                 log.warning("peer %s: interest %r ignored: %s", self.name, pattern, exc)
+                continue
+            if self.user is not None and not self.user.may_subscribe(pattern):
+                self.refuse("subscribe to", pattern)
+                continue
+            valid.append(pattern)
         if reset:
             self.patterns = set(valid)
         else:

@@ -17,6 +17,7 @@ from tensorbus._core.arena import parse_size
 
 __all__ = [
     "ADDRESS",
+    "TABLES",
     "BOOLEAN",
     "BOTH",
     "FLAG",
@@ -131,6 +132,8 @@ BOOLEAN = Kind("boolean", None, _boolean)  # a switch: --insecure
 STRINGS = Kind("array of strings", None, _strings)  # a repeated flag: --peer A --peer B
 SIZE = Kind("size", parse_size, _size)
 ADDRESS = Kind("address", str, _address)  # "HOST:PORT", or a bare port (loopback)
+# [[users]] tables: checked whole by broker/permissions.py when the file is read.
+TABLES = Kind("array of tables", None, lambda value: value)
 # A path whose file holds a secret: the loader reads it into ``field``.
 SECRET_FILE = Kind("path", str, _string)
 

@@ -27,6 +27,7 @@ from tensorbus.broker.option_kinds import (
     SIZE,
     STRING,
     STRINGS,
+    TABLES,
     TOML,
     Option,
 )
@@ -197,6 +198,23 @@ OPTIONS: tuple[Option, ...] = (
         STRING,
         None,
         "the CURVE secret key itself, if no curve_secret_file is given",
+        where=TOML,
+    ),
+    Option(
+        "ipc_group",
+        STRING,
+        None,
+        "share the ipc socket, its directory and the segments with GROUP (0750/0660), "
+        "so that [[users]] with a uid in it can connect (docs/permissions.md)",
+        metavar="GROUP",
+        default_doc="private to this uid",
+    ),
+    Option(
+        "users",
+        TABLES,
+        [],
+        "restricted users: [[users]] tables with name, token, token_file or uid, "
+        "publish and subscribe allow/deny patterns, allow_responses (docs/permissions.md)",
         where=TOML,
     ),
     Option(

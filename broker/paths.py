@@ -5,10 +5,17 @@ directory of mode 0700: ``$XDG_RUNTIME_DIR/tensorbus`` when that is set,
 else ``/tmp/tensorbus-<uid>``.
 """
 
+import grp
 import os
 import stat
 
-__all__ = ["default_ipc_path", "default_url", "ensure_private_dir", "runtime_dir"]
+__all__ = [
+    "default_ipc_path",
+    "default_url",
+    "ensure_private_dir",
+    "runtime_dir",
+    "share_with_group",
+]
 
 
 def runtime_dir() -> str:
@@ -42,3 +49,24 @@ def ensure_private_dir(path: str) -> str:
     if st.st_mode & 0o077:
         os.chmod(path, 0o700)
     return path
+
+
+def share_with_group(group: str | None, *dirs: str) -> int | None:
+    """``--ipc-group``: open ``dirs`` to ``group`` (0750 plus setgid, so the
+    FIFOs made in them are the group's too) and make every shared-memory
+    segment this process creates from now on the group's, mode 0660.
+    Returns the group's gid (None without a group)."""
+    if not group:
+        return None
+    from tensorbus._core.segment import share_segments_with_group
+
+    try:
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise PermissionError(f"--ipc-group {group!r}: no such group") from None
+    for path in dirs:
+        os.chown(path, -1, gid)
+        os.chmod(path, 0o2750)
+    share_segments_with_group(gid)
+    os.umask(0o007)  # FIFOs and files the daemon makes stay open to the group
+    return gid

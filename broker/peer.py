@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 from tensorbus.broker import peer_wire as W
+from tensorbus.broker.access import denied
 from tensorbus.broker.flow_in import Inbound, InTopic
 from tensorbus.broker.flow_out import Outbound, OutClass, OutTopic
 from tensorbus.broker.link import Link
@@ -58,6 +59,16 @@ class Peer(Outbound, Inbound):
         self.grace_handle: asyncio.TimerHandle | None = None
         self.counters = collections.Counter()
         self.dialer: asyncio.Task | None = None
+        # The restricted user (broker/permissions.py) this party authenticated
+        # as; None: it may publish and subscribe to everything.
+        self.user = None
+
+    def refuse(self, op: str, topic: str) -> None:
+        """Tell the remote side (and the log) that its user may not ``op``
+        ``topic``: the link goes on without it."""
+        error = denied(self.user, op, topic, f"{self.kind} {self.name}").message
+        if self.link is not None and self.link.up:
+            self.link.send_control(W.encode_control("denied", topic=topic, error=error))
 
     # -- link life ---------------------------------------------------------
 

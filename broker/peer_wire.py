@@ -94,6 +94,9 @@ CONTROL_TYPES = {
     "resume": {"sent": ((dict,), True)},
     "hb": {},
     "bye": {},
+    # A refusal (docs/permissions.md): ``topic`` (a name or pattern) is not
+    # this link's user's to publish or subscribe to; ``error``: the sentence.
+    "denied": {"topic": (_STR, True), "error": (_STR, True)},
 }
 _U64 = (1 << 64) - 1
 

@@ -68,6 +68,7 @@ ERROR_CODES = {
     "no_such_topic": "the topic does not exist",
     "no_such_subscription": "the subscription id is not one of this session's",
     "capacity": "a broker limit (subscribers per topic, bells, topics) is reached",
+    "permission_denied": "this user may not publish or subscribe to that topic",
     "redundant_link": "the two daemons dialed each other; the other one's link is kept",
     "internal": "the broker failed; the sentence says how",
 }

@@ -64,9 +64,8 @@ class Topic:
     capacity: int
     slot_size: int
     ring: Ring
-    # The cursors the broker handed out on this ring, keyed as the ring
-    # reports them: (index, generation) -> Subscription. Publishers are
-    # counted from the ring's own records.
+    # The cursors the broker handed out on this ring, keyed as the ring reports
+    # them: (index, generation) -> Subscription (publishers: the ring's records).
     cursors: dict = field(default_factory=dict)
     meter: TopicMeter = field(default_factory=TopicMeter)
     drops_seen: dict = field(default_factory=dict)  # (cursor, generation) -> drops
@@ -105,7 +104,7 @@ class Subscription:
         """Whether a topic named ``name`` is one of this subscription's."""
         if self.wants is not None:
             return self.wants(name)
-        return self.group is None and matches(self.pattern, name)
+        return self.group is None and matches(self.pattern, name) and self.session.may_read(name)
 
 
 @dataclass(eq=False)
@@ -134,6 +133,7 @@ class Session:
     subscriptions: dict = field(default_factory=dict)  # id -> Subscription
     publishing: dict = field(default_factory=dict)  # topic name -> count
     holder: int = 0  # arena holder slot (1..63); 0: none
+    may_read: Callable[[str], bool] = lambda name: True  # permissions: broker/access.py
 
 
 def topic_options(config, f: dict, existing: Topic | None) -> tuple[str, int, int]:
@@ -449,7 +449,7 @@ class Registry:
         fifo = self.bells.fifo_path(bell, generation)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(fifo)
-        os.mkfifo(fifo, 0o600)
+        os.mkfifo(fifo, 0o660 if self.config.ipc_group else 0o600)  # --ipc-group: its users
         return fifo
 
     def subscribe(self, session: Session, f: dict) -> dict:
@@ -476,7 +476,7 @@ class Registry:
             candidates = list(self.topics.values())
         try:
             for topic in candidates:
-                if matches(pattern, topic.name):
+                if sub.reads(topic.name):
                     cursor, gen = self._attach(sub, topic, announce=False)
                     members.append({"topic": topic.info(), "cursor": cursor, "generation": gen})
         except CapacityError as exc:

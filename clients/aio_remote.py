@@ -84,6 +84,7 @@ class AsyncRemoteSubscriber(RemoteInlet, AsyncEndpoint):
         while True:
             if self._closed or self.client._closed:
                 raise ClientClosed("the subscriber is closed")
+            self._raise_if_denied()
             if self.queue:
                 return self._pop_one()
             left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())

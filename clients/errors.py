@@ -22,6 +22,7 @@ __all__ = [
     "HoldLimitError",
     "MessageTooLargeError",
     "NotLocalError",
+    "PermissionDenied",
     "ProtocolError",
     "ReceiveTimeout",
     "SlowConsumer",
@@ -55,6 +56,11 @@ class AuthError(BrokerError, PermissionError):
     """The broker did not accept this client's uid or token."""
 
 
+class PermissionDenied(BrokerError, PermissionError):
+    """This client's user may not publish or subscribe to that topic
+    (docs/permissions.md); the sentence names the user, the op and the topic."""
+
+
 class NotLocalError(BrokerError):
     """Publishing and subscribing need the broker on this host (ipc://)."""
 
@@ -70,6 +76,7 @@ _BY_CODE = {
     "unknown_op": ProtocolError,
     "no_session": ProtocolError,
     "auth_failed": AuthError,
+    "permission_denied": PermissionDenied,
     "not_local": NotLocalError,
     "bad_topic": TopicError,
     "bad_pattern": TopicError,

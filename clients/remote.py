@@ -27,7 +27,13 @@ from tensorbus._core.errors import BackpressureError, ReceiveTimeout
 from tensorbus.broker import peer_wire as W
 from tensorbus.broker.topics import matches, validate_pattern
 from tensorbus.clients._shared import Endpoint
-from tensorbus.clients.errors import BrokerUnavailable, ClientClosed, GapError, ProtocolError
+from tensorbus.clients.errors import (
+    BrokerUnavailable,
+    ClientClosed,
+    GapError,
+    ProtocolError,
+    error_for,
+)
 
 __all__ = [
     "LightLink",
@@ -124,6 +130,7 @@ class LightLink:
         self.subs: list[RemoteSubscriber] = []
         self.grants: dict[int, list] = {}
         self.expect: collections.deque = collections.deque()  # [entry, body, bytes got]
+        self.denied: dict[str, str] = {}  # pattern the broker refused -> its sentence
 
     def _control(self, kind: str, **fields) -> None:
         self.sock.send_multipart([W.CONTROL, W.encode_control(kind, **fields)])
@@ -165,6 +172,8 @@ class LightLink:
                         state[2] += nbytes
             elif what == "topic":
                 self.in_topics[f["id"]] = f["name"]
+            elif what == "denied":  # a subscription's user may not read its pattern
+                self.denied[f["topic"]] = f["error"]
             elif what == "bye":
                 raise BrokerUnavailable("the broker closed this client's link", "unavailable")
             return
@@ -387,6 +396,12 @@ class RemoteInlet:
         if not any(s.pattern == pattern for s in link.subs if s is not self):
             link.set_interest([pattern], [])
 
+    def _raise_if_denied(self) -> None:
+        """The broker refused this pattern: its user may not subscribe to it."""
+        error = self._link.denied.get(self.pattern)
+        if error is not None:
+            raise error_for("permission_denied", error)
+
     def _pop(self):
         msg, credit = self.queue.popleft()
         if credit is not None:
@@ -449,6 +464,7 @@ class RemoteSubscriber(RemoteInlet, Endpoint):
                 raise ClientClosed("the subscriber is closed")
             with self.client._lock:
                 self.client._check()
+                self._raise_if_denied()
                 if self.queue:
                     return self._pop_one()
                 left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())

@@ -361,6 +361,7 @@ def test_tcp_serves_tools_and_refuses_shared_memory_ops(daemon_factory):
 def test_tcp_token(daemon_factory, tmp_path):
     token = tmp_path / "token"
     token.write_text("s3cret\n")
+    token.chmod(0o600)  # a token file open to others is refused, as ssh does
     d = daemon_factory("--tcp", "127.0.0.1:*", "--token-file", str(token))
     with pytest.raises(tensorbus.AuthError):
         tensorbus.connect(d.endpoints[1], token="wrong")

@@ -126,6 +126,7 @@ def test_older_keys_still_load(tmp_path):
 def test_secrets_come_from_files_then_the_config_then_the_environment(tmp_path):
     token = tmp_path / "token"
     token.write_text("from-file\n")
+    token.chmod(0o600)  # a token others may read is refused (tests/test_permissions.py)
     env = {"TENSORBUS_TOKEN": "from-env"}
     assert _config(tmp_path, environ=env).token == "from-env"
     assert _config(tmp_path, toml='token = "inline"\n', environ=env).token == "inline"
