@@ -46,6 +46,7 @@ CORE_MODULES = (
     "bells",
     "arena",
     "ring",
+    "ring_stats",
     "publisher",
     "subscriber",
     "message",

@@ -36,7 +36,6 @@ from tensorbus._core.atomic cimport (
     tb_load_acq64,
     tb_load_rlx32,
     tb_load_rlx64,
-    tb_load_rlx_u64,
     tb_now_ns,
     tb_pid_alive,
     tb_realtime_ns,
@@ -50,8 +49,6 @@ from tensorbus._core.layout cimport (
     TB_CURSOR_GROUP,
     TB_CURSOR_LATEST,
     TB_HEADER_BYTES,
-    TB_LAT_BUCKETS,
-    TB_MSG_ARENA,
     TB_POLICY_BLOCK,
     TB_POLICY_OVERWRITE,
     TB_PUB_CLAIMED,
@@ -69,7 +66,6 @@ from tensorbus._core.layout cimport (
     tb_publisher_t,
     tb_ring_header_t,
     tb_slot_header_t,
-    tb_tensor_desc_t,
 )
 from tensorbus._core.arena cimport Arena, Holder
 from tensorbus._core.bells cimport BellTable
@@ -470,98 +466,29 @@ cdef class Ring:
         """``(block, generation)`` of every arena block a message in this ring
         still references (the broker checks a dead publisher's loans)."""
         self._check_open()
-        cdef tb_ring_t *v = &self.v
-        cdef int64_t head = tb_load_acq64(&v.h.head), seq
-        cdef tb_slot_header_t *s
-        cdef tb_tensor_desc_t *d
-        out = set()
-        seq = max(0, head - v.capacity)
-        while seq < head:
-            s = tb_slot_at(v, seq)
-            if s.type == TB_MSG_ARENA:
-                d = <tb_tensor_desc_t *>tb_payload_of(s)
-                if tb_load_acq64(&d.reclaim) == seq:
-                    out.add((d.block, d.generation))
-            seq += 1
-        return out
+        from tensorbus._core.ring_stats import arena_refs  # introspection lives there
+        return arena_refs(self)
 
-    # -- introspection -----------------------------------------------------
+    # -- introspection (_core/ring_stats.pyx) -------------------------------
 
     def stats(self) -> dict:
         """A snapshot of the ring: head, every live cursor and publisher."""
         self._check_open()
-        cdef tb_ring_t *v = &self.v
-        cdef int64_t head = tb_load_acq64(&v.h.head)
-        cdef uint32_t i
-        cdef tb_cursor_t *c
-        cdef tb_publisher_t *r
-        cursors = []
-        for i in range(tb_cursor_bound(v)):
-            c = &v.cursors[i]
-            if tb_load_acq32(&c.state) != TB_CURSOR_FREE:
-                pos = tb_load_acq64(&c.position)
-                cursors.append({"index": i, "pid": c.owner_pid, "position": pos,
-                                "lag": head - pos, "drops": tb_load_rlx_u64(&c.drops),
-                                "received": tb_load_rlx_u64(&c.received),
-                                "generation": c.generation,
-                                "latency": [c.latency[k] for k in range(TB_LAT_BUCKETS)],
-                                "state": ("joining", "active", "evicted")[c.state - 1]})
-        publishers = []
-        for i in range(tb_record_bound(v)):
-            r = &v.records[i]
-            if tb_load_acq32(&r.state) != TB_PUB_FREE:
-                publishers.append({"index": i, "pid": r.owner_pid,
-                                   "published": tb_load_rlx_u64(&r.published),
-                                   "bytes": tb_load_rlx_u64(&r.bytes),
-                                   "dropped": tb_load_rlx_u64(&r.dropped)})
-        return {"name": self.name, "policy": self.policy, "capacity": v.capacity,
-                "slot_size": v.slot_size, "head": head, "closed": bool(v.h.closed),
-                "cursors": cursors, "publishers": publishers}
+        from tensorbus._core.ring_stats import ring_stats
+        return ring_stats(self)
 
     def totals(self) -> tuple:
-        """Every entry's counters, free entries included, for a reader that
-        keeps cumulative totals: ``(head, cursors, publishers)``, cursors as
-        ``(index, generation, active, lag, received, drops, latency)`` and
-        publisher records as ``(index, pid, live, published, bytes, dropped)``.
-        A freed entry keeps its last counts until it is taken again (which
-        zeroes them), so a subscriber or publisher that left since the last
-        read is still counted whole. The ``latency`` counts are u32 and wrap."""
+        """Every entry's counters, free entries included (``ring_stats.totals``)."""
         self._check_open()
-        cdef tb_ring_t *v = &self.v
-        cdef int64_t head = tb_load_acq64(&v.h.head)
-        cdef uint32_t i
-        cdef tb_cursor_t *c
-        cdef tb_publisher_t *r
-        cursors = []
-        for i in range(tb_cursor_bound(v)):
-            c = &v.cursors[i]
-            cursors.append((i, c.generation, tb_load_acq32(&c.state) == TB_CURSOR_ACTIVE,
-                            head - tb_load_acq64(&c.position),
-                            tb_load_rlx_u64(&c.received), tb_load_rlx_u64(&c.drops),
-                            tuple([c.latency[k] for k in range(TB_LAT_BUCKETS)])))
-        publishers = []
-        for i in range(tb_record_bound(v)):
-            r = &v.records[i]
-            publishers.append((i, r.owner_pid, tb_load_acq32(&r.state) != TB_PUB_FREE,
-                               tb_load_rlx_u64(&r.published),
-                               tb_load_rlx_u64(&r.bytes), tb_load_rlx_u64(&r.dropped)))
-        return head, cursors, publishers
+        from tensorbus._core.ring_stats import totals
+        return totals(self)
 
     def cursor_lags(self) -> list:
         """``(index, generation, lag, drops)`` of each active cursor: the
         broker's cheap per-tick view for pressure and slow-consumer checks."""
         self._check_open()
-        cdef tb_ring_t *v = &self.v
-        cdef int64_t head = tb_load_acq64(&v.h.head)
-        cdef uint32_t i
-        cdef tb_cursor_t *c
-        out = []
-        for i in range(tb_cursor_bound(v)):
-            c = &v.cursors[i]
-            if tb_load_acq32(&c.state) == TB_CURSOR_ACTIVE:
-                out.append((i, c.generation, head - tb_load_acq64(&c.position),
-                            tb_load_rlx_u64(&c.drops)))
-        return out
+        from tensorbus._core.ring_stats import cursor_lags
+        return cursor_lags(self)
 
     def __repr__(self):
         if self.v.h == NULL:

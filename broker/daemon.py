@@ -35,6 +35,7 @@ from tensorbus.broker.bridge_view import BridgeView
 from tensorbus.broker.config import BrokerConfig
 from tensorbus.broker.curve import secure_server
 from tensorbus.broker.liveness import Liveness
+from tensorbus.broker.ops import Ops, owns
 from tensorbus.broker.paths import default_ipc_path, ensure_private_dir, share_with_group
 from tensorbus.broker.registry import Registry, Session, Subscription
 from tensorbus.broker.soon import Soon
@@ -46,7 +47,6 @@ from tensorbus.broker.startup import (
     sweep,
     take_lock,
 )
-from tensorbus.broker.stats import private_rss_kb
 from tensorbus.broker.topics import TopicNameError
 
 __all__ = ["Broker", "BrokerConfig", "BrokerStartError", "default_arena_size"]
@@ -79,25 +79,14 @@ class Broker:
         # (socket the loop waits on, a blocking shadow of it for NOBLOCK I/O, transport)
         self.sockets: list[tuple[zmq.asyncio.Socket, zmq.Socket, str]] = []
         self.lock_fd = -1
-        self.started = time.monotonic()
         self.stopping: asyncio.Event | None = None
         self.bridge = Bridge(config)
         self.access = Access(config.users, config.token)
         self.interest_changed = Soon(self.bridge.interest_changed)  # once per loop turn
-        # The op table: request op -> handler(session, request) -> reply.
-        # ``hello`` is served before there is a session (_hello).
-        self.ops = {
-            "create_topic": self._op_create_topic,
-            "open_publisher": self._op_open_publisher,
-            "close_publisher": self._op_close_publisher,
-            "subscribe": self._op_subscribe,
-            "unsubscribe": self._op_unsubscribe,
-            "list_topics": self._op_list_topics,
-            "stats": self._op_stats,
-            "heartbeat": self._op_heartbeat,
-            "bye": self._op_bye,
-            "link": self._op_link,
-        }
+        # The op table (broker/ops.py), made by start() with the registry:
+        # request op -> handler(session, request) -> reply. ``hello`` is
+        # served before there is a session (_hello).
+        self.ops: dict = {}
 
     # -- start and stop ----------------------------------------------------
 
@@ -132,6 +121,9 @@ class Broker:
             interest=self.interest_changed,
         )
         self.liveness = Liveness(self.registry, config, self._drop_session)
+        self.ops = Ops(
+            self.registry, self.access, self.bridge, self._drop_session, self.instance
+        ).table()
         self.ctx = zmq.asyncio.Context()
         old_umask = os.umask(0o077)
         try:
@@ -361,7 +353,7 @@ class Broker:
         session = registry.open_session(
             key, transport, P.session_name(f.get("name"), pid), pid, time.monotonic()
         )
-        reader = self.access.reader(session, lambda name: self._owns(session, name))
+        reader = self.access.reader(session, lambda name: owns(registry, session, name))
         if reader is not None:
             session.may_read = reader
             log.info("%s is %s", session.name, user)
@@ -416,101 +408,6 @@ class Broker:
         self.ended_sessions.move_to_end(session.key)
         while len(self.ended_sessions) > ENDED_SESSIONS_KEPT:
             self.ended_sessions.popitem(last=False)
-
-    # -- the ops -------------------------------------------------------------
-
-    def _op_bye(self, session: Session, request: P.Request) -> bytes:
-        self._drop_session(session, "bye", views_alive=bool(request.fields.get("holds")))
-        return P.encode_reply(request.id)
-
-    def _op_heartbeat(self, session: Session, request: P.Request) -> bytes:
-        return P.encode_reply(request.id, now_ns=time.time_ns())
-
-    def _owns(self, session: Session, name: str) -> bool:
-        topic = self.registry.topics.get(name)
-        return topic is not None and topic.owner == session.key
-
-    def _op_create_topic(self, session: Session, request: P.Request) -> bytes:
-        f = request.fields
-        self.access.check_publish(session, "create", f["topic"], private=bool(f.get("private")))
-        topic, created = self.registry.create_topic(session, request.fields)
-        return P.encode_reply(request.id, topic=topic.info(), created=created)
-
-    def _op_open_publisher(self, session: Session, request: P.Request) -> bytes:
-        self.registry.require_local(session, "publishing")
-        self.access.check_publish(session, "publish on", request.fields["topic"])
-        topic, created = self.registry.open_publisher(session, request.fields)
-        return P.encode_reply(request.id, topic=topic.info(), created=created)
-
-    def _op_close_publisher(self, session: Session, request: P.Request) -> bytes:
-        self.registry.close_publisher(session, request.fields["topic"])
-        return P.encode_reply(request.id)
-
-    def _op_subscribe(self, session: Session, request: P.Request) -> bytes:
-        self.registry.require_local(session, "subscribing")
-        pattern = request.fields["pattern"]
-        owned = isinstance(pattern, str) and self._owns(session, pattern)
-        self.access.check_subscribe(session, pattern, owned=owned)
-        return P.encode_reply(request.id, **self.registry.subscribe(session, request.fields))
-
-    def _op_unsubscribe(self, session: Session, request: P.Request) -> bytes:
-        self.registry.unsubscribe(session, request.fields["sub"])
-        return P.encode_reply(request.id)
-
-    def _op_link(self, session: Session, request: P.Request) -> bytes:
-        """A peer daemon or a light client opens a link (docs/bridge.md)."""
-        user = self.access.user_of(session.key)
-        return P.encode_reply(
-            request.id, **self.bridge.open_link(request.fields, session.key, user)
-        )
-
-    def _op_list_topics(self, session: Session, request: P.Request) -> bytes:
-        topics = []
-        for t in self.registry.selected(request.fields.get("pattern")):
-            info = t.info()
-            info["publishers"] = len(t.ring.stats()["publishers"])
-            info["subscribers"] = len(t.cursors)
-            topics.append(info)
-        return P.encode_reply(request.id, topics=topics)
-
-    def _op_stats(self, session: Session, request: P.Request) -> bytes:
-        registry = self.registry
-        topics = []
-        for t in registry.selected(request.fields.get("pattern")):
-            s = t.ring.stats()
-            depth = max((c["lag"] for c in s["cursors"] if c["state"] == "active"), default=0)
-            topics.append(
-                {
-                    "name": t.name,
-                    "qos": t.qos,
-                    "capacity": t.capacity,
-                    "slot_size": t.slot_size,
-                    "publishers": len(s["publishers"]),
-                    "subscribers": len(t.cursors),
-                    "messages": s["head"],
-                    "depth": depth,
-                    "drops": sum(c["drops"] for c in s["cursors"]),
-                    "msgs_per_s": t.meter.msgs_per_s,
-                    "bytes_per_s": t.meter.bytes_per_s,
-                    "p50_ns": t.meter.p50_ns,
-                    "p99_ns": t.meter.p99_ns,
-                }
-            )
-        broker = {
-            "pid": os.getpid(),
-            "instance": self.instance,
-            "uptime_s": time.monotonic() - self.started,
-            "sessions": len(registry.sessions),
-            "topics": len(registry.topics),
-            "rss_kb": private_rss_kb() or 0,
-            "bells_free": len(registry.free_bells),
-            "arena": registry.arena.stats() if registry.arena is not None else None,
-            "holders_free": len(registry.free_holders),
-            "node": self.bridge.node,
-            "links": self.bridge.stats(),
-            **registry.counters,
-        }
-        return P.encode_reply(request.id, topics=topics, broker=broker)
 
 
 def log_client(session: Session, what: str, reason: str | None = None) -> None:
