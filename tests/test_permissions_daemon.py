@@ -10,6 +10,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -223,8 +224,6 @@ def test_a_second_ipc_uid_is_held_to_its_permissions(daemon_factory, allow_respo
                     """
                 )
             )
-        from pathlib import Path
-
         d = daemon_factory("--config", cfg, "--ipc-group", group, path=Path(base))
         with tensorbus.connect(d.url) as owner:
             proc = subprocess.Popen(
@@ -269,8 +268,6 @@ def test_a_uid_that_is_no_user_is_refused(daemon_factory, tmp_path):
     base = tempfile.mkdtemp(prefix="tb-perm-")
     os.chmod(base, 0o711)
     try:
-        from pathlib import Path
-
         group = grp.getgrgid(NOBODY).gr_name
         d = daemon_factory("--ipc-group", group, path=Path(base))
         code = "import sys, tensorbus\ntry:\n tensorbus.connect(sys.argv[1], timeout=3)\n"
@@ -287,7 +284,7 @@ def test_a_uid_that_is_no_user_is_refused(daemon_factory, tmp_path):
         shutil.rmtree(base, ignore_errors=True)
 
 
-def serve(*args, cwd=None) -> subprocess.CompletedProcess:
+def serve(*args) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "tensorbus", "serve", *args],
         capture_output=True,
