@@ -24,7 +24,7 @@ from tensorbus._core import TensorbusError
 from tensorbus.broker.metrics_table import LATENCY_LE_NS, METRICS
 from tensorbus.broker.metrics_totals import TopicTotals
 from tensorbus.broker.startup import BrokerStartError
-from tensorbus.broker.stats import LATENCY_BUCKETS
+from tensorbus.broker.stats import LATENCY_BUCKETS, bucket_bounds_ns
 from tensorbus.broker.topics import INBOX_PREFIX
 
 __all__ = [
@@ -67,17 +67,9 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, number
 
 
-def core_bucket_bounds_ns(i: int) -> tuple[float, float]:
-    """``[low, high)`` in ns of core latency bucket ``i``: b = 2e + h - 12
-    for a latency with top bit e and next bit h (_core/ring.pyx,
-    record_latency); the first and last buckets also hold what is beyond."""
-    e, h = divmod(i + _CORE_FIRST, 2)
-    low = 0.0 if i == 0 else 2.0**e * (1.5 if h else 1.0)
-    high = math.inf if i == LATENCY_BUCKETS - 1 else 2.0**e * (2.0 if h else 1.5)
-    return low, high
-
-
-_CORE_FIRST = 12  # TB_LAT_FIRST
+# The core's buckets, exactly (broker/stats.py): Prometheus bucket edges are
+# chosen among their edges, so each Prometheus bucket is an exact sum.
+core_bucket_bounds_ns = bucket_bounds_ns
 # The last core bucket below each Prometheus bound (its high edge is the bound).
 _LAST_CORE_BUCKET = tuple(
     max(i for i in range(LATENCY_BUCKETS) if core_bucket_bounds_ns(i)[1] <= le)

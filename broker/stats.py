@@ -1,8 +1,10 @@
 """Per-topic rates and delivery-latency percentiles, as pure arithmetic.
 
 Every cursor keeps a histogram of delivery latencies (publish timestamp to
-receive) in half-octave buckets (tb_layout.h: bucket ``i`` starts at
-``2 ** ((i + 12) / 2)`` ns). The broker sums the histograms of a topic's
+receive) in two buckets per octave: a latency whose top bit is ``e`` and
+next bit ``h`` counts in bucket ``2e + h - 12`` (tb_ring.h,
+``tb_record_latency``), so each octave ``[2^e, 2^(e+1))`` splits at
+``1.5 * 2^e``. The broker sums the histograms of a topic's
 cursors once a second; the difference between two sums is the histogram of
 that second, from which p50/p99 are read.
 """
@@ -19,16 +21,18 @@ _FIRST = 12
 
 
 def bucket_bounds_ns(i: int) -> tuple[float, float]:
-    """The latency range ``[low, high)`` in ns that bucket ``i`` counts."""
-    low = 0.0 if i == 0 else 2 ** ((i + _FIRST) / 2)
-    high = math.inf if i == LATENCY_BUCKETS - 1 else 2 ** ((i + _FIRST + 1) / 2)
+    """The latency range ``[low, high)`` in ns that bucket ``i`` counts; the
+    first and the last bucket also hold what is below and above them."""
+    e, h = divmod(i + _FIRST, 2)
+    low = 0.0 if i == 0 else 2.0**e * (1.5 if h else 1.0)
+    high = math.inf if i == LATENCY_BUCKETS - 1 else 2.0**e * (2.0 if h else 1.5)
     return low, high
 
 
 def percentile_ns(hist: Sequence[int], q: float) -> float | None:
     """The ``q``-quantile (0..1) of a bucket histogram, as the geometric
-    middle of the bucket it falls in (error within a quarter octave), or
-    None for an empty histogram."""
+    middle of the bucket it falls in (within a factor of sqrt(1.5) of the
+    truth), or None for an empty histogram."""
     total = sum(hist)
     if total <= 0:
         return None
