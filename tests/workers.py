@@ -108,9 +108,11 @@ def interruptible_subscriber(name, ready, out):
     """Block in recv() with no timeout; report how a SIGINT ends it."""
     ring = Ring.attach(name)
     sub = ring.subscriber()
-    ready.put(os.getpid())
     t0 = time.monotonic()
+    # Ready inside the try: on a loaded machine the SIGINT may land before
+    # recv() is reached, and it must still be reported, not kill the worker.
     try:
+        ready.put(os.getpid())
         sub.recv()
         out.put(("msg", time.monotonic() - t0))
     except KeyboardInterrupt:
