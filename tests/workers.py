@@ -3,6 +3,7 @@ by name, as an unrelated process would, and reports through a queue."""
 
 import os
 import random
+import signal
 import struct
 import time
 import zlib
@@ -106,6 +107,9 @@ def joined_subscriber_then_sleep(name, ready):
 
 def interruptible_subscriber(name, ready, out):
     """Block in recv() with no timeout; report how a SIGINT ends it."""
+    # Ctrl-C's own handler, whatever this process inherited: a runner started
+    # in the background (bash `&`) passes SIGINT on as ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     ring = Ring.attach(name)
     sub = ring.subscriber()
     t0 = time.monotonic()
