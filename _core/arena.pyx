@@ -16,6 +16,7 @@ The daemon assigns holder slots and clears the bit of a client that dies.
 
 import os
 
+cimport cython
 from cpython.buffer cimport PyBuffer_FillInfo
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
@@ -81,6 +82,11 @@ cdef int ceil_log2(uint64_t x) noexcept:
     return k
 
 
+# Objects whose __dealloc__ touches another object (a ring's mapping, an
+# arena's holds) keep their references until then: if the cyclic GC
+# cleared them first, a subscriber's cursor would be freed in memory
+# already unmapped (a segfault in any reference cycle holding a ring).
+@cython.no_gc_clear
 cdef class Arena:
     """A mapped arena. The daemon :meth:`create`\\ s it, clients :meth:`attach`."""
 
@@ -314,6 +320,7 @@ cdef class Arena:
                 f"blocks of {1 << self.a.min_shift}..{self.max_block}>")
 
 
+@cython.no_gc_clear
 cdef class Holder:
     """A client's holds on arena blocks (see the module docstring)."""
 
@@ -376,6 +383,7 @@ cdef class Holder:
         return f"<Holder slot={self.slot} held={self.held}/{self.max_holds}>"
 
 
+@cython.no_gc_clear
 cdef class Hold:
     """Keeps one arena block alive for a subscriber while any view of it
     lives; numpy arrays of a received tensor have it as their base."""
@@ -407,6 +415,7 @@ cdef class Hold:
         return f"<Hold block={self.block} nbytes={self.nbytes}>"
 
 
+@cython.no_gc_clear
 cdef class Loan:
     """A writable arena block a publisher fills and then sends with no copy.
     Dropped unsent, the block goes back to the arena."""

@@ -15,6 +15,7 @@ import math
 import os
 import weakref
 
+cimport cython
 from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
@@ -97,6 +98,7 @@ cdef int put_meta(tb_tensor_desc_t *d, bytes meta) except -1:
 
 
 
+@cython.no_gc_clear
 cdef class Loans:
     """A publisher's side of the arena: the blocks it borrows (waiting for
     space on reliable rings) and the loans it has handed out and not sent,
@@ -200,6 +202,11 @@ cdef class Loans:
             PyErr_CheckSignals()
 
 
+# Objects whose __dealloc__ touches another object (a ring's mapping, an
+# arena's holds) keep their references until then: if the cyclic GC
+# cleared them first, a subscriber's cursor would be freed in memory
+# already unmapped (a segfault in any reference cycle holding a ring).
+@cython.no_gc_clear
 cdef class Publisher:
     """Publishes messages into a ring. Messages up to the ring's slot size
     are copied into the slot in one nogil call (claim, copy, commit)."""

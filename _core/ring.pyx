@@ -22,6 +22,7 @@ which this module, publisher.pyx and subscriber.pyx wrap.
 import math
 import os
 
+cimport cython
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memset
 
@@ -119,6 +120,11 @@ cdef int64_t timeout_to_ns(object timeout) except -2:
 # Ring
 # ---------------------------------------------------------------------------
 
+# Objects whose __dealloc__ touches another object (a ring's mapping, an
+# arena's holds) keep their references until then: if the cyclic GC
+# cleared them first, a subscriber's cursor would be freed in memory
+# already unmapped (a segfault in any reference cycle holding a ring).
+@cython.no_gc_clear
 cdef class Ring:
     """A mapped ring segment. Create one with :meth:`create`, open an
     existing one with :meth:`attach`; make endpoints with :meth:`publisher`

@@ -12,6 +12,7 @@ the subscription (a new matching topic to attach, an eviction, a shutdown):
 ``recv`` then returns None so the client can read its control socket.
 """
 
+cimport cython
 from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport int64_t, uint32_t
 from libc.stdlib cimport free, malloc
@@ -88,6 +89,11 @@ cdef bint ringset_ready(void *p) noexcept nogil:
     return False
 
 
+# Objects whose __dealloc__ touches another object (a ring's mapping, an
+# arena's holds) keep their references until then: if the cyclic GC
+# cleared them first, a subscriber's cursor would be freed in memory
+# already unmapped (a segfault in any reference cycle holding a ring).
+@cython.no_gc_clear
 cdef class RingSet:
     """Subscribers of several rings sharing doorbell ``bell_index``."""
 

@@ -9,6 +9,7 @@ See docs/ring.md, "Subscribing" and "Waiting".
 
 import os
 
+cimport cython
 from cpython.buffer cimport (
     PyBUF_C_CONTIGUOUS,
     PyBUF_WRITABLE,
@@ -94,6 +95,11 @@ cdef class _SlotView:
         self.exports -= 1
 
 
+# Objects whose __dealloc__ touches another object (a ring's mapping, an
+# arena's holds) keep their references until then: if the cyclic GC
+# cleared them first, a subscriber's cursor would be freed in memory
+# already unmapped (a segfault in any reference cycle holding a ring).
+@cython.no_gc_clear
 cdef class Subscriber:
     """Receives every message published after it joined (block rings), or
     the newest it can keep up with (overwrite rings, counting drops)."""

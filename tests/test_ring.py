@@ -2,6 +2,8 @@
 every bad input the issue names."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -342,3 +344,26 @@ def test_an_evicted_cursor_raises_slow_consumer_which_is_a_ring_closed_error(mak
         sub.recv(timeout=1)
     assert issubclass(SlowConsumer, RingClosedError)  # older `except` clauses still catch it
     sub.close()
+
+
+def test_a_reference_cycle_holding_a_ring_and_its_endpoints_is_collected_cleanly(make_ring):
+    """The cyclic GC must not unmap the ring before its subscriber and
+    publisher free their entries: that wrote into unmapped memory."""
+    ring = make_ring(capacity=16, slot_size=64)
+    code = (
+        "import gc, sys\n"
+        "from tensorbus._core import Ring\n"
+        "ring = Ring.attach(sys.argv[1])\n"  # older than the cycle: the GC clears it first
+        "class Holder: pass\n"
+        "h = Holder(); h.self = h\n"
+        "h.ring, h.sub, h.pub = ring, ring.subscriber(), ring.publisher()\n"
+        "del ring, h\n"
+        "gc.collect()\n"
+        "print('collected')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, ring.name], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "collected", proc.stderr
+    stats = ring.stats()
+    assert stats["cursors"] == [] and stats["publishers"] == []  # both entries were freed
