@@ -82,10 +82,7 @@ cdef int ceil_log2(uint64_t x) noexcept:
     return k
 
 
-# Objects whose __dealloc__ touches another object (a ring's mapping, an
-# arena's holds) keep their references until then: if the cyclic GC
-# cleared them first, a subscriber's cursor would be freed in memory
-# already unmapped (a segfault in any reference cycle holding a ring).
+# no_gc_clear: see _core/ring.pyx (a cycle must not unmap the ring before this is freed).
 @cython.no_gc_clear
 cdef class Arena:
     """A mapped arena. The daemon :meth:`create`\\ s it, clients :meth:`attach`."""

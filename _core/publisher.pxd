@@ -46,6 +46,7 @@ cdef class Publisher:
     cdef int64_t _send(self, const char *hdr, Py_ssize_t hn, const char *data, Py_ssize_t n,
                        int type, int flags, object timeout) except -1
     cdef _raise_backpressure(self, int64_t timeout_ns)
+    cdef void _leave(self) noexcept
     cdef int64_t _send_object(self, object data, int flags, object timeout, object meta) except -2
     cdef int64_t _send_small_bytes(self, object data, bytes meta, int flags,
                                    object timeout) except -2

@@ -50,6 +50,7 @@ from tensorbus._core.layout cimport (
 )
 from tensorbus._core.arena cimport Loan
 from tensorbus._core.ring cimport (
+    NOGIL_COPY_BYTES,
     TB_ST_CLOSED,
     TB_ST_DROPPED,
     TB_ST_LOST,
@@ -84,8 +85,6 @@ _ndarray = _np.ndarray
 _TAG_OF = {}        # numpy dtype -> its tag
 _LOAN_DTYPES = {}   # loan()'s dtype argument -> (numpy dtype, tag)
 
-cdef enum:
-    NOGIL_COPY_BYTES = 16384  # below this, dropping the GIL costs more than the copy
 
 
 cdef int put_meta(tb_tensor_desc_t *d, bytes meta) except -1:
@@ -202,10 +201,7 @@ cdef class Loans:
             PyErr_CheckSignals()
 
 
-# Objects whose __dealloc__ touches another object (a ring's mapping, an
-# arena's holds) keep their references until then: if the cyclic GC
-# cleared them first, a subscriber's cursor would be freed in memory
-# already unmapped (a segfault in any reference cycle holding a ring).
+# no_gc_clear: see _core/ring.pyx (a cycle must not unmap the ring before this is freed).
 @cython.no_gc_clear
 cdef class Publisher:
     """Publishes messages into a ring. Messages up to the ring's slot size
@@ -263,8 +259,7 @@ cdef class Publisher:
                 f"{self.v.slot_size} bytes")
         if flags < 0 or flags > 0xFFFF:
             raise ValueError(f"flags must fit in 16 bits (0..65535), got {flags}")
-        cdef int64_t timeout_ns = (<int64_t>(self.default_timeout * 1e9) if timeout is None
-                                   else timeout_to_ns(timeout))
+        cdef int64_t timeout_ns = 0  # worked out only once there is no credit
         cdef int64_t seq = -1, deadline = -2, now, slice_ns
         cdef int st
         cdef bint ready
@@ -294,6 +289,8 @@ cdef class Publisher:
             # No credit: wait for the slowest subscriber.
             now = tb_now_ns()
             if deadline == -2:
+                timeout_ns = (<int64_t>(self.default_timeout * 1e9) if timeout is None
+                              else timeout_to_ns(timeout))
                 deadline = -1 if timeout_ns < 0 else now + timeout_ns
             if deadline >= 0 and now >= deadline:
                 self._raise_backpressure(timeout_ns)
@@ -381,7 +378,7 @@ cdef class Publisher:
             raise ValueError("meta needs a ring with an arena (a broker's topic)")
         # A ring outside a broker (no arena) carries bytes: any buffer, raw.
         # Plain buffers skip the tensor probes: this is the echo's hot path.
-        if arena and kind is not memoryview and kind is not bytearray:
+        if arena and kind is not bytes and kind is not memoryview and kind is not bytearray:
             if isinstance(data, _ndarray):
                 return self._send_array(data, None, flags, timeout, meta)
             if isinstance(data, _np.generic):  # a numpy scalar: a 0-d array
@@ -552,8 +549,12 @@ cdef class Publisher:
     def close(self) -> None:
         if self.closed:
             return
-        self.closed = True
         self.reservation = None
+        self._leave()
+
+    cdef void _leave(self) noexcept:
+        """Give the record back (close, or collection while still open)."""
+        self.closed = True
         tb_store_rel32(&self.rec.state, TB_PUB_FREE)
         self.ring.endpoints -= 1
 
@@ -565,5 +566,4 @@ cdef class Publisher:
 
     def __dealloc__(self):
         if not self.closed and self.ring is not None and self.ring.v.h != NULL:
-            tb_store_rel32(&self.rec.state, TB_PUB_FREE)
-            self.ring.endpoints -= 1
+            self._leave()

@@ -79,6 +79,9 @@ cdef extern from "tb_ring.h" nogil:
 
 
 # None -> -1 (no limit); seconds -> ns; TypeError/ValueError with a sentence.
+cdef enum:
+    NOGIL_COPY_BYTES = 16384  # below this, dropping the GIL costs more than the copy
+
 cdef int64_t timeout_to_ns(object timeout) except -2
 
 

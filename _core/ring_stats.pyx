@@ -57,20 +57,21 @@ def ring_stats(Ring ring) -> dict:
     """A snapshot of the ring: head, every live cursor and publisher."""
     cdef tb_ring_t *v = &ring.v
     cdef int64_t head = tb_load_acq64(&v.h.head)
-    cdef uint32_t i
+    cdef uint32_t i, state
     cdef tb_cursor_t *c
     cdef tb_publisher_t *r
     cursors = []
     for i in range(tb_cursor_bound(v)):
         c = &v.cursors[i]
-        if tb_load_acq32(&c.state) != TB_CURSOR_FREE:
+        state = tb_load_acq32(&c.state)  # once: a cursor freed meanwhile stays consistent
+        if state != TB_CURSOR_FREE:
             pos = tb_load_acq64(&c.position)
             cursors.append({"index": i, "pid": c.owner_pid, "position": pos,
                             "lag": head - pos, "drops": tb_load_rlx_u64(&c.drops),
                             "received": tb_load_rlx_u64(&c.received),
                             "generation": c.generation,
                             "latency": [c.latency[k] for k in range(TB_LAT_BUCKETS)],
-                            "state": ("joining", "active", "evicted")[c.state - 1]})
+                            "state": ("joining", "active", "evicted")[state - 1]})
     publishers = []
     for i in range(tb_record_bound(v)):
         r = &v.records[i]

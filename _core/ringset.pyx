@@ -14,7 +14,7 @@ the subscription (a new matching topic to attach, an eviction, a shutdown):
 
 cimport cython
 from cpython.exc cimport PyErr_CheckSignals
-from libc.stdint cimport int64_t, uint32_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 
 from tensorbus._core.atomic cimport (
@@ -27,7 +27,6 @@ from tensorbus._core.atomic cimport (
     tb_now_ns,
 )
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.stdint cimport uint64_t
 
 cdef extern from "<string.h>" nogil:
     size_t strnlen(const char *s, size_t maxlen)
@@ -68,7 +67,6 @@ from tensorbus._core.errors import (
     GapError,
     HoldLimitError,
     ReceiveTimeout,
-    RingClosedError,
     SlowConsumer,
     TensorbusError,
 )
@@ -89,10 +87,7 @@ cdef bint ringset_ready(void *p) noexcept nogil:
     return False
 
 
-# Objects whose __dealloc__ touches another object (a ring's mapping, an
-# arena's holds) keep their references until then: if the cyclic GC
-# cleared them first, a subscriber's cursor would be freed in memory
-# already unmapped (a segfault in any reference cycle holding a ring).
+# no_gc_clear: see _core/ring.pyx (a cycle must not unmap the ring before this is freed).
 @cython.no_gc_clear
 cdef class RingSet:
     """Subscribers of several rings sharing doorbell ``bell_index``."""

@@ -35,3 +35,4 @@ cdef class Subscriber:
     cdef void _note(self, tb_slot_header_t *s) noexcept
     cdef _drop_view(self)
     cdef void _free_cursor(self) noexcept nogil
+    cdef void _leave(self) noexcept

@@ -20,7 +20,7 @@ from cpython.buffer cimport (
 from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t
 from libc.string cimport memcpy
 
 from tensorbus._core.atomic cimport (
@@ -49,6 +49,7 @@ from tensorbus._core.layout cimport (
     tb_slot_header_t,
 )
 from tensorbus._core.ring cimport (
+    NOGIL_COPY_BYTES,
     TB_ST_CLOSED,
     TB_ST_EMPTY,
     TB_ST_EVICTED,
@@ -76,8 +77,6 @@ from tensorbus._core.errors import (
 
 __all__ = ["Subscriber"]
 
-cdef enum:
-    NOGIL_COPY_BYTES = 16384  # below this, dropping the GIL costs more than the copy
 
 
 cdef class _SlotView:
@@ -95,10 +94,7 @@ cdef class _SlotView:
         self.exports -= 1
 
 
-# Objects whose __dealloc__ touches another object (a ring's mapping, an
-# arena's holds) keep their references until then: if the cyclic GC
-# cleared them first, a subscriber's cursor would be freed in memory
-# already unmapped (a segfault in any reference cycle holding a ring).
+# no_gc_clear: see _core/ring.pyx (a cycle must not unmap the ring before this is freed).
 @cython.no_gc_clear
 cdef class Subscriber:
     """Receives every message published after it joined (block rings), or
@@ -361,6 +357,11 @@ cdef class Subscriber:
             return
         if self.view is not None:
             self._drop_view()
+        self._leave()
+
+    cdef void _leave(self) noexcept:
+        """Free the cursor and wake publishers it held back (close, or
+        collection while still open)."""
         self.closed = True
         if not self.r.group:
             self._free_cursor()
@@ -376,9 +377,7 @@ cdef class Subscriber:
 
     def __dealloc__(self):
         if not self.closed and self.ring is not None and self.ring.v.h != NULL:
-            if not self.r.group:
-                self._free_cursor()
-            self.ring.endpoints -= 1
+            self._leave()
 
     cdef void _free_cursor(self) noexcept nogil:
         """Free our entry, unless it was reclaimed and now belongs to another."""
