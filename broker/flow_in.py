@@ -101,16 +101,11 @@ class Inbound:
         self.counters["received_bytes"] += entry.nbytes
         item = Pending(entry, body if body is not None else entry.payload, loaned)
         if t.backlog:
-            if entry.payload is not None:  # it views the transport's frame: keep a copy
-                item = Pending(entry, bytes(entry.payload), False)
-            t.backlog.append(item)
+            t.backlog.append(_kept(item))
             return
         left = self._publish(t, item)
         if left is not None:
-            if left.entry is entry and not left.loaned and entry.payload is not None:
-                # It views the transport's frame: keep a copy while it waits.
-                left = Pending(entry, bytes(entry.payload), False)
-            t.backlog.append(left)
+            t.backlog.append(_kept(left) if left.entry is entry else left)
             self.backlogged.add(t.id)
             self.bridge.schedule_retry()
 
@@ -235,3 +230,11 @@ class Inbound:
                 t.backlog.append(left)
                 self.bridge.orphans.append(t)
                 self.bridge.schedule_retry()
+
+
+def _kept(item: Pending) -> Pending:
+    """``item`` fit to wait in a backlog: an inline payload views the
+    transport's frame, so it waits as a copy of its own."""
+    if item.loaned or item.entry.payload is None:
+        return item
+    return Pending(item.entry, bytes(item.entry.payload), False)

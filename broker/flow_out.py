@@ -178,7 +178,7 @@ class Outbound:
         prio = self.prio(topic.name)
         tid = self.out_ids.setdefault(topic.name, len(self.out_ids) + 1)
         t = OutTopic(topic.name, tid, topic.qos, prio, core)
-        self.out[topic.name] = t
+        self.out[topic.name] = self.out_by_id[tid] = t
         self.classes[prio].rings.add(topic.name, core)
         if self.link is not None and self.link.up:
             self._announce(t)
@@ -186,6 +186,7 @@ class Outbound:
 
     def _detach(self, name: str) -> None:
         t = self.out.pop(name)
+        del self.out_by_id[t.id]
         if not t.parked:
             self.classes[t.prio].rings.remove(name)
         t.sub.close()
@@ -343,10 +344,9 @@ class Outbound:
             t.parked = True
 
     def on_credit(self, grants: list) -> None:
-        by_id = {t.id: t for t in self.out.values()}
         self.disarm()
         for tid, msgs, nbytes in grants:  # validated by decode_control
-            t = by_id.get(tid)
+            t = self.out_by_id.get(tid)
             if t is None:
                 continue
             t.credit_msgs += msgs

@@ -47,6 +47,7 @@ class Peer(Outbound, Inbound):
         self.patterns: set[str] = set()  # the remote side's interest
         self.sent_interest: set[str] = set()
         self.out: dict[str, OutTopic] = {}
+        self.out_by_id: dict[int, OutTopic] = {}  # the same topics by link id (credit)
         self.out_ids: dict[str, int] = {}  # topic -> its id on links to this peer, kept
         self.classes: list[OutClass | None] = [None, None, None]  # per priority
         self.in_topics: dict[int, InTopic] = {}

@@ -126,6 +126,7 @@ class LightLink:
         self._control("attach", link=reply["link"], secret=reply["secret"])
         self.out_ids = 0
         self.out: dict[str, list] = {}  # topic -> [id, credit msgs, credit bytes, seq]
+        self.out_by_id: dict[int, list] = {}  # the same states by id (credit)
         self.in_topics: dict[int, str] = {}
         self.subs: list[RemoteSubscriber] = []
         self.grants: dict[int, list] = {}
@@ -164,9 +165,8 @@ class LightLink:
         if kind == W.CONTROL:
             what, f = W.decode_control(frames[1].bytes)
             if what == "credit":
-                by_id = {v[0]: v for v in self.out.values()}
                 for tid, msgs, nbytes in f["grants"]:
-                    state = by_id.get(tid)
+                    state = self.out_by_id.get(tid)
                     if state is not None:
                         state[1] += msgs
                         state[2] += nbytes
@@ -235,7 +235,7 @@ class LightLink:
         if state is None:
             self.out_ids += 1
             state = [self.out_ids, W.INITIAL_WINDOW_MSGS, W.INITIAL_WINDOW_BYTES, 0]
-            self.out[info["name"]] = state
+            self.out[info["name"]] = self.out_by_id[state[0]] = state
             self._control(
                 "topic",
                 id=state[0],
@@ -261,7 +261,7 @@ class LightLink:
         kind, flags, tid, _, _, dtype, meta_b, shape, payload = entry
         head = W.encode_batch_entry(kind, flags, tid, seq, nbytes, dtype, meta_b, shape)
         if body is None:
-            self.sock.send_multipart([W.DATA, head + bytes(payload)])
+            self.sock.send_multipart([W.DATA, b"".join((head, payload))])  # one copy
         else:
             # Copied: the caller may change its array as soon as send returns.
             self.sock.send_multipart([W.DATA, head])
