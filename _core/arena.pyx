@@ -129,13 +129,15 @@ cdef class Arena:
         return arena
 
     @staticmethod
-    def attach(str meta_name, str data_name) -> Arena:
-        """Map an existing arena, checking its magic, version and geometry."""
+    def attach(str meta_name, str data_name, *, bint populate=True) -> Arena:
+        """Map an existing arena, checking its magic, version and geometry.
+        ``populate=False``: fault the data in lazily (a daemon taking over
+        a 1 GiB arena would otherwise spend ~100 ms mapping it)."""
         cdef Segment meta = Segment.attach(meta_name)
         cdef Segment data
         cdef tb_arena_header_t *h
         try:
-            data = Segment.attach(data_name)
+            data = Segment.attach(data_name, populate=populate)
         except BaseException:
             meta.close()
             raise
@@ -306,6 +308,12 @@ cdef class Arena:
         if self.meta is not None:
             self.data.close()
             self.meta.close()
+
+    def own(self) -> None:
+        """Make unlinking this attached arena this process's job (a daemon
+        that took over its predecessor's arena)."""
+        self.meta.own()
+        self.data.own()
 
     def unlink(self) -> None:
         """Remove both segments' names (the daemon's job at shutdown)."""

@@ -18,6 +18,9 @@ __all__ = [
     "ViewInUseError",
     "CapacityError",
     "ClaimLostError",
+    "BrokerError",
+    "BrokerUnavailable",
+    "BrokerRestarted",
     "SlowConsumer",
     "HoldLimitError",
     "GapError",
@@ -50,6 +53,28 @@ class MessageTooLargeError(TensorbusError, ValueError):
 
 class RingClosedError(TensorbusError):
     """The ring was closed: nothing more can be published or received."""
+
+
+class BrokerError(TensorbusError):
+    """The broker refused a request; ``code`` is its error code."""
+
+    def __init__(self, message: str, code: str = "internal"):
+        super().__init__(message)
+        self.code = code
+
+
+class BrokerUnavailable(BrokerError, ConnectionError):
+    """No broker answered, or the broker went away."""
+
+
+class BrokerRestarted(BrokerUnavailable, RingClosedError):
+    """The broker died and its successor could not take over this client's
+    session or ring (a layout of another release, a corrupt or missing
+    state): the ring was closed before it was swept, so nothing is written
+    where nobody reads. Reconnect to go on."""
+
+    def __init__(self, message: str, code: str = "restarted"):
+        super().__init__(message, code)
 
 
 class BackpressureError(TensorbusError, TimeoutError):

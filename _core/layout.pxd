@@ -37,6 +37,9 @@ cdef extern from "tb_layout.h" nogil:
         TB_CURSOR_LATEST
         TB_CURSOR_GROUP
         TB_RING_KEEP_LAST
+        TB_OPEN
+        TB_CLOSED
+        TB_CLOSED_RESTARTED
         TB_SLOT_BRIDGED
         TB_SLOT_GAP
 
@@ -76,7 +79,7 @@ cdef extern from "tb_layout.h" nogil:
         int64_t created_ns
         uint32_t flags        # TB_RING_KEEP_LAST
         int64_t head          # next sequence to claim (own line)
-        uint32_t closed       # set once; wakes everyone
+        uint32_t closed       # set once (TB_CLOSED or TB_CLOSED_RESTARTED); wakes everyone
         uint32_t cursor_hwm   # publishers scan cursors [0, hwm)
         uint32_t publisher_hwm
         uint32_t sleepers     # subscribers inside futex_wait: publishers wake only if > 0

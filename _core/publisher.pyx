@@ -282,7 +282,7 @@ cdef class Publisher:
                 self.last_dropped = st == TB_ST_DROPPED
                 return seq
             if st == TB_ST_CLOSED:
-                raise RingClosedError(f"ring {self.ring.name!r} is closed")
+                raise self.ring.closed_error(f"ring {self.ring.name!r} is closed")
             if st == TB_ST_LOST:
                 raise ClaimLostError(f"the claim of sequence {seq} on ring {self.ring.name!r} "
                                      "was padded by a repair that took this process for dead")

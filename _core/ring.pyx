@@ -43,6 +43,8 @@ from tensorbus._core.atomic cimport (
     tb_store_rel32,
 )
 from tensorbus._core.layout cimport (
+    TB_CLOSED,
+    TB_CLOSED_RESTARTED,
     TB_CURSOR_ACTIVE,
     TB_CURSOR_BYTES,
     TB_CURSOR_EVICTED,
@@ -74,9 +76,11 @@ from tensorbus._core.segment cimport Segment
 from tensorbus._core.wait cimport Waiter
 
 from tensorbus._core.errors import (
+    BrokerRestarted,
     CapacityError,
     LayoutMismatchError,
     RingClosedError,
+    SegmentError,
     TensorbusError,
 )
 from tensorbus._core.segment import segment_name
@@ -200,9 +204,10 @@ cdef class Ring:
     @staticmethod
     def attach(str name, *, spin_us=None, double init_timeout=1.0,
                BellTable bells=None, Waiter waiter=None, Arena arena=None,
-               Holder holder=None) -> Ring:
-        """Map an existing ring, checking its magic, version and geometry."""
-        cdef Segment seg = Segment.attach(name)
+               Holder holder=None, bint populate=True) -> Ring:
+        """Map an existing ring, checking its magic, version and geometry.
+        ``populate=False``: fault its pages in lazily (a daemon taking over)."""
+        cdef Segment seg = Segment.attach(name, populate=populate)
         if seg.size < TB_HEADER_BYTES:
             seg.close()
             raise LayoutMismatchError(0, f"segment {name!r} ({seg.size} bytes) is too small "
@@ -367,15 +372,71 @@ cdef class Ring:
 
     # -- lifecycle ---------------------------------------------------------
 
-    def close(self) -> None:
+    @property
+    def close_reason(self) -> str | None:
+        """None while open; "closed" (the broker closed it) or "restarted"
+        (a restarted broker could not take it over: see :meth:`condemn`)."""
+        if self.v.h == NULL:
+            return "closed"
+        cdef uint32_t why = tb_load_acq32(&self.v.h.closed)
+        return None if why == 0 else "restarted" if why == TB_CLOSED_RESTARTED else "closed"
+
+    def close(self, *, bint restarted=False) -> None:
         """Close the ring for everyone: publishers get RingClosedError at
-        once, subscribers once they have read what was committed."""
+        once, subscribers once they have read what was committed.
+        ``restarted``: they get BrokerRestarted instead (the broker that
+        owned the ring died and its successor could not take it over)."""
         self._check_open()
-        tb_store_rel32(&self.v.h.closed, 1)
+        tb_store_rel32(&self.v.h.closed, TB_CLOSED_RESTARTED if restarted else TB_CLOSED)
         tb_fence_sc()
         with nogil:
             self._wake_subscribers()
             tb_ring_wake_publishers(&self.v)
+
+    def closed_error(self, str what):
+        """The exception for ``what`` ("ring 'x' is closed") on this closed
+        ring: BrokerRestarted where a restarted broker condemned it."""
+        if self.v.h != NULL and tb_load_acq32(&self.v.h.closed) == TB_CLOSED_RESTARTED:
+            return BrokerRestarted(
+                f"{what}: the broker died and its successor could not take this ring "
+                "over, so it was closed; reconnect to go on")
+        return RingClosedError(what)
+
+    @staticmethod
+    def condemn(str name, BellTable bells=None) -> bool:
+        """Close ring segment ``name`` as "restarted" before it is swept,
+        whatever its layout version: the magic, the version and the closed
+        word keep their offsets in every release (tb_layout.h), so even a
+        ring this build cannot read tells its users to stop rather than
+        write into a segment nobody will read. False if ``name`` is no ring."""
+        cdef Segment seg
+        try:
+            seg = Segment.attach(name, populate=False)
+        except SegmentError:
+            return False
+        cdef tb_ring_header_t *h = <tb_ring_header_t *>seg.base
+        if seg.size < TB_HEADER_BYTES or load_magic(h) != TB_RING_MAGIC:
+            seg.close()
+            return False
+        if h.version != TB_RING_VERSION:
+            tb_store_rel32(&h.closed, TB_CLOSED_RESTARTED)  # sleepers see it at their next slice
+            seg.close()
+            return True
+        try:
+            _check_header(name, h, seg.size)
+        except LayoutMismatchError:
+            tb_store_rel32(&h.closed, TB_CLOSED_RESTARTED)
+            seg.close()
+            return True
+        ring = Ring._open(seg, 0, bells, None, None, None)
+        ring.close(restarted=True)
+        ring.detach()
+        return True
+
+    def own(self) -> None:
+        """Make unlinking this attached ring this process's job (a daemon
+        that took over its predecessor's rings)."""
+        self.segment.own()
 
     def unlink(self) -> None:
         """Remove the segment's name (creator only); mappings stay valid."""
@@ -434,6 +495,8 @@ cdef class Ring:
         for i in range(tb_cursor_bound(v)):
             c = &v.cursors[i]
             st = tb_load_acq32(&c.state)
+            if c.flags & TB_CURSOR_GROUP:
+                continue  # a queue group's cursor is the broker's state, not a process's
             if st != TB_CURSOR_FREE and not tb_pid_alive(tb_load_rlx32(&c.owner_pid)):
                 if tb_cas32(&c.state, st, TB_CURSOR_FREE):
                     freed_cursors += 1

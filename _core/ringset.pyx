@@ -222,10 +222,12 @@ cdef class RingSet:
                 raise self._evicted(i)
             if st == TB_ST_CLOSED:
                 self.closed_members += 1
-                self.topics.pop(i)
+                name = self.topics.pop(i)
                 self.subs.pop(i)
                 self._rebuild()
                 sub.close()
+                if sub.ring.close_reason == "restarted":
+                    raise sub.ring.closed_error(f"topic {name!r} is closed")
                 k = 0
                 continue
             k += 1

@@ -14,4 +14,4 @@ cdef class Segment:
     cdef void _unmap(self) noexcept
 
     @staticmethod
-    cdef Segment _map(int fd, str name, size_t size, bint owner)
+    cdef Segment _map(int fd, str name, size_t size, bint owner, bint populate)

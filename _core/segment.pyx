@@ -120,7 +120,7 @@ cdef class Segment:
             if rc != 0:
                 raise SegmentError(rc, f"cannot reserve {size} bytes for segment {name!r} "
                                    f"in {SHM_DIR}: {_oserror_text(rc)}")
-            seg = Segment._map(fd, name, size, True)
+            seg = Segment._map(fd, name, size, True, True)
         except BaseException:
             close(fd)
             shm_unlink(path)
@@ -129,8 +129,10 @@ cdef class Segment:
         return seg
 
     @staticmethod
-    def attach(str name) -> Segment:
-        """Map an existing segment read-write; its size comes from the file."""
+    def attach(str name, *, bint populate=True) -> Segment:
+        """Map an existing segment read-write; its size comes from the file.
+        ``populate=False``: map its pages lazily (a daemon taking over a
+        large arena touches only headers, and must serve within ~100 ms)."""
         check_segment_name(name)
         cdef bytes path = ("/" + name).encode()
         cdef int fd = shm_open(path, O_RDWR, 0)
@@ -146,14 +148,15 @@ cdef class Segment:
                 raise SegmentError(err, f"cannot stat segment {name!r}: {_oserror_text(err)}")
             if st.st_size <= 0:
                 raise SegmentError(0, f"segment {name!r} is empty (still being created?)")
-            seg = Segment._map(fd, name, <size_t>st.st_size, False)
+            seg = Segment._map(fd, name, <size_t>st.st_size, False, populate)
         finally:
             close(fd)
         return seg
 
     @staticmethod
-    cdef Segment _map(int fd, str name, size_t size, bint owner):
-        cdef void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0)
+    cdef Segment _map(int fd, str name, size_t size, bint owner, bint populate):
+        cdef int flags = MAP_SHARED | (MAP_POPULATE if populate else 0)
+        cdef void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, flags, fd, 0)
         if p == MAP_FAILED:
             err = errno
             raise SegmentError(err, f"cannot map segment {name!r} ({size} bytes): "
@@ -173,6 +176,11 @@ cdef class Segment:
     def path(self) -> str:
         """Where the segment shows up in the file system."""
         return f"{SHM_DIR}/{self.name}"
+
+    def own(self) -> None:
+        """Make unlinking this attached segment this process's job: a
+        successor daemon takes over the segments of the one that died."""
+        self.owner = True
 
     def unlink(self) -> None:
         """Remove the segment's name; existing mappings stay valid."""

@@ -188,7 +188,7 @@ cdef class Subscriber:
             if st == TB_ST_OK:
                 return s
             if st == TB_ST_CLOSED:
-                raise RingClosedError(f"ring {self.ring.name!r} is closed and drained")
+                raise self.ring.closed_error(f"ring {self.ring.name!r} is closed and drained")
             if st == TB_ST_EVICTED:
                 self._raise_evicted()
             now = tb_now_ns()

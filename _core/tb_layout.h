@@ -6,6 +6,7 @@
 #ifndef TB_LAYOUT_H
 #define TB_LAYOUT_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #define TB_RING_MAGIC 0x314752425342ULL /* "BSBRG1" */
@@ -42,6 +43,10 @@ enum { TB_SLOT_BRIDGED = 0x8000, TB_SLOT_GAP = 0x4000 };
 /* cursor flags */
 enum { TB_CURSOR_LATEST = 1, /* reads only the newest message (QoS "latest") */
        TB_CURSOR_GROUP = 2 };  /* shared by a queue group: members claim each message by CAS */
+/* The header's closed word: why the ring is closed. The magic, the version
+ * and this word keep their offsets (0, 8, 192) in every release, so a
+ * restarted broker can close a ring of any layout before it sweeps it. */
+enum { TB_OPEN = 0, TB_CLOSED = 1, TB_CLOSED_RESTARTED = 2 };
 /* ring flags */
 enum { TB_RING_KEEP_LAST = 1 }; /* the newest message's arena block outlives its readers (QoS "latest") */
 
@@ -96,7 +101,7 @@ typedef struct {
     int64_t head;
     char _pad1[56];
     /* line 3: read on every publish, written rarely */
-    uint32_t closed;
+    uint32_t closed;          /* TB_OPEN, TB_CLOSED or TB_CLOSED_RESTARTED */
     uint32_t cursor_hwm;      /* cursor entries [0, hwm) may be in use */
     uint32_t publisher_hwm;   /* publisher records [0, hwm) may be in use */
     uint32_t sleepers;        /* subscribers of this ring inside futex_wait */
@@ -231,6 +236,9 @@ typedef struct {
 } tb_block_t;
 
 _Static_assert(sizeof(tb_ring_header_t) <= TB_HEADER_BYTES, "ring header too large");
+_Static_assert(offsetof(tb_ring_header_t, magic) == 0 && offsetof(tb_ring_header_t, version) == 8
+               && offsetof(tb_ring_header_t, closed) == 192,
+               "magic, version and closed keep their offsets in every release");
 _Static_assert(sizeof(tb_cursor_t) == TB_CURSOR_BYTES, "cursor entry must be 384 B");
 _Static_assert(sizeof(tb_publisher_t) == TB_PUBLISHER_BYTES, "publisher record must be 64 B");
 _Static_assert(sizeof(tb_bell_t) == TB_BELL_BYTES, "bell must be 64 B");

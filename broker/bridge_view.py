@@ -49,7 +49,7 @@ class BridgeView:
         bell, generation = reg.take_bell("fifo", os.getpid())
         fifo = reg.make_fifo(bell, generation)
         sub = Subscription(
-            next(reg.ids),
+            reg.new_id(),
             reg.bridge_session,
             "(bridge)",
             "async",

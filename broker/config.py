@@ -16,6 +16,7 @@ class BrokerConfig:
     tcp: str | None = None  # "HOST:PORT"
     token: str | None = None
     insecure: bool = False
+    standby: bool = False  # wait on the socket's lock, then take over (broker/state.py)
     default_capacity: int = 256
     default_slot_size: int = 4096
     latest_capacity: int = 8

@@ -41,11 +41,26 @@ from tensorbus.broker.registry import Registry, Session, Subscription
 from tensorbus.broker.soon import Soon
 from tensorbus.broker.startup import (
     BrokerStartError,
+    announce_standby,
     check_tcp,
     default_arena_size,
+    marker_path,
     release_lock,
+    standby_pid,
     sweep,
     take_lock,
+    write_marker,
+)
+from tensorbus.broker.state import (
+    StateError,
+    condemn,
+    load,
+    open_segments,
+    read_any,
+    restore,
+    save,
+    snapshot,
+    state_path,
 )
 from tensorbus.broker.topics import TopicNameError
 
@@ -87,6 +102,16 @@ class Broker:
         # request op -> handler(session, request) -> reply. ``hello`` is
         # served before there is a session (_hello).
         self.ops: dict = {}
+        self.state_file = state_path(self.ipc_path)
+        # Notices wait here until the state that explains them is saved
+        # (a successor must know every cursor a client has heard of).
+        self.outbox: list[tuple[tuple, bytes, int]] = []
+        self.commit_soon = Soon(self._commit)
+        # This socket's lineage: takeovers so far, the last one's figures,
+        # the instances whose segments we hold (their owner markers).
+        self.takeovers = 0
+        self.takeover: dict | None = None
+        self.instances: set[str] = {self.instance}
 
     # -- start and stop ----------------------------------------------------
 
@@ -95,21 +120,28 @@ class Broker:
         Raises BrokerStartError with a sentence if this broker cannot serve."""
         config = self.config
         tcp = check_tcp(config)
-        self.lock_fd = take_lock(self.ipc_path)
-        sweep(self.ipc_path)
+        standby = announce_standby(self.ipc_path) if config.standby else -1
+        if config.standby:
+            log.info("standby for ipc://%s: waiting for its broker's lock", self.ipc_path)
+        self.lock_fd, previous = take_lock(self.ipc_path, wait=config.standby)
+        died_at = time.monotonic()
+        if standby >= 0:
+            os.close(standby)
         run_dir = os.path.dirname(os.path.abspath(self.ipc_path))
-        self.fifo_dir = ensure_private_dir(os.path.join(run_dir, f"bells-{self.instance}"))
+        taken = self._take_over_segments()
+        if taken is not None:
+            bells, arena, self.fifo_dir, snap = taken
+            keep = {bells.name, *arena.names, self.fifo_dir}
+            keep |= {entry[4] for entry in snap["topics"]}
+            self.instances |= {n.split("-")[2] for n in keep if n.startswith("tb-")}
+            keep |= {os.path.basename(marker_path(i)) for i in self.instances}
+            sweep(self.ipc_path, frozenset(keep), self.state_file, previous)
+        else:
+            sweep(self.ipc_path, own_state=self.state_file, dead=previous)
+            self.fifo_dir = ensure_private_dir(os.path.join(run_dir, f"bells-{self.instance}"))
         group = share_with_group(config.ipc_group, run_dir, self.fifo_dir)
-        bells = BellTable.create(config.max_subscriptions, self.fifo_dir, instance=self.instance)
-        size = config.arena_size or default_arena_size()
-        try:
-            arena = Arena.create(size, instance=self.instance)
-        except (SegmentError, ValueError) as exc:
-            with contextlib.suppress(Exception):
-                bells.segment.unlink()
-            raise BrokerStartError(
-                f"cannot create the tensor arena of {size} bytes: {exc}"
-            ) from None
+        if taken is None:
+            bells, arena = self._create_segments()
         log.info("arena: %s", arena)
         self.registry = Registry(
             config,
@@ -121,8 +153,19 @@ class Broker:
             interest=self.interest_changed,
         )
         self.liveness = Liveness(self.registry, config, self._drop_session)
+        self.liveness.meter_hooks.append(lambda now: self._commit())
+        if taken is not None:
+            self._adopt(taken[3], previous, died_at)
+        for instance in self.instances:
+            write_marker(instance, self.state_file)
+        self._commit()
         self.ops = Ops(
-            self.registry, self.access, self.bridge, self._drop_session, self.instance
+            self.registry,
+            self.access,
+            self.bridge,
+            self._drop_session,
+            self.instance,
+            self.role,
         ).table()
         self.ctx = zmq.asyncio.Context()
         old_umask = os.umask(0o077)
@@ -164,6 +207,95 @@ class Broker:
             self.metrics.start()
             self.liveness.meter_hooks.append(self.metrics.refresh)
         return self.endpoints
+
+    def _take_over_segments(self):
+        """(bells, arena, fifo_dir, snapshot) of the daemon that died on this
+        socket, mapped and ours, or None: no state, or one that cannot be
+        taken over (its rings are then condemned: BrokerRestarted)."""
+        try:
+            snap = load(self.state_file)
+            if snap is None:
+                return None
+            return (*open_segments(snap), snap)
+        except StateError as exc:
+            closed = condemn(read_any(self.state_file))
+            log.warning(
+                "cannot take over the previous broker's state: %s; "
+                "%d ring(s) closed for their users (BrokerRestarted), then swept",
+                exc,
+                closed,
+                extra={"event": "state_condemned", "reason": str(exc), "rings": closed},
+            )
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.state_file)
+            return None
+
+    def _create_segments(self):
+        config = self.config
+        bells = BellTable.create(config.max_subscriptions, self.fifo_dir, instance=self.instance)
+        size = config.arena_size or default_arena_size()
+        try:
+            arena = Arena.create(size, instance=self.instance)
+        except (SegmentError, ValueError) as exc:
+            with contextlib.suppress(Exception):
+                bells.segment.unlink()
+            raise BrokerStartError(
+                f"cannot create the tensor arena of {size} bytes: {exc}"
+            ) from None
+        return bells, arena
+
+    def _adopt(self, snap: dict, previous: int | None, died_at: float) -> None:
+        """Rebuild the registry from the dead daemon's snapshot; sessions
+        whose process is gone are ended, the others wait for their client."""
+        summary = restore(self.registry, snap)
+        for pid, slot in summary.pop("parked"):
+            self.liveness.park_pid(pid, slot)
+        for session in list(self.registry.sessions.values()):
+            self.liveness.watch(session)
+            if session.pidfd < 0:
+                self._drop_session(session, "process gone")
+        self.takeovers = int(snap.get("takeovers", 0)) + 1
+        summary["ms"] = round((time.monotonic() - died_at) * 1e3, 2)
+        self.takeover = summary
+        log.warning(
+            "took over the state of broker pid %s: %d topic(s), %d session(s) in %.1f ms",
+            summary["previous_pid"] or previous,
+            summary["topics"],
+            summary["sessions"],
+            summary["ms"],
+            extra={"event": "broker_takeover", **summary},
+        )
+
+    def role(self) -> dict:
+        """What ``stats`` says of this daemon's place in its socket's lineage."""
+        return {
+            "role": "primary",
+            "standby_pid": standby_pid(self.ipc_path),
+            "takeovers": self.takeovers,
+            "takeover": self.takeover,
+        }
+
+    def _commit(self) -> None:
+        """Save the state if it changed, then send the notices that waited
+        for it: a client never hears of a cursor a successor would not know."""
+        registry = self.registry
+        if registry is None or registry.bells is None:
+            return
+        if registry.dirty:
+            registry.dirty = False
+            meta = {"takeovers": self.takeovers, "instances": sorted(self.instances)}
+            try:
+                save(
+                    self.state_file,
+                    snapshot(registry, self.fifo_dir, self.liveness.parked_list(), meta),
+                )
+            except OSError as exc:
+                log.error("cannot save the broker's state to %s: %s", self.state_file, exc)
+        outbox, self.outbox = self.outbox, []
+        for key, frame, bell in outbox:
+            self._send(key, frame)
+            if bell >= 0:
+                registry.bells.notify(bell)
 
     def _socket(self) -> zmq.asyncio.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
@@ -245,6 +377,12 @@ class Broker:
         if self.lock_fd >= 0:  # the socket file is ours only while we hold the lock
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.ipc_path)
+            if registry is not None:  # everything is unlinked: nothing to take over
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.state_file)
+                for instance in self.instances:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(marker_path(instance))
         if self.ctx is not None:
             self.ctx.destroy(0)
         if self.lock_fd >= 0:
@@ -261,11 +399,16 @@ class Broker:
             sock.send_multipart([identity, payload], zmq.NOBLOCK)
 
     def _notify(self, sub: Subscription, kind: str, fields: dict) -> None:
-        """Send a notice, then raise the bell's notice flag so a sleeping
-        subscriber wakes and reads it."""
-        self._send(sub.session.key, P.encode_notice(kind, sub=sub.id, **fields))
-        if sub.bell >= 0:
-            self.registry.bells.notify(sub.bell)
+        """Send a notice once the state is saved, then raise the bell's
+        notice flag so a sleeping subscriber wakes and reads it. An orphan
+        session (taken over, not yet resumed) keeps it for its client."""
+        frame = P.encode_notice(kind, sub=sub.id, **fields)
+        if sub.session.orphan:
+            sub.session.pending.append([frame, sub.bell])
+            self.registry.dirty = True
+        else:
+            self.outbox.append((sub.session.key, frame, sub.bell))
+        self.commit_soon()
 
     async def _receive(
         self, waitable: zmq.asyncio.Socket, sock: zmq.Socket, transport: str
@@ -274,6 +417,7 @@ class Broker:
         a burst, so the monitor still runs) without a future per message."""
         while True:
             await waitable.poll(zmq.POLLIN)
+            replies = []
             for _ in range(256):
                 try:
                     frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -286,7 +430,10 @@ class Broker:
                     reply = P.encode_error(None, "internal", f"the broker failed: {exc}")
                 if reply is not None:
                     self.registry.counters["requests"] += 1
-                    self._send((sock, frames[0].bytes), reply)
+                    replies.append(((sock, frames[0].bytes), reply))
+            self._commit()  # saved before anyone hears of what changed
+            for key, reply in replies:
+                self._send(key, reply)
             await asyncio.sleep(0)
 
     def _handle(self, sock, transport: str, frames) -> bytes | None:
@@ -344,25 +491,45 @@ class Broker:
         uid = peer[0] if peer is not None else None
         user = self.access.identify(transport, uid, f.get("token") or "")
         registry = self.registry
+        pid = peer[1] if peer is not None else f["pid"]
+        resumed = None
+        if f.get("resume") is not None:
+            resumed = registry.sessions.get(("adopted", f["resume"]))
+            if resumed is None or resumed.pid != pid or transport != "ipc":
+                raise P.ProtocolViolation(
+                    "session_lost",
+                    f"session {f['resume']} cannot be resumed: this broker (pid "
+                    f"{os.getpid()}) did not take it over from the one that died; "
+                    "connect again",
+                )
         old = registry.sessions.get(key)
         if old is not None:
             self._drop_session(old, "hello again on the same connection")
         self.access.bind(key, user)
         self.ended_sessions.pop(key, None)
-        pid = peer[1] if peer is not None else f["pid"]
-        session = registry.open_session(
-            key, transport, P.session_name(f.get("name"), pid), pid, time.monotonic()
-        )
+        if resumed is not None:
+            session = resumed
+            registry.resume(session, key)
+            self.outbox.extend((key, frame, bell) for frame, bell in session.pending)
+            session.pending.clear()
+            log_client(session, "resumed")
+        else:
+            session = registry.open_session(
+                key, transport, P.session_name(f.get("name"), pid), pid, time.monotonic()
+            )
         reader = self.access.reader(session, lambda name: owns(registry, session, name))
         if reader is not None:
             session.may_read = reader
             log.info("%s is %s", session.name, user)
-        if transport == "ipc":
-            self.liveness.watch(session)
-        log_client(session, "joined")
+        if resumed is None:
+            if transport == "ipc":
+                self.liveness.watch(session)
+            log_client(session, "joined")
         local = transport == "ipc"
         return P.encode_reply(
             request.id,
+            session=session.id,
+            resumed=resumed is not None,
             instance=self.instance,
             local=local,
             # Segment names and paths are for clients that can map them.
@@ -392,6 +559,7 @@ class Broker:
         self.access.forget(session.key)
         if reason in ("bye", "heartbeat timeout"):  # the connection may speak again
             self._remember_end(session, reason)
+        self.commit_soon()
 
     def _remember_end(self, session: Session, reason: str) -> None:
         """Keep why ``session`` ended for its connection's next request."""

@@ -49,8 +49,9 @@ class Liveness:
         self.config = config
         self.drop = drop
         # Holder slots of clients that said bye while their process may still
-        # view arena blocks: released when that process exits. pidfd -> slot.
-        self.parked: dict[int, int] = {}
+        # view arena blocks: released when that process exits.
+        # pidfd -> (slot, pid).
+        self.parked: dict[int, tuple[int, int]] = {}
         # Called after each second's meters, on the loop (the metrics snapshot).
         self.meter_hooks: list[Callable[[float], None]] = []
 
@@ -86,16 +87,32 @@ class Liveness:
         fd, session.pidfd = session.pidfd, -1
         loop = asyncio.get_running_loop()
         loop.remove_reader(fd)
-        self.parked[fd] = slot
+        self.parked[fd] = (slot, session.pid)
         loop.add_reader(fd, self._unpark, fd)
 
+    def park_pid(self, pid: int, slot: int) -> None:
+        """Keep holder ``slot`` until process ``pid`` exits (taken over
+        from a daemon that died); released now if it is gone already."""
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            self.registry.release_holder(slot)
+            return
+        self.parked[fd] = (slot, pid)
+        asyncio.get_running_loop().add_reader(fd, self._unpark, fd)
+
+    def parked_list(self) -> list[list[int]]:
+        """[pid, slot] of every parked holder slot (broker/state.py)."""
+        return [[pid, slot] for slot, pid in self.parked.values()]
+
     def _unpark(self, fd: int) -> None:
-        slot = self.parked.pop(fd, 0)
+        slot, _ = self.parked.pop(fd, (0, 0))
         with contextlib.suppress(Exception):
             asyncio.get_running_loop().remove_reader(fd)
         os.close(fd)
         if slot and self.registry.arena is not None:
             self.registry.release_holder(slot)
+            self.registry.dirty = True
 
     def unpark_all(self) -> None:
         for fd in list(self.parked):

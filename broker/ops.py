@@ -24,12 +24,13 @@ __all__ = ["Ops", "owns"]
 def owns(registry: Registry, session: Session, name: str) -> bool:
     """Whether ``name`` is a private topic of ``session`` (its reply inbox)."""
     topic = registry.topics.get(name)
-    return topic is not None and topic.owner == session.key
+    return topic is not None and topic.owner == session.id
 
 
 class Ops:
     """The handlers, over the registry, the permissions and the bridge;
-    ``drop_session(session, reason, views_alive)`` ends a session (bye)."""
+    ``drop_session(session, reason, views_alive)`` ends a session (bye);
+    ``role()`` gives what stats say of the daemon's lineage."""
 
     def __init__(
         self,
@@ -38,12 +39,14 @@ class Ops:
         bridge: Bridge,
         drop_session: Callable[..., None],
         instance: str,
+        role: Callable[[], dict] = dict,
     ):
         self.registry = registry
         self.access = access
         self.bridge = bridge
         self.drop_session = drop_session
         self.instance = instance
+        self.role = role  # primary or standby, takeovers (the daemon's)
         self.started = time.monotonic()
 
     def table(self) -> dict[str, Callable[[Session, P.Request], bytes]]:
@@ -146,6 +149,7 @@ class Ops:
             "holders_free": len(registry.free_holders),
             "node": self.bridge.node,
             "links": self.bridge.stats(),
+            **self.role(),
             **registry.counters,
         }
         return P.encode_reply(request.id, topics=topics, broker=broker)

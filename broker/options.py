@@ -90,6 +90,13 @@ OPTIONS: tuple[Option, ...] = (
         "allow a non-loopback tcp address without a token",
     ),
     Option(
+        "standby",
+        BOOLEAN,
+        False,
+        "wait as a hot standby for the broker that serves this socket: when it dies "
+        "(the kernel releases its lock) take over its state and serve at once",
+    ),
+    Option(
         "capacity",
         INTEGER,
         256,

@@ -69,6 +69,7 @@ ERROR_CODES = {
     "no_such_subscription": "the subscription id is not one of this session's",
     "capacity": "a broker limit (subscribers per topic, bells, topics) is reached",
     "permission_denied": "this user may not publish or subscribe to that topic",
+    "session_lost": "the session to resume is unknown: the broker restarted without its state",
     "redundant_link": "the two daemons dialed each other; the other one's link is kept",
     "internal": "the broker failed; the sentence says how",
 }
@@ -86,6 +87,7 @@ OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "pid": (_INT, True),
         "protocol": (_INT, True),
         "token": (_STR, False),
+        "resume": (_INT, False),  # a session id of this process, after a broker restart
     },
     "create_topic": {
         "topic": (_STR, True),

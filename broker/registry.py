@@ -19,7 +19,6 @@ operations it needs.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 from collections.abc import Callable
@@ -70,7 +69,7 @@ class Topic:
     behind_since: dict = field(default_factory=dict)  # (cursor, generation) -> monotonic
     checked_head: int = -1  # the head at the last pressure check
     pressure_pub: object = None
-    owner: tuple | None = None  # private topics (reply inboxes): the session that owns it
+    owner: int | None = None  # private topics (reply inboxes): the id of the session that owns it
 
     def info(self) -> dict:
         return {
@@ -122,16 +121,21 @@ class Group:
 
 @dataclass(eq=False)
 class Session:
-    key: tuple  # (socket, identity)
+    key: tuple  # (socket, identity); ("adopted", id) until its client resumes it
     transport: str  # "ipc" or "tcp"
     name: str
     pid: int
+    id: int = 0  # what a client names to resume it after a restart (broker/state.py)
     pidfd: int = -1
     last_seen: float = 0.0
     subscriptions: dict = field(default_factory=dict)  # id -> Subscription
     publishing: dict = field(default_factory=dict)  # topic name -> count
     holder: int = 0  # arena holder slot (1..63); 0: none
     may_read: Callable[[str], bool] = lambda name: True  # permissions: broker/access.py
+    # Taken over from a daemon that died, and not yet resumed by its client:
+    # notices wait in ``pending`` ([frame, bell]) until it is.
+    orphan: bool = False
+    pending: list = field(default_factory=list)
 
 
 def _no_notice(sub: Subscription, kind: str, fields: dict) -> None:
@@ -169,7 +173,9 @@ class Registry:
         self.topics: dict[str, Topic] = {}
         self.sessions: dict[tuple, Session] = {}
         self.groups: dict[tuple[str, str], Group] = {}  # (topic, group name) -> Group
-        self.ids = itertools.count(1)
+        self.next_id = 1  # subscription and session ids (a successor goes on counting)
+        # Set by every change a successor must know of (broker/state.py saves it).
+        self.dirty = True
         self.free_bells = list(range(config.max_subscriptions - 1, -1, -1))
         self.free_holders = list(range(MAX_HOLDERS, 0, -1))
         self.bridge_session = Session(("bridge", 0), "internal", "bridge", os.getpid())
@@ -181,7 +187,8 @@ class Registry:
     def open_session(self, key, transport: str, name: str, pid: int, now: float) -> Session:
         """A new session (the caller dropped any old one on ``key``); ipc
         sessions get an arena holder slot while any is left."""
-        session = Session(key, transport, name, pid, last_seen=now)
+        session = Session(key, transport, name, pid, id=self.new_id(), last_seen=now)
+        self.dirty = True
         if transport == "ipc":
             if self.free_holders:
                 session.holder = self.free_holders.pop()
@@ -196,6 +203,7 @@ class Registry:
         arena holder slot. ``keep_holder``: the slot is not released but
         returned, for the caller to release once the process exits."""
         self.sessions.pop(session.key, None)
+        self.dirty = True
         for sub in list(session.subscriptions.values()):
             self.release_subscription(sub)
         for name in session.publishing:
@@ -204,7 +212,7 @@ class Registry:
                 with contextlib.suppress(TensorbusError):
                     topic.ring.repair()  # pads claims and frees records of dead pids
         session.publishing.clear()
-        for topic in [t for t in self.topics.values() if t.owner == session.key]:
+        for topic in [t for t in self.topics.values() if t.owner == session.id]:
             self.remove_topic(topic)
         slot, session.holder = session.holder, 0
         if slot and not keep_holder:
@@ -228,6 +236,19 @@ class Registry:
         if held or owned:
             log.debug("holder %d released: %d held, %d owned", slot, held, len(owned))
         self.free_holders.append(slot)
+
+    def new_id(self) -> int:
+        self.next_id += 1
+        return self.next_id - 1
+
+    def resume(self, session: Session, key: tuple) -> None:
+        """An orphan session taken over from a dead daemon is its client's
+        again, now on connection ``key``."""
+        self.sessions.pop(session.key, None)
+        session.key = key
+        session.orphan = False
+        self.sessions[key] = session
+        self.dirty = True
 
     def take_holder(self) -> int:
         """An arena holder slot for the daemon's own use (0: none left)."""
@@ -277,6 +298,7 @@ class Registry:
             ) from None
         topic = Topic(name, qos, capacity, slot_size, ring)
         self.topics[name] = topic
+        self.dirty = True
         log.info("topic %s created (%s, %d x %d B)", name, qos, capacity, slot_size)
         for sub in list(self.bridge_subs):
             self.attach_new(sub, topic)
@@ -305,11 +327,12 @@ class Registry:
             )
         topic, created = self.get_or_create(name, f)
         if f.get("private"):
-            if not created and topic.owner != session.key:
+            if not created and topic.owner != session.id:
                 raise P.ProtocolViolation(
                     "topic_conflict", f"topic {name!r} exists: a private topic must be new"
                 )
-            topic.owner = session.key  # removed with the session (a reply inbox)
+            topic.owner = session.id  # removed with the session (a reply inbox)
+            self.dirty = True
         return topic, created
 
     def open_publisher(self, session: Session, f: dict) -> tuple[Topic, bool]:
@@ -320,17 +343,20 @@ class Registry:
             raise P.ProtocolViolation("no_such_topic", f"reply inbox {name!r} is gone")
         topic, created = self.get_or_create(name, f)
         session.publishing[name] = session.publishing.get(name, 0) + 1
+        self.dirty = True
         return topic, created
 
     def close_publisher(self, session: Session, name: str) -> None:
         if not session.publishing.get(name):
             raise P.ProtocolViolation("no_such_topic", f"this session has no publisher on {name!r}")
         session.publishing[name] -= 1
+        self.dirty = True
         if not session.publishing[name]:
             del session.publishing[name]
 
     def remove_topic(self, topic: Topic) -> None:
         """A private topic's owner left: its readers lose it, the ring goes."""
+        self.dirty = True
         for key, sub in list(topic.cursors.items()):
             sub.members.pop(topic.name, None)
             with contextlib.suppress(TensorbusError):
@@ -389,6 +415,7 @@ class Registry:
         )
         sub.members[topic.name] = (cursor, generation)
         topic.cursors[(cursor, generation)] = sub
+        self.dirty = True
         if sub.on_attach is not None:
             sub.on_attach(sub, topic, cursor, generation)
         elif announce:
@@ -426,7 +453,8 @@ class Registry:
         kind = "fifo" if mode == "async" else "futex"
         bell, generation = self.take_bell(kind, session.pid)
         fifo = self.make_fifo(bell, generation) if kind == "fifo" else None
-        sub = Subscription(next(self.ids), session, pattern, mode, bell, generation, fifo)
+        sub = Subscription(self.new_id(), session, pattern, mode, bell, generation, fifo)
+        self.dirty = True
         session.subscriptions[sub.id] = sub
         members = []
         # A pattern without wildcards names one topic: no scan of every topic.
@@ -477,7 +505,7 @@ class Registry:
             g = Group(name, group, cursor, generation, bell, bell_generation)
             self.groups[(name, group)] = g
         sub = Subscription(
-            next(self.ids), session, name, "sync", g.bell, g.bell_generation, None, group=g
+            self.new_id(), session, name, "sync", g.bell, g.bell_generation, None, group=g
         )
         sub.members[name] = (g.cursor, g.generation)
         session.subscriptions[sub.id] = sub
@@ -498,6 +526,7 @@ class Registry:
 
     def _leave_group(self, sub: Subscription) -> None:
         g = sub.group
+        self.dirty = True
         g.members.discard(sub)
         sub.session.subscriptions.pop(sub.id, None)
         sub.members.clear()
@@ -528,6 +557,7 @@ class Registry:
         if sub.group is not None:
             self._leave_group(sub)
             return
+        self.dirty = True
         for name, member in sub.members.items():
             self.free_member(name, member)
         sub.members.clear()

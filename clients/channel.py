@@ -69,6 +69,7 @@ class ControlChannel:
         self._ids = itertools.count(1)
         self._in_flight: dict[int, str] = {}  # id -> op
         self.subscriptions: dict[int, Any] = {}
+        self.shutdown_reason: str | None = None  # the broker said it shuts down
 
     def request(self, op: str, **fields: Any) -> tuple[int, bytes]:
         """(id, frame) of a new request, now in flight until answered or
@@ -104,6 +105,7 @@ class ControlChannel:
 
     def _dispatch_notice(self, reply: P.Reply) -> None:
         if reply.notice == "shutdown":
+            self.shutdown_reason = reply.fields.get("reason", "the broker shut down")
             targets = list(self.subscriptions.values())
         else:
             sub = self.subscriptions.get(reply.fields.get("sub"))

@@ -15,6 +15,7 @@ Requests to the broker are serialized by a lock.
 from __future__ import annotations
 
 import os
+import select
 import threading
 import time
 import weakref
@@ -38,7 +39,22 @@ from tensorbus.clients._shared import (
     resolve_url,
 )
 from tensorbus.clients.channel import ControlChannel, curve_client
-from tensorbus.clients.errors import BrokerUnavailable, ClientClosed, NotLocalError
+from tensorbus.clients.errors import (
+    BrokerRestarted,
+    BrokerUnavailable,
+    ClientClosed,
+    NotLocalError,
+    ProtocolError,
+)
+from tensorbus.clients.reconnect import (
+    IDEMPOTENT_OPS,
+    Backoff,
+    BrokerWatch,
+    gave_up,
+    in_flight_error,
+    reconnect_budget,
+    shut_down,
+)
 from tensorbus.clients.remote import LightLink, RemotePublisher, RemoteSubscriber
 from tensorbus.clients.reqrep import (
     DEFAULT_GROUP,
@@ -74,6 +90,7 @@ def connect(
     max_holds: int = 1024,
     spin_us: float | None = None,
     curve_server_key: str | None = None,
+    reconnect: bool | float = True,
 ) -> Client:
     """Connect to a broker and say hello.
 
@@ -87,8 +104,12 @@ def connect(
     ``TENSORBUS_SPIN_US``, else 50; 0: sleep at once, for servers and
     background threads that must not take a core). ``curve_server_key``:
     the broker's CURVE public key (z85) where it encrypts tcp (default
-    ``TENSORBUS_CURVE_SERVER_KEY``). Raises BrokerUnavailable if no broker
-    answers within ``timeout`` seconds."""
+    ``TENSORBUS_CURVE_SERVER_KEY``). ``reconnect``: if the broker dies, how
+    many seconds to look for its successor (a restart or a ``--standby``)
+    and resume this client's session there (True: 30; False or 0: off, and
+    control calls then fail); publishing and receiving go on meanwhile
+    (clients/reconnect.py). Raises BrokerUnavailable if no broker answers
+    within ``timeout`` seconds."""
     return Client(
         url,
         name=name,
@@ -97,6 +118,7 @@ def connect(
         max_holds=max_holds,
         spin_us=spin_us,
         curve_server_key=curve_server_key,
+        reconnect=reconnect,
     )
 
 
@@ -113,8 +135,10 @@ class Client:
         max_holds: int = 1024,
         spin_us: float | None = None,
         curve_server_key: str | None = None,
+        reconnect: bool | float = True,
     ):
         self.url = resolve_url(url)
+        self._reconnect_s = reconnect_budget(reconnect)
         why = ipc_unreachable(self.url)
         if why:
             raise BrokerUnavailable(why, "unavailable")
@@ -131,27 +155,24 @@ class Client:
         self._streams: list = []  # RequestStreams and Responders
         # pyzmq's per-process context (recreated after a fork): one I/O
         # thread for all clients of the process, not one each.
-        self._sock = zmq.Context.instance().socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
         self._curve = curve_client(curve_server_key)
-        if self._curve is not None:
-            self._curve(self._sock)
+        self._sock = self._new_socket()
         self._link: LightLink | None = None
-        self._sock.connect(self.url)
         self._heartbeat_thread = None
+        self._token = token or os.environ.get("TENSORBUS_TOKEN")
+        # The broker's process, watched for its death (clients/reconnect.py);
+        # what a dead broker left this client with, raised by every call.
+        self._watch: BrokerWatch | None = None
+        self._lost: BrokerUnavailable | None = None
+        self._closing = False
         try:
-            hello = self._request(
-                "hello",
-                name=self.name,
-                pid=os.getpid(),
-                protocol=P.PROTOCOL_VERSION,
-                token=token or os.environ.get("TENSORBUS_TOKEN"),
-            )
+            hello = self._request("hello", **self._hello_fields())
         except BaseException:
             self._sock.close(0)
             raise
         self.local = bool(hello.get("local"))
         self.broker_pid = hello.get("broker_pid")
+        self._session = hello.get("session")
         if self.local:
             try:
                 self._maps = Mappings(hello, max_holds, spin_us)
@@ -160,6 +181,9 @@ class Client:
                 raise
         else:
             self._start_heartbeats(float(hello.get("heartbeat_s", 2.0)))
+        if self.local and self.broker_pid:
+            self._watch = BrokerWatch(self.broker_pid)
+            self._start_watcher()
         _LIVE_CLIENTS.add(self)
 
     # -- the control connection -------------------------------------------
@@ -173,37 +197,171 @@ class Client:
         if self._closed:
             raise ClientClosed("the client is closed")
 
+    def _new_socket(self) -> zmq.Socket:
+        # pyzmq's per-process context (recreated after a fork): one I/O
+        # thread for all clients of the process, not one each.
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None:
+            self._curve(sock)
+        sock.connect(self.url)
+        return sock
+
+    def _hello_fields(self) -> dict:
+        return {
+            "name": self.name,
+            "pid": os.getpid(),
+            "protocol": P.PROTOCOL_VERSION,
+            "token": self._token,
+        }
+
     def _request(self, op: str, **fields: Any) -> dict:
         """Send one request and wait for its reply; notices that arrive
-        meanwhile are dispatched to their subscribers (clients/channel.py)."""
-        with self._lock:
-            request_id, frame = self._channel.request(op, **fields)
-            try:
-                self._sock.send(frame)
-                for span, probe in self._channel.wait_plan(op, self.timeout):
-                    deadline = time.monotonic() + span
-                    while (left := deadline - time.monotonic()) > 0:
-                        if not self._sock.poll(int(left * 1000) + 1):
-                            continue
+        meanwhile are dispatched to their subscribers (clients/channel.py).
+        If the broker dies meanwhile, resume with its successor, then send
+        the request again if that is safe (clients/reconnect.py)."""
+        if not self._lock.acquire(timeout=self.timeout):
+            raise BrokerUnavailable(
+                f"{op!r} waited {self.timeout:g} s for this client to resume its session "
+                f"with a successor of the broker at {self.url}",
+                "unavailable",
+            )
+        try:
+            while True:
+                if self._lost is not None:
+                    raise self._lost
+                reply = self._exchange(op, fields, self.timeout, self._watch)
+                if reply is not None:
+                    return reply
+                self._recover()
+                if self._lost is not None:
+                    raise self._lost
+                if op not in IDEMPOTENT_OPS:
+                    raise in_flight_error(op, self.url)
+        finally:
+            self._lock.release()
+
+    def _exchange(self, op: str, fields: dict, timeout: float, watch=None) -> dict | None:
+        """One request and its reply; None if the broker ``watch`` watches
+        died first."""
+        request_id, frame = self._channel.request(op, **fields)
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        if watch is not None and watch.fd >= 0:
+            poller.register(watch.fd, zmq.POLLIN)
+        try:
+            self._sock.send(frame)
+            for span, probe in self._channel.wait_plan(op, timeout):
+                deadline = time.monotonic() + span
+                while (left := deadline - time.monotonic()) > 0:
+                    events = dict(poller.poll(int(left * 1000) + 1))
+                    if self._sock in events:
                         answer = self._channel.receive(self._sock.recv())
                         if answer is not None:
                             return self._channel.result(answer)
-                    why = ipc_unreachable(self.url, probe=True) if probe else None
-                    if why:
-                        raise BrokerUnavailable(why, "unavailable")
-                raise self._channel.unanswered(op, self.timeout)
-            finally:
-                self._channel.forget(request_id)
+                    elif events and watch is not None:
+                        return None  # the broker's pidfd: it died
+                    elif watch is not None and watch.fd < 0 and watch.dead():
+                        return None
+                why = ipc_unreachable(self.url, probe=True) if probe else None
+                if why:
+                    raise BrokerUnavailable(why, "unavailable")
+            raise self._channel.unanswered(op, timeout)
+        finally:
+            self._channel.forget(request_id)
+
+    def _recover(self) -> None:
+        """The broker died (call with the lock held): find its successor
+        and resume this session there, trying with backoff for the
+        ``reconnect`` budget; what is left when that fails goes to _lost."""
+        watch = self._watch
+        if watch is None or self._lost is not None or not watch.dead():
+            return
+        self._drain_socket()
+        if self._channel.shutdown_reason is not None:
+            self._lost = shut_down(self.url, self._channel.shutdown_reason)
+            return
+        if not self._reconnect_s:
+            self._lost = gave_up(self.url, 0)
+            return
+        deadline = time.monotonic() + self._reconnect_s
+        backoff = Backoff()
+        while not self._closing:
+            left = deadline - time.monotonic()
+            if ipc_unreachable(self.url, probe=True) is None:
+                self._sock.close(0)
+                self._sock = self._new_socket()
+                try:
+                    fields = {**self._hello_fields(), "resume": self._session}
+                    hello = self._exchange("hello", fields, max(0.05, min(1.0, left)))
+                except BrokerRestarted as exc:
+                    self._lost = exc
+                    return
+                except BrokerUnavailable:
+                    hello = None
+                if hello is not None:
+                    watch.close()
+                    self.broker_pid = hello.get("broker_pid")
+                    self._watch = BrokerWatch(self.broker_pid)
+                    return
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(backoff.next())
+        self._lost = gave_up(self.url, self._reconnect_s)
+
+    def _drain_socket(self) -> None:
+        """Read what the broker sent before it went (a shutdown notice)."""
+        while self._sock.poll(0):
+            try:
+                self._channel.receive(self._sock.recv(zmq.NOBLOCK))
+            except (zmq.ZMQError, ProtocolError):
+                return
+
+    def _start_watcher(self) -> None:
+        """A thread that sleeps on the broker's pidfd and resumes the
+        session the moment it dies, so the client is ready before its next
+        call (and subscribers hear of new topics again)."""
+        self._wake_r, self._wake_w = os.pipe()
+        thread = threading.Thread(target=self._watch_broker, name="tensorbus-watch", daemon=True)
+        thread.start()
+
+    def _watch_broker(self) -> None:
+        wake = self._wake_r
+        try:
+            while not self._closed and self._lost is None:
+                pid = self.broker_pid
+                watch = BrokerWatch(pid)
+                try:
+                    if watch.fd >= 0:
+                        ready = select.select([watch.fd, wake], [], [])[0]
+                    else:
+                        ready = select.select([wake], [], [], 0.5)[0]
+                finally:
+                    watch.close()
+                if wake in ready or self._closed:
+                    return
+                with self._lock:
+                    if self._closed or pid != self.broker_pid:
+                        continue
+                    self._recover()
+        finally:
+            os.close(wake)
 
     def _drain_notices(self, wait: float = 0.0) -> None:
         """Read what the broker sent on its own, waiting up to ``wait``
-        seconds for the first frame."""
-        with self._lock:
+        seconds for the first frame. Skipped while another thread holds
+        the connection (a request, or a resume after a broker restart):
+        the bell's notice flag is raised again for what it missed."""
+        if not self._lock.acquire(timeout=wait):
+            return
+        try:
             if self._sock.poll(int(wait * 1000)):
                 while True:
                     self._channel.receive(self._sock.recv())
                     if not self._sock.poll(0):
                         break
+        finally:
+            self._lock.release()
 
     def _start_heartbeats(self, period: float) -> None:
         stop = threading.Event()
@@ -370,8 +528,10 @@ class Client:
         if self._closed or self._pid != os.getpid():
             self._closed = True
             return
-        # Goodbyes to a broker that may be gone should not wait 5 s each.
+        # Goodbyes to a broker that may be gone should not wait 5 s each,
+        # nor look for a successor.
         self.timeout = min(self.timeout, 1.0)
+        self._closing = True
         for stream in self._streams:
             stream.close()
         if self._requester is not None:
@@ -394,6 +554,11 @@ class Client:
         except Exception:
             pass  # the broker is gone: nothing to say bye to
         self._closed = True
+        if self._watch is not None:
+            os.write(self._wake_w, b"x")  # the watcher thread ends
+            os.close(self._wake_w)
+            with self._lock:
+                self._watch.close()
         if self._maps is not None:
             self._maps.detach()
         self._sock.close(0)

@@ -4,6 +4,9 @@ clause catches everything tensorbus raises."""
 
 from tensorbus._core.errors import (
     BackpressureError,
+    BrokerError,
+    BrokerRestarted,
+    BrokerUnavailable,
     GapError,
     HoldLimitError,
     MessageTooLargeError,
@@ -16,6 +19,7 @@ __all__ = [
     "AuthError",
     "BackpressureError",
     "BrokerError",
+    "BrokerRestarted",
     "BrokerUnavailable",
     "ClientClosed",
     "GapError",
@@ -30,18 +34,6 @@ __all__ = [
     "TopicError",
     "error_for",
 ]
-
-
-class BrokerError(TensorbusError):
-    """The broker refused a request; ``code`` is its error code."""
-
-    def __init__(self, message: str, code: str = "internal"):
-        super().__init__(message)
-        self.code = code
-
-
-class BrokerUnavailable(BrokerError, ConnectionError):
-    """No broker answered, or the broker went away."""
 
 
 class ProtocolError(BrokerError):
@@ -75,6 +67,7 @@ _BY_CODE = {
     "unsupported_version": ProtocolError,
     "unknown_op": ProtocolError,
     "no_session": ProtocolError,
+    "session_lost": BrokerRestarted,
     "auth_failed": AuthError,
     "permission_denied": PermissionDenied,
     "not_local": NotLocalError,
