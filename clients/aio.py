@@ -12,31 +12,25 @@ matches replies to requests and hands notices to their subscriptions.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import os
 import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import zmq
 import zmq.asyncio
 
-from tensorbus._core import BackpressureError, Message
-from tensorbus._core.errors import ReceiveTimeout
-from tensorbus._core.tensors import from_object
+from tensorbus._core import Message
 from tensorbus.broker import protocol as P
 from tensorbus.broker.topics import validate_pattern, validate_topic
 from tensorbus.clients._shared import (
-    INLINE_MAX,
-    AsyncEndpoint,
     Mappings,
-    Subscription,
     client_name,
     ipc_unreachable,
     resolve_url,
 )
+from tensorbus.clients.aio_local import AsyncPublisher, AsyncSubscriber
 from tensorbus.clients.aio_remote import (
     AsyncLightLink,
     AsyncRemotePublisher,
@@ -49,7 +43,22 @@ from tensorbus.clients.aio_reqrep import (
     AsyncResponder,
 )
 from tensorbus.clients.channel import ControlChannel, curve_client
-from tensorbus.clients.errors import BrokerUnavailable, ClientClosed, NotLocalError, ProtocolError
+from tensorbus.clients.errors import (
+    BrokerRestarted,
+    BrokerUnavailable,
+    ClientClosed,
+    NotLocalError,
+    ProtocolError,
+)
+from tensorbus.clients.reconnect import (
+    IDEMPOTENT_OPS,
+    Backoff,
+    BrokerWatch,
+    gave_up,
+    in_flight_error,
+    reconnect_budget,
+    shut_down,
+)
 from tensorbus.clients.reqrep import DEFAULT_GROUP
 
 __all__ = [
@@ -65,7 +74,6 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT = 5.0
-STALL_CHECK_S = 0.25  # how often a sleeping subscriber looks for a dead publisher's claim
 
 
 async def connect(
@@ -77,11 +85,14 @@ async def connect(
     max_holds: int = 1024,
     spin_us: float | None = None,
     curve_server_key: str | None = None,
+    reconnect: bool | float = True,
 ) -> AsyncClient:
     """Connect to a broker (see :func:`tensorbus.connect`, which takes the
-    same arguments). ``url`` may be ``tcp://host:port``: a light client
-    (clients/remote.py). ``spin_us``: how long a responder's waiting thread
-    spins before it sleeps (asyncio subscribers always sleep on the loop)."""
+    same arguments, ``reconnect`` included: the loop watches the broker's
+    pidfd and resumes the session with its successor). ``url`` may be
+    ``tcp://host:port``: a light client (clients/remote.py). ``spin_us``:
+    how long a responder's waiting thread spins before it sleeps (asyncio
+    subscribers always sleep on the loop)."""
     client = AsyncClient(
         url,
         name=name,
@@ -89,6 +100,7 @@ async def connect(
         max_holds=max_holds,
         spin_us=spin_us,
         curve_server_key=curve_server_key,
+        reconnect=reconnect,
     )
     try:
         await client._hello(token or os.environ.get("TENSORBUS_TOKEN"))
@@ -110,8 +122,10 @@ class AsyncClient:
         max_holds: int = 1024,
         spin_us: float | None = None,
         curve_server_key: str | None = None,
+        reconnect: bool | float = True,
     ):
         self.url = resolve_url(url)
+        self._reconnect_s = reconnect_budget(reconnect)
         why = ipc_unreachable(self.url)
         if why:
             raise BrokerUnavailable(why, "unavailable")
@@ -130,22 +144,49 @@ class AsyncClient:
         self._requester: AsyncRequester | None = None
         self._streams: list[AsyncRequestStream | AsyncResponder] = []
         self._closed = False
+        self._closing = False
+        self._curve = curve_client(curve_server_key)
+        self._heartbeat: asyncio.Task | None = None
+        self._open_socket()
+        # The broker's process, watched on the loop (clients/reconnect.py):
+        # ``_death`` resolves when it dies, ``_recovery`` finds its successor.
+        self._watch: BrokerWatch | None = None
+        self._death: asyncio.Future | None = None
+        self._recovery: asyncio.Task | None = None
+        self._lost: BrokerUnavailable | None = None
+        self._session: int | None = None
+        self._token: str | None = None
+
+    def _open_socket(self) -> None:
         self._sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._curve = curve_client(curve_server_key)
         if self._curve is not None:
             self._curve(self._sock)
         self._sock.connect(self.url)
         self._reader = asyncio.get_running_loop().create_task(self._read_loop())
-        self._heartbeat: asyncio.Task | None = None
+
+    async def _close_socket(self) -> None:
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._reader
+        self._sock.close(0)
+
+    def _hello_fields(self) -> dict:
+        return {
+            "name": self.name,
+            "pid": os.getpid(),
+            "protocol": P.PROTOCOL_VERSION,
+            "token": self._token,
+        }
 
     async def _hello(self, token: str | None) -> None:
-        hello = await self._request(
-            "hello", name=self.name, pid=os.getpid(), protocol=P.PROTOCOL_VERSION, token=token
-        )
+        self._token = token
+        hello = await self._request("hello", **self._hello_fields())
         self.local = bool(hello.get("local"))
+        self._session = hello.get("session")
         if self.local:
             self._maps = Mappings(hello, self.max_holds, self.spin_us)
+            self._watch_broker(hello.get("broker_pid"))
         else:
             period = float(hello.get("heartbeat_s", 2.0))
             self._heartbeat = asyncio.get_running_loop().create_task(self._beat(period))
@@ -168,24 +209,108 @@ class AsyncClient:
                 fut.set_result(answer)
 
     async def _request(self, op: str, **fields: Any) -> dict:
-        """Send one request and await its reply (clients/channel.py)."""
+        """Send one request and await its reply (clients/channel.py). If
+        the broker dies meanwhile, wait for the session to resume with its
+        successor, then send the request again if that is safe."""
         if self._closed:
             raise ClientClosed("the client is closed")
+        while True:
+            await self._recovered(op)
+            reply = await self._exchange(op, fields, self.timeout, self._death)
+            if reply is not None:
+                return reply
+            if op not in IDEMPOTENT_OPS:
+                await self._recovered(op)
+                raise in_flight_error(op, self.url)
+
+    async def _exchange(
+        self, op: str, fields: dict, timeout: float, death: asyncio.Future | None
+    ) -> dict | None:
+        """One request and its reply; None if ``death`` (the broker's) came first."""
         request_id, frame = self._channel.request(op, **fields)
         fut = self._pending[request_id] = asyncio.get_running_loop().create_future()
+        waits = [fut] if death is None else [fut, death]
         try:
             await self._sock.send(frame)
-            for span, probe in self._channel.wait_plan(op, self.timeout):
-                done, _ = await asyncio.wait([fut], timeout=max(span, 0.001))
-                if done:
+            for span, probe in self._channel.wait_plan(op, timeout):
+                done, _ = await asyncio.wait(
+                    waits, timeout=max(span, 0.001), return_when=asyncio.FIRST_COMPLETED
+                )
+                if fut in done:
                     return self._channel.result(fut.result())
+                if done:
+                    return None
                 why = ipc_unreachable(self.url, probe=True) if probe else None
                 if why:
                     raise BrokerUnavailable(why, "unavailable")
-            raise self._channel.unanswered(op, self.timeout)
+            raise self._channel.unanswered(op, timeout)
         finally:
             self._pending.pop(request_id, None)
             self._channel.forget(request_id)
+
+    # -- surviving the broker (clients/reconnect.py) -----------------------
+
+    def _watch_broker(self, pid: int | None) -> None:
+        if not pid:
+            return
+        self._watch = BrokerWatch(pid)
+        self._death = asyncio.get_running_loop().create_future()
+        if self._watch.fd >= 0:
+            asyncio.get_running_loop().add_reader(self._watch.fd, self._broker_died)
+
+    def _broker_died(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._watch.fd)
+        if not self._death.done():
+            self._death.set_result(None)
+        if self._recovery is None or self._recovery.done():
+            self._recovery = loop.create_task(self._recover())
+
+    async def _recovered(self, op: str) -> None:
+        """Wait (up to the timeout) for a resume under way; raise what a
+        dead broker left this client with."""
+        if self._recovery is not None and not self._recovery.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._recovery), self.timeout)
+            except TimeoutError:
+                raise BrokerUnavailable(
+                    f"{op!r} waited {self.timeout:g} s for this client to resume its "
+                    f"session with a successor of the broker at {self.url}",
+                    "unavailable",
+                ) from None
+        if self._lost is not None:
+            raise self._lost
+
+    async def _recover(self) -> None:
+        """Find the dead broker's successor and resume this session there,
+        with backoff, within the ``reconnect`` budget; else set _lost."""
+        await asyncio.sleep(0)  # the reader hands over what came before the death
+        if self._channel.shutdown_reason is not None:
+            self._lost = shut_down(self.url, self._channel.shutdown_reason)
+            return
+        deadline = time.monotonic() + self._reconnect_s
+        backoff = Backoff()
+        while self._reconnect_s and not self._closing:
+            left = deadline - time.monotonic()
+            if ipc_unreachable(self.url, probe=True) is None:
+                await self._close_socket()
+                self._open_socket()
+                fields = {**self._hello_fields(), "resume": self._session}
+                try:
+                    hello = await self._exchange("hello", fields, max(0.05, min(1.0, left)), None)
+                except BrokerRestarted as exc:
+                    self._lost = exc
+                    return
+                except BrokerUnavailable:
+                    hello = None
+                if hello is not None:
+                    self._watch.close()
+                    self._watch_broker(hello.get("broker_pid"))
+                    return
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(backoff.next())
+        self._lost = gave_up(self.url, self._reconnect_s)
 
     async def create_topic(
         self,
@@ -312,6 +437,7 @@ class AsyncClient:
     async def close(self) -> None:
         if self._closed:
             return
+        self._closing = True  # goodbyes do not look for a successor
         for stream in list(self._streams):
             await stream.close()
         if self._requester is not None:
@@ -334,7 +460,11 @@ class AsyncClient:
 
     async def _teardown(self) -> None:
         self._closed = True
-        for task in (self._reader, self._heartbeat):
+        if self._watch is not None:
+            if self._watch.fd >= 0 and not self._death.done():
+                asyncio.get_running_loop().remove_reader(self._watch.fd)
+            self._watch.close()
+        for task in (self._reader, self._heartbeat, self._recovery):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -348,174 +478,3 @@ class AsyncClient:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
-
-
-class AsyncPublisher:
-    """Publishes into a topic's ring. Never blocks the event loop: a full
-    reliable ring is retried with short sleeps until the timeout."""
-
-    def __init__(
-        self, client: AsyncClient, info: dict, timeout: float, inline_max: int | None = None
-    ):
-        self.client = client
-        self.topic: str = info["name"]
-        self.qos: str = info["qos"]
-        self.timeout = timeout
-        self._pub = client._maps.ring(info).publisher(timeout=timeout)
-        self._pub.encoder = from_object  # torch tensors, __dlpack__ objects
-        self._pub.inline_max = min(
-            info["slot_size"], INLINE_MAX if inline_max is None else max(0, inline_max)
-        )
-        self._closed = False
-
-    async def loan(self, shape, dtype="float32", *, timeout: float | None = None):
-        """A writable array in the arena to fill and ``send`` with no copy
-        (see :meth:`tensorbus.Publisher.loan`); waits (asynchronously) up to
-        ``timeout`` seconds for arena space on a reliable topic."""
-        try:
-            return self._pub.loan(shape, dtype, timeout=0)
-        except BackpressureError:
-            if self.qos != "reliable":
-                raise
-        limit = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + limit
-        nap = 0.0001
-        while True:
-            await asyncio.sleep(nap)
-            nap = min(nap * 2, 0.01)
-            try:
-                return self._pub.loan(shape, dtype, timeout=0)
-            except BackpressureError:
-                if time.monotonic() >= deadline:
-                    raise
-
-    async def send(self, data, *, timeout: float | None = None, meta: bytes | None = None) -> int:
-        """Publish ``data`` (what :meth:`tensorbus.Publisher.send` takes); on
-        a full reliable ring wait (asynchronously) up to ``timeout`` seconds
-        for credit, then raise BackpressureError."""
-        try:
-            return self._pub.send(data, timeout=0, meta=meta)
-        except BackpressureError:
-            pass
-        limit = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + limit
-        if (
-            isinstance(data, np.ndarray)
-            and data.nbytes > self._pub.inline_max
-            and data.dtype.kind in "biufc"
-        ):
-            # Copy a large array into a loan once; each retry then sends the
-            # loan itself instead of copying the array again.
-            data = await self._loaned_copy(data, deadline)
-        nap = 0.0001
-        while True:
-            await asyncio.sleep(nap)
-            nap = min(nap * 2, 0.01)
-            try:
-                return self._pub.send(data, timeout=0, meta=meta)
-            except BackpressureError:
-                if time.monotonic() >= deadline:
-                    raise BackpressureError(
-                        f"topic {self.topic!r} is full: no credit within {limit:g} s"
-                    ) from None
-
-    async def _loaned_copy(self, arr: np.ndarray, deadline: float) -> np.ndarray:
-        nap = 0.0001
-        while True:
-            try:
-                loan = self._pub.loan(arr.shape, arr.dtype, timeout=0)
-                break
-            except BackpressureError:
-                if self.qos != "reliable" or time.monotonic() >= deadline:
-                    raise
-            await asyncio.sleep(nap)
-            nap = min(nap * 2, 0.01)
-        np.copyto(loan, arr)
-        return loan
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._pub.close()
-        if self in self.client._publishers:
-            self.client._publishers.remove(self)
-        with contextlib.suppress(Exception):
-            await self.client._request("close_publisher", topic=self.topic)
-
-
-class AsyncSubscriber(Subscription, AsyncEndpoint):
-    """``await sub.recv()``, ``await sub.recv_batch()``, ``async for msg in sub``."""
-
-    def __init__(self, client: AsyncClient, reply: dict, pattern: str):
-        super().__init__(client._maps, reply, pattern)
-        self.client = client
-        # O_RDWR: we hold a writer ourselves, so the pipe never reads as EOF
-        # (which would make it readable forever) while no publisher has it open.
-        self._fd = os.open(reply["bell"]["fifo"], os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        # Notices wait here until recv is between sleeps: an armed ring set
-        # cannot take a new member.
-        self._notices: collections.deque[tuple[str, dict]] = collections.deque()
-        self._waiter: asyncio.Future | None = None
-        self._closed = False
-
-    def on_notice(self, kind: str, fields: dict) -> None:
-        """Queue a notice of the broker: it is applied between sleeps."""
-        self._notices.append((kind, fields))
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def _drain_fifo(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self._fd, 4096):
-                pass
-
-    async def recv(self, timeout: float | None = None) -> Message:
-        """The next message of any matching topic; ReceiveTimeout after
-        ``timeout`` seconds (None: no limit)."""
-        if self._closed:
-            raise ClientClosed("the subscriber is closed")
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            self._rings.notice()
-            while self._notices:
-                super().on_notice(*self._notices.popleft())
-            batch = self._take(1)
-            if batch:
-                return batch[0]
-            self._check_broker()
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise ReceiveTimeout(f"no message on {self.pattern!r} within {timeout:g} s")
-            if self._notices or not self._rings.arm():
-                continue
-            self._waiter = loop.create_future()
-            loop.add_reader(self._fd, self._wake)
-            try:
-                wait = STALL_CHECK_S if left is None else min(left, STALL_CHECK_S)
-                done, _ = await asyncio.wait([self._waiter], timeout=wait)
-            finally:
-                loop.remove_reader(self._fd)
-                self._waiter = None
-                self._rings.disarm()
-                self._drain_fifo()
-            if not done:
-                self._rings.check_stalls()
-
-    def _more(self, max_n: int) -> list:
-        return self._take(max_n, keep_gap=True)
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._wake()
-        self._rings.close()
-        os.close(self._fd)
-        self.client._subscriptions.pop(self.id, None)
-        with contextlib.suppress(Exception):
-            await self.client._request("unsubscribe", sub=self.id)

@@ -57,7 +57,7 @@ def procs():
 class Daemon:
     """A real ``tensorbus serve`` subprocess on a private socket path."""
 
-    def __init__(self, tmp_path, *args, env=None, prefix=()):
+    def __init__(self, tmp_path, *args, env=None, prefix=(), wait=True):
         self.ipc_path = str(tmp_path / "run" / "broker.sock")
         self.args = args
         if not any(str(a).startswith("--arena-size") for a in args):
@@ -66,9 +66,14 @@ class Daemon:
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
         )
-        self.endpoints = self._wait_ready()
-        self.url = self.endpoints[0]
         self.instance = f"d{self.proc.pid}"
+        if wait:  # a --standby says it is ready only once it took over: ready()
+            self.ready()
+
+    def ready(self, timeout=15.0):
+        self.endpoints = self._wait_ready(timeout)
+        self.url = self.endpoints[0]
+        return self
 
     def _wait_ready(self, timeout=15.0):
         ready = select.select([self.proc.stdout], [], [], timeout)[0]
@@ -100,8 +105,8 @@ def daemon_factory(tmp_path):
     """Start daemons with extra ``serve`` arguments; all stopped at the end."""
     started = []
 
-    def start(*args, env=None, path=None, prefix=()):
-        d = Daemon(path or tmp_path, *args, env=env, prefix=prefix)
+    def start(*args, env=None, path=None, prefix=(), wait=True):
+        d = Daemon(path or tmp_path, *args, env=env, prefix=prefix, wait=wait)
         started.append(d)
         return d
 
