@@ -112,6 +112,7 @@ class Broker:
         self.takeovers = 0
         self.takeover: dict | None = None
         self.instances: set[str] = {self.instance}
+        self.locked_at = 0.0
 
     # -- start and stop ----------------------------------------------------
 
@@ -124,7 +125,7 @@ class Broker:
         if config.standby:
             log.info("standby for ipc://%s: waiting for its broker's lock", self.ipc_path)
         self.lock_fd, previous = take_lock(self.ipc_path, wait=config.standby)
-        died_at = time.monotonic()
+        self.locked_at = time.monotonic()  # the predecessor died (or stopped) by now
         if standby >= 0:
             os.close(standby)
         run_dir = os.path.dirname(os.path.abspath(self.ipc_path))
@@ -155,7 +156,7 @@ class Broker:
         self.liveness = Liveness(self.registry, config, self._drop_session)
         self.liveness.meter_hooks.append(lambda now: self._commit())
         if taken is not None:
-            self._adopt(taken[3], previous, died_at)
+            self._adopt(taken[3], previous)
         for instance in self.instances:
             write_marker(instance, self.state_file)
         self._commit()
@@ -244,7 +245,7 @@ class Broker:
             ) from None
         return bells, arena
 
-    def _adopt(self, snap: dict, previous: int | None, died_at: float) -> None:
+    def _adopt(self, snap: dict, previous: int | None) -> None:
         """Rebuild the registry from the dead daemon's snapshot; sessions
         whose process is gone are ended, the others wait for their client."""
         summary = restore(self.registry, snap)
@@ -255,16 +256,8 @@ class Broker:
             if session.pidfd < 0:
                 self._drop_session(session, "process gone")
         self.takeovers = int(snap.get("takeovers", 0)) + 1
-        summary["ms"] = round((time.monotonic() - died_at) * 1e3, 2)
-        self.takeover = summary
-        log.warning(
-            "took over the state of broker pid %s: %d topic(s), %d session(s) in %.1f ms",
-            summary["previous_pid"] or previous,
-            summary["topics"],
-            summary["sessions"],
-            summary["ms"],
-            extra={"event": "broker_takeover", **summary},
-        )
+        summary["previous_pid"] = summary["previous_pid"] or previous
+        self.takeover = summary  # its "ms", lock to serving, is set by serve()
 
     def role(self) -> dict:
         """What ``stats`` says of this daemon's place in its socket's lineage."""
@@ -314,6 +307,18 @@ class Broker:
         self.stopping = asyncio.Event()
         if not self.endpoints:
             await self.start()
+        if self.takeover is not None and "ms" not in self.takeover:
+            summary = self.takeover
+            summary["ms"] = round((time.monotonic() - self.locked_at) * 1e3, 2)
+            log.warning(
+                "took over the state of broker pid %s: %d topic(s), %d session(s); "
+                "serving %.1f ms after it died",
+                summary["previous_pid"],
+                summary["topics"],
+                summary["sessions"],
+                summary["ms"],
+                extra={"event": "broker_takeover", **summary},
+            )
         if ready is not None:
             ready(self.endpoints)
         log.info(

@@ -229,9 +229,12 @@ def restore(registry: Registry, snap: dict) -> dict:
             g.members.add(sub)
     count = registry.bells.count
     registry.free_bells = [b for b in range(count - 1, -1, -1) if b not in used_bells]
-    used_holders = {s.holder for s in sessions.values()} | {slot for _, slot in snap["parked"]}
-    registry.free_holders = [h for h in range(MAX_HOLDERS, 0, -1) if h not in used_holders]
     registry.next_id = max(registry.next_id, snap["next_id"])
+    used_holders = {s.holder for s in sessions.values()} | {slot for _, slot in snap["parked"]}
+    registry.free_holders = []
+    for slot in range(MAX_HOLDERS, 0, -1):
+        if slot not in used_holders:  # the dead daemon's own (its bridge's) holds go
+            registry.release_holder(slot)
     freed = 0
     for topic in registry.topics.values():
         with contextlib.suppress(TensorbusError):

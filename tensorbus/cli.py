@@ -222,6 +222,19 @@ def stats_table(stats: dict) -> str:
         f"broker pid {b['pid']}: {b['topics']} topics, {b['sessions']} clients, "
         f"rss {b['rss_kb'] / 1024:.1f} MiB, up {b['uptime_s']:.0f} s"
     )
+    if "role" in b:
+        standby = b.get("standby_pid")
+        line = (
+            f"role: {b['role']}, standby: {f'pid {standby}' if standby else 'none'}, "
+            f"takeovers: {b['takeovers']}"
+        )
+        last = b.get("takeover")
+        if last:
+            line += (
+                f" (last from pid {last['previous_pid']}: {last['topics']} topics, "
+                f"{last['sessions']} clients in {last['ms']:.1f} ms)"
+            )
+        lines.append(line)
     arena = b.get("arena")
     if arena:
         lines.append(

@@ -15,6 +15,7 @@ import pytest
 import tensorbus
 import tensorbus.aio
 from tensorbus.broker.state import state_path
+from tensorbus.cli import stats_table
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -79,6 +80,7 @@ def test_standby_takes_over_when_the_primary_dies(daemon_factory):
     while c.stats()["broker"]["standby_pid"] != standby.proc.pid:
         assert time.monotonic() < deadline, "the standby never announced itself"
         time.sleep(0.05)
+    assert f"role: primary, standby: pid {standby.proc.pid}, takeovers: 0" in stats_table(c.stats())
     pub = c.publisher("hot/x")
     sub = c.subscribe("hot/>")
     pub.send(b"before")
@@ -93,6 +95,7 @@ def test_standby_takes_over_when_the_primary_dies(daemon_factory):
     broker = c.stats()["broker"]
     assert broker["role"] == "primary" and broker["takeovers"] == 1
     assert broker["standby_pid"] is None
+    assert f"takeovers: 1 (last from pid {primary.proc.pid}" in stats_table(c.stats())
     c.close()
 
 
