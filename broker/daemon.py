@@ -107,9 +107,8 @@ class Broker:
         # (a successor must know every cursor a client has heard of).
         self.outbox: list[tuple[tuple, bytes, int]] = []
         self.commit_soon = Soon(self._commit)
-        # This socket's lineage: takeovers so far, the last one's figures,
-        # the instances whose segments we hold (their owner markers).
-        self.takeovers = 0
+        # This socket's lineage: the last takeover's figures, the instances
+        # whose segments we hold (their owner markers).
         self.takeover: dict | None = None
         self.instances: set[str] = {self.instance}
         self.locked_at = 0.0
@@ -255,7 +254,7 @@ class Broker:
             self.liveness.watch(session)
             if session.pidfd < 0:
                 self._drop_session(session, "process gone")
-        self.takeovers = int(snap.get("takeovers", 0)) + 1
+        self.registry.counters["takeovers"] = int(snap.get("takeovers", 0)) + 1
         summary["previous_pid"] = summary["previous_pid"] or previous
         self.takeover = summary  # its "ms", lock to serving, is set by serve()
 
@@ -264,7 +263,6 @@ class Broker:
         return {
             "role": "primary",
             "standby_pid": standby_pid(self.ipc_path),
-            "takeovers": self.takeovers,
             "takeover": self.takeover,
         }
 
@@ -276,7 +274,10 @@ class Broker:
             return
         if registry.dirty:
             registry.dirty = False
-            meta = {"takeovers": self.takeovers, "instances": sorted(self.instances)}
+            meta = {
+                "takeovers": registry.counters["takeovers"],
+                "instances": sorted(self.instances),
+            }
             try:
                 save(
                     self.state_file,

@@ -237,6 +237,7 @@ class Snapshotter:
             "tensorbus_doorbells_free": len(registry.free_bells),
             "tensorbus_evictions_total": counters["evictions"],
             "tensorbus_clients_lost_total": counters["clients_lost"],
+            "tensorbus_takeovers_total": counters["takeovers"],
             "tensorbus_control_requests_total": counters["requests"],
             "tensorbus_control_errors_total": counters["errors"],
         }

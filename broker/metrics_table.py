@@ -110,6 +110,12 @@ METRICS = (
         (),
         "Sessions ended because the client died or missed its heartbeats.",
     ),
+    MetricDef(
+        "tensorbus_takeovers_total",
+        "counter",
+        (),
+        "Times a restarted or standby daemon took over this socket's state.",
+    ),
     MetricDef("tensorbus_control_requests_total", "counter", (), "Control requests answered."),
     MetricDef(
         "tensorbus_control_errors_total", "counter", (), "Control requests answered with an error."
