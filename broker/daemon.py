@@ -254,6 +254,17 @@ class Broker:
             self.liveness.watch(session)
             if session.pidfd < 0:
                 self._drop_session(session, "process gone")
+                continue
+            # Its permissions hold while it is an orphan too: a new topic
+            # its pattern matches attaches only if its user may read it.
+            with contextlib.suppress(OSError):
+                uid = os.stat(f"/proc/{session.pid}").st_uid
+                self.access.bind(session.key, self.access.identify("ipc", uid, ""))
+            reader = self.access.reader(
+                session, lambda name, s=session: owns(self.registry, s, name)
+            )
+            if reader is not None:
+                session.may_read = reader
         self.registry.counters["takeovers"] = int(snap.get("takeovers", 0)) + 1
         summary["previous_pid"] = summary["previous_pid"] or previous
         self.takeover = summary  # its "ms", lock to serving, is set by serve()
@@ -515,6 +526,7 @@ class Broker:
         self.ended_sessions.pop(key, None)
         if resumed is not None:
             session = resumed
+            self.access.forget(session.key)
             registry.resume(session, key)
             self.outbox.extend((key, frame, bell) for frame, bell in session.pending)
             session.pending.clear()

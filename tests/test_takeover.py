@@ -4,10 +4,16 @@ got its lock, takes over the rings and sessions; clients resume by
 themselves; what cannot be taken over is closed as "restarted" first."""
 
 import asyncio
+import grp
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -229,3 +235,62 @@ def test_the_asyncio_client_resumes(daemon_factory):
         return got
 
     assert asyncio.run(main()) == [b"1", b"2", b"3"]
+
+
+SETPRIV = shutil.which("setpriv")
+NOBODY = 65534
+ORPHAN_CLIENT = """
+import sys, time, tensorbus
+c = tensorbus.connect(sys.argv[1], reconnect=False)
+c.subscribe("metrics/>")
+print("subscribed", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(
+    os.getuid() != 0 or SETPRIV is None, reason="needs root and setpriv to run as a second uid"
+)
+def test_an_orphan_session_keeps_its_permissions(daemon_factory):
+    """A restricted user's session taken over but not resumed (it connected
+    with reconnect=False) gets cursors only on topics its user may read."""
+    base = tempfile.mkdtemp(prefix="tb-orphan-")
+    os.chmod(base, 0o711)
+    proc = None
+    try:
+        cfg = os.path.join(base, "tensorbus.toml")
+        with open(cfg, "w") as f:
+            f.write(
+                f"""
+[[users]]
+name = "nobody"
+uid = {NOBODY}
+subscribe = {{ allow = ["metrics/>"], deny = ["metrics/secret/>"] }}
+"""
+            )
+        group = grp.getgrgid(NOBODY).gr_name
+        args = ("--config", cfg, "--ipc-group", group)
+        first = daemon_factory(*args, path=Path(base))
+        proc = subprocess.Popen(
+            [SETPRIV, "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups"]
+            + [sys.executable, "-u", "-c", ORPHAN_CLIENT, first.url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "HOME": base},
+        )
+        assert proc.stdout.readline().strip() == "subscribed", proc.stderr.read()
+        kill(first)
+        second = daemon_factory(*args, path=Path(base))
+        with tensorbus.connect(second.url, spin_us=0) as owner:
+            owner.publisher("metrics/secret/key")
+            owner.publisher("metrics/open/loss")
+            subscribers = {t["name"]: t["subscribers"] for t in owner.topics("metrics/>")}
+        assert subscribers == {"metrics/secret/key": 0, "metrics/open/loss": 1}
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait(5)
+            proc.stdout.close()
+            proc.stderr.close()
+        shutil.rmtree(base, ignore_errors=True)
