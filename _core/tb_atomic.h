@@ -9,6 +9,9 @@
 #include <stdint.h>
 #include <time.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
 #include <limits.h>
 #include <unistd.h>
 #include <sched.h>
@@ -94,11 +97,24 @@ static inline void tb_futex_wake_all(uint32_t *addr) {
     syscall(SYS_futex, addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
-/* 1 if the process exists (or exists under another uid), 0 if it is gone. */
+/* 1 if the process exists (or exists under another uid), 0 if it is gone.
+ * A zombie is gone: it will never write again, and its parent may reap it
+ * late (or never), while the broker has already seen it exit and repairs
+ * what it left. Only repair paths call this, never a send or a receive. */
 static inline int tb_pid_alive(uint32_t pid) {
     if (pid == 0) return 0;
-    if (kill((pid_t)pid, 0) == 0) return 1;
-    return errno != ESRCH;
+    if (kill((pid_t)pid, 0) != 0 && errno == ESRCH) return 0;
+    char path[32], buf[256];
+    snprintf(path, sizeof path, "/proc/%u/stat", pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 1; /* it exists (kill said so); /proc may hide it */
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 1;
+    buf[n] = 0;
+    const char *end = strrchr(buf, ')'); /* the name may hold spaces and ')' */
+    if (end == NULL || end[1] == 0 || end[2] == 0) return 1;
+    return end[2] != 'Z' && end[2] != 'X';
 }
 
 #endif /* TB_ATOMIC_H */

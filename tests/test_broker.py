@@ -609,3 +609,33 @@ def test_attach_while_another_thread_waits(daemon):
         c.publisher("w/last").send(b"done")
         t.join(10)
         assert got == [b"done"]
+
+
+def test_a_killed_publisher_is_repaired_while_still_a_zombie(daemon):
+    """The daemon sees a client's exit on its pidfd before the parent reaps
+    it; the repair then must count the zombie as dead, or its publisher
+    record (and a claim it left half-done) stays in the ring."""
+    code = (
+        "import sys, tensorbus; c = tensorbus.connect(sys.argv[1]); "
+        "c.publisher('z/t').send(b'x'); print('sent', flush=True); sys.stdin.read()"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, daemon.url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "sent"
+        with tensorbus.connect(daemon.url, spin_us=0) as c:
+            assert c.stats("z/t")["topics"][0]["publishers"] == 1
+            child.kill()  # not reaped until the end: a zombie meanwhile
+            deadline = time.monotonic() + 5
+            while c.stats("z/t")["topics"][0]["publishers"]:
+                assert time.monotonic() < deadline, "the zombie's record was kept"
+                time.sleep(0.02)
+    finally:
+        child.kill()
+        child.wait()
+        child.stdin.close()
+        child.stdout.close()
