@@ -14,6 +14,7 @@ Requests to the broker are serialized by a lock.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import threading
@@ -555,7 +556,11 @@ class Client:
             pass  # the broker is gone: nothing to say bye to
         self._closed = True
         if self._watch is not None:
-            os.write(self._wake_w, b"x")  # the watcher thread ends
+            # The watcher thread ends; it may have ended already (a lost
+            # broker, or a resume that this close cut short), its end of
+            # the pipe closed: nothing to wake then.
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
             os.close(self._wake_w)
             with self._lock:
                 self._watch.close()
