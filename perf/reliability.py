@@ -103,6 +103,8 @@ FIELDS = (
     "target_pid",  # set by the harness: report when a message of this pid ...
     "target_seq",  # ... with at least this seq is sent / received
     "reached_ns",  # CLOCK_MONOTONIC when that happened
+    "go",  # set by the harness: a worker started with wait_go connects now
+    "ready_ns",  # subscriber: CLOCK_MONOTONIC once subscribed
 )
 (
     PID,
@@ -122,6 +124,8 @@ FIELDS = (
     TARGET_PID,
     TARGET_SEQ,
     REACHED_NS,
+    GO,
+    READY_NS,
 ) = range(len(FIELDS))
 
 
@@ -219,19 +223,32 @@ def _send(pub, data: bytes, r) -> bool:
 
 
 def _subscribe(
-    url: str, pattern: str, board: str, row: int, mode: str = "read", out: str = ""
+    url: str,
+    pattern: str,
+    board: str,
+    row: int,
+    mode: str = "read",
+    out: str = "",
+    wait_go: bool = False,
 ) -> None:
     """Subscribe to ``pattern`` and check every message until told to stop:
     torn, skipped and repeated seqs per publisher. ``mode``: ``read`` (the
     subscriber exists before its publishers: each one's first seq must be
     0), ``late`` (it joins mid-stream: any first seq), ``latency`` (also
     record each message's latency, publish to receive in ns, into ``out``,
-    a .npy), ``stall`` (subscribe, never read)."""
+    a .npy), ``stall`` (subscribe, never read). ``wait_go``: start up (pid
+    on the board), then connect only once the harness says go."""
     r = Board(board).cells[row]
     latency = array("q") if mode == "latency" else None
+    r[PID] = os.getpid()
+    while wait_go and not r[GO]:
+        if r[STOP]:
+            r[DONE] = 1
+            return
+        time.sleep(0.0005)
     with tensorbus.connect(url, name=f"rel-sub-{row}", spin_us=0) as client:
         sub = client.subscribe(pattern)
-        r[PID] = os.getpid()
+        r[READY_NS] = time.monotonic_ns()
         r[READY] = 1
         if mode == "stall":
             while not r[STOP]:
@@ -1007,6 +1024,7 @@ class Restart:
     errors: int = 0
     answer_s: float | None = None
     resume_s: float | None = None
+    first_s: float | None = None
     leaked: int = 0
 
 
@@ -1027,10 +1045,13 @@ def r2(
     the clients must carry on by themselves: the pair must lose and repeat
     nothing. A subscriber that joins after the restart must receive what
     the old publisher sends from then on: none within 5 s while the
-    publisher kept sending is a silent split. Figures: the time from the
-    kill to a client's request being answered, and to the first message
-    of the new subscriber; and what the last daemon left in /dev/shm once
-    stopped."""
+    publisher kept sending is a silent split (its process is started
+    before the kill and connects once a request is answered, so no Python
+    start-up is in its times). Figures: the time from the kill to a
+    client's request being answered (a restart includes the new daemon's
+    start-up), from the kill to the new subscriber's first message, and
+    from its subscribe to that message; errors raised to the clients; and
+    what the last daemon left in /dev/shm once stopped."""
     rng = random.Random(seed)
     results: list[Restart] = []
     plan = [False] * trials + [True] * standby_trials
@@ -1071,7 +1092,10 @@ def r2(
         report.figures[f"{label}_answer_s"] = answer
         report.figures[f"{label}_resume_s"] = resume
         report.add(f"{label}: kill to a request answered, p50 / p99", p50_p99(answer))
+        first = [t.first_s for t in results if t.standby == standby and t.first_s is not None]
+        report.figures[f"{label}_first_s"] = first
         report.add(f"{label}: kill to a new subscriber's first message, p50 / p99", p50_p99(resume))
+        report.add(f"{label}: its subscribe to its first message, p50 / p99", p50_p99(first))
     report.print(out)
     return report
 
@@ -1119,8 +1143,13 @@ def _r2_trial(standby: bool, rate: float, rng: random.Random) -> Restart:
                 workers.start("sub", old, url=brokers[0].url, pattern=topic)
                 workers.wait_ready([old])
                 workers.start("pub", pub, url=brokers[0].url, topic=topic, rate=rate)
+                workers.start(
+                    "sub", late, url=brokers[0].url, pattern=topic, mode="late", wait_go=True
+                )
                 workers.wait_ready([pub])
-                if not wait_for(lambda: board.get(old, COUNT) > 0, READY_TIMEOUT):
+                if not wait_for(
+                    lambda: board.get(old, COUNT) and board.get(late, PID), READY_TIMEOUT
+                ):
                     raise RuntimeError("r2: the stream did not start")
                 time.sleep(rng.uniform(0.1, 0.5))
                 t_kill = time.monotonic()
@@ -1132,11 +1161,12 @@ def _r2_trial(standby: bool, rate: float, rng: random.Random) -> Restart:
                     t.error = f"no daemon answered within {READY_TIMEOUT:g} s: {brokers[-1].why()}"
                     return t
                 t.answer_s = answered - t_kill
-                workers.start("sub", late, url=brokers[0].url, pattern=topic, mode="late")
+                board.set(late, GO, 1)
                 workers.wait_ready([late])
                 sent_at_join = board.get(pub, COUNT)
                 if wait_for(lambda: board.get(late, COUNT) > 0, 5.0):
                     t.resume_s = board.get(late, FIRST_NS) / 1e9 - t_kill
+                    t.first_s = (board.get(late, FIRST_NS) - board.get(late, READY_NS)) / 1e9
                 elif board.get(pub, COUNT) > sent_at_join:
                     t.split = True
                 else:
