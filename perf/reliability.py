@@ -613,8 +613,10 @@ def r1(
       and every survivor must receive its first message (a half-done claim
       of the dead one left unpadded would hold them back).
 
-    Recovery time: from the kill to the last survivor's progress; none
-    within DEADLINE seconds is a deadlock. Then the publisher stops, the
+    Recovery time: from the kill to the last survivor's progress (so it
+    includes the time to stream those ``capacity`` + 1 messages at ``rate``,
+    or to open the new publisher); none within DEADLINE seconds is a
+    deadlock. Then the publisher stops, the
     survivors must receive every message it sent (lost), and stop. Torn,
     gaps and duplicates are checked on every message received. After each
     trial the broker's sessions, doorbells and holder slots must return to
