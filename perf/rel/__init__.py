@@ -1,0 +1,1 @@
+"""The reliability suite's parts (perf/reliability.py runs them)."""
