@@ -2,17 +2,22 @@
 
     python ddp_workers.py --rank R --world-size W --port P --out FILE
         [--url URL --job J --shards S --compression fp16|bf16] [--steps N]
+        [--gate STEP:FILE ...]
 
 Without --url it trains with DDP's own allreduce (gloo); with it, through
 ``ps_hook``. Every rank trains the same small model (several buckets) on
 its own fixed batch; rank 0 saves the parameters after every step.
-Prints ``ready`` after DDP is set up, ``step N`` after each step, then
-``done``, or ``error <sentence>`` if backward() failed.
+Prints ``ready`` after DDP is set up, ``step N START END`` (monotonic
+seconds) after each step, then ``done BYTES BROKER_PID`` (the broker its
+client speaks to at the end), or ``error <sentence>`` if backward() failed.
+``--gate STEP:FILE`` waits before STEP until FILE exists (outside the
+step's time), so a test can hold training until something happened.
 """
 
 import argparse
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -46,6 +51,7 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=20.0)
     p.add_argument("--chunk-bytes", type=int, default=64 * 1024)
     p.add_argument("--stall-at", type=int, default=-1, help="sleep forever before this step")
+    p.add_argument("--gate", action="append", default=[], help="STEP:FILE")
     args = p.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -74,30 +80,35 @@ def main() -> int:
     gen = torch.Generator().manual_seed(100 + args.rank)
     x = torch.randn(64, 32, generator=gen)  # one batch per rank: the loss must fall
     y = torch.randn(64, 8, generator=gen)
+    gates = {int(step): path for step, path in (g.split(":", 1) for g in args.gate)}
     history, losses = [], []
     print("ready", flush=True)
     try:
         for step in range(args.steps):
             if step == args.stall_at:
-                import time
-
                 time.sleep(600)
+            if step in gates:
+                deadline = time.monotonic() + args.timeout
+                while not os.path.exists(gates[step]) and time.monotonic() < deadline:
+                    time.sleep(0.005)
+            start = time.monotonic()
             loss = torch.nn.functional.mse_loss(net(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(loss.item())
             history.append(torch.cat([q.detach().flatten() for q in net.parameters()]).clone())
-            print(f"step {step}", flush=True)
+            print(f"step {step} {start:.6f} {time.monotonic():.6f}", flush=True)
     except RuntimeError as exc:
         print(f"error {str(exc).splitlines()[0]}", flush=True)
         os._exit(3)  # the process group's peers may be gone: do not wait for them
     if args.rank == 0:
         torch.save({"params": history, "losses": losses}, args.out)
     sent = state.bytes_sent if state is not None else 0
+    broker_pid = state.client.broker_pid if state is not None else 0
     if state is not None:
         state.close()
-    print(f"done {sent}", flush=True)
+    print(f"done {sent} {broker_pid}", flush=True)
     dist.destroy_process_group()
     return 0
 
