@@ -121,6 +121,16 @@ def daemon(daemon_factory):
 
 
 @pytest.fixture
+def procs_ddp():
+    """Start DDP trainer ranks and parameter servers (tests/ddp_jobs.py);
+    all killed at the end."""
+    from ddp_jobs import ddp_procs
+
+    with ddp_procs() as start:
+        yield start
+
+
+@pytest.fixture
 def popen():
     """Start worker subprocesses (tests/bus_workers.py); all killed at the end."""
     started = []

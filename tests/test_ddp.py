@@ -2,10 +2,6 @@
 against plain numpy trainers, and real DDP (gloo, two spawned ranks)
 compared step by step with DDP's own allreduce."""
 
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -16,7 +12,8 @@ import tensorbus
 from tensorbus.clients import ps_wire as W
 from tensorbus.clients.ps import ParameterServer
 
-from conftest import HERE, read_line
+from conftest import read_line
+from ddp_jobs import ddp_procs, free_port, outcome, servers, stop_server, train
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -139,110 +136,22 @@ def test_async_server_bounds_staleness(daemon, server_thread):
 # -- real DDP -----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def procs_ddp():
-    started = []
-
-    def start(*args, script="ddp_workers.py"):
-        cmd = (
-            [sys.executable, "-m", "tensorbus", *args]
-            if script == "cli"
-            else [sys.executable, os.path.join(HERE, script), *args]
-        )
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-        p.wait(10)
-        p.stdout.close()
-        p.stderr.close()
-
-
-def _outcome(proc, timeout=30) -> str:
-    """A trainer's last line: ``done ...`` or ``error <sentence>``."""
-    line = ""
-    while not line.startswith(("error", "done")):
-        line = read_line(proc, timeout)
-    return line
-
-
-def _train(procs_ddp, tmp_path, tag, *extra, steps=6, wait=True):
-    port, out = _free_port(), str(tmp_path / f"{tag}.pt")
-    ranks = [
-        procs_ddp(
-            "--rank", str(r), "--port", str(port), "--out", out, "--steps", str(steps), *extra
-        )  # fmt: skip
-        for r in range(2)
-    ]
-    if not wait:
-        return ranks, out
-    for r in ranks:
-        assert read_line(r, 60) == "ready"
-    for r in ranks:
-        line = _outcome(r, 60)
-        assert line.startswith("done"), line
-    import torch
-
-    return torch.load(out)
-
-
-def _servers(procs_ddp, url, job, shards, *extra):
-    servers = []
-    for i in range(shards):
-        p = procs_ddp(
-            "ps", "--url", url, "--job", job, "--shard", str(i), "--num-shards", str(shards),
-            "--world-size", "2", *extra, script="cli",
-        )  # fmt: skip
-        assert read_line(p, 30).startswith("tensorbus ps ready")
-        servers.append(p)
-    return servers
-
-
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
     """Parameters after each step with DDP's own allreduce (no hook)."""
     pytest.importorskip("torch")
     tmp = tmp_path_factory.mktemp("baseline")
-    started = []
-
-    def start(*args, script="ddp_workers.py"):
-        p = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, script), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        started.append(p)
-        return p
-
-    try:
-        return _train(start, tmp, "allreduce")
-    finally:
-        for p in started:
-            if p.poll() is None:
-                p.kill()
-            p.wait(10)
-            p.stdout.close()
-            p.stderr.close()
+    with ddp_procs() as start:
+        return train(start, tmp, "allreduce")
 
 
 @pytest.mark.parametrize("shards", [1, 2])
 def test_ps_hook_gives_the_allreduce_result(daemon, procs_ddp, tmp_path, baseline, shards):
     import torch
 
-    _servers(procs_ddp, daemon.url, f"s{shards}", shards)
-    got = _train(procs_ddp, tmp_path, "hook", "--url", daemon.url, "--job", f"s{shards}",
-                 "--shards", str(shards))  # fmt: skip
+    servers(procs_ddp, daemon.url, f"s{shards}", shards)
+    got = train(procs_ddp, tmp_path, "hook", "--url", daemon.url, "--job", f"s{shards}",
+                "--shards", str(shards))  # fmt: skip
     assert len(got["params"]) == len(baseline["params"]) == 6
     for step, (a, b) in enumerate(zip(got["params"], baseline["params"], strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=f"step {step}")
@@ -252,56 +161,46 @@ def test_ps_hook_gives_the_allreduce_result(daemon, procs_ddp, tmp_path, baselin
 def test_compressed_hooks_stay_close(daemon, procs_ddp, tmp_path, baseline, compression):
     import torch
 
-    _servers(procs_ddp, daemon.url, compression, 2)
-    got = _train(procs_ddp, tmp_path, compression, "--url", daemon.url, "--job", compression,
-                 "--shards", "2", "--compression", compression)  # fmt: skip
+    servers(procs_ddp, daemon.url, compression, 2)
+    got = train(procs_ddp, tmp_path, compression, "--url", daemon.url, "--job", compression,
+                "--shards", "2", "--compression", compression)  # fmt: skip
     tol = 1e-2 if compression == "fp16" else 5e-2
     for a, b in zip(got["params"], baseline["params"], strict=True):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
     assert got["losses"][-1] < got["losses"][0]
 
 
-def _stop_server(server) -> dict:
-    import ast
-
-    server.terminate()
-    line = ""
-    while not line.startswith("tensorbus ps stopped"):
-        line = read_line(server, 10)
-    return ast.literal_eval(line.split(": ", 1)[1])
-
-
 def test_async_mode_trains_within_its_staleness(daemon, procs_ddp, tmp_path):
-    (server,) = _servers(procs_ddp, daemon.url, "as", 1, "--mode", "async", "--staleness", "2")
-    got = _train(procs_ddp, tmp_path, "async", "--url", daemon.url, "--job", "as", steps=10)
+    (server,) = servers(procs_ddp, daemon.url, "as", 1, "--mode", "async", "--staleness", "2")
+    got = train(procs_ddp, tmp_path, "async", "--url", daemon.url, "--job", "as", steps=10)
     assert got["losses"][-1] < got["losses"][0]
-    stats = _stop_server(server)
+    stats = stop_server(server)
     assert stats["aggregates"] > 0 and stats["max_lead"] <= 2
 
 
 def _rank0_with_rank1_stalled(procs_ddp, tmp_path, url, job, steps, timeout) -> str:
     """Train rank 0 while rank 1 stops before step 2; rank 0's outcome."""
-    port, out = _free_port(), str(tmp_path / f"{job}.pt")
+    port, out = free_port(), str(tmp_path / f"{job}.pt")
     common = ["--port", str(port), "--out", out, "--url", url, "--job", job,
               "--steps", str(steps), "--timeout", str(timeout)]  # fmt: skip
     ok = procs_ddp("--rank", "0", *common)
     stalled = procs_ddp("--rank", "1", "--stall-at", "2", *common)
     for r in (ok, stalled):
         assert read_line(r, 60) == "ready"
-    return _outcome(ok)
+    return outcome(ok)
 
 
 def test_async_mode_goes_on_without_a_stalled_trainer(daemon, procs_ddp, tmp_path):
-    (server,) = _servers(procs_ddp, daemon.url, "ad", 1, "--mode", "async", "--staleness", "1",
+    (server,) = servers(procs_ddp, daemon.url, "ad", 1, "--mode", "async", "--staleness", "1",
                          "--timeout", "1")  # fmt: skip
     line = _rank0_with_rank1_stalled(procs_ddp, tmp_path, daemon.url, "ad", 8, 20)
     assert line.startswith("done"), line
-    assert _stop_server(server)["dropped_ranks"] == 1
+    assert stop_server(server)["dropped_ranks"] == 1
 
 
 def test_a_killed_server_fails_the_trainers_clearly(daemon, procs_ddp, tmp_path):
-    (server,) = _servers(procs_ddp, daemon.url, "k", 1)
-    ranks, _ = _train(procs_ddp, tmp_path, "k", "--url", daemon.url, "--job", "k",
+    (server,) = servers(procs_ddp, daemon.url, "k", 1)
+    ranks, _ = train(procs_ddp, tmp_path, "k", "--url", daemon.url, "--job", "k",
                       "--timeout", "2", "--steps", "200", wait=False)  # fmt: skip
     for r in ranks:
         assert read_line(r, 60) == "ready"
@@ -309,12 +208,12 @@ def test_a_killed_server_fails_the_trainers_clearly(daemon, procs_ddp, tmp_path)
     server.kill()
     t0 = time.monotonic()
     for r in ranks:
-        line = _outcome(r)
+        line = outcome(r)
         assert line.startswith("error") and "parameter-server shard(s) 0" in line, line
     assert time.monotonic() - t0 < 15
 
 
 def test_a_stalled_trainer_fails_the_other_clearly(daemon, procs_ddp, tmp_path):
-    _servers(procs_ddp, daemon.url, "st", 1, "--timeout", "1")
+    servers(procs_ddp, daemon.url, "st", 1, "--timeout", "1")
     line = _rank0_with_rank1_stalled(procs_ddp, tmp_path, daemon.url, "st", 5, 10)
     assert line.startswith("error") and "rank(s) 1 sent no gradient for step 2" in line, line
