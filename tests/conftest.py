@@ -7,6 +7,8 @@ import select
 import signal
 import subprocess
 import sys
+import time
+import weakref
 
 import pytest
 
@@ -155,12 +157,30 @@ def popen():
             stream.close()
 
 
+# What read_line has read of a worker's stdout past the line it returned.
+_UNREAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def read_line(proc, timeout=10.0):
-    """The next stdout line of a worker, or fail with its stderr."""
-    if select.select([proc.stdout], [], [], timeout)[0]:
-        line = proc.stdout.readline()
-        if line:
-            return line.strip()
+    """The next stdout line of a worker, or fail with its stderr. It reads
+    the pipe itself: select() cannot see lines that ``proc.stdout`` has
+    already buffered, and would wait for the worker's next write (or exit)."""
+    fd = proc.stdout.fileno()
+    buf = _UNREAD.pop(proc, b"")
+    deadline = time.monotonic() + timeout
+    eof = False
+    while b"\n" not in buf and not eof:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 65536)
+        eof = not chunk
+        buf += chunk
+    line, sep, rest = buf.partition(b"\n")
+    if sep or (eof and line):
+        _UNREAD[proc] = rest
+        return line.decode().strip()
+    _UNREAD[proc] = buf  # a line begun, not ended: the rest of it comes later
     raise AssertionError(
         f"worker said nothing within {timeout} s: {proc.stderr.read()[-2000:]}"
         if proc.poll() is not None
