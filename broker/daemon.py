@@ -511,8 +511,8 @@ class Broker:
         pid = peer[1] if peer is not None else f["pid"]
         resumed = None
         if f.get("resume") is not None:
-            resumed = registry.sessions.get(("adopted", f["resume"]))
-            if resumed is None or resumed.pid != pid or transport != "ipc":
+            resumed = self._resumable(f["resume"], pid, transport, request.id or 0)
+            if resumed is None:
                 raise P.ProtocolViolation(
                     "session_lost",
                     f"session {f['resume']} cannot be resumed: this broker (pid "
@@ -520,13 +520,15 @@ class Broker:
                     "connect again",
                 )
         old = registry.sessions.get(key)
-        if old is not None:
+        if old is not None and old is not resumed:
             self._drop_session(old, "hello again on the same connection")
         self.access.bind(key, user)
         self.ended_sessions.pop(key, None)
         if resumed is not None:
             session = resumed
-            self.access.forget(session.key)
+            if session.key != key:  # its orphan key, or a connection its client gave up on
+                self.access.forget(session.key)
+            session.resumed_by = request.id or 0
             registry.resume(session, key)
             self.outbox.extend((key, frame, bell) for frame, bell in session.pending)
             session.pending.clear()
@@ -563,6 +565,25 @@ class Broker:
             broker_pid=os.getpid(),
             node=self.bridge.node,
         )
+
+    def _resumable(self, sid: int, pid: int, transport: str, request_id: int) -> Session | None:
+        """The session a resume from ``pid`` names, if it may have it: one
+        taken over and not yet resumed, or one an older request of the same
+        client resumed already (the reply came after the client gave up on
+        that connection, and it asked again on a new one). A stale resume
+        arriving after a newer one gets nothing: its connection is given up."""
+        registry = self.registry
+        session = registry.sessions.get(("adopted", sid))
+        if session is None:
+            session = next(
+                (s for s in registry.sessions.values() if s.id == sid and s.transport == "ipc"),
+                None,
+            )
+            if session is not None and request_id <= session.resumed_by:
+                return None
+        if session is None or session.pid != pid or transport != "ipc":
+            return None
+        return session
 
     def _drop_session(self, session: Session, reason: str, views_alive: bool = False) -> None:
         """End a session: the registry releases what it holds; its arena

@@ -136,6 +136,8 @@ class Session:
     # notices wait in ``pending`` ([frame, bell]) until it is.
     orphan: bool = False
     pending: list = field(default_factory=list)
+    # The request id of the resume that claimed it: an older one, late, may not.
+    resumed_by: int = 0
 
 
 def _no_notice(sub: Subscription, kind: str, fields: dict) -> None:
