@@ -10,8 +10,9 @@ its own fixed batch; rank 0 saves the parameters after every step.
 Prints ``ready`` after DDP is set up, ``step N START END`` (monotonic
 seconds) after each step, then ``done BYTES BROKER_PID`` (the broker its
 client speaks to at the end), or ``error <sentence>`` if backward() failed.
-``--gate STEP:FILE`` waits before STEP until FILE exists (outside the
-step's time), so a test can hold training until something happened.
+``--gate STEP:FILE`` waits before STEP until FILE exists (at most
+--timeout seconds, outside the step's time), so a test can hold training
+until something happened.
 """
 
 import argparse
