@@ -8,14 +8,16 @@ its rings and forwards the topics the client subscribed to, under the same
 per-topic credit as a link between daemons. Made for dashboards, notebooks
 and laptops; trainers on a daemon's host use its shared memory instead.
 
-Everything here runs in the caller's thread, under the client's lock: a
+Everything here runs in the caller's thread, under the link's lock: a
 ``send`` that waits for credit, or a ``recv`` that waits for a message,
-reads the link socket meanwhile.
+reads the link socket meanwhile. The control connection has the client's
+own lock, so heartbeats never wait behind a receive.
 """
 
 from __future__ import annotations
 
 import collections
+import threading
 import time
 
 import numpy as np
@@ -132,15 +134,17 @@ class LightLink:
         self.grants: dict[int, list] = {}
         self.expect: collections.deque = collections.deque()  # [entry, body, bytes got]
         self.denied: dict[str, str] = {}  # pattern the broker refused -> its sentence
+        self.lock = threading.RLock()  # the sync client's threads share the link
 
     def _control(self, kind: str, **fields) -> None:
         self.sock.send_multipart([W.CONTROL, W.encode_control(kind, **fields)])
 
     def close(self) -> None:
-        try:
-            self._control("bye")
-        finally:
-            self.sock.close(0)
+        with self.lock:
+            try:
+                self._control("bye")
+            finally:
+                self.sock.close(0)
 
     # -- receiving ---------------------------------------------------------
 
@@ -348,7 +352,7 @@ class RemotePublisher(RemoteOutlet):
     """A publisher on a remote broker's topic (see :class:`tensorbus.Publisher`)."""
 
     def __init__(self, client, link: LightLink, info: dict, timeout: float):
-        with client._lock:
+        with link.lock:
             super().__init__(client, link, info, timeout)
 
     def send(self, data, *, timeout: float | None = None, meta: bytes | None = None) -> int:
@@ -360,9 +364,9 @@ class RemotePublisher(RemoteOutlet):
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while True:
-            # The lock is taken per attempt, so the heartbeat thread and
-            # receivers get their turn while this waits for credit.
-            with self.client._lock:
+            # The lock is taken per attempt, so receivers get their turn
+            # while this waits for credit.
+            with self._link.lock:
                 self.client._check()
                 seq = self._attempt(entry, body)
                 if seq is not None:
@@ -456,13 +460,17 @@ class RemoteSubscriber(RemoteInlet, Endpoint):
     """Receives a remote broker's topics matching a pattern (see
     :class:`tensorbus.Subscriber`)."""
 
+    def __init__(self, client, link: LightLink, pattern: str):
+        with link.lock:
+            super().__init__(client, link, pattern)
+
     def recv(self, timeout: float | None = None) -> RemoteMessage:
         """The next message; ReceiveTimeout after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self._closed:
                 raise ClientClosed("the subscriber is closed")
-            with self.client._lock:
+            with self._link.lock:
                 self.client._check()
                 self._raise_if_denied()
                 if self.queue:
@@ -473,11 +481,11 @@ class RemoteSubscriber(RemoteInlet, Endpoint):
                 raise self._timed_out(timeout)
 
     def _more(self, max_n: int) -> list:
-        with self.client._lock:
+        with self._link.lock:
             return self._pop_more(max_n)
 
     def close(self) -> None:
         if self._closed:
             return
-        with self.client._lock:
+        with self._link.lock:
             self._leave()
