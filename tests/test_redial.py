@@ -1,9 +1,14 @@
-"""Light clients over tcp keep their session: heartbeats that never wait
-behind receiving threads, and (clients/redial.py) a new session and link
-when the broker dies and a successor serves the same address."""
+"""Links across a daemon's death. Light clients over tcp keep their
+session: heartbeats that never wait behind receiving threads, and
+(clients/redial.py) a new session and link when the broker is killed -9
+and a successor serves the same address. Bridged daemons: a peer killed
+-9 and restarted on the same socket (taking over its state) is relinked,
+and messages flow both ways, with gaps where messages were lost."""
 
+import signal
 import socket
 import threading
+import time
 
 import pytest
 
@@ -55,3 +60,143 @@ def test_heartbeats_do_not_wait_behind_receiving_threads(daemon_factory):
         assert link["state"] == "up" and link["for_s"] >= 5
         pub.send(b"still here")
         assert [bytes(sub.recv(timeout=5).data) for sub in subs] == [b"still here"] * 4
+
+
+def kill(daemon) -> None:
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait()
+
+
+def wait_for(predicate, timeout=15.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def numbers(sub, n, timeout=5.0):
+    return [int(bytes(sub.recv(timeout=timeout).data)) for _ in range(n)]
+
+
+def peer_links(url) -> list:
+    with tensorbus.connect(url, name="probe") as c:
+        return [link for link in c.stats()["broker"]["links"] if link["kind"] == "peer"]
+
+
+def linked(url, pattern, reconnects=0):
+    """A peer link at ``url`` is up (after ``reconnects`` new links) and
+    reads ``pattern``."""
+    return lambda: any(
+        link["state"] == "up" and pattern in link["interest"] and link["reconnects"] >= reconnects
+        for link in peer_links(url)
+    )
+
+
+def recv_after_gap(sub, n, timeout=5.0):
+    """``n`` numbers, and whether a GapError came first."""
+    try:
+        first = numbers(sub, 1, timeout)
+        gap = False
+    except tensorbus.GapError:
+        first, gap = [], True
+    return gap, first + numbers(sub, n - len(first), timeout)
+
+
+@pytest.mark.parametrize("killed", ["listener", "dialer"])
+def test_bridged_daemons_deliver_both_ways_across_a_restart(daemon_factory, tmp_path, killed):
+    """Daemon B is killed -9 and started again on the same socket and port:
+    it takes over its state (its local client resumes), the link comes
+    back (whichever side dials), both sides re-announce their interest,
+    and messages flow both ways again; what the survivor had from the
+    dead B and may have lost is a gap, in its place."""
+    port = free_port()
+    common = ("--transport", "tcp", "--heartbeat", "0.5", "--link-grace", "2")
+    listen = ("--tcp", f"127.0.0.1:{port}", *common)
+    if killed == "listener":
+        start_b = lambda: daemon_factory(*listen, path=tmp_path / "b")  # noqa: E731
+        b = start_b()
+        a = daemon_factory(
+            "--tcp",
+            "127.0.0.1:*",
+            "--peer",
+            f"tcp://127.0.0.1:{port}",
+            *common,
+            path=tmp_path / "a",
+        )
+    else:
+        a = daemon_factory(*listen, path=tmp_path / "a")
+        start_b = lambda: daemon_factory(  # noqa: E731
+            "--tcp",
+            "127.0.0.1:*",
+            "--peer",
+            f"tcp://127.0.0.1:{port}",
+            *common,
+            path=tmp_path / "b",
+        )
+        b = start_b()
+    ca, cb = tensorbus.connect(a.url), tensorbus.connect(b.url)
+    try:
+        sub_a, sub_b = ca.subscribe("b2a/>"), cb.subscribe("a2b/>")
+        pub_a, pub_b = ca.publisher("a2b/t"), cb.publisher("b2a/t")
+        wait_for(linked(a.url, "a2b/>"), what="B's interest at A")
+        wait_for(linked(b.url, "b2a/>"), what="A's interest at B")
+        pub_a.send(b"0")
+        pub_b.send(b"0")
+        assert numbers(sub_b, 1) == [0] and numbers(sub_a, 1) == [0]
+        kill(b)
+        b2 = start_b()
+        wait_for(lambda: cb.broker_pid == b2.proc.pid, what="B's client resumed")
+        wait_for(linked(a.url, "a2b/>", reconnects=1), what="B's interest at A again")
+        wait_for(linked(b2.url, "b2a/>"), what="A's interest at B again")
+        for i in range(1, 101):
+            pub_a.send(b"%d" % i)
+            pub_b.send(b"%d" % i)
+        assert recv_after_gap(sub_b, 100)[1] == list(range(1, 101))
+        gap, got = recv_after_gap(sub_a, 100)
+        assert gap and got == list(range(1, 101))  # B's instance died: a gap, first
+        with pytest.raises(tensorbus.ReceiveTimeout):
+            sub_a.recv(timeout=3)  # and no late gap marker in the middle of the stream
+    finally:
+        ca.close()
+        cb.close()
+
+
+def test_what_a_restarted_peer_had_not_committed_is_a_gap_there(daemon_factory, tmp_path):
+    """B's subscriber reads nothing, so B's ring of a2b/t (8 slots) is full
+    and B's bridge holds A's next messages uncommitted (uncredited). B is
+    killed -9: those are lost with it. Its successor hears from A, first
+    thing on the new link, how many A sent that B never credited: B's
+    subscriber reads the 8 that were committed, then a GapError, then the
+    messages sent after the restart."""
+    port = free_port()
+    common = ("--transport", "tcp", "--heartbeat", "0.5", "--link-grace", "2")
+    start_b = lambda: daemon_factory(  # noqa: E731
+        "--tcp", f"127.0.0.1:{port}", *common, path=tmp_path / "b"
+    )
+    b = start_b()
+    a = daemon_factory(
+        "--tcp", "127.0.0.1:*", "--peer", f"tcp://127.0.0.1:{port}", *common, path=tmp_path / "a"
+    )
+    ca, cb = tensorbus.connect(a.url), tensorbus.connect(b.url)
+    try:
+        sub_b = cb.subscribe("a2b/>")
+        wait_for(linked(a.url, "a2b/>"), what="B's interest at A")
+        pub_a = ca.publisher("a2b/t", capacity=8)
+        for i in range(40):
+            pub_a.send(b"%d" % i)
+        wait_for(lambda: peer_links(b.url)[0]["backlog"] > 0, what="B's backlog")
+        kill(b)
+        b2 = start_b()
+        wait_for(lambda: cb.broker_pid == b2.proc.pid, what="B's client resumed")
+        wait_for(linked(a.url, "a2b/>", reconnects=1), what="B's interest at A again")
+        assert numbers(sub_b, 8) == list(range(8))
+        with pytest.raises(tensorbus.GapError, match="may not have arrived"):
+            sub_b.recv(timeout=5)
+        pub_a.send(b"100")
+        assert numbers(sub_b, 1) == [100]
+    finally:
+        ca.close()
+        cb.close()
