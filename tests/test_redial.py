@@ -5,6 +5,7 @@ and a successor serves the same address. Bridged daemons: a peer killed
 -9 and restarted on the same socket (taking over its state) is relinked,
 and messages flow both ways, with gaps where messages were lost."""
 
+import asyncio
 import signal
 import socket
 import threading
@@ -13,6 +14,7 @@ import time
 import pytest
 
 import tensorbus
+import tensorbus.aio
 
 pytestmark = pytest.mark.timeout(40)
 
@@ -200,3 +202,188 @@ def test_what_a_restarted_peer_had_not_committed_is_a_gap_there(daemon_factory, 
     finally:
         ca.close()
         cb.close()
+
+
+def interest_at(url, pattern):
+    """A light client's link at the daemon at ``url`` reads ``pattern``."""
+    return lambda: any(pattern in link["interest"] for link in client_links(url))
+
+
+@pytest.fixture
+def restartable(daemon_factory, tmp_path):
+    """``start()`` a daemon on a fixed tcp port; each call after the first
+    starts its successor there (same socket: it takes over the state)."""
+    port = free_port()
+
+    def start():
+        return daemon_factory(
+            "--tcp",
+            f"127.0.0.1:{port}",
+            "--transport",
+            "tcp",
+            "--heartbeat",
+            "0.5",
+            path=tmp_path,
+        )
+
+    return start
+
+
+def test_light_client_keeps_publishing_and_receiving_across_a_restart(restartable):
+    first = restartable()
+    local = tensorbus.connect(first.url)
+    remote = tensorbus.connect(tcp_of(first), name="light")
+    try:
+        rsub = remote.subscribe("m/>")
+        rpub = remote.publisher("c/x")
+        lsub = local.subscribe("c/>")
+        lpub = local.publisher("m/x")
+        wait_for(interest_at(first.url, "m/>"), what="interest")
+        lpub.send(b"0")
+        rpub.send(b"0")
+        assert numbers(rsub, 1) == [0] and numbers(lsub, 1) == [0]
+        kill(first)
+        second = restartable()
+        # The light client redials by itself: a new session, its link
+        # reopened, its interest and its topic announced again.
+        wait_for(interest_at(second.url, "m/>"), what="interest re-announced")
+        wait_for(lambda: local.broker_pid == second.proc.pid, what="the local client resumed")
+        for i in range(1, 201):
+            lpub.send(b"%d" % i)
+            rpub.send(b"%d" % i)
+        # What was in flight across the death is not known: a reliable
+        # subscriber hears of it as a gap, then goes on.
+        with pytest.raises(tensorbus.GapError) as info:
+            rsub.recv(timeout=5)
+        assert info.value.topic == "m/x" and info.value.peer == tcp_of(first)
+        assert numbers(rsub, 200) == list(range(1, 201))
+        # The broker may have died before it credited "0": a gap, "may".
+        assert recv_after_gap(lsub, 200)[1] == list(range(1, 201))
+        assert remote._redial.generation == 1
+        assert [t["name"] for t in remote.topics()] == ["c/x", "m/x"]
+    finally:
+        remote.close()
+        local.close()
+
+
+def test_asyncio_light_client_keeps_its_topics_across_a_restart(restartable):
+    first = restartable()
+
+    async def run():
+        local = tensorbus.connect(first.url)
+        remote = await tensorbus.aio.connect(tcp_of(first), name="light-aio")
+        try:
+            rsub = await remote.subscribe("m/>")
+            rpub = await remote.publisher("c/x")
+            lsub = local.subscribe("c/>")
+            lpub = local.publisher("m/x")
+            wait_for(interest_at(first.url, "m/>"), what="interest")
+            lpub.send(b"0")
+            await rpub.send(b"0")
+            assert int(bytes((await rsub.recv(timeout=5)).data)) == 0
+            assert numbers(lsub, 1) == [0]
+            kill(first)
+            second = restartable()
+            deadline = time.monotonic() + 15
+            while not interest_at(second.url, "m/>")():
+                assert time.monotonic() < deadline, "interest not re-announced"
+                await asyncio.sleep(0.05)
+            for i in range(1, 101):
+                lpub.send(b"%d" % i)
+                await rpub.send(b"%d" % i, timeout=5)
+            with pytest.raises(tensorbus.GapError):
+                await rsub.recv(timeout=5)
+            got = [int(bytes((await rsub.recv(timeout=5)).data)) for _ in range(100)]
+            assert got == list(range(1, 101))
+            assert recv_after_gap(lsub, 100)[1] == list(range(1, 101))
+            assert remote._redial.generation == 1
+        finally:
+            await remote.close()
+            local.close()
+
+    asyncio.run(run())
+
+
+def test_reconnect_false_gives_broker_unavailable(restartable):
+    first = restartable()
+    remote = tensorbus.connect(tcp_of(first), reconnect=False)
+    try:
+        rsub = remote.subscribe("m/>")
+        rpub = remote.publisher("c/x")
+        kill(first)
+        restartable()  # a successor is there, but this client does not look for it
+        with pytest.raises(tensorbus.BrokerUnavailable, match="reconnect=0"):
+            while True:
+                rsub.recv(timeout=5)
+        with pytest.raises(tensorbus.BrokerUnavailable, match="reconnect=0"):
+            rpub.send(b"x")
+        with pytest.raises(tensorbus.BrokerUnavailable, match="reconnect=0"):
+            remote.topics()
+    finally:
+        remote.close()
+
+
+def test_asyncio_reconnect_false_gives_broker_unavailable(restartable):
+    first = restartable()
+
+    async def run():
+        remote = await tensorbus.aio.connect(tcp_of(first), reconnect=False)
+        try:
+            rsub = await remote.subscribe("m/>")
+            rpub = await remote.publisher("c/x")
+            kill(first)
+            restartable()
+            with pytest.raises(tensorbus.BrokerUnavailable, match="reconnect=0"):
+                while True:
+                    await rsub.recv(timeout=5)
+            with pytest.raises(tensorbus.BrokerUnavailable, match="reconnect=0"):
+                await rpub.send(b"x")
+            with pytest.raises(tensorbus.BrokerUnavailable, match="reconnect=0"):
+                await remote.topics()
+        finally:
+            await remote.close()
+
+    asyncio.run(run())
+
+
+def test_a_broker_that_shuts_down_is_not_redialed(restartable):
+    """SIGTERM is not a death: the broker says it shuts down, and the light
+    client raises at once instead of looking for a successor for 30 s."""
+    first = restartable()
+    remote = tensorbus.connect(tcp_of(first))
+    try:
+        rsub = remote.subscribe("m/>")
+        first.stop()
+        t0 = time.monotonic()
+        with pytest.raises(tensorbus.BrokerUnavailable, match="shut down"):
+            rsub.recv(timeout=10)
+        assert time.monotonic() - t0 < 5
+    finally:
+        remote.close()
+
+
+def test_what_a_light_client_sent_to_a_dead_broker_is_a_gap_there(restartable):
+    """The broker's subscriber reads nothing, so the ring (8 slots) is full
+    and the broker holds the light client's next messages uncommitted. It
+    is killed -9: they are lost. The client, relinking, tells the successor
+    how many the dead one never credited: a gap there, after the 8."""
+    first = restartable()
+    local = tensorbus.connect(first.url)
+    remote = tensorbus.connect(tcp_of(first), name="light")
+    try:
+        lsub = local.subscribe("c/>")
+        rpub = remote.publisher("c/x", capacity=8)
+        for i in range(40):
+            rpub.send(b"%d" % i)
+        wait_for(lambda: client_links(first.url)[0]["backlog"] > 0, what="the broker's backlog")
+        kill(first)
+        second = restartable()
+        wait_for(lambda: local.broker_pid == second.proc.pid, what="the local client resumed")
+        assert numbers(lsub, 8) == list(range(8))
+        with pytest.raises(tensorbus.GapError, match="may not have arrived"):
+            lsub.recv(timeout=5)
+        rpub.send(b"100", timeout=5)
+        assert numbers(lsub, 1) == [100]
+    finally:
+        remote.close()
+        local.close()
