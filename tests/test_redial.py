@@ -6,6 +6,7 @@ and a successor serves the same address. Bridged daemons: a peer killed
 and messages flow both ways, with gaps where messages were lost."""
 
 import asyncio
+import importlib.util
 import signal
 import socket
 import threading
@@ -17,6 +18,16 @@ import tensorbus
 import tensorbus.aio
 
 pytestmark = pytest.mark.timeout(40)
+
+TRANSPORTS = [
+    "tcp",
+    pytest.param(
+        "ucx",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("ucxx") is None, reason="ucxx is not installed"
+        ),
+    ),
+]
 
 
 def free_port() -> int:
@@ -107,15 +118,18 @@ def recv_after_gap(sub, n, timeout=5.0):
     return gap, first + numbers(sub, n - len(first), timeout)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("killed", ["listener", "dialer"])
-def test_bridged_daemons_deliver_both_ways_across_a_restart(daemon_factory, tmp_path, killed):
+def test_bridged_daemons_deliver_both_ways_across_a_restart(
+    daemon_factory, tmp_path, killed, transport
+):
     """Daemon B is killed -9 and started again on the same socket and port:
     it takes over its state (its local client resumes), the link comes
     back (whichever side dials), both sides re-announce their interest,
     and messages flow both ways again; what the survivor had from the
     dead B and may have lost is a gap, in its place."""
     port = free_port()
-    common = ("--transport", "tcp", "--heartbeat", "0.5", "--link-grace", "2")
+    common = ("--transport", transport, "--heartbeat", "0.5", "--link-grace", "2")
     listen = ("--tcp", f"127.0.0.1:{port}", *common)
     if killed == "listener":
         start_b = lambda: daemon_factory(*listen, path=tmp_path / "b")  # noqa: E731
