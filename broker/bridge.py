@@ -72,7 +72,11 @@ class Bridge:
         self.config = config
         self.registry: BridgeView | None = None  # the daemon's state, as far as we may see it
         self.link_name = ""
-        self.node = uuid.uuid4().hex
+        self.node = uuid.uuid4().hex  # this process: a restarted daemon is a new instance
+        # This daemon's lineage: kept by a successor that takes over its
+        # state (broker/state.py), so a peer knows the new instance for
+        # the old one's heir, whichever side dials.
+        self.origin = uuid.uuid4().hex
         self.boot_id = boot_id()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.peers: list[Peer] = []
@@ -268,11 +272,16 @@ class Bridge:
         ):
             raise P.ProtocolViolation("bad_request", "a ucx link needs ucx_address and ucx_tag")
         peer = None
+        origin = f.get("origin") or None
         if kind == "peer":
             # Both daemons may list each other: the one with the smaller node
-            # id keeps its own dialed link; the other's dialer stands by.
+            # id keeps its own dialed link; the other's dialer stands by. A
+            # new node of a known origin is that peer restarted: its Peer
+            # goes on (broker/peer.py marks the gaps and starts afresh).
             for p in self.peers:
-                if p.kind == "peer" and node in (p.node, p.node_hint):
+                if p.kind == "peer" and (
+                    node in (p.node, p.node_hint) or (origin and origin == p.origin)
+                ):
                     peer = p
             if peer is not None and peer.url is not None and peer.link is not None:
                 if self.node < node:
@@ -286,6 +295,7 @@ class Bridge:
         if peer.link is not None:
             peer.link_down("replaced by a new link")
         peer.user = user
+        peer.origin = origin or peer.origin
         self.ids += 1
         link = Link(self, peer, self.ids, secrets.token_hex(16), transport, sock=self.router)
         link.last_rx = time.monotonic()
@@ -297,6 +307,7 @@ class Bridge:
             "secret": link.secret,
             "endpoint": self.endpoint,
             "node": self.node,
+            "origin": self.origin,
             "boot_id": self.boot_id,
             "transport": transport,
             "heartbeat_s": self.config.heartbeat_s,

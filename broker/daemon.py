@@ -266,6 +266,7 @@ class Broker:
             if reader is not None:
                 session.may_read = reader
         self.registry.counters["takeovers"] = int(snap.get("takeovers", 0)) + 1
+        self.bridge.origin = str(snap.get("origin") or self.bridge.origin)
         summary["previous_pid"] = summary["previous_pid"] or previous
         self.takeover = summary  # its "ms", lock to serving, is set by serve()
 
@@ -288,6 +289,7 @@ class Broker:
             meta = {
                 "takeovers": registry.counters["takeovers"],
                 "instances": sorted(self.instances),
+                "origin": self.bridge.origin,  # peers know a successor for the same daemon
             }
             try:
                 save(

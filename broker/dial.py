@@ -85,6 +85,7 @@ async def connect(bridge: Bridge, peer: Peer, ctx) -> None:
         fields = dict(
             kind="peer",
             node=bridge.node,
+            origin=bridge.origin,
             boot_id=bridge.boot_id,
             name=bridge.link_name,
             transport=bridge.transport,
@@ -110,6 +111,7 @@ async def connect(bridge: Bridge, peer: Peer, ctx) -> None:
     bridge.ids += 1
     link = Link(bridge, peer, bridge.ids, reply["secret"], reply["transport"], sock=sync)
     link.remote_id = reply["link"]
+    peer.origin = reply.get("origin") or peer.origin
     link.pending = Remote(reply["node"], peer.url, reply.get("boot_id", ""))
     if link.transport == "ucx":
         link.ucx_peer_address = reply["ucx_address"]

@@ -193,8 +193,15 @@ class Outbound:
         self.bridge.registry.drop_cursor(self.classes[t.prio].sub, name)
 
     def close_outbound(self) -> None:
-        """Free every outbound cursor and the class subscriptions."""
+        """Free every outbound cursor and the class subscriptions; what
+        each topic sent that the peer had not credited is kept in
+        ``unacked`` (told to the peer's successor, broker/peer.py)."""
         self.disarm()
+        for name, t in self.out.items():
+            if t.credit_msgs < W.INITIAL_WINDOW_MSGS:
+                self.unacked[name] = self.unacked.get(name, 0) + (
+                    W.INITIAL_WINDOW_MSGS - t.credit_msgs
+                )
         for name in list(self.out):
             self._detach(name)
         loop = asyncio.get_running_loop()

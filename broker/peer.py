@@ -39,6 +39,7 @@ class Peer(Outbound, Inbound):
         self.url = url  # dialed peers: where to dial
         self.node: str | None = None  # the remote daemon's node id
         self.node_hint: str | None = None  # dialed peers: its node id from hello
+        self.origin: str | None = None  # its lineage: the same across takeovers
         self.name = url or "?"
         self.boot_id = ""
         self.state = "connecting"
@@ -49,6 +50,7 @@ class Peer(Outbound, Inbound):
         self.out: dict[str, OutTopic] = {}
         self.out_by_id: dict[int, OutTopic] = {}  # the same topics by link id (credit)
         self.out_ids: dict[str, int] = {}  # topic -> its id on links to this peer, kept
+        self.unacked: dict[str, int] = {}  # topic -> sent, not credited, cursor freed
         self.classes: list[OutClass | None] = [None, None, None]  # per priority
         self.in_topics: dict[int, InTopic] = {}
         self.received: dict[str, int] = {}  # topic -> messages received from this instance
@@ -91,6 +93,12 @@ class Peer(Outbound, Inbound):
             self.mark_gaps(f"peer {name} restarted; messages it held are lost")
             self.close_outbound()
             self.patterns.clear()
+            # What the last instance had not credited may not have reached
+            # its ring: the new one hears of it first (resume), as a gap.
+            resume = self.unacked
+        else:
+            resume = {}
+        self.unacked = {}
         self.node, self.name, self.boot_id = node, name, boot
         self.link = link
         self.state = "up"
@@ -112,7 +120,6 @@ class Peer(Outbound, Inbound):
         # A fresh epoch: credit and sequences start again, topics are
         # re-announced, and the peer hears what we sent on the last link
         # (first, in order with the data).
-        resume = {}
         self.disarm()
         for t in self.out.values():
             resume[t.name] = t.sent
@@ -144,7 +151,8 @@ class Peer(Outbound, Inbound):
     def on_resume(self, sent: dict) -> None:
         """What the peer sent of each topic on the last link. Less arrived
         here (lost in flight, or waiting for ring space when the link
-        broke), or a topic it no longer lists (its cursor was freed while
+        broke; none at all, or this daemon is a successor that cannot
+        know), or a topic it no longer lists (its cursor was freed while
         the link was down): a gap."""
         lost = {}
         for name, got in list(self.received.items()):
@@ -153,6 +161,9 @@ class Peer(Outbound, Inbound):
                 lost[name] = "messages published while the link was down were not forwarded"
             elif count > got:
                 lost[name] = f"{count - got} message(s) lost with a broken link"
+        for name, count in sent.items():
+            if name not in self.received and count > 0:
+                lost[name] = f"{count} message(s) sent on a broken link may not have arrived"
         for name, reason in lost.items():
             self.mark_gaps(reason, [name])
         self.received.clear()

@@ -114,6 +114,7 @@ OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "node": (_STR, False),
         "name": (_STR, False),
         "boot_id": (_STR, False),
+        "origin": (_STR, False),
         "transport": (_STR, False),
         "ucx_address": (_BYTES, False),
         "ucx_tag": (_INT, False),

@@ -33,6 +33,7 @@ from tensorbus.clients._shared import (
 from tensorbus.clients.aio_local import AsyncPublisher, AsyncSubscriber
 from tensorbus.clients.aio_remote import (
     AsyncLightLink,
+    AsyncRedialer,
     AsyncRemotePublisher,
     AsyncRemoteSubscriber,
 )
@@ -147,6 +148,7 @@ class AsyncClient:
         self._closing = False
         self._curve = curve_client(curve_server_key)
         self._heartbeat: asyncio.Task | None = None
+        self._redial: AsyncRedialer | None = None
         self._open_socket()
         # The broker's process, watched on the loop (clients/reconnect.py):
         # ``_death`` resolves when it dies, ``_recovery`` finds its successor.
@@ -187,15 +189,9 @@ class AsyncClient:
         if self.local:
             self._maps = Mappings(hello, self.max_holds, self.spin_us)
             self._watch_broker(hello.get("broker_pid"))
-        else:
-            period = float(hello.get("heartbeat_s", 2.0))
-            self._heartbeat = asyncio.get_running_loop().create_task(self._beat(period))
-
-    async def _beat(self, period: float) -> None:
-        while True:
-            await asyncio.sleep(period)
-            with contextlib.suppress(Exception):
-                await self._request("heartbeat")
+        else:  # tcp: heartbeats, and a new session if the broker is lost
+            self._redial = AsyncRedialer(self, float(hello.get("heartbeat_s", 2.0)))
+            self._heartbeat = self._redial.task
 
     async def _read_loop(self) -> None:
         while True:

@@ -52,6 +52,7 @@ from tensorbus.clients.reconnect import (
     reconnect_budget,
     shut_down,
 )
+from tensorbus.clients.redial import Redialer
 from tensorbus.clients.remote import LightLink, RemotePublisher, RemoteSubscriber
 from tensorbus.clients.reqrep import (
     DEFAULT_GROUP,
@@ -155,7 +156,7 @@ class Client:
         self._curve = curve_client(curve_server_key)
         self._sock = self._new_socket()
         self._link: LightLink | None = None
-        self._heartbeat_thread = None
+        self._redial: Redialer | None = None  # tcp: heartbeats and redials
         self._token = token or os.environ.get("TENSORBUS_TOKEN")
         # The broker's process, watched for its death (clients/reconnect.py);
         # what a dead broker left this client with, raised by every call.
@@ -216,7 +217,10 @@ class Client:
         """Send one request and wait for its reply; notices that arrive
         meanwhile are dispatched to their subscribers (clients/channel.py).
         If the broker dies meanwhile, resume with its successor, then send
-        the request again if that is safe (clients/reconnect.py)."""
+        the request again if that is safe (clients/reconnect.py; over tcp,
+        a new session: clients/redial.py)."""
+        if self._redial is not None:
+            return self._redial.request(op, fields)
         if not self._lock.acquire(timeout=self.timeout):
             raise BrokerUnavailable(
                 f"{op!r} waited {self.timeout:g} s for this client to resume its session "
@@ -361,20 +365,9 @@ class Client:
             self._lock.release()
 
     def _start_heartbeats(self, period: float) -> None:
-        stop = threading.Event()
-
-        def beat() -> None:
-            while not stop.wait(period):
-                try:
-                    self._request("heartbeat")
-                except Exception:
-                    return
-
-        self._heartbeat_stop = stop
-        self._heartbeat_thread = threading.Thread(
-            target=beat, name="tensorbus-heartbeat", daemon=True
-        )
-        self._heartbeat_thread.start()
+        """A tcp client's keeper: heartbeats every ``period`` seconds, and a
+        new session and link if the broker is lost (clients/redial.py)."""
+        self._redial = Redialer(self, period)
 
     # -- the public API ----------------------------------------------------
 
@@ -537,8 +530,8 @@ class Client:
             sub.close()
         for pub in list(self._publishers):
             pub.close()
-        if self._heartbeat_thread is not None:
-            self._heartbeat_stop.set()
+        if self._redial is not None:
+            self._redial.stop()
         if self._link is not None:
             with self._lock:
                 self._link.close()

@@ -8,14 +8,21 @@ its rings and forwards the topics the client subscribed to, under the same
 per-topic credit as a link between daemons. Made for dashboards, notebooks
 and laptops; trainers on a daemon's host use its shared memory instead.
 
-Everything here runs in the caller's thread, under the client's lock: a
+Everything here runs in the caller's thread, under the link's lock: a
 ``send`` that waits for credit, or a ``recv`` that waits for a message,
-reads the link socket meanwhile.
+reads the link socket meanwhile. The control connection has the client's
+own lock, so heartbeats never wait behind a receive.
+
+When the broker dies, the link dies with it: the client redials, attaches
+a new link to the same :class:`LightLink` and says again what it
+publishes and reads (clients/redial.py); what the old link had in flight
+is lost, and each reliable subscriber hears of it as GapError.
 """
 
 from __future__ import annotations
 
 import collections
+import threading
 import time
 
 import numpy as np
@@ -37,6 +44,7 @@ from tensorbus.clients.errors import (
 
 __all__ = [
     "LightLink",
+    "check_alive",
     "RemoteInlet",
     "RemoteMessage",
     "RemoteOutlet",
@@ -46,6 +54,7 @@ __all__ = [
 
 BATCH_BYTES = 64 << 10
 CHUNK_BYTES = 2 << 20
+LINK_CLOSED = "the broker closed this client's link"
 
 
 class RemoteMessage:
@@ -64,6 +73,11 @@ class RemoteMessage:
         self.meta = entry.meta
         self._data = data
         self.timestamp_ns = 0  # the origin's clock is not carried
+
+    @classmethod
+    def gap(cls, topic: str, marker: bytes) -> RemoteMessage:
+        """A gap marker of this client's own making (a lost link)."""
+        return cls(topic, W.Entry(W.BYTES, FLAG_GAP, 0, 0, len(marker)), marker)
 
     @property
     def data(self):
@@ -109,38 +123,64 @@ class RemoteMessage:
 
 
 class LightLink:
-    """One client's link to its remote broker."""
+    """One client's link to its remote broker; outlives the broker: a
+    successor's link is attached to the same object (clients/redial.py)."""
 
-    def __init__(self, client, reply: dict, curve, sock=None):
-        """``sock``: a DEALER to use (the asyncio client's shadow of its own
-        socket); default a new one. Every call here is non-blocking but
-        :meth:`pump` with a timeout."""
+    def __init__(self, client, reply: dict, curve):
+        """Every call here is non-blocking but :meth:`pump` with a timeout."""
         self.client = client
-        self.sock = sock if sock is not None else zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 0)
-        if curve is not None:
-            curve(self.sock)
-        self.sock.connect(reply["endpoint"])
-        self._control("attach", link=reply["link"], secret=reply["secret"])
+        self.curve = curve
         self.out_ids = 0
-        self.out: dict[str, list] = {}  # topic -> [id, credit msgs, credit bytes, seq]
+        self.out: dict[str, list] = {}  # topic -> [id, credit msgs, credit bytes, seq, info]
         self.out_by_id: dict[int, list] = {}  # the same states by id (credit)
         self.in_topics: dict[int, str] = {}
+        self.in_reliable: set[str] = set()  # announced topics whose loss is a gap
         self.subs: list[RemoteSubscriber] = []
         self.grants: dict[int, list] = {}
         self.expect: collections.deque = collections.deque()  # [entry, body, bytes got]
         self.denied: dict[str, str] = {}  # pattern the broker refused -> its sentence
+        self.broken: str | None = None  # why the link is down, until a new one is attached
+        self.lock = threading.RLock()  # the sync client's threads share the link
+        self.sock = None
+        self._attach(reply)
+
+    def _new_socket(self) -> zmq.Socket:
+        """The DEALER the link speaks on (the asyncio link: a shadow of its own)."""
+        return zmq.Context.instance().socket(zmq.DEALER)
+
+    def _close_socket(self) -> None:
+        self.sock.close(0)
+
+    def _attach(self, reply: dict) -> None:
+        self.sock = self._new_socket()
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        if self.curve is not None:
+            self.curve(self.sock)
+        self.sock.connect(reply["endpoint"])
+        self._control("attach", link=reply["link"], secret=reply["secret"])
 
     def _control(self, kind: str, **fields) -> None:
         self.sock.send_multipart([W.CONTROL, W.encode_control(kind, **fields)])
 
     def close(self) -> None:
-        try:
-            self._control("bye")
-        finally:
-            self.sock.close(0)
+        with self.lock:
+            try:
+                self._control("bye")
+            finally:
+                self._close_socket()
+
+    # -- a broker's death (clients/redial.py relinks) -------------------------
+
+    def _lost_link(self, why: str) -> None:
+        """The broker closed the link: redial if this client may, else raise."""
+        redial = getattr(self.client, "_redial", None)
+        if redial is not None:
+            redial.lose(why)
+            if redial.budget:
+                return
+        raise BrokerUnavailable(why, "unavailable")
 
     # -- receiving ---------------------------------------------------------
 
@@ -172,10 +212,12 @@ class LightLink:
                         state[2] += nbytes
             elif what == "topic":
                 self.in_topics[f["id"]] = f["name"]
+                if f.get("qos") == "reliable":
+                    self.in_reliable.add(f["name"])
             elif what == "denied":  # a subscription's user may not read its pattern
                 self.denied[f["topic"]] = f["error"]
             elif what == "bye":
-                raise BrokerUnavailable("the broker closed this client's link", "unavailable")
+                self._lost_link(LINK_CLOSED)
             return
         if kind == W.BODY_CHUNK:
             if not self.expect or self.expect[0][0].kind != W.BODY:
@@ -234,22 +276,28 @@ class LightLink:
         state = self.out.get(info["name"])
         if state is None:
             self.out_ids += 1
-            state = [self.out_ids, W.INITIAL_WINDOW_MSGS, W.INITIAL_WINDOW_BYTES, 0]
+            state = [self.out_ids, W.INITIAL_WINDOW_MSGS, W.INITIAL_WINDOW_BYTES, 0, info]
             self.out[info["name"]] = self.out_by_id[state[0]] = state
-            self._control(
-                "topic",
-                id=state[0],
-                name=info["name"],
-                qos=info["qos"],
-                capacity=info["capacity"],
-                slot_size=info["slot_size"],
-            )
+            self._announce(info["name"], state)
         return state
+
+    def _announce(self, name: str, state: list) -> None:
+        info = state[4]
+        self._control(
+            "topic",
+            id=state[0],
+            name=name,
+            qos=info["qos"],
+            capacity=info["capacity"],
+            slot_size=info["slot_size"],
+        )
 
     def try_send(self, state: list, entry: tuple, body) -> int | None:
         """Send one described message if the broker's credit allows; None
         if not (yet). Reads the link first when out of credit."""
         nbytes = entry[4]
+        if self.broken is not None:
+            return None  # nowhere to send it until a new link is up
         if state[1] <= 0 or state[2] <= 0:
             self.pump(0)  # grants may be waiting
             if state[1] <= 0 or state[2] <= 0:
@@ -268,6 +316,18 @@ class LightLink:
             for at in range(0, len(body), CHUNK_BYTES):
                 self.sock.send_multipart([W.BODY_CHUNK, body[at : at + CHUNK_BYTES]])
         return seq
+
+
+def check_alive(client) -> None:
+    """Raise what a lost broker left this client with, if anything (no
+    successor within the ``reconnect`` budget, or reconnect off)."""
+    lost = getattr(client, "_lost", None)
+    if lost is not None:
+        raise lost
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
 
 
 def _describe(state: list, data, meta):
@@ -334,7 +394,12 @@ class RemoteOutlet:
                 self.published += 1
         return seq
 
-    def _no_credit(self, timeout: float) -> BackpressureError:
+    def _unsent(self, timeout: float) -> BackpressureError:
+        if self._link.broken is not None:
+            return BackpressureError(
+                f"not sent within {timeout:g} s: the link to the broker at "
+                f"{self.client.url} is down ({self._link.broken}) and being redialed"
+            )
         return BackpressureError(
             f"no credit from the broker within {timeout:g} s: a subscriber "
             f"of {self.topic!r} is behind"
@@ -348,7 +413,7 @@ class RemotePublisher(RemoteOutlet):
     """A publisher on a remote broker's topic (see :class:`tensorbus.Publisher`)."""
 
     def __init__(self, client, link: LightLink, info: dict, timeout: float):
-        with client._lock:
+        with link.lock:
             super().__init__(client, link, info, timeout)
 
     def send(self, data, *, timeout: float | None = None, meta: bytes | None = None) -> int:
@@ -359,18 +424,27 @@ class RemotePublisher(RemoteOutlet):
         entry, body = self._describe(data, meta)
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
+        lock = self._link.lock
         while True:
-            # The lock is taken per attempt, so the heartbeat thread and
-            # receivers get their turn while this waits for credit.
-            with self.client._lock:
+            # The lock is taken per attempt, so receivers get their turn
+            # while this waits for credit.
+            if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise self._unsent(timeout)
+            try:
                 self.client._check()
+                check_alive(self.client)
                 seq = self._attempt(entry, body)
                 if seq is not None:
                     return seq
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise self._no_credit(timeout)
-                self._link.pump(min(left, 0.01))
+                    raise self._unsent(timeout)
+                if self._link.broken is None:
+                    self._link.pump(min(left, 0.01))
+            finally:
+                lock.release()
+            if self._link.broken is not None:
+                time.sleep(min(left, 0.01))
 
     def close(self) -> None:
         self._closed = True
@@ -456,28 +530,38 @@ class RemoteSubscriber(RemoteInlet, Endpoint):
     """Receives a remote broker's topics matching a pattern (see
     :class:`tensorbus.Subscriber`)."""
 
+    def __init__(self, client, link: LightLink, pattern: str):
+        with link.lock:
+            super().__init__(client, link, pattern)
+
     def recv(self, timeout: float | None = None) -> RemoteMessage:
         """The next message; ReceiveTimeout after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        lock = self._link.lock
         while True:
             if self._closed:
                 raise ClientClosed("the subscriber is closed")
-            with self.client._lock:
+            if not lock.acquire(timeout=-1 if deadline is None else _left(deadline)):
+                raise self._timed_out(timeout)
+            try:
                 self.client._check()
                 self._raise_if_denied()
                 if self.queue:
                     return self._pop_one()
+                check_alive(self.client)
                 left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
                 if self._link.pump(max(0.0, left)) or left > 0:
                     continue
-                raise self._timed_out(timeout)
+            finally:
+                lock.release()
+            raise self._timed_out(timeout)
 
     def _more(self, max_n: int) -> list:
-        with self.client._lock:
+        with self._link.lock:
             return self._pop_more(max_n)
 
     def close(self) -> None:
         if self._closed:
             return
-        with self.client._lock:
+        with self._link.lock:
             self._leave()
