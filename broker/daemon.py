@@ -309,6 +309,8 @@ class Broker(Lineage):
         """Send to one client. A ROUTER never blocks on send (it drops for a
         peer that is gone or over its high-water mark), so no await."""
         sock, identity = key
+        if not isinstance(sock, zmq.Socket):
+            return  # an orphan taken over from a dead daemon: no connection yet
         with contextlib.suppress(zmq.ZMQError):
             sock.send_multipart([identity, payload], zmq.NOBLOCK)
 

@@ -35,6 +35,7 @@ def test_a_client_that_gave_up_on_its_broker_still_closes(daemon_factory):
         client.topics()
     client.close()  # raised BrokenPipeError: nobody read the watcher's wake-up pipe
     assert client.closed
+    daemon_factory()  # takes the dead one's segments over, and removes them when stopped
 
 
 def _dealer(url) -> zmq.Socket:

@@ -155,11 +155,18 @@ def test_a_state_that_cannot_be_taken_over_closes_its_rings_as_restarted(daemon_
 def test_reconnect_off_gives_the_old_error(daemon_factory):
     first = daemon_factory()
     c = tensorbus.connect(first.url, spin_us=0, reconnect=False)
+    c.publisher("off/t")
     kill(first)
-    daemon_factory()
+    second = daemon_factory()
     with pytest.raises(tensorbus.BrokerUnavailable, match="reconnect=0"):
         c.stats()
+    # Its session stays an orphan in the successor, which still stops cleanly:
+    # every segment and marker of both instances, and the state, are gone.
+    assert second.stop() == 0
     c.close()
+    left = [n for n in os.listdir("/dev/shm") if f"-{first.instance}-" in n]
+    assert not left + [n for n in os.listdir("/dev/shm") if f"-{second.instance}-" in n]
+    assert not os.path.exists(state_path(second.ipc_path))
 
 
 def test_a_call_in_flight_is_retried_only_if_idempotent(daemon_factory):
