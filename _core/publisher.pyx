@@ -49,6 +49,7 @@ from tensorbus._core.layout cimport (
     tb_tensor_desc_t,
 )
 from tensorbus._core.arena cimport Loan
+from tensorbus._core.wait cimport timeout_to_ns
 from tensorbus._core.ring cimport (
     NOGIL_COPY_BYTES,
     TB_ST_CLOSED,
@@ -63,7 +64,6 @@ from tensorbus._core.ring cimport (
     tb_ring_t,
     tb_ring_wait_t,
     tb_slowest_cursor,
-    timeout_to_ns,
 )
 
 import numpy as _np

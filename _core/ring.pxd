@@ -78,11 +78,9 @@ cdef extern from "tb_ring.h" nogil:
     int tb_ring_pad_claim(tb_ring_t *v, int64_t seq)
 
 
-# None -> -1 (no limit); seconds -> ns; TypeError/ValueError with a sentence.
 cdef enum:
     NOGIL_COPY_BYTES = 16384  # below this, dropping the GIL costs more than the copy
 
-cdef int64_t timeout_to_ns(object timeout) except -2
 
 
 cdef inline void nap_ms(long ms) noexcept nogil:

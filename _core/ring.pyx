@@ -19,7 +19,6 @@ wedge a ring. See docs/ring.md for the whole protocol; tb_ring.h has its C,
 which this module, publisher.pyx and subscriber.pyx wrap.
 """
 
-import math
 import os
 
 cimport cython
@@ -101,23 +100,6 @@ MAX_SLOT_SIZE = TB_MAX_SLOT_SIZE
 # link; subscribers raise GapError with its msgpack body.
 FLAG_BRIDGED = TB_SLOT_BRIDGED
 FLAG_GAP = TB_SLOT_GAP
-
-
-cdef int64_t timeout_to_ns(object timeout) except -2:
-    """None -> -1 (no limit); seconds -> ns; a clear error for anything else.
-    Shared with the publisher, the subscriber and the ring set (ring.pxd)."""
-    if timeout is None:
-        return -1
-    cdef double t
-    try:
-        t = float(timeout)
-    except (TypeError, ValueError):
-        raise TypeError(f"timeout must be a number of seconds or None, not {timeout!r}")
-    if math.isnan(t) or t < 0:
-        raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
-    if math.isinf(t):
-        return -1
-    return <int64_t>(t * 1e9)
 
 
 # ---------------------------------------------------------------------------
@@ -418,14 +400,10 @@ cdef class Ring:
         if seg.size < TB_HEADER_BYTES or load_magic(h) != TB_RING_MAGIC:
             seg.close()
             return False
-        if h.version != TB_RING_VERSION:
-            tb_store_rel32(&h.closed, TB_CLOSED_RESTARTED)  # sleepers see it at their next slice
-            seg.close()
-            return True
         try:
-            _check_header(name, h, seg.size)
+            _check_header(name, h, seg.size)  # another version included
         except LayoutMismatchError:
-            tb_store_rel32(&h.closed, TB_CLOSED_RESTARTED)
+            tb_store_rel32(&h.closed, TB_CLOSED_RESTARTED)  # sleepers see it at their next slice
             seg.close()
             return True
         ring = Ring._open(seg, 0, bells, None, None, None)

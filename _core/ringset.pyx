@@ -57,10 +57,9 @@ from tensorbus._core.ring cimport (
     tb_ring_advance,
     tb_ring_poll,
     tb_ring_still_there,
-    timeout_to_ns,
 )
 from tensorbus._core.subscriber cimport Subscriber
-from tensorbus._core.wait cimport Waiter
+from tensorbus._core.wait cimport Waiter, timeout_to_ns
 
 
 from tensorbus._core.errors import (

@@ -48,6 +48,7 @@ from tensorbus._core.layout cimport (
     tb_cursor_t,
     tb_slot_header_t,
 )
+from tensorbus._core.wait cimport timeout_to_ns
 from tensorbus._core.ring cimport (
     NOGIL_COPY_BYTES,
     TB_ST_CLOSED,
@@ -64,7 +65,6 @@ from tensorbus._core.ring cimport (
     tb_ring_t,
     tb_ring_wait_t,
     tb_ring_wake_publishers,
-    timeout_to_ns,
 )
 
 from tensorbus._core.errors import (

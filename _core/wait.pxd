@@ -35,3 +35,7 @@ cdef class Waiter:
 
     cdef bint wait(self, ready_fn ready, void *ctx, uint32_t *bell_seq, uint32_t *bell_sleeping,
                    uint32_t **ring_sleepers, int n_rings, int64_t timeout_ns) noexcept nogil
+
+
+# None -> -1 (no limit); seconds -> ns; TypeError/ValueError with a sentence.
+cdef int64_t timeout_to_ns(object timeout) except -2

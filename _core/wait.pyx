@@ -6,6 +6,7 @@ message in ~1 us, so waiters spin first. But spinning processes starve each
 other when they outnumber cores, so a spin is time-bounded, registered in a
 host-wide table, and skipped when ``cores - 1`` others already spin."""
 
+import math
 import os
 
 from libc.stdint cimport int64_t, uint32_t
@@ -202,3 +203,20 @@ cdef class Waiter:
             tb_fetch_sub32(bell_sleeping, 1)
             if ok or ready(ctx):
                 return True
+
+
+cdef int64_t timeout_to_ns(object timeout) except -2:
+    """None -> -1 (no limit); seconds -> ns; a clear error for anything else.
+    Shared with the publisher, the subscriber and the ring set (wait.pxd)."""
+    if timeout is None:
+        return -1
+    cdef double t
+    try:
+        t = float(timeout)
+    except (TypeError, ValueError):
+        raise TypeError(f"timeout must be a number of seconds or None, not {timeout!r}")
+    if math.isnan(t) or t < 0:
+        raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
+    if math.isinf(t):
+        return -1
+    return <int64_t>(t * 1e9)

@@ -182,13 +182,9 @@ class Registry:
         self.free_holders = list(range(MAX_HOLDERS, 0, -1))
         self.bridge_session = Session(("bridge", 0), "internal", "bridge", os.getpid())
         self.bridge_subs: set[Subscription] = set()
-        self.counters = {
-            "requests": 0,
-            "errors": 0,
-            "clients_lost": 0,
-            "evictions": 0,
-            "takeovers": 0,  # of this socket's state by a successor, so far (broker/state.py)
-        }
+        # takeovers: of this socket's state by a successor, so far (broker/state.py)
+        counters = ("requests", "errors", "clients_lost", "evictions", "takeovers")
+        self.counters = dict.fromkeys(counters, 0)
 
     # -- sessions ----------------------------------------------------------
 
