@@ -52,6 +52,7 @@ CORE_MODULES = (
     "message",
     "ringset",
     "offsets",
+    "link_codec",
 )
 extensions = [core_extension(n) for n in CORE_MODULES]
 

@@ -2,6 +2,12 @@
 local rings with the bridge's own publishers; what does not fit waits in a
 per-topic backlog (so credit is returned only for what is in the ring), and
 lost messages become gap markers that reliable subscribers raise GapError on.
+
+A batch is published by the core in one call (``publish_batch``); Python
+handles only what it stops at. Credit goes back when a topic's grant
+reaches a quarter of its window, or CREDIT_DELAY_S after the first grant
+waiting: a steady stream never waits for credit, and a lone message costs
+no credit message of its own.
 """
 
 from __future__ import annotations
@@ -15,12 +21,25 @@ import numpy as np
 
 from tensorbus._core import FLAG_BRIDGED, FLAG_GAP, BackpressureError, TensorbusError
 from tensorbus._core import tensors as _tensors
+from tensorbus._core.link_codec import BatchWriter, InState
 from tensorbus.broker import peer_wire as W
 from tensorbus.broker.flow_out import APP_FLAGS, BATCH_BYTES
 
-__all__ = ["InTopic", "Inbound", "Pending"]
+__all__ = ["CREDIT_DELAY_S", "InTopic", "Inbound", "Pending", "batch_writer"]
 
 log = logging.getLogger("tensorbus.bridge")
+
+# Credit is returned at once from a quarter of the window on, else after this.
+CREDIT_EAGER_MSGS = W.INITIAL_WINDOW_MSGS // 4
+CREDIT_EAGER_BYTES = W.INITIAL_WINDOW_BYTES // 4
+CREDIT_DELAY_S = 0.002
+
+
+def batch_writer(kind: str) -> BatchWriter:
+    """The core's batch writer for a link to a ``kind`` party: what a peer
+    daemon sends is marked bridged (never forwarded again); what a light
+    client sends is forwarded like anything published here."""
+    return BatchWriter(APP_FLAGS, FLAG_BRIDGED if kind == "peer" else 0)
 
 
 class Pending(NamedTuple):
@@ -32,17 +51,17 @@ class Pending(NamedTuple):
     loaned: bool
 
 
-class InTopic:
-    """A topic that arrives on one peer's link, published into the local ring."""
+class InTopic(InState):
+    """A topic that arrives on one peer's link, published into the local
+    ring. Its id, publisher and backlog live in the core's InState, which
+    the batch writer reads."""
 
-    __slots__ = ("id", "name", "qos", "pub", "backlog")
+    __slots__ = ("name", "qos")
 
     def __init__(self, tid: int, name: str, qos: str, pub):
-        self.id = tid
+        super().__init__(tid, pub, collections.deque())
         self.name = name
         self.qos = qos
-        self.pub = pub
-        self.backlog: collections.deque = collections.deque()
 
 
 class Inbound:
@@ -91,6 +110,24 @@ class Inbound:
             return t.pub.loan((entry.nbytes,), "uint8", timeout=0)
         except (BackpressureError, TensorbusError):
             return None
+
+    def publish_batch(self, frame, at: int = 0) -> int:
+        """Publish batch ``frame`` from byte ``at`` into the local rings in
+        one core call; where it stopped (the rest is for ``deliver``)."""
+        at = self.writer.publish(frame, at, self.in_topics)
+        touched = self.writer.touched
+        if touched:
+            for t in touched:
+                msgs, nbytes = t.fresh_msgs, t.fresh_bytes
+                t.fresh_msgs = t.fresh_bytes = 0
+                self.counters["received"] += msgs
+                self.counters["received_bytes"] += nbytes
+                self.received[t.name] = self.received.get(t.name, 0) + msgs
+                grant = self.grants.setdefault(t.id, [0, 0])
+                grant[0] += msgs
+                grant[1] += nbytes
+            touched.clear()
+        return at
 
     def deliver(self, entry: W.Entry, body=None, loaned: bool = False) -> None:
         """Publish one arrived message into its local ring (or queue it
@@ -194,10 +231,33 @@ class Inbound:
         self.flush_grants()
         return bool(self.backlogged)
 
-    def flush_grants(self) -> None:
-        if self.grants and self.link is not None and self.link.up:
-            grants = [[tid, m, b] for tid, (m, b) in self.grants.items()]
+    def flush_grants(self, now: bool = False) -> None:
+        """Return the credit of what reached the rings: at once if ``now``
+        or a topic's grant is a quarter of its window, else soon."""
+        grants = self.grants
+        if not grants:
+            return
+        if not now and all(
+            m < CREDIT_EAGER_MSGS and b < CREDIT_EAGER_BYTES for m, b in grants.values()
+        ):
+            if self.grant_timer is None:
+                self.grant_timer = self.bridge.loop.call_later(
+                    CREDIT_DELAY_S, self.flush_grants, True
+                )
+            return
+        if self.grant_timer is not None:
+            self.grant_timer.cancel()
+            self.grant_timer = None
+        if self.link is not None and self.link.up:
+            grants = [[tid, m, b] for tid, (m, b) in grants.items()]
             self.link.send_control(W.encode_control("credit", grants=grants))
+        self.grants.clear()
+
+    def drop_grants(self) -> None:
+        """A new link epoch: the last one's topic ids and credit are void."""
+        if self.grant_timer is not None:
+            self.grant_timer.cancel()
+            self.grant_timer = None
         self.grants.clear()
 
     def mark_gaps(self, reason: str, names=None) -> None:

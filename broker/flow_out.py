@@ -28,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tensorbus._core import FLAG_BRIDGED, FLAG_GAP, RingSet, Subscriber, TensorbusError
+from tensorbus._core.link_codec import EMPTY, FULL, PARK, BatchReader, OutState
 from tensorbus.broker import peer_wire as W
 from tensorbus.broker.link import INFLIGHT_BYTES
 from tensorbus.broker.topics import (
@@ -45,6 +46,7 @@ __all__ = [
     "OutClass",
     "OutTopic",
     "Outbound",
+    "batch_reader",
     "priority_of",
 ]
 
@@ -72,35 +74,30 @@ def priority_of(name: str, table=DEFAULT_PRIORITIES) -> int:
     return DEFAULT_PRIORITY
 
 
-class OutTopic:
-    """A local topic forwarded on one peer's link."""
+class OutTopic(OutState):
+    """A local topic forwarded on one peer's link. Its id, sequence
+    (``sent``), credit and ``announced`` live in the core's OutState, where
+    the batch reader updates them."""
 
-    __slots__ = (
-        "newest",
-        "name",
-        "id",
-        "qos",
-        "prio",
-        "sub",
-        "credit_msgs",
-        "credit_bytes",
-        "parked",
-        "sent",
-        "announced",
-    )
+    __slots__ = ("newest", "name", "qos", "prio", "sub", "parked")
 
     def __init__(self, name: str, tid: int, qos: str, prio: int, sub: Subscriber):
+        super().__init__(tid, qos == "reliable", W.INITIAL_WINDOW_MSGS, W.INITIAL_WINDOW_BYTES)
         self.name = name
-        self.id = tid
         self.qos = qos
         self.prio = prio
         self.sub = sub
-        self.credit_msgs = W.INITIAL_WINDOW_MSGS
-        self.credit_bytes = W.INITIAL_WINDOW_BYTES
         self.parked = False
-        self.sent = 0  # sequence of the next message on this link epoch
-        self.announced = False
         self.newest = None  # realtime out of credit: the newest message, sent on credit
+
+
+def batch_reader(kind: str) -> BatchReader:
+    """The core's batch reader for a link to a ``kind`` party: a peer daemon
+    never gets back what came from another host (bridged messages, gap
+    markers); a light client gets gap markers."""
+    if kind == "peer":
+        return BatchReader(APP_FLAGS, FLAG_BRIDGED | FLAG_GAP, BATCH_BYTES)
+    return BatchReader(APP_FLAGS | FLAG_GAP, 0, BATCH_BYTES)
 
 
 class OutClass(NamedTuple):
@@ -248,11 +245,15 @@ class Outbound:
             self.armed = False
 
     def _pump(self) -> None:
+        """Send what the rings hold: the core reads whole batches, Python
+        sees only the messages it stops at (bodies, announcements, parking,
+        realtime topics out of credit)."""
         self.disarm()
         link = self.link
         if link is None or not link.up or self.classes[0] is None:
             return
         budget = INFLIGHT_BYTES[link.transport]
+        reader = self.reader
         while True:
             batch = bytearray()
             bodies: list = []
@@ -271,23 +272,37 @@ class Outbound:
                     if link.inflight() >= budget:
                         budget_hit = True
                         break
+                    why = reader.take(rings, self.out, batch, BATCH_BYTES)
+                    if why == EMPTY:
+                        break
+                    if why == FULL:
+                        link.send_data(batch, bodies)
+                        batch, bodies = bytearray(), []
+                        continue
+                    if why == PARK:
+                        self._park(self.out.get(reader.stopped))
+                        continue
+                    # SLOW: the message the reader stopped at, through Python.
                     try:
-                        msgs = rings.take(TAKE)
+                        msgs = rings.take(1)
                     except TensorbusError as exc:  # a cursor the broker took back
                         log.warning("peer %s: bridge read failed: %s", self.name, exc)
                         self.counters["bad"] += 1
                         msgs = []
                     if not msgs:
                         break
-                    for m in msgs:
-                        self._encode_one(m, batch, bodies)
-                        if len(batch) >= BATCH_BYTES or bodies:
-                            link.send_data(batch, bodies)
-                            batch, bodies = bytearray(), []
+                    self._encode_one(msgs[0], batch, bodies)
+                    if len(batch) >= BATCH_BYTES or bodies:
+                        link.send_data(batch, bodies)
+                        batch, bodies = bytearray(), []
                 if budget_hit:
                     break
             if batch or bodies:
                 link.send_data(batch, bodies)
+            if reader.msgs:
+                self.counters["sent"] += reader.msgs
+                self.counters["sent_bytes"] += reader.nbytes
+                reader.reset_counts()
             if budget_hit or link.flush():
                 # Chunks wait for the transport to drain: look again shortly.
                 asyncio.get_running_loop().call_later(0.0005, self.kick)
@@ -297,6 +312,13 @@ class Outbound:
             if all(entry.rings.arm() for entry in self.classes):
                 return
             self.disarm()  # something arrived while arming: go again
+
+    def _park(self, t: OutTopic | None) -> None:
+        """A reliable topic out of credit: its cursor stalls (backpressure
+        upstream) until credit returns."""
+        if t is not None and not t.parked:
+            self.classes[t.prio].rings.remove(t.name)
+            t.parked = True
 
     def _encode_one(self, m, batch: bytearray, bodies: list) -> None:
         try:
@@ -346,9 +368,8 @@ class Outbound:
             batch += inline
         if body is not None:
             bodies.append(body)
-        if t.qos == "reliable" and (t.credit_msgs <= 0 or t.credit_bytes <= 0) and not t.parked:
-            self.classes[t.prio].rings.remove(t.name)  # its cursor stalls: backpressure upstream
-            t.parked = True
+        if t.qos == "reliable" and (t.credit_msgs <= 0 or t.credit_bytes <= 0):
+            self._park(t)
 
     def on_credit(self, grants: list) -> None:
         self.disarm()

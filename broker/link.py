@@ -134,20 +134,20 @@ class Link:
         to ZeroMQ only while less than INFLIGHT_BYTES is queued there, so a
         heartbeat, a credit or a control topic never waits behind a whole
         large tensor (ZeroMQ's queue and TCP are first in, first out)."""
+        self.peer.counters["batches"] += 1
         if self.ucx is not None:
             self.ucx.send(bytes(batch), bodies)
             return
         try:
-            tracker = self.sock.send_multipart(
-                self._frames([W.DATA, bytes(batch)]), zmq.NOBLOCK, copy=False, track=True
-            )
+            # A batch is at most about BATCH_BYTES and credit bounds how many
+            # wait in ZeroMQ: copied, not tracked (a tracker costs more than
+            # the copy). Only body chunks count against the in-flight budget.
+            self.sock.send_multipart(self._frames([W.DATA, batch]), zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             self.down(f"send failed: {exc}")
             if self.watch is not None:
                 self.watch.poke()  # a failed send may have taken a waiting message's edge
             return
-        self.trackers.append((tracker, len(batch)))  # batches count against the budget too
-        self.queued += len(batch)
         if self.watch is not None:
             self.watch.poke()
         for body in bodies:
@@ -199,10 +199,14 @@ class Link:
                 drain(sock)
                 self.bridge.on_control(self, body)
             elif kind == W.DATA:
-                batch = sock.recv(copy=False)
+                frame = sock.recv(copy=False).buffer
                 drain(sock)
-                for entry in W.decode_batch(batch.buffer):
-                    self.expect.append(Expected(entry))
+                # The core publishes what it can in one call, unless a body
+                # holds earlier entries back; Python takes the rest in order.
+                at = 0 if self.expect else self.peer.publish_batch(frame)
+                if at < len(frame):
+                    for entry in W.decode_batch(frame[at:]):
+                        self.expect.append(Expected(entry))
                 self._advance()
             elif kind == W.BODY_CHUNK:
                 self._on_chunk(sock)

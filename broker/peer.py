@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 from tensorbus.broker import peer_wire as W
 from tensorbus.broker.access import denied
-from tensorbus.broker.flow_in import Inbound, InTopic
-from tensorbus.broker.flow_out import Outbound, OutClass, OutTopic
+from tensorbus.broker.flow_in import Inbound, InTopic, batch_writer
+from tensorbus.broker.flow_out import Outbound, OutClass, OutTopic, batch_reader
 from tensorbus.broker.link import Link
 from tensorbus.broker.soon import Soon
 
@@ -54,7 +54,10 @@ class Peer(Outbound, Inbound):
         self.classes: list[OutClass | None] = [None, None, None]  # per priority
         self.in_topics: dict[int, InTopic] = {}
         self.received: dict[str, int] = {}  # topic -> messages received from this instance
-        self.grants: dict[int, list] = {}
+        self.grants: dict[int, list] = {}  # topic id -> [messages, bytes] to credit
+        self.grant_timer: asyncio.TimerHandle | None = None
+        self.reader = batch_reader(kind)  # the core's outbound batch codec
+        self.writer = batch_writer(kind)  # and its inbound one
         self.kick = Soon(self._pump)  # pump soon (once, however many events ask)
         self.armed = False
         self.kept: set[str] = set()  # realtime topics holding a message for credit
@@ -112,6 +115,7 @@ class Peer(Outbound, Inbound):
             elif t.pub is not None:
                 t.pub.close()
         self.in_topics.clear()
+        self.drop_grants()
         self.backlogged.clear()
         self.sent_interest = None  # the next interest message is the whole set
         if self.counters["links"]:
@@ -225,6 +229,7 @@ class Peer(Outbound, Inbound):
                 with contextlib.suppress(Exception):
                     t.pub.close()
         self.in_topics.clear()
+        self.drop_grants()
         self.state = "closed"
         self.bridge.forget(self)
 
@@ -247,6 +252,7 @@ class Peer(Outbound, Inbound):
                 for k in (
                     "sent",
                     "sent_bytes",
+                    "batches",
                     "received",
                     "received_bytes",
                     "dropped",

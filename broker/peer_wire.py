@@ -70,7 +70,7 @@ BODY = 2  # a described message whose body follows the batch
 # What a receiver grants per topic before it has said anything: enough for
 # a steady stream of small messages, and for several large tensors in
 # flight, so the wire does not idle for a credit round trip between them.
-INITIAL_WINDOW_MSGS = 256
+INITIAL_WINDOW_MSGS = 1024
 INITIAL_WINDOW_BYTES = 256 << 20
 
 _ENTRY = struct.Struct("<BBHIQQ")

@@ -95,7 +95,11 @@ def lat(transport: str, size: int, count: int, warmup: int) -> list[int]:
 
 
 def thr(transport: str, size: int, count: int) -> tuple[int, float]:
-    options = {**_options(size), "capacity": 64}
+    # Small messages: the ring of _options (ZeroMQ's queue holds 1,000).
+    # Tensors: 64 descriptors, the arena bounds what is in flight.
+    options = _options(size)
+    if size > 65536:
+        options["capacity"] = 64
     with (
         linked(transport, size) as (url_a, url_b),
         tensorbus.connect(url_a, name="perf-bridge-source") as client,
