@@ -44,6 +44,7 @@ from tensorbus._core.segment import segment_name
 __all__ = ["Arena", "Holder", "Hold", "Loan", "MAX_HOLDERS", "parse_size"]
 
 MAX_HOLDERS = TB_MAX_HOLDERS
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 cdef enum:
     MIN_SHIFT = 12          # blocks are at least a page
@@ -88,13 +89,19 @@ cdef class Arena:
     """A mapped arena. The daemon :meth:`create`\\ s it, clients :meth:`attach`."""
 
     @staticmethod
-    def create(size, str instance="solo") -> Arena:
+    def create(size, str instance="solo", str data_dir=None) -> Arena:
         """Create an arena of about ``size`` bytes (an int or ``"4GiB"``).
 
         The minimum block is a page, or larger for big arenas so the
         metadata stays at most 65536 entries (4 MiB); the size is rounded
-        down to whole minimum blocks."""
+        down to whole minimum blocks. ``data_dir``: put the data in a file
+        there (a directory on hugetlbfs) instead of POSIX shm; the size is
+        first rounded up to whole pages of that file system."""
         cdef uint64_t want = parse_size(size)
+        cdef uint64_t page
+        if data_dir is not None:
+            page = os.statvfs(data_dir).f_bsize
+            want = (want + page - 1) // page * page
         cdef int shift = MIN_SHIFT
         while (want >> shift) > TB_ARENA_MAX_BLOCKS:
             shift += 1
@@ -106,7 +113,10 @@ cdef class Arena:
         cdef Segment meta = Segment.create(segment_name(instance, "arena"), meta_size)
         cdef Segment data
         try:
-            data = Segment.create(segment_name(instance, "arenadata"), data_size)
+            data_name = segment_name(instance, "arenadata")
+            if data_dir is not None:
+                data_name = os.path.join(os.path.abspath(data_dir), data_name)
+            data = Segment.create(data_name, data_size)
         except BaseException:
             meta.unlink()
             meta.close()
@@ -294,6 +304,8 @@ cdef class Arena:
             used = h.used_bytes
         return {"size": self.a.data_size, "used": used, "free": self.a.data_size - used,
                 "largest_free": largest, "block_size": self.block_size,
+                "path": self.data.path, "page_size": self.data.page_size,
+                "hugepages": self.data.page_size > PAGE_SIZE,
                 "allocs": h.allocs, "frees": h.frees, "failed": h.failed,
                 "repairs": h.repairs}
 

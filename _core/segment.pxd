@@ -7,7 +7,8 @@
 cdef class Segment:
     cdef char *base          # start of the mapping; NULL once closed
     cdef readonly size_t size
-    cdef readonly str name   # without the leading "/"
+    cdef readonly str name   # without the leading "/"; a file segment: its absolute path
+    cdef readonly size_t page_size  # the backing's page (st_blksize): 2 MiB on hugetlbfs
     cdef readonly bint owner # created here: unlink() is this process's job
     cdef int exports         # live buffer exports (memoryviews) of the mapping
 

@@ -1,7 +1,12 @@
 """POSIX shared-memory segments: create (0600, or 0660 for a shared group;
 space reserved up front),
 attach, map, unlink, and the naming scheme that lets a daemon sweep the
-segments of instances that died."""
+segments of instances that died.
+
+A segment is named POSIX shm (``tb-...``, in /dev/shm), or a file given by
+its absolute path whose last part is such a name: the arena's data on a
+hugetlbfs mount (``--arena-hugepages``), which clients and a successor
+open by that path instead of with shm_open."""
 
 import os
 import re
@@ -10,7 +15,7 @@ import secrets
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_FillInfo
 from libc.errno cimport errno
 from libc.string cimport strerror
-from posix.fcntl cimport O_CREAT, O_EXCL, O_RDONLY, O_RDWR
+from posix.fcntl cimport O_CREAT, O_EXCL, O_RDONLY, O_RDWR, open as c_open
 from posix.mman cimport (
     MAP_FAILED,
     MAP_SHARED,
@@ -23,7 +28,7 @@ from posix.mman cimport (
 )
 from posix.stat cimport fchmod, fstat, struct_stat
 from posix.types cimport gid_t, off_t, uid_t
-from posix.unistd cimport close
+from posix.unistd cimport close, unlink as c_unlink
 
 cdef extern from "<unistd.h>" nogil:
     int fchown(int fd, uid_t owner, gid_t group)
@@ -35,6 +40,7 @@ cdef extern from "<sys/mman.h>" nogil:
 
 cdef extern from "<fcntl.h>" nogil:
     int posix_fallocate(int fd, off_t offset, off_t length)
+    int O_CLOEXEC
 
 __all__ = ["Segment", "segment_name", "check_segment_name", "share_segments_with_group", "SHM_DIR"]
 
@@ -62,17 +68,46 @@ def segment_name(str instance="solo", str kind="ring") -> str:
 
 
 def check_segment_name(str name) -> str:
-    """Return ``name`` if tensorbus could have made it, else raise SegmentNameError."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    """Return ``name`` if tensorbus could have made it, else raise
+    SegmentNameError. An absolute path is a file segment: its last part
+    must be such a name, in a folder other than ``/`` (``/tb-...`` is the
+    shm_open spelling of a name, refused here)."""
+    folder, _, base = name.rpartition("/") if name and name[0] == "/" else ("", "", name)
+    if (not isinstance(name, str) or not _NAME_RE.match(base) or "/../" in name
+            or (name and name[0] == "/" and not folder)):
         raise SegmentNameError(
             f"{name!r} is not a tensorbus segment name "
-            "(expected tb-<uid>-<instance>-<name>, letters, digits, '.', '_', '-')"
+            "(expected tb-<uid>-<instance>-<name>, letters, digits, '.', '_', '-', "
+            "or an absolute path ending in one)"
         )
     return name
 
 
+cdef inline bint _is_file(str name):
+    return name[0] == "/"
+
+
+cdef int _open(str name, int flags, int mode):
+    """shm_open for a POSIX shm name, open(2) for a file segment's path."""
+    if _is_file(name):
+        return c_open(name.encode(), flags | O_CLOEXEC, mode)
+    return shm_open(("/" + name).encode(), flags, mode)
+
+
+cdef int _unlink(str name):
+    if _is_file(name):
+        return c_unlink(name.encode())
+    return shm_unlink(("/" + name).encode())
+
+
 cdef str _oserror_text(int err):
     return (<bytes>strerror(err)).decode()
+
+
+cdef size_t _block_size(int fd):
+    """The file's block size: the huge page size on hugetlbfs, else a page."""
+    cdef struct_stat st
+    return <size_t>st.st_blksize if fstat(fd, &st) == 0 else 4096
 
 
 cdef class Segment:
@@ -88,6 +123,7 @@ cdef class Segment:
         self.size = 0
         self.owner = False
         self.exports = 0
+        self.page_size = 4096
 
     @staticmethod
     def create(str name, size_t size) -> Segment:
@@ -96,12 +132,13 @@ cdef class Segment:
         The space is reserved with posix_fallocate, so a full /dev/shm fails
         here with ENOSPC instead of killing a later writer with SIGBUS, and
         the pages are pre-faulted (MAP_POPULATE) so first writes run at full
-        speed."""
+        speed. ``name`` may be an absolute path (a file on hugetlbfs, whose
+        size must then be a multiple of its huge page size): fallocate
+        there takes the huge pages, so too few fail here with ENOSPC."""
         check_segment_name(name)
         if size == 0:
             raise ValueError("a segment needs at least one byte")
-        cdef bytes path = ("/" + name).encode()
-        cdef int fd = shm_open(path, O_CREAT | O_EXCL | O_RDWR, 0o600)
+        cdef int fd = _open(name, O_CREAT | O_EXCL | O_RDWR, 0o600)
         if fd < 0:
             err = errno
             raise SegmentError(err, f"cannot create shared-memory segment {name!r}: "
@@ -118,12 +155,14 @@ cdef class Segment:
                 fchmod(fd, 0o600)  # the umask may only have narrowed it; make it exact
             rc = posix_fallocate(fd, 0, <off_t>size)
             if rc != 0:
+                where = name.rpartition("/")[0] if _is_file(name) else SHM_DIR
                 raise SegmentError(rc, f"cannot reserve {size} bytes for segment {name!r} "
-                                   f"in {SHM_DIR}: {_oserror_text(rc)}")
+                                   f"in {where}: {_oserror_text(rc)}")
             seg = Segment._map(fd, name, size, True, True)
+            seg.page_size = _block_size(fd)
         except BaseException:
             close(fd)
-            shm_unlink(path)
+            _unlink(name)
             raise
         close(fd)
         return seg
@@ -134,8 +173,7 @@ cdef class Segment:
         ``populate=False``: map its pages lazily (a daemon taking over a
         large arena touches only headers, and must serve within ~100 ms)."""
         check_segment_name(name)
-        cdef bytes path = ("/" + name).encode()
-        cdef int fd = shm_open(path, O_RDWR, 0)
+        cdef int fd = _open(name, O_RDWR, 0)
         if fd < 0:
             err = errno
             if err == 2:
@@ -149,6 +187,7 @@ cdef class Segment:
             if st.st_size <= 0:
                 raise SegmentError(0, f"segment {name!r} is empty (still being created?)")
             seg = Segment._map(fd, name, <size_t>st.st_size, False, populate)
+            seg.page_size = st.st_blksize
         finally:
             close(fd)
         return seg
@@ -175,7 +214,7 @@ cdef class Segment:
     @property
     def path(self) -> str:
         """Where the segment shows up in the file system."""
-        return f"{SHM_DIR}/{self.name}"
+        return self.name if _is_file(self.name) else f"{SHM_DIR}/{self.name}"
 
     def own(self) -> None:
         """Make unlinking this attached segment this process's job: a
@@ -187,7 +226,7 @@ cdef class Segment:
         if not self.owner:
             raise SegmentError(1, f"segment {self.name!r} was attached, not created, "
                                "here: only its creator unlinks it")
-        if shm_unlink(("/" + self.name).encode()) != 0:
+        if _unlink(self.name) != 0:
             err = errno
             if err != 2:  # already gone is fine: unlink is idempotent
                 raise SegmentError(err, f"cannot unlink segment {self.name!r}: "

@@ -25,6 +25,9 @@ class BrokerConfig:
     max_subscriptions: int = 4096  # doorbells: concurrent subscriptions on this host
     max_topics: int = 4096
     arena_size: int | None = None  # bytes; None: default_arena_size()
+    # The arena's data on huge pages (broker/hugepages.py): "auto" (the
+    # first hugetlbfs mount) or a directory on hugetlbfs; None: POSIX shm.
+    arena_hugepages: str | None = None
     slow_consumer_grace: float = 0.0  # seconds; 0 disables eviction
     heartbeat_s: float = 2.0
     monitor_interval: float = 0.2

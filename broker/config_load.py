@@ -64,6 +64,9 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
                 kwargs["action"] = "append"
             else:
                 kwargs["type"] = option.kind.from_flag
+            if option.kind.const is not None:
+                kwargs["nargs"] = "?"  # --arena-hugepages alone, or --arena-hugepages=DIR
+                kwargs["const"] = option.kind.const
             if option.choices:
                 kwargs["choices"] = option.choices
                 kwargs.pop("metavar")  # argparse shows {a,b,c}

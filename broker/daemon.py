@@ -119,6 +119,7 @@ class Broker(Lineage):
         if standby >= 0:
             os.close(standby)
         run_dir = os.path.dirname(os.path.abspath(self.ipc_path))
+        huge = config.arena_hugepages  # its folder is swept of dead instances' arenas too
         taken = self._take_over_segments()
         if taken is not None:
             bells, arena, self.fifo_dir, snap = taken
@@ -126,9 +127,9 @@ class Broker(Lineage):
             keep |= {entry[4] for entry in snap["topics"]}
             self.instances |= {n.split("-")[2] for n in keep if n.startswith("tb-")}
             keep |= {os.path.basename(marker_path(i)) for i in self.instances}
-            sweep(self.ipc_path, frozenset(keep), self.state_file, previous)
+            sweep(self.ipc_path, frozenset(keep), self.state_file, previous, huge)
         else:
-            sweep(self.ipc_path, own_state=self.state_file, dead=previous)
+            sweep(self.ipc_path, own_state=self.state_file, dead=previous, huge_dir=huge)
             self.fifo_dir = ensure_private_dir(os.path.join(run_dir, f"bells-{self.instance}"))
         group = share_with_group(config.ipc_group, run_dir, self.fifo_dir)
         if taken is None:

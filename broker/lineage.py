@@ -14,6 +14,7 @@ import logging
 import os
 
 from tensorbus._core import Arena, BellTable, SegmentError
+from tensorbus.broker import hugepages
 from tensorbus.broker.ops import owns
 from tensorbus.broker.registry import Session
 from tensorbus.broker.startup import BrokerStartError, default_arena_size, standby_pid
@@ -62,8 +63,16 @@ class Lineage:
         config = self.config
         bells = BellTable.create(config.max_subscriptions, self.fifo_dir, instance=self.instance)
         size = config.arena_size or default_arena_size()
+        data_dir = None
         try:
-            arena = Arena.create(size, instance=self.instance)
+            if config.arena_hugepages:
+                data_dir = hugepages.arena_dir(config.arena_hugepages)
+                size = hugepages.check_room(data_dir, size)
+            arena = Arena.create(size, instance=self.instance, data_dir=data_dir)
+        except BrokerStartError:
+            with contextlib.suppress(Exception):
+                bells.segment.unlink()
+            raise
         except (SegmentError, ValueError) as exc:
             with contextlib.suppress(Exception):
                 bells.segment.unlink()

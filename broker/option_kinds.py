@@ -27,6 +27,7 @@ __all__ = [
     "SIZE",
     "STRING",
     "STRINGS",
+    "SWITCH_OR_PATH",
     "TOML",
     "Kind",
     "Option",
@@ -108,6 +109,14 @@ def _size(value: object) -> int:
         raise OptionValueError(f"must be a size: {exc}") from None
 
 
+def _switch_or_path(value: object) -> str | None:
+    if isinstance(value, bool):
+        return "auto" if value else None
+    if not isinstance(value, str) or not value:
+        raise OptionValueError(f"must be true, false or a directory, not {describe(value)}")
+    return value
+
+
 def _address(value: object) -> str:
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise OptionValueError(f'must be "HOST:PORT" or a port number, not {describe(value)}')
@@ -123,6 +132,7 @@ class Kind:
     name: str
     from_flag: Callable[[str], object] | None
     from_toml: Callable[[object], object]
+    const: object = None  # not None: the flag's value is optional, this when left out
 
 
 STRING = Kind("string", str, _string)
@@ -132,6 +142,8 @@ BOOLEAN = Kind("boolean", None, _boolean)  # a switch: --insecure
 STRINGS = Kind("array of strings", None, _strings)  # a repeated flag: --peer A --peer B
 SIZE = Kind("size", parse_size, _size)
 ADDRESS = Kind("address", str, _address)  # "HOST:PORT", or a bare port (loopback)
+# `--arena-hugepages` (true: "auto") or `--arena-hugepages=DIR` (a path).
+SWITCH_OR_PATH = Kind("boolean or path", str, _switch_or_path, const="auto")
 # [[users]] tables: checked whole by broker/permissions.py when the file is read.
 TABLES = Kind("array of tables", None, lambda value: value)
 # A path whose file holds a secret: the loader reads it into ``field``.

@@ -27,6 +27,7 @@ from tensorbus.broker.option_kinds import (
     SIZE,
     STRING,
     STRINGS,
+    SWITCH_OR_PATH,
     TABLES,
     TOML,
     Option,
@@ -134,6 +135,16 @@ OPTIONS: tuple[Option, ...] = (
         "shared memory for large messages and tensors, e.g. 4GiB",
         metavar="SIZE",
         default_doc="1GiB, or a quarter of /dev/shm if smaller",
+    ),
+    Option(
+        "arena_hugepages",
+        SWITCH_OR_PATH,
+        None,
+        "put the arena on huge pages: a file in DIR (alone: the first hugetlbfs mount), "
+        "its size rounded up to whole pages, all reserved at start "
+        "(docs/operations.md: reserving huge pages)",
+        metavar="DIR",
+        default_doc="off: POSIX shm",
     ),
     Option(
         "slow_consumer_grace",
@@ -306,6 +317,8 @@ def markdown() -> str:
         key = f"`{o.name}`" if o.is_key else "(flag only)"
         if o.is_flag:
             arg = "" if o.kind is BOOLEAN else " " + (o.metavar or o.name.upper())
+            if o.kind.const is not None:
+                arg = f"[={o.metavar or o.name.upper()}]"
             flag = f"`{o.flag_name}{arg}`"
         else:
             flag = "(TOML only)"

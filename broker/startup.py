@@ -145,8 +145,32 @@ def _claimed(instance: str, own_state: str) -> bool:
     return state_file != os.path.abspath(own_state) and os.path.exists(state_file)
 
 
+def _segment_files(huge_dir: str | None) -> list[tuple[str, str]]:
+    """(name, what ``keep`` calls it) of every file that may be a segment:
+    in /dev/shm (its shm name), and in every hugetlbfs mount and
+    ``huge_dir`` (an arena's data on huge pages: its path)."""
+    from tensorbus.broker.hugepages import hugetlbfs_mounts
+
+    found = []
+    folders = ["/dev/shm", *hugetlbfs_mounts()]
+    if huge_dir and huge_dir != "auto":
+        folders.append(os.path.abspath(huge_dir))
+    for folder in dict.fromkeys(folders):
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for name in names:
+            found.append((name, name if folder == "/dev/shm" else os.path.join(folder, name)))
+    return found
+
+
 def sweep(
-    ipc_path: str, keep: frozenset = frozenset(), own_state: str = "", dead: int | None = None
+    ipc_path: str,
+    keep: frozenset = frozenset(),
+    own_state: str = "",
+    dead: int | None = None,
+    huge_dir: str | None = None,
 ) -> int:
     """Unlink the segments and FIFO folders of broker instances that died
     without cleaning up (their pid no longer exists), except ``keep`` (names
@@ -154,18 +178,15 @@ def sweep(
     take over. A ring is closed as "restarted" before it goes, so its users
     hear BrokerRestarted instead of writing into a segment nobody reads.
     ``dead``: the pid whose lock we now hold (dead, though maybe a zombie
-    its parent has not reaped yet)."""
+    its parent has not reaped yet). Arena files on hugetlbfs (any mount,
+    and ``huge_dir``) go too: their huge pages return to the pool."""
     from tensorbus._core import Ring
 
     prefix = f"tb-{os.getuid()}-d"
     swept = 0
-    try:
-        names = os.listdir("/dev/shm")
-    except OSError:
-        names = []
     claimed: dict[str, bool] = {}
-    for name in names:
-        if not name.startswith(prefix) or name in keep:
+    for name, key in _segment_files(huge_dir):
+        if not name.startswith(prefix) or key in keep:
             continue
         instance = name[len(prefix) :].split("-", 1)[0]
         if not instance.isdigit() or (int(instance) != dead and pid_alive(int(instance))):
@@ -174,11 +195,11 @@ def sweep(
             claimed[instance] = _claimed(f"d{instance}", own_state)
         if claimed[instance]:
             continue
-        if "-ring." in name:
+        if "-ring." in name and key == name:
             with contextlib.suppress(Exception):
                 Ring.condemn(name)
         with contextlib.suppress(OSError):
-            os.unlink(os.path.join("/dev/shm", name))
+            os.unlink(key if key != name else os.path.join("/dev/shm", name))
             swept += 1
     run_dir = os.path.dirname(os.path.abspath(ipc_path))
     for name in os.listdir(run_dir):

@@ -241,6 +241,11 @@ def stats_table(stats: dict) -> str:
             f"arena: {_fmt_bytes(arena['used'])} of {_fmt_bytes(arena['size'])} in use, "
             f"largest free block {_fmt_bytes(arena['largest_free'])}, "
             f"{arena['allocs']} allocations"
+            + (
+                f", on {_fmt_bytes(arena['page_size'])} huge pages ({arena['path']})"
+                if arena.get("hugepages")
+                else ""
+            )
         )
     for link in b.get("links") or []:
         lines.append(

@@ -20,6 +20,7 @@ BACKENDS = (
     "bus",
     "bus-loan",
     "bus-arena",
+    "bus-huge",
     "memcpy",
     "shm",
     "nats",
@@ -29,6 +30,7 @@ BACKENDS = (
     "req-nats",
     "bridge-tcp",
     "bridge-ucx",
+    "bridge-ucx-huge",
     "ucx",
     "ucx-shm",
     "zmq-tcp",
@@ -46,6 +48,8 @@ MODULES = {
     "req-nats": "nats_ps",  # its lat is request/reply already
     "bridge-tcp": "bridge_tcp",
     "bridge-ucx": "bridge_ucx",
+    "bridge-ucx-huge": "bridge_ucx_huge",
+    "bus-huge": "bus_huge",
     "zmq-tcp": "zmq_tcp",
     "ucx-shm": "ucx_shm",
 }

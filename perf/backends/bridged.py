@@ -26,6 +26,7 @@ from backends.bus import (
     _unlink_segments,
     arena_for,
     echo,
+    hugepages_flag,
     payload,
     sink,
 )
@@ -34,11 +35,13 @@ LINK_TIMEOUT = 30.0
 
 
 @contextmanager
-def linked(transport: str, size: int):
-    """Daemons A and B, B linked to A over ``transport``; yields (url_a, url_b)."""
+def linked(transport: str, size: int, hugepages: bool = False):
+    """Daemons A and B, B linked to A over ``transport`` (both arenas on huge
+    pages with ``hugepages``); yields (url_a, url_b)."""
     with tempfile.TemporaryDirectory(prefix="tb-perf-bridge-") as folder:
         port = free_port()
         common = ["--transport", transport, "--arena-size", str(arena_for(size))]
+        common += [hugepages_flag()] if hugepages else []
         serve = [sys.executable, "-m", "tensorbus", "serve"]
         argv_a = [*serve, "--ipc", f"{folder}/a.sock", "--tcp", f"127.0.0.1:{port}", *common]
         argv_b = [*serve, "--ipc", f"{folder}/b.sock", "--tcp", "127.0.0.1:*"]
@@ -72,10 +75,10 @@ def wait_interest(url: str, topic: str, transport: str) -> None:
     raise RuntimeError(f"no link forwarding {topic} within {LINK_TIMEOUT:g} s")
 
 
-def lat(transport: str, size: int, count: int, warmup: int) -> list[int]:
+def lat(transport: str, size: int, count: int, warmup: int, hugepages: bool = False) -> list[int]:
     options = _options(size)
     with (
-        linked(transport, size) as (url_a, url_b),
+        linked(transport, size, hugepages) as (url_a, url_b),
         tensorbus.connect(url_a, name="perf-bridge-ping") as client,
     ):
         sub = client.subscribe(PONG)
@@ -94,14 +97,14 @@ def lat(transport: str, size: int, count: int, warmup: int) -> list[int]:
     return times
 
 
-def thr(transport: str, size: int, count: int) -> tuple[int, float]:
+def thr(transport: str, size: int, count: int, hugepages: bool = False) -> tuple[int, float]:
     # Small messages: the ring of _options (ZeroMQ's queue holds 1,000).
     # Tensors: 64 descriptors, the arena bounds what is in flight.
     options = _options(size)
     if size > 65536:
         options["capacity"] = 64
     with (
-        linked(transport, size) as (url_a, url_b),
+        linked(transport, size, hugepages) as (url_a, url_b),
         tensorbus.connect(url_a, name="perf-bridge-source") as client,
     ):
         client.create_topic(DATA, **options)

@@ -83,13 +83,18 @@ def _rss_kb(pid: int) -> int:
 
 
 def _unlink_segments(pid: int) -> None:
-    """Remove what a killed daemon left in /dev/shm: its segments are named
-    after its pid, so nothing of anyone else's is touched."""
+    """Remove what a killed daemon left in /dev/shm and on hugetlbfs: its
+    segments are named after its pid, so nothing of anyone else's is touched."""
+    from tensorbus.broker.hugepages import hugetlbfs_mounts
+
     prefix = f"tb-{os.getuid()}-d{pid}-"
-    for name in os.listdir("/dev/shm"):
-        if name.startswith(prefix):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join("/dev/shm", name))
+    extra = os.environ.get("TENSORBUS_PERF_HUGEPAGES")
+    for folder in dict.fromkeys(["/dev/shm", *hugetlbfs_mounts(), *([extra] if extra else [])]):
+        with contextlib.suppress(OSError):
+            for name in os.listdir(folder):
+                if name.startswith(prefix):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(folder, name))
 
 
 def _cpu_s(pid: int) -> float:
@@ -99,14 +104,36 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def hugepages_flag() -> str:
+    """``--arena-hugepages=DIR`` for the ``-huge`` backends: DIR from
+    $TENSORBUS_PERF_HUGEPAGES, else ``auto`` (the first hugetlbfs mount)."""
+    return f"--arena-hugepages={os.environ.get('TENSORBUS_PERF_HUGEPAGES') or 'auto'}"
+
+
+def hugepages_missing() -> str | None:
+    """Why the ``-huge`` backends cannot run here (no usable hugetlbfs or no
+    free huge pages), or None."""
+    from tensorbus.broker.hugepages import arena_dir, free_pages, page_size
+    from tensorbus.broker.startup import BrokerStartError
+
+    try:
+        folder = arena_dir(hugepages_flag().partition("=")[2])
+    except BrokerStartError as exc:
+        return str(exc)
+    if free_pages(page_size(folder))[0] == 0:
+        return "no free huge pages: reserve some with sysctl vm.nr_hugepages=N (docs/operations.md)"
+    return None
+
+
 @contextmanager
-def daemon(arena_size: int = 256 << 20):
-    """A broker of its own; yields (url, pid). Always stopped (SIGTERM: it
-    removes its segments and socket) and cleaned up after."""
+def daemon(arena_size: int = 256 << 20, hugepages: bool = False):
+    """A broker of its own (its arena on huge pages with ``hugepages``);
+    yields (url, pid). Always stopped (SIGTERM: it removes its segments
+    and socket) and cleaned up after."""
     with tempfile.TemporaryDirectory(prefix="tb-perf-bus-") as folder:
         path = os.path.join(folder, "b.sock")
         argv = [sys.executable, "-m", "tensorbus", "serve", "--ipc", path]
-        argv += ["--arena-size", str(arena_size)]
+        argv += ["--arena-size", str(arena_size), *([hugepages_flag()] if hugepages else [])]
         pids = []
         try:
             with server(argv, "tensorbus serve", ready_line="tensorbus ready") as proc:
@@ -129,12 +156,19 @@ def echo(url: str, size: int, total: int, options: dict, ready, result) -> None:
 
 
 def ping_pong(
-    name: str, size: int, count: int, warmup: int, options: dict, send, peer_fn=echo
+    name: str,
+    size: int,
+    count: int,
+    warmup: int,
+    options: dict,
+    send,
+    peer_fn=echo,
+    hugepages: bool = False,
 ) -> list[int]:
     """Round trips through a broker of our own: ``send(pub)`` publishes a
     ping with a publisher of ``options``, the peer (``peer_fn``) answers."""
     with (
-        daemon(arena_for(size)) as (url, _),
+        daemon(arena_for(size), hugepages) as (url, _),
         tensorbus.connect(url, name=f"perf-{name}-ping") as client,
     ):
         topic_options = {k: v for k, v in options.items() if k != "inline_max"}
@@ -153,9 +187,10 @@ def ping_pong(
     return times
 
 
-def lat(size: int, count: int, warmup: int) -> list[int]:
+def lat(size: int, count: int, warmup: int, hugepages: bool = False) -> list[int]:
     msg = payload(size)
-    return ping_pong(NAME, size, count, warmup, _options(size), lambda pub: pub.send(msg))
+    send = lambda pub: pub.send(msg)  # noqa: E731
+    return ping_pong(NAME, size, count, warmup, _options(size), send, hugepages=hugepages)
 
 
 def sink(url: str, count: int, ready, result) -> None:
@@ -177,9 +212,9 @@ def sink(url: str, count: int, ready, result) -> None:
         result.put((received, time.perf_counter()))
 
 
-def thr(size: int, count: int) -> tuple[int, float]:
+def thr(size: int, count: int, hugepages: bool = False) -> tuple[int, float]:
     with (
-        daemon(arena_for(size)) as (url, _),
+        daemon(arena_for(size), hugepages) as (url, _),
         tensorbus.connect(url, name="perf-bus-source") as client,
     ):
         client.create_topic(DATA, **_options(size))
