@@ -73,10 +73,13 @@ STAGES = (
         "perf/perf.py lat --backend bus-loan,shm --size 256MiB --count 100",
         "--count 5 --repeat 1",
     ),
+    # The smoke run leaves out the bridged backends (two more daemons per
+    # run; tests/test_ddp_bench.py runs one): the last --backend wins.
     Stage(
         "ddp",
-        "perf/perf.py ddp --backend allreduce,ps_hook,ps_hook_fp16",
-        "--width 512 --steps 3 --warmup 1 --repeat 1",
+        "perf/perf.py ddp --backend allreduce,ps_hook,ps_hook_fp16,ps_hook_bridge_tcp,"
+        "ps_hook_bridge_ucx",
+        "--width 512 --steps 3 --warmup 1 --repeat 1 --backend allreduce,ps_hook,ps_hook_fp16",
     ),
     Stage(
         "lat-64B-reqrep",

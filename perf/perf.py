@@ -15,7 +15,8 @@ idle: CPU a ring subscriber burns while waiting for nothing.
 control: the broker daemon's control plane: subscribe + unsubscribe ops/s of
 many clients at once, over many topics, and the daemon's RSS around them.
 ddp: DDP step time of two trainers with tensorbus's ps_hook beside DDP's own
-allreduce (gloo), same model and threads (perf/ddp_bench.py).
+allreduce (gloo), same model and threads, also across two bridged daemons
+(ps_hook_bridge_tcp, ps_hook_bridge_ucx; perf/ddp_bench.py).
 Backends run interleaved, ``--repeat`` times, so machine noise hits all of
 them alike; the table quotes medians and ratios to the first backend. A
 backend this machine cannot run (a package or server program missing) is

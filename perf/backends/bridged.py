@@ -35,27 +35,39 @@ LINK_TIMEOUT = 30.0
 
 
 @contextmanager
-def linked(transport: str, size: int, hugepages: bool = False):
+def linked(
+    transport: str,
+    size: int,
+    hugepages: bool = False,
+    *,
+    arena: int | None = None,
+    pids: list | None = None,
+):
     """Daemons A and B, B linked to A over ``transport`` (both arenas on huge
-    pages with ``hugepages``); yields (url_a, url_b)."""
+    pages with ``hugepages``); yields (url_a, url_b). ``arena``: each
+    daemon's arena (default: one for messages of ``size``); ``pids``, if
+    given, gets the daemons' pids (A's, then B's)."""
     with tempfile.TemporaryDirectory(prefix="tb-perf-bridge-") as folder:
         port = free_port()
-        common = ["--transport", transport, "--arena-size", str(arena_for(size))]
+        arena = arena_for(size) if arena is None else arena
+        common = ["--transport", transport, "--arena-size", str(arena)]
         common += [hugepages_flag()] if hugepages else []
         serve = [sys.executable, "-m", "tensorbus", "serve"]
         argv_a = [*serve, "--ipc", f"{folder}/a.sock", "--tcp", f"127.0.0.1:{port}", *common]
         argv_b = [*serve, "--ipc", f"{folder}/b.sock", "--tcp", "127.0.0.1:*"]
         argv_b += ["--peer", f"tcp://127.0.0.1:{port}", *common]
-        pids = []
+        started = []
         try:
             with (
                 server(argv_a, "daemon A", ready_line="tensorbus ready") as a,
                 server(argv_b, "daemon B", ready_line="tensorbus ready") as b,
             ):
-                pids += [a.pid, b.pid]
+                started += [a.pid, b.pid]
+                if pids is not None:
+                    pids += started
                 yield f"ipc://{folder}/a.sock", f"ipc://{folder}/b.sock"
         finally:
-            for pid in pids:
+            for pid in started:
                 _unlink_segments(pid)
 
 
