@@ -16,6 +16,9 @@ cdef class OutState:
     cdef public int64_t credit_bytes
     cdef public bint reliable         # a reliable topic parks at zero credit
     cdef public bint announced        # its "topic" message went first on this epoch
+    cdef public int64_t batch_bytes   # a batch holding one of its messages goes at this size;
+                                      # 0: each of its messages goes alone
+    cdef public int64_t batch_ns      # the longest one of its messages waits in a filling batch
 
 
 cdef class InState:
@@ -34,6 +37,7 @@ cdef class BatchReader:
     cdef readonly object stopped      # the topic name a PARK or SLOW stop was about
     cdef readonly int64_t msgs        # messages encoded since reset_counts()
     cdef readonly int64_t nbytes      # their payload bytes
+    cdef int64_t deadline             # when the batch being filled must go (0: it is empty)
 
     cdef int _stop(self, RingSet rings, int i, name, int why)
 

@@ -22,7 +22,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
-from tensorbus._core.atomic cimport tb_load_acq32
+from tensorbus._core.atomic cimport tb_load_acq32, tb_now_ns
 from tensorbus._core.layout cimport (
     TB_CURSOR_EVICTED,
     TB_DESC_BYTES,
@@ -89,11 +89,13 @@ cdef class OutState:
     OutTopic extends it)."""
 
     def __init__(self, uint32_t tid=0, bint reliable=False, int64_t credit_msgs=0,
-                 int64_t credit_bytes=0):
+                 int64_t credit_bytes=0, int64_t batch_bytes=65536, int64_t batch_ns=100000):
         self.id = tid
         self.reliable = reliable
         self.credit_msgs = credit_msgs
         self.credit_bytes = credit_bytes
+        self.batch_bytes = batch_bytes
+        self.batch_ns = batch_ns
 
 
 cdef class InState:
@@ -127,8 +129,10 @@ cdef class BatchReader:
 
     def take(self, RingSet rings, dict topics, bytearray batch, Py_ssize_t max_bytes) -> int:
         """Append the ring set's waiting messages to ``batch`` as entries,
-        until every member is drained (EMPTY), the batch would pass
-        ``max_bytes`` (FULL), or a message needs Python (SLOW, PARK; the
+        until every member is drained (EMPTY), the batch is due (FULL: it
+        would pass ``max_bytes`` or a topic's ``batch_bytes``, a message in
+        it has waited its topic's ``batch_ns``, or it holds a message of a
+        topic that goes alone), or a message needs Python (SLOW, PARK; the
         ring set's round-robin then starts at that member, and ``stopped``
         names its topic). ``topics`` maps names to OutStates."""
         cdef int n = rings.n, k, i, st
@@ -141,7 +145,10 @@ cdef class BatchReader:
         cdef uint32_t ndim
         cdef char *out
         cdef const char *src
+        cdef int64_t now, limit
         self.stopped = None
+        if PyByteArray_GET_SIZE(batch) == 0:
+            self.deadline = 0
         for k in range(n):
             i = (rings.next + k) % n
             sub = <Subscriber>rings.subs[i]
@@ -184,9 +191,13 @@ cdef class BatchReader:
                 else:
                     return self._stop(rings, i, name, SLOW)  # a body in the arena
                 at = PyByteArray_GET_SIZE(batch)
-                if at and at + need > max_bytes:
+                limit = max_bytes if t.batch_bytes > max_bytes else t.batch_bytes
+                now = tb_now_ns()
+                if at and (at + need > limit or now >= self.deadline):
                     rings.next = i
                     return FULL
+                if at == 0 or now + t.batch_ns < self.deadline:
+                    self.deadline = now + t.batch_ns
                 e.kind = KIND_BYTES if d == NULL else KIND_TENSOR
                 e.ndim = <uint8_t>ndim
                 e.flags = s.flags & self.keep_flags
@@ -214,6 +225,9 @@ cdef class BatchReader:
                 self.nbytes += nbytes
                 if t.reliable and (t.credit_msgs <= 0 or t.credit_bytes <= 0):
                     return self._stop(rings, (i + 1) % n, name, PARK)
+                if t.batch_bytes == 0:
+                    rings.next = i
+                    return FULL  # a message that goes alone
         return EMPTY
 
     cdef int _stop(self, RingSet rings, int i, name, int why):

@@ -70,7 +70,7 @@ from tensorbus._core.errors import (
     TensorbusError,
 )
 
-__all__ = ["RingSet"]
+__all__ = ["RingSet", "spin_any"]
 
 _TAGS = {}  # dtype tag bytes -> str, so a steady stream decodes nothing
 
@@ -84,6 +84,43 @@ cdef bint ringset_ready(void *p) noexcept nogil:
                         w.members[k].latest):
             return True
     return False
+
+
+cdef struct AnyWait:
+    RingSetWait *sets
+    int n
+
+
+cdef bint any_ready(void *p) noexcept nogil:
+    cdef AnyWait *w = <AnyWait *>p
+    cdef int k
+    for k in range(w.n):
+        if ringset_ready(&w.sets[k]):
+            return True
+    return False
+
+
+def spin_any(list ring_sets, Waiter waiter, double spin_us) -> int:
+    """Spin up to ``spin_us`` until any of ``ring_sets`` has a message (or a
+    notice), without the GIL, under the host's spinner table (a bridge
+    before it sleeps). 1: one has; 0: the time passed; -1: no spare core."""
+    cdef RingSetWait sets[4]
+    cdef AnyWait w
+    cdef RingSet rs
+    cdef int k, got
+    cdef int64_t ns = <int64_t>(spin_us * 1000)
+    if len(ring_sets) > 4:
+        raise ValueError("spin_any watches at most 4 ring sets")
+    w.sets = sets
+    w.n = len(ring_sets)
+    for k in range(w.n):
+        rs = <RingSet>ring_sets[k]
+        sets[k].members = rs.members
+        sets[k].n = rs.n
+        sets[k].bell = rs.bell
+    with nogil:
+        got = waiter.spin(any_ready, &w, ns)
+    return got
 
 
 # no_gc_clear: see _core/ring.pyx (a cycle must not unmap the ring before this is freed).

@@ -35,6 +35,7 @@ cdef class Waiter:
 
     cdef bint wait(self, ready_fn ready, void *ctx, uint32_t *bell_seq, uint32_t *bell_sleeping,
                    uint32_t **ring_sleepers, int n_rings, int64_t timeout_ns) noexcept nogil
+    cdef int spin(self, ready_fn ready, void *ctx, int64_t spin_ns) noexcept nogil
 
 
 # None -> -1 (no limit); seconds -> ns; TypeError/ValueError with a sentence.

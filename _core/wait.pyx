@@ -205,6 +205,34 @@ cdef class Waiter:
                 return True
 
 
+    cdef int spin(self, ready_fn ready, void *ctx, int64_t spin_ns) noexcept nogil:
+        """Spin up to ``spin_ns`` for ``ready(ctx)``, registered, only while
+        fewer than cores-1 others spin; never sleeps. 1: ready; 0: the time
+        passed; -1: no spare core (it did not spin)."""
+        cdef int64_t now = tb_now_ns()
+        cdef int64_t spin_end = now + spin_ns
+        cdef unsigned int i = 0
+        cdef int slot
+        cdef int got = 0
+        if ready(ctx):
+            return 1
+        if spin_ns <= 0:
+            return 0
+        slot = self.registry.enter(now, spin_end + 1000000, self.policy.max_spinners)
+        if slot < 0:
+            return -1
+        while now < spin_end:
+            if ready(ctx):
+                got = 1
+                break
+            tb_cpu_relax()
+            i += 1
+            if i % CHECK_CLOCK_EVERY == 0:
+                now = tb_now_ns()
+        self.registry.leave(slot)
+        return got
+
+
 cdef int64_t timeout_to_ns(object timeout) except -2:
     """None -> -1 (no limit); seconds -> ns; a clear error for anything else.
     Shared with the publisher, the subscriber and the ring set (wait.pxd)."""

@@ -42,6 +42,7 @@ import zmq
 from tensorbus._core import FLAG_GAP, BackpressureError, Ring, TensorbusError, Waiter
 from tensorbus.broker import peer_wire as W
 from tensorbus.broker import protocol as P
+from tensorbus.broker.batching import parse_rules
 from tensorbus.broker.bridge_view import BridgeView
 from tensorbus.broker.curve import secure_server
 from tensorbus.broker.dial import keep_dialing
@@ -90,6 +91,10 @@ class Bridge:
         self.holder = None
         self.waiter = Waiter(0, yield_us=0)
         self.priorities = DEFAULT_PRIORITIES
+        self.batch_rules = parse_rules(config.bridge_batch)  # checked by config_from
+        # Before a bridge sleeps on its bells it may spin this long, on a spare core only.
+        self.spin_us = config.bridge_spin_us
+        self.spinner = Waiter(config.bridge_spin_us, yield_us=0)
         self.schedule_retry = Soon(self._retry, 0.001)  # publish what waits, shortly
         self.orphans: list[InTopic] = []  # gap markers waiting for ring space
         self.tasks: list[asyncio.Task] = []

@@ -39,6 +39,10 @@ class BrokerConfig:
     transport: str = "auto"  # "ucx", "tcp" or "auto" (ucx where ucxx imports)
     link_port: int = 0
     link_grace_s: float = 10.0
+    # How bridges batch topics: "PATTERN=off" or "PATTERN=SIZE[/US]" rules
+    # (broker/batching.py); unmatched topics: 64 KiB and 100 µs.
+    bridge_batch: list = field(default_factory=list)
+    bridge_spin_us: float = 20.0  # a bridge spins this long before it sleeps (spare core only)
     curve_secret: str | None = None
     log_level: str = "warning"  # the cli configures logging from these two
     log_format: str = "text"  # "text" or "json"

@@ -16,6 +16,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 
+from tensorbus.broker.batching import parse_rules
 from tensorbus.broker.config import BrokerConfig
 from tensorbus.broker.option_kinds import (
     BOOLEAN,
@@ -162,6 +163,12 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str] | None = No
         if option.env and option.target not in fields and environ.get(option.env):
             fields[option.target] = environ[option.env]
     _check_user_tokens(fields, getattr(args, "config", None))
+    try:
+        parse_rules(fields.get("bridge_batch") or [])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not 0 <= fields.get("bridge_spin_us", 0) <= 10_000:
+        raise ConfigError("bridge_spin_us must be 0 to 10000 microseconds")
     return BrokerConfig(**fields)
 
 

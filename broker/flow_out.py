@@ -29,7 +29,10 @@ import numpy as np
 
 from tensorbus._core import FLAG_BRIDGED, FLAG_GAP, RingSet, Subscriber, TensorbusError
 from tensorbus._core.link_codec import EMPTY, FULL, PARK, BatchReader, OutState
+from tensorbus._core.ringset import spin_any
 from tensorbus.broker import peer_wire as W
+from tensorbus.broker.batching import BATCH_BYTES, MAX_BATCH_BYTES, batching_of
+from tensorbus.broker.batching import DEFAULT as DEFAULT_BATCHING
 from tensorbus.broker.link import INFLIGHT_BYTES
 from tensorbus.broker.topics import (
     INBOX_PREFIX,
@@ -61,7 +64,6 @@ DEFAULT_PRIORITIES = (
     ("grad/", 2),
 )
 DEFAULT_PRIORITY = 1
-BATCH_BYTES = 64 << 10  # inline entries up to this; a batch is sent at this size
 TAKE = 8  # messages taken from a ring set at a time
 APP_FLAGS = 0x00FF  # the slot flags an application sets; ours never cross a link
 
@@ -81,8 +83,17 @@ class OutTopic(OutState):
 
     __slots__ = ("newest", "name", "qos", "prio", "sub", "parked")
 
-    def __init__(self, name: str, tid: int, qos: str, prio: int, sub: Subscriber):
-        super().__init__(tid, qos == "reliable", W.INITIAL_WINDOW_MSGS, W.INITIAL_WINDOW_BYTES)
+    def __init__(
+        self, name: str, tid: int, qos: str, prio: int, sub: Subscriber, batching=DEFAULT_BATCHING
+    ):
+        super().__init__(
+            tid,
+            qos == "reliable",
+            W.INITIAL_WINDOW_MSGS,
+            W.INITIAL_WINDOW_BYTES,
+            batching.nbytes,
+            batching.ns,
+        )
         self.name = name
         self.qos = qos
         self.prio = prio
@@ -154,6 +165,7 @@ class Outbound:
                 )
                 fd = os.open(bell["fifo"], os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
                 self.classes[prio] = OutClass(sub, rings, fd)
+                self.ring_sets.append(rings)
                 asyncio.get_running_loop().add_reader(fd, self._fifo_ready, fd)
         for name in [n for n in self.out if not self.wants(n)]:
             self._detach(name)
@@ -174,7 +186,8 @@ class Outbound:
         core = Subscriber(ring, cursor=cursor, generation=generation)
         prio = self.prio(topic.name)
         tid = self.out_ids.setdefault(topic.name, len(self.out_ids) + 1)
-        t = OutTopic(topic.name, tid, topic.qos, prio, core)
+        batching = batching_of(topic.name, self.bridge.batch_rules)
+        t = OutTopic(topic.name, tid, topic.qos, prio, core, batching)
         self.out[topic.name] = self.out_by_id[tid] = t
         self.classes[prio].rings.add(topic.name, core)
         if self.link is not None and self.link.up:
@@ -212,6 +225,7 @@ class Outbound:
             rings.close()
             self.bridge.registry.close_subscription(sub)
         self.classes = [None, None, None]
+        self.ring_sets = []
 
     def _announce(self, t: OutTopic) -> None:
         topic = self.bridge.registry.topic(t.name)
@@ -272,7 +286,7 @@ class Outbound:
                     if link.inflight() >= budget:
                         budget_hit = True
                         break
-                    why = reader.take(rings, self.out, batch, BATCH_BYTES)
+                    why = reader.take(rings, self.out, batch, MAX_BATCH_BYTES)
                     if why == EMPTY:
                         break
                     if why == FULL:
@@ -299,7 +313,8 @@ class Outbound:
                     break
             if batch or bodies:
                 link.send_data(batch, bodies)
-            if reader.msgs:
+            took = reader.msgs
+            if took:
                 self.counters["sent"] += reader.msgs
                 self.counters["sent_bytes"] += reader.nbytes
                 reader.reset_counts()
@@ -308,6 +323,15 @@ class Outbound:
                 asyncio.get_running_loop().call_later(0.0005, self.kick)
             if budget_hit:
                 return
+            # A stream: spin briefly (a spare core only) rather than sleep and
+            # pay a wake-up for the next message.
+            bridge = self.bridge
+            if (
+                took
+                and bridge.spin_us
+                and spin_any(self.ring_sets, bridge.spinner, bridge.spin_us) > 0
+            ):
+                continue
             self.armed = True
             if all(entry.rings.arm() for entry in self.classes):
                 return

@@ -203,6 +203,23 @@ OPTIONS: tuple[Option, ...] = (
         aliases=("link_grace_s",),
     ),
     Option(
+        "bridge_batch",
+        STRINGS,
+        [],
+        "how bridges batch topics, first match wins: PATTERN=off (each message alone) or "
+        "PATTERN=SIZE[/MICROSECONDS] (a batch goes at this size, or once a message in it "
+        "has waited this long); others: 64KiB/100",
+        metavar="RULE",
+    ),
+    Option(
+        "bridge_spin_us",
+        NUMBER,
+        20.0,
+        "a bridge that just sent spins this long for more before it sleeps, only while the "
+        "host has a spare core (the clients' spinner table); 0: never spins",
+        metavar="MICROSECONDS",
+    ),
+    Option(
         "curve_secret_file",
         SECRET_FILE,
         None,

@@ -16,6 +16,7 @@ import pytest
 
 import tensorbus
 from tensorbus import AuthError, BrokerUnavailable, GapError
+from tensorbus.broker import peer_wire as W
 from tensorbus.cli import stats_table
 
 pytestmark = pytest.mark.timeout(120)
@@ -407,12 +408,33 @@ def test_slow_remote_subscriber_slows_the_publisher_and_nothing_is_lost(pair, tr
         # The far subscriber read nothing: credit ran out on the link, the
         # bridge's cursor stalled, and A's ring filled. Bounded by the rings
         # and the window, not by the publisher's speed.
-        assert 64 < sent < 64 + 256 + 256 + 64
+        assert 64 < sent < 64 + 2 * W.INITIAL_WINDOW_MSGS + 64
         assert links(a.url)[0]["parked"] == 1
         got = [int(bytes(sub.recv(timeout=5).data)) for _ in range(sent)]
         assert got == list(range(sent))  # every message, in order, none dropped
         pub.send(b"after", timeout=5)  # credit came back
         assert bytes(sub.recv(timeout=5).data) == b"after"
+
+
+def test_batching_is_switched_per_topic(pair):
+    """``--bridge-batch ctl/>=off``: each ctl message crosses in a batch of
+    its own; other topics still coalesce a burst."""
+    a, b = pair("tcp", a_args=("--bridge-batch", "ctl/>=off"))
+    with tensorbus.connect(a.url) as ca, tensorbus.connect(b.url) as cb:
+        subs = {name: cb.subscribe(name) for name in ("ctl/x", "data/x")}
+        for name in subs:
+            wait_for(link_up(a.url, name), what=f"interest in {name}")
+        counts = {}
+        for name, sub in subs.items():
+            before = links(a.url)[0]["batches"]
+            pub = ca.publisher(name, capacity=1024)
+            for k in range(300):
+                pub.send(b"%d" % k)
+            got = [int(bytes(sub.recv(timeout=5).data)) for _ in range(300)]
+            assert got == list(range(300))
+            counts[name] = links(a.url)[0]["batches"] - before
+        assert counts["ctl/x"] >= 300
+        assert counts["data/x"] < 300
 
 
 def test_a_gap_marker_raises_once_where_it_is_even_mid_batch(daemon):
@@ -502,8 +524,6 @@ def test_garbage_on_a_link_closes_that_link_and_the_daemon_lives(daemon_factory,
     import msgpack
     import zmq
 
-    from tensorbus.broker import peer_wire as W
-
     a = daemon_factory("--tcp", "127.0.0.1:*", "--transport", "tcp", path=tmp_path / "a")
     rng = random.Random(6)
     bad_messages = [
@@ -564,8 +584,6 @@ def test_a_reliable_message_that_cannot_be_published_is_a_gap(daemon_factory, tm
     does not know) is not dropped in silence on a reliable topic: its
     subscribers get GapError in its place, then the stream goes on."""
     import zmq
-
-    from tensorbus.broker import peer_wire as W
 
     a = daemon_factory("--tcp", "127.0.0.1:*", "--transport", "tcp", path=tmp_path / "a")
     with tensorbus.connect(a.url) as local, tensorbus.connect(tcp_of(a)) as remote:

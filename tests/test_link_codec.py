@@ -193,3 +193,35 @@ def test_publishing_stops_before_what_python_handles(make_ring, bells):
     assert writer.publish(bad, 0, {2: t2}) == 0  # the shape does not match nbytes
     assert writer.publish(two, len(two), {2: t2}) == len(two)  # from an offset: nothing left
     assert idle.ring is ring and reader2.ring is ring2
+
+
+def test_per_topic_batching_bounds(make_ring, bells):
+    rs, rings = reader_over(make_ring, bells, ["alone", "small"])
+    for k in range(3):
+        rings["alone"].publisher().send(b"a%d" % k)
+        rings["small"].publisher().send(b"s%d" % k)
+    alone = OutState(1, True, 100, 1 << 20, 0, 100_000)  # batching off
+    small = OutState(2, True, 100, 1 << 20, 2 * (24 + 2), 10**9)  # two entries per batch
+    reader = BatchReader(KEEP, 0, 64 << 10)
+    topics = {"alone": alone, "small": small}
+    for t in topics.values():
+        t.announced = True
+    sizes = []
+    while True:
+        batch = bytearray()
+        why = reader.take(rs, topics, batch, 1 << 16)
+        if batch:
+            sizes.append(sorted(e.topic for e in W.decode_batch(bytes(batch))))
+        if why == EMPTY:
+            break
+        assert why == FULL
+    assert sizes.count([1]) == 3  # each message of "alone" went by itself
+    small_batches = [s for s in sizes if 1 not in s]
+    assert sorted(map(len, small_batches)) == [1, 2]  # "small" two at most
+    # The time bound: a topic whose messages may not wait at all.
+    for k in range(3):
+        rings["small"].publisher().send(b"t%d" % k)
+    small.batch_bytes, small.batch_ns = 1 << 16, 0
+    batch = bytearray()
+    assert reader.take(rs, topics, batch, 1 << 16) == FULL
+    assert len(W.decode_batch(bytes(batch))) == 1

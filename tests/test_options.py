@@ -212,3 +212,10 @@ def test_the_systemd_unit_starts_serve_with_flags_it_has():
     add_serve_flags(parser)
     args = parser.parse_args(argv[argv.index("serve") + 1 :])  # exits on an unknown flag
     assert args.ipc == "/run/tensorbus/broker.sock" and args.log_format == "json"
+
+
+def test_bridge_batch_rules_are_checked_at_start(tmp_path):
+    config = _config(tmp_path, "--bridge-batch", "ctl/>=off", "--bridge-batch", "grad/>=1MiB/200")
+    assert config.bridge_batch == ["ctl/>=off", "grad/>=1MiB/200"]
+    with pytest.raises(ConfigError, match="bridge batch rule 'grad/>=lots'"):
+        _config(tmp_path, "--bridge-batch", "grad/>=lots")
