@@ -84,6 +84,7 @@ class Broker(Lineage):
         self.ctx: zmq.asyncio.Context | None = None
         # (socket the loop waits on, a blocking shadow of it for NOBLOCK I/O, transport)
         self.sockets: list[tuple[zmq.asyncio.Socket, zmq.Socket, str]] = []
+        self.readers: dict[zmq.Socket, Soon] = {}  # serve a socket's requests, soon
         self.lock_fd = -1
         self.stopping: asyncio.Event | None = None
         self.bridge = Bridge(config)
@@ -236,11 +237,21 @@ class Broker(Lineage):
             " ".join(self.endpoints),
             extra={"event": "broker_started", "endpoints": self.endpoints, "pid": os.getpid()},
         )
-        tasks = [asyncio.create_task(self._receive(*entry)) for entry in self.sockets]
-        tasks.append(asyncio.create_task(self.liveness.run()))
+        loop = asyncio.get_running_loop()
+        fds = []
+        for _, sock, transport in self.sockets:
+            read = self.readers[sock] = Soon(lambda s=sock, t=transport: self._receive(s, t))
+            fd = sock.getsockopt(zmq.FD)
+            loop.add_reader(fd, read)
+            fds.append(fd)
+            read()  # requests queued before the reader was there
+        tasks = [asyncio.create_task(self.liveness.run())]
         try:
             await self.stopping.wait()
         finally:
+            for fd in fds:
+                loop.remove_reader(fd)
+            self.readers.clear()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -314,6 +325,9 @@ class Broker(Lineage):
             return  # an orphan taken over from a dead daemon: no connection yet
         with contextlib.suppress(zmq.ZMQError):
             sock.send_multipart([identity, payload], zmq.NOBLOCK)
+        read = self.readers.get(sock)
+        if read is not None:
+            read()  # a send may take the edge of a request waiting: look again
 
     def _notify(self, sub: Subscription, kind: str, fields: dict) -> None:
         """Send a notice once the state is saved, then raise the bell's
@@ -327,31 +341,34 @@ class Broker(Lineage):
             self.outbox.append((sub.session.key, frame, sub.bell))
         self.commit_soon()
 
-    async def _receive(
-        self, waitable: zmq.asyncio.Socket, sock: zmq.Socket, transport: str
-    ) -> None:
-        """Wait until requests are queued, then serve what is there (at most
-        a burst, so the monitor still runs) without a future per message."""
-        while True:
-            await waitable.poll(zmq.POLLIN)
-            replies = []
-            for _ in range(256):
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                try:
-                    reply = self._handle(sock, transport, frames)
-                except Exception as exc:  # the broker never dies of a client's bytes
-                    log.exception("request failed")
-                    reply = P.encode_error(None, "internal", f"the broker failed: {exc}")
-                if reply is not None:
-                    self.registry.counters["requests"] += 1
-                    replies.append(((sock, frames[0].bytes), reply))
-            self._commit()  # saved before anyone hears of what changed
-            for key, reply in replies:
-                self._send(key, reply)
-            await asyncio.sleep(0)
+    def _receive(self, sock: zmq.Socket, transport: str) -> None:
+        """Serve what requests are queued (a burst at most, then the loop's
+        other work first), with no future per message. Runs when the
+        socket's fd (edge-triggered) says so, and after every send on it,
+        which may have taken a waiting request's edge."""
+        replies = []
+        more = True
+        for _ in range(256):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                more = False
+                break
+            except zmq.ZMQError:  # closed under us: shutting down
+                return
+            try:
+                reply = self._handle(sock, transport, frames)
+            except Exception as exc:  # the broker never dies of a client's bytes
+                log.exception("request failed")
+                reply = P.encode_error(None, "internal", f"the broker failed: {exc}")
+            if reply is not None:
+                self.registry.counters["requests"] += 1
+                replies.append(((sock, frames[0].bytes), reply))
+        self._commit()  # saved before anyone hears of what changed
+        for key, reply in replies:
+            self._send(key, reply)
+        if more:
+            self.readers[sock]()
 
     def _handle(self, sock, transport: str, frames) -> bytes | None:
         key = (sock, frames[0].bytes)
