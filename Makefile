@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py $(wildcard _core/*.pyx _core/*.pxd _core/*.h)
 
-.PHONY: demo demo-smoke test lint perf reliability clean
+.PHONY: demo demo-smoke test lint perf reliability bridge-targets clean
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ test: $(STAMP)
 # (docs/reliability.md). tests/test_reliability.py runs them at CI sizes.
 reliability: $(STAMP)
 	$(PY) perf/reliability.py all
+
+# The bridge's targets (docs/bridge.md, "Performance"): round trips, one-way
+# rates, 64 MiB on huge pages (as root it reserves and restores them) and DDP
+# through two daemons, each beside its peer in one run; exits 1 on a miss.
+bridge-targets: $(STAMP)
+	$(PY) perf/bridge_targets.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

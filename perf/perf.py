@@ -11,7 +11,8 @@ printed beside its peers measured in the same run.
 
 lat: ping-pong round trip between two processes (p50 / p99 / mean, us).
 thr: one-way messages from one process to another (msgs/s and GB/s).
-idle: CPU a ring subscriber burns while waiting for nothing.
+idle: CPU a ring subscriber burns while waiting for nothing (bridge-tcp,
+bridge-ucx: both daemons of a linked pair, together).
 control: the broker daemon's control plane: subscribe + unsubscribe ops/s of
 many clients at once, over many topics, and the daemon's RSS around them.
 ddp: DDP step time of two trainers with tensorbus's ps_hook beside DDP's own
@@ -281,9 +282,9 @@ def table(records):
         if r["subscriptions_left"]:
             print(f"WARNING: {r['subscriptions_left']:g} subscriptions still held after the cycles")
     else:
-        print(f"\nidle subscriber, {base['seconds']:g} s waiting for nothing")
+        print(f"\nidle, {base['seconds']:g} s waiting for nothing (bridges: both daemons)")
         for r in records:
-            print(f"{r['backend']:<8}{r['cpu_percent']:>8.2f} % of one core")
+            print(f"{r['backend']:<12}{r['cpu_percent']:>8.2f} % of one core")
 
 
 def main(argv=None) -> int:

@@ -134,3 +134,22 @@ def test_a_cursor_of_another_bell_is_refused(bells, rings):
     rs = RingSet(bells, 6)
     with pytest.raises(ValueError, match="does not name bell 6"):
         rs.add("a", member(rings(), 7))
+
+
+def test_spin_any_sees_a_message_or_gives_up(bells, rings):
+    from tensorbus._core import Waiter
+    from tensorbus._core.ringset import spin_any
+
+    ring = rings()
+    rs = RingSet(bells, 7)
+    rs.add("t", member(ring, 7))
+    other = RingSet(bells, 6)
+    waiter = Waiter(1000, max_spinners=8)
+    assert spin_any([rs, other], waiter, 200) == 0  # nothing came within 200 us
+    ring.publisher().send(b"x")
+    assert spin_any([other, rs], waiter, 200) == 1  # a message in any of them
+    assert spin_any([rs], Waiter(1000, max_spinners=0), 200) == 1  # ready: no spin needed
+    rs.take(1)
+    assert spin_any([rs], Waiter(1000, max_spinners=0), 200) == -1  # no spare core: no spin
+    with pytest.raises(ValueError, match="at most 4"):
+        spin_any([rs] * 5, waiter, 1)

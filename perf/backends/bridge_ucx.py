@@ -12,3 +12,7 @@ def lat(size: int, count: int, warmup: int) -> list[int]:
 
 def thr(size: int, count: int) -> tuple[int, float]:
     return bridged.thr("ucx", size, count)
+
+
+def idle(seconds: float) -> float:
+    return bridged.idle("ucx", seconds)

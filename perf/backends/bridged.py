@@ -133,3 +133,25 @@ def thr(transport: str, size: int, count: int, hugepages: bool = False) -> tuple
                     pub.send(msg)
             received, t1 = result_of(result, f"bridge-{transport}")
     return received, t1 - t0
+
+
+def idle(transport: str, seconds: float) -> float:
+    """CPU seconds both daemons of a linked pair use, together, in
+    ``seconds`` with nothing to forward (after one message each way, so
+    their bridges are set up and asleep)."""
+    from backends.bus import _cpu_s
+
+    pids: list = []
+    with (
+        linked(transport, 64, pids=pids) as (url_a, url_b),
+        tensorbus.connect(url_a, name="perf-bridge-idle-a") as ca,
+        tensorbus.connect(url_b, name="perf-bridge-idle-b") as cb,
+    ):
+        sub = cb.subscribe(PING)
+        wait_interest(url_a, PING, transport)
+        ca.publisher(PING, timeout=60).send(b"wake")
+        sub.recv(timeout=60)
+        time.sleep(0.5)
+        before = sum(_cpu_s(pid) for pid in pids)
+        time.sleep(seconds)
+        return sum(_cpu_s(pid) for pid in pids) - before
