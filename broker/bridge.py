@@ -40,6 +40,7 @@ import uuid
 import zmq
 
 from tensorbus._core import FLAG_GAP, BackpressureError, Ring, TensorbusError, Waiter
+from tensorbus.broker import gossip
 from tensorbus.broker import peer_wire as W
 from tensorbus.broker import protocol as P
 from tensorbus.broker.batching import parse_rules
@@ -102,6 +103,7 @@ class Bridge:
         self.transport = config.transport
         self.ucx_context = None
         self.max_body = 0  # the largest body a link may announce: our arena's size
+        self.ctx = None  # the ZeroMQ context links are dialed with (start)
 
     # -- start and stop ----------------------------------------------------
 
@@ -110,6 +112,7 @@ class Bridge:
         the configured peers. ``link_name``: how this daemon names itself to
         the peers it dials."""
         self.loop = asyncio.get_running_loop()
+        self.ctx = ctx  # for the members gossip names
         self.registry = registry
         self.link_name = link_name
         self.max_body = registry.arena.size
@@ -194,8 +197,13 @@ class Bridge:
                 peer.link_down("its client session ended")
 
     def forget(self, peer: Peer) -> None:
-        if peer in self.peers and peer.url is None:
+        """Drop ``peer`` (one that dialed us, or a member gossip named; a
+        configured peer is dialed for ever)."""
+        if peer in self.peers and (peer.url is None or peer.learned_from is not None):
             self.peers.remove(peer)
+            dialer = peer.dialer
+            if dialer is not None and dialer is not asyncio.current_task():
+                dialer.cancel()
             if peer.kind == "client" and peer.patterns:
                 self.interest_changed()  # its patterns leave this host's interest
 
@@ -377,6 +385,8 @@ class Bridge:
                 same_host=boot == self.boot_id,
             )
         link.peer.link_up(link, node, name, boot)
+        if link.peer.kind == "peer":
+            gossip.announce(self)  # every member hears of the new one, and it of them
 
     # -- frames on any link channel -----------------------------------------
 
@@ -395,6 +405,8 @@ class Bridge:
             peer.on_resume(f["sent"])
         elif kind == "bye":
             self.loop.call_soon(peer.link_down, "the peer said bye")
+        elif kind == "members":
+            gossip.learn(self, f["urls"], peer)
         elif kind == "denied":  # the peer refused what we sent or asked for
             log.warning("peer %s: permission denied: %s", peer.name, f["error"])
         # "hb" and "attach" (a repeat) need nothing beyond last_rx.
@@ -436,3 +448,7 @@ class Bridge:
 
     def stats(self) -> list[dict]:
         return [peer.stats() for peer in self.peers]
+
+    def members(self) -> list[str]:
+        """The cluster as this daemon knows it: its own and its up peers' urls."""
+        return gossip.members(self)

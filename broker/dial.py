@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import random
+import time
 from typing import TYPE_CHECKING
 
 import zmq
@@ -55,6 +56,20 @@ async def keep_dialing(bridge: Bridge, peer: Peer, ctx) -> None:
             continue
         except Exception as exc:
             peer.counters["dial_failures"] += 1
+            if (
+                peer.learned_from is not None
+                and time.monotonic() - peer.since > bridge.config.link_grace_s
+            ):
+                log.warning(
+                    "member %s (learned from %s) unreachable for %.1f s: dropped (%s)",
+                    peer.url,
+                    peer.learned_from,
+                    bridge.config.link_grace_s,
+                    exc,
+                    extra={"event": "member_dropped", "peer": peer.url, "reason": str(exc)},
+                )
+                bridge.forget(peer)
+                return
             if peer.state != "down" or peer.counters["dial_failures"] % 20 == 1:
                 log.info("cannot link to peer %s: %s", peer.url, exc)
             if peer.state == "connecting" and peer.counters["links"]:

@@ -149,6 +149,7 @@ class Ops:
             "holders_free": len(registry.free_holders),
             "node": self.bridge.node,
             "links": self.bridge.stats(),
+            "cluster": self.bridge.members(),
             **self.role(),
             **registry.counters,
         }

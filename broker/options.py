@@ -174,7 +174,8 @@ OPTIONS: tuple[Option, ...] = (
         "peers",
         STRINGS,
         [],
-        "other daemons to bridge topics with (their tcp addresses); the flag repeats",
+        "other daemons to bridge topics with (their tcp addresses); any one member of a "
+        "cluster is enough, gossip names the rest; the flag repeats",
         flag="--peer",
         metavar="tcp://HOST:PORT",
     ),

@@ -66,6 +66,9 @@ class Peer(Outbound, Inbound):
         self.grace_handle: asyncio.TimerHandle | None = None
         self.counters = collections.Counter()
         self.dialer: asyncio.Task | None = None
+        # Learned from gossip (broker/gossip.py): the member that named it;
+        # such a peer is dropped once unreachable for the link grace.
+        self.learned_from: str | None = None
         # The restricted user (broker/permissions.py) this party authenticated
         # as; None: it may publish and subscribe to everything.
         self.user = None
@@ -215,7 +218,9 @@ class Peer(Outbound, Inbound):
         self.close_outbound()  # first: local publishers must not stay blocked
         self.patterns.clear()
         self.mark_gaps(f"link to peer {self.name} lost ({reason})")
-        if self.url is None:  # it dialed us: it will open a new link if it returns
+        if self.url is None or self.learned_from is not None:
+            # It dialed us (it will open a new link if it returns), or gossip
+            # named it (a member that still knows it will name it again).
             self.bridge.forget(self)
 
     def close(self) -> None:
@@ -242,6 +247,7 @@ class Peer(Outbound, Inbound):
             "state": self.state,
             "transport": self.link.transport if self.link is not None else None,
             "for_s": round(time.monotonic() - self.since, 3),
+            "learned_from": self.learned_from,
             "interest": sorted(self.patterns),
             "forwarding": len(self.out),
             "parked": sum(1 for t in self.out.values() if t.parked),

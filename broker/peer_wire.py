@@ -48,6 +48,7 @@ __all__ = [
     "INITIAL_WINDOW_BYTES",
     "INITIAL_WINDOW_MSGS",
     "LINK_VERSION",
+    "MAX_MEMBERS",
     "TENSOR",
     "Entry",
     "WireError",
@@ -97,7 +98,12 @@ CONTROL_TYPES = {
     # A refusal (docs/permissions.md): ``topic`` (a name or pattern) is not
     # this link's user's to publish or subscribe to; ``error``: the sentence.
     "denied": {"topic": (_STR, True), "error": (_STR, True)},
+    # Seed discovery (broker/gossip.py): the advertised urls of the
+    # daemons the sender has an up link to, itself included.
+    "members": {"urls": (_LIST, True)},
 }
+MAX_MEMBERS = 4096  # urls in one members message
+_MAX_URL = 256
 _U64 = (1 << 64) - 1
 
 
@@ -159,6 +165,15 @@ def decode_control(raw: bytes) -> tuple[str, dict]:
                 and all(type(v) is int and 0 <= v <= _U64 for v in grant)
             ):
                 raise WireError("a credit grant is [topic id, messages, bytes] of counts")
+    elif kind == "members":
+        urls = obj["urls"]
+        if len(urls) > MAX_MEMBERS or not all(
+            isinstance(u, str) and u.startswith("tcp://") and len(u) <= _MAX_URL for u in urls
+        ):
+            raise WireError(
+                f"members is a list of at most {MAX_MEMBERS} tcp:// urls of at most "
+                f"{_MAX_URL} characters"
+            )
     elif kind == "resume":
         if not all(
             isinstance(k, str) and type(v) is int and 0 <= v <= _U64 for k, v in obj["sent"].items()

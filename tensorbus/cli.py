@@ -247,6 +247,9 @@ def stats_table(stats: dict) -> str:
                 else ""
             )
         )
+    cluster = b.get("cluster") or []
+    if len(cluster) > 1:
+        lines.append(f"cluster: {len(cluster)} members: {', '.join(cluster)}")
     for link in b.get("links") or []:
         lines.append(
             f"link {link['kind']} {link['peer']}: {link['state']} ({link['transport'] or '-'}) "

@@ -1,0 +1,108 @@
+"""Seed discovery: daemons tell each other the members they know, as NATS
+routes do, so a daemon that names any one member in ``--peer`` joins the
+full mesh (docs/bridge.md, "A cluster from one seed").
+
+* A member is a daemon with an up link of kind ``peer``: it said hello with
+  the cluster's token (or CURVE key) and attached with its link's secret.
+  Nothing else is ever gossiped: not a light client, not a daemon still
+  dialing, not one whose link is down.
+* A member is named by its advertised url, the ``tcp://HOST:PORT`` of its
+  control socket: the url a dialer dialed, or the name an accepted daemon
+  gave for itself. A daemon bound to a wildcard host advertises nothing
+  (its peers cannot dial 0.0.0.0); it still links and learns.
+* Every time a link to a member comes up, this daemon sends every member
+  the list (a ``members`` control message on the link channel). A member
+  learned from it that is not known yet is dialed, with the dialer's usual
+  backoff; one that cannot be reached, or whose link stays down, for
+  ``--link-grace`` is dropped. A learned member never holds up the others:
+  each is dialed by a task of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from tensorbus.broker import peer_wire as W
+from tensorbus.broker.dial import keep_dialing
+from tensorbus.broker.peer import Peer
+
+if TYPE_CHECKING:
+    from tensorbus.broker.bridge import Bridge
+
+__all__ = ["announce", "learn", "member_url", "members", "overdue", "own_url"]
+
+log = logging.getLogger("tensorbus.bridge")
+
+_WILDCARDS = ("tcp://0.0.0.0:", "tcp://[::]:", "tcp://*:")
+
+
+def own_url(bridge: Bridge) -> str | None:
+    """The url this daemon advertises, or None (no tcp, or a wildcard host)."""
+    name = bridge.link_name or ""
+    if not name.startswith("tcp://") or name.startswith(_WILDCARDS):
+        return None
+    return name
+
+
+def member_url(peer: Peer) -> str | None:
+    """``peer``'s advertised url if it is a member now (an up daemon link)."""
+    if peer.kind != "peer" or peer.state != "up":
+        return None
+    url = peer.url or peer.name
+    if not url.startswith("tcp://") or url.startswith(_WILDCARDS):
+        return None
+    return url
+
+
+def members(bridge: Bridge) -> list[str]:
+    """Every member this daemon knows, itself included where it advertises."""
+    urls = {url for url in map(member_url, bridge.peers) if url}
+    own = own_url(bridge)
+    if own:
+        urls.add(own)
+    return sorted(urls)
+
+
+def announce(bridge: Bridge) -> None:
+    """Send the member list on every up daemon link."""
+    body = W.encode_control("members", urls=members(bridge))
+    for peer in bridge.peers:
+        if peer.kind == "peer" and peer.link is not None and peer.link.up:
+            peer.link.send_control(body)
+
+
+def learn(bridge: Bridge, urls: list[str], source: Peer) -> None:
+    """Dial the members ``source`` named that this daemon does not know."""
+    if source.kind != "peer":
+        return  # only daemons speak for the cluster
+    own = own_url(bridge)
+    known = {own}
+    for peer in bridge.peers:
+        known.add(peer.url)
+        known.add(peer.name)
+    for url in urls:
+        if url in known or url.startswith(_WILDCARDS):
+            continue
+        known.add(url)
+        peer = Peer(bridge, "peer", url)
+        peer.learned_from = source.name
+        bridge.peers.append(peer)
+        log.info(
+            "member %s learned from %s: dialing it",
+            url,
+            source.name,
+            extra={"event": "member_learned", "peer": url, "source": source.name},
+        )
+        peer.dialer = asyncio.get_running_loop().create_task(keep_dialing(bridge, peer, bridge.ctx))
+
+
+def overdue(bridge: Bridge, peer: Peer) -> bool:
+    """A learned member unreachable (or down) for longer than the grace."""
+    return (
+        peer.learned_from is not None
+        and peer.link is None
+        and time.monotonic() - peer.since > bridge.config.link_grace_s
+    )

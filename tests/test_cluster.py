@@ -1,0 +1,82 @@
+"""A cluster from one seed (broker/gossip.py): daemons that each name one
+member in --peer join the full mesh, carry messages over the links gossip
+made, and drop a member that leaves after --link-grace."""
+
+import signal
+import time
+
+import pytest
+
+import tensorbus
+from tensorbus.broker import peer_wire as W
+
+pytestmark = pytest.mark.timeout(90)
+
+COMMON = ("--tcp", "127.0.0.1:*", "--transport", "tcp", "--heartbeat", "0.2")
+COMMON += ("--link-grace", "1", "--arena-size", "64MiB")
+
+
+def tcp_of(d) -> str:
+    return next(e for e in d.endpoints if e.startswith("tcp://"))
+
+
+def broker_stats(d) -> dict:
+    with tensorbus.connect(d.url, name="probe") as c:
+        return c.stats()["broker"]
+
+
+def wait_for(predicate, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def up_links(d) -> int:
+    return sum(1 for link in broker_stats(d)["links"] if link["state"] == "up")
+
+
+def test_four_daemons_join_the_mesh_from_one_seed_and_drop_a_leaver(daemon_factory, tmp_path):
+    a = daemon_factory(*COMMON, path=tmp_path / "a")
+    b = daemon_factory(*COMMON, "--peer", tcp_of(a), path=tmp_path / "b")
+    c = daemon_factory(*COMMON, "--peer", tcp_of(a), path=tmp_path / "c")
+    d = daemon_factory(*COMMON, "--peer", tcp_of(b), path=tmp_path / "d")  # A only through B
+    everyone = [a, b, c, d]
+    urls = sorted(tcp_of(x) for x in everyone)
+    for x in everyone:
+        wait_for(lambda x=x: broker_stats(x)["cluster"] == urls, what="the whole cluster")
+        wait_for(lambda x=x: up_links(x) == 3, what="a link to every other member")
+    # C and D never named each other: the link gossip made carries the data.
+    with tensorbus.connect(c.url) as cc, tensorbus.connect(d.url) as cd:
+        sub = cc.subscribe("grad/d")
+        wait_for(
+            lambda: any(
+                "grad/d" in link["interest"] and link["peer"] == tcp_of(c)
+                for link in broker_stats(d)["links"]
+            ),
+            what="C's interest at D",
+        )
+        cd.publisher("grad/d").send(b"from d")
+        assert bytes(sub.recv(timeout=5).data) == b"from d"
+    # B leaves for good: after the grace, the others list it no more.
+    b.stop(signal.SIGKILL)
+    rest = sorted(tcp_of(x) for x in (a, c, d))
+    for x in (a, c, d):
+        wait_for(lambda x=x: broker_stats(x)["cluster"] == rest, what="B out of the cluster")
+    # A and C forget it (it dialed A; C learned it); D named it, so keeps dialing it.
+    for x in (a, c):
+        wait_for(
+            lambda x=x: tcp_of(b) not in [link["peer"] for link in broker_stats(x)["links"]],
+            what="B forgotten",
+        )
+    assert up_links(c) == 2 and up_links(a) == 2
+
+
+def test_a_members_message_is_checked():
+    ok = W.encode_control("members", urls=["tcp://10.0.0.1:5555"])
+    assert W.decode_control(ok) == ("members", {"urls": ["tcp://10.0.0.1:5555"]})
+    for urls in (["ipc:///tmp/x"], [5], ["tcp://" + "x" * 300], ["tcp://h:1"] * 5000):
+        with pytest.raises(W.WireError, match="members is a list"):
+            W.decode_control(W.encode_control("members", urls=urls))
