@@ -138,7 +138,7 @@ cdef class Waiter:
         cdef int64_t deadline = start + timeout_ns
         cdef int64_t spin_end
         cdef unsigned int i = 0
-        cdef int slot, k
+        cdef int k
         cdef uint32_t seq
         cdef bint ok
 
@@ -160,21 +160,8 @@ cdef class Waiter:
 
         # 2. Registered spin, only while fewer than cores-1 others spin.
         if self.policy.spin_ns > self.policy.prespin_ns and now < deadline:
-            spin_end = min(start + self.policy.spin_ns, deadline)
-            slot = self.registry.enter(now, spin_end + 1000000, self.policy.max_spinners)
-            if slot >= 0:
-                ok = False
-                while now < spin_end:
-                    if ready(ctx):
-                        ok = True
-                        break
-                    tb_cpu_relax()
-                    i += 1
-                    if i % CHECK_CLOCK_EVERY == 0:
-                        now = tb_now_ns()
-                self.registry.leave(slot)
-                if ok:
-                    return True
+            if self.spin(ready, ctx, min(start + self.policy.spin_ns, deadline) - now) == 1:
+                return True
 
         # 3. Yield the core to whoever needs it, still without a syscall-sleep.
         spin_end = min(tb_now_ns() + self.policy.yield_ns, deadline)
