@@ -291,9 +291,14 @@ class Bridge:
             # id keeps its own dialed link; the other's dialer stands by. A
             # new node of a known origin is that peer restarted: its Peer
             # goes on (broker/peer.py marks the gaps and starts afresh).
+            # A member gossip named, still dialing, is the same party as its
+            # link: matched by the url it advertises (its link name).
+            advertised = f.get("name")
             for p in self.peers:
                 if p.kind == "peer" and (
-                    node in (p.node, p.node_hint) or (origin and origin == p.origin)
+                    node in (p.node, p.node_hint)
+                    or (origin and origin == p.origin)
+                    or (advertised and p.url == advertised and p.node is None)
                 ):
                     peer = p
             if peer is not None and peer.url is not None and peer.link is not None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import TYPE_CHECKING
 
 from tensorbus.broker import peer_wire as W
@@ -32,7 +31,7 @@ from tensorbus.broker.peer import Peer
 if TYPE_CHECKING:
     from tensorbus.broker.bridge import Bridge
 
-__all__ = ["announce", "learn", "member_url", "members", "overdue", "own_url"]
+__all__ = ["announce", "learn", "member_url", "members", "own_url"]
 
 log = logging.getLogger("tensorbus.bridge")
 
@@ -97,12 +96,3 @@ def learn(bridge: Bridge, urls: list[str], source: Peer) -> None:
             extra={"event": "member_learned", "peer": url, "source": source.name},
         )
         peer.dialer = asyncio.get_running_loop().create_task(keep_dialing(bridge, peer, bridge.ctx))
-
-
-def overdue(bridge: Bridge, peer: Peer) -> bool:
-    """A learned member unreachable (or down) for longer than the grace."""
-    return (
-        peer.learned_from is not None
-        and peer.link is None
-        and time.monotonic() - peer.since > bridge.config.link_grace_s
-    )

@@ -58,8 +58,12 @@ def test_four_daemons_join_the_mesh_from_one_seed_and_drop_a_leaver(daemon_facto
             ),
             what="C's interest at D",
         )
-        cd.publisher("grad/d").send(b"from d")
-        assert bytes(sub.recv(timeout=5).data) == b"from d"
+        pub = cd.publisher("grad/d")
+        for k in range(50):
+            pub.send(b"%d" % k)
+        assert [int(bytes(sub.recv(timeout=5).data)) for _ in range(50)] == list(range(50))
+        with pytest.raises(tensorbus.ReceiveTimeout):
+            sub.recv(timeout=0.3)  # each message crossed once: one link per pair
     # B leaves for good: after the grace, the others list it no more.
     b.stop(signal.SIGKILL)
     rest = sorted(tcp_of(x) for x in (a, c, d))
@@ -72,6 +76,39 @@ def test_four_daemons_join_the_mesh_from_one_seed_and_drop_a_leaver(daemon_facto
             what="B forgotten",
         )
     assert up_links(c) == 2 and up_links(a) == 2
+
+
+def test_daemons_started_at_once_each_naming_another_form_one_mesh(daemon_factory, tmp_path):
+    """Every daemon learns of the others while they dial it: each pair ends
+    with exactly one link, whoever dialed first."""
+    ports = [free_port() for _ in range(4)]
+    common = COMMON[2:]  # all but --tcp
+    started = []
+    for k, port in enumerate(ports):
+        seed = ("--peer", f"tcp://127.0.0.1:{ports[k - 1]}") if k else ()
+        started.append(
+            daemon_factory(
+                "--tcp", f"127.0.0.1:{port}", *common, *seed, path=tmp_path / f"d{k}", wait=False
+            )
+        )
+    for d in started:
+        d.ready()
+    urls = sorted(f"tcp://127.0.0.1:{port}" for port in ports)
+    for d in started:
+        wait_for(lambda d=d: broker_stats(d)["cluster"] == urls, what="the whole cluster")
+        wait_for(lambda d=d: up_links(d) == 3, what="one link to every other member")
+    time.sleep(1.0)  # any duplicate link would have shown up by now
+    for d in started:
+        peers = [link["peer"] for link in broker_stats(d)["links"] if link["state"] == "up"]
+        assert len(peers) == len(set(peers)) == 3
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_a_members_message_is_checked():
