@@ -64,7 +64,7 @@ DEFAULT_PRIORITIES = (
     ("grad/", 2),
 )
 DEFAULT_PRIORITY = 1
-TAKE = 8  # messages taken from a ring set at a time
+CHUNK_POLL_S = 0.0005  # how often body chunks in flight are looked at
 APP_FLAGS = 0x00FF  # the slot flags an application sets; ours never cross a link
 
 
@@ -319,8 +319,10 @@ class Outbound:
                 self.counters["sent_bytes"] += reader.nbytes
                 reader.reset_counts()
             if budget_hit or link.flush():
-                # Chunks wait for the transport to drain: look again shortly.
-                asyncio.get_running_loop().call_later(0.0005, self.kick)
+                # Chunks wait for the transport to drain: feed it shortly, and
+                # pump again only once the budget has room.
+                self.budget_hit = self.budget_hit or budget_hit
+                self._watch_chunks()
             if budget_hit:
                 return
             # A stream: spin briefly (a spare core only) rather than sleep and
@@ -336,6 +338,24 @@ class Outbound:
             if all(entry.rings.arm() for entry in self.classes):
                 return
             self.disarm()  # something arrived while arming: go again
+
+    def _watch_chunks(self) -> None:
+        if self.chunk_timer is None:
+            self.chunk_timer = asyncio.get_running_loop().call_later(CHUNK_POLL_S, self._chunks_due)
+
+    def _chunks_due(self) -> None:
+        """Feed the transport what waits (ZeroMQ says nothing when it has sent
+        a tracked chunk); pump once the in-flight budget has room again."""
+        self.chunk_timer = None
+        link = self.link
+        if link is None or not link.up:
+            return
+        pending = link.flush()
+        if self.budget_hit and link.inflight() < INFLIGHT_BYTES[link.transport]:
+            self.budget_hit = False
+            self.kick()
+        elif pending:
+            self._watch_chunks()
 
     def _park(self, t: OutTopic | None) -> None:
         """A reliable topic out of credit: its cursor stalls (backpressure

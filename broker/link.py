@@ -90,6 +90,7 @@ class Link:
         self.last_rx = time.monotonic()
         self.trackers: collections.deque = collections.deque()  # (tracker, nbytes)
         self.chunks: collections.deque = collections.deque()  # body chunks not yet sent
+        self.unsent = 0  # their bytes
         self.queued = 0  # bytes of chunks ZeroMQ holds
         # Receiving: entries of batches in order; a body blocks those after it
         # until its chunks have all arrived.
@@ -154,6 +155,7 @@ class Link:
             view = memoryview(body).cast("B")
             for at in range(0, len(view), CHUNK_BYTES):
                 self.chunks.append(view[at : at + CHUNK_BYTES])
+            self.unsent += len(view)
         self.flush()
 
     def flush(self) -> bool:
@@ -162,6 +164,7 @@ class Link:
             self.queued -= self.trackers.popleft()[1]
         while self.chunks and self.queued < INFLIGHT_BYTES["tcp"] and self.sock is not None:
             chunk = self.chunks.popleft()
+            self.unsent -= len(chunk)
             try:
                 tracker = self.sock.send_multipart(
                     self._frames([W.BODY_CHUNK, chunk]), zmq.NOBLOCK, copy=False, track=True
@@ -182,7 +185,7 @@ class Link:
         if self.ucx is not None:
             return self.ucx.inflight
         self.flush()
-        return self.queued + sum(len(c) for c in self.chunks)
+        return self.queued + self.unsent
 
     # -- receiving ---------------------------------------------------------
 

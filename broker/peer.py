@@ -60,6 +60,8 @@ class Peer(Outbound, Inbound):
         self.reader = batch_reader(kind)  # the core's outbound batch codec
         self.writer = batch_writer(kind)  # and its inbound one
         self.kick = Soon(self._pump)  # pump soon (once, however many events ask)
+        self.budget_hit = False  # the pump stopped at the link's in-flight budget
+        self.chunk_timer: asyncio.TimerHandle | None = None  # body chunks in flight: look again
         self.armed = False
         self.kept: set[str] = set()  # realtime topics holding a message for credit
         self.backlogged: set[int] = set()
