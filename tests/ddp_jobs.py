@@ -4,17 +4,12 @@ by whoever started them (tests/test_ddp.py, tests/test_ddp_survive.py)."""
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 
+from daemons import free_port
+
 from conftest import HERE, read_line
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

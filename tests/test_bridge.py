@@ -2,17 +2,16 @@
 hosts (their own ipc paths, arenas and TCP ports; they share no segment),
 with each transport this machine has."""
 
-import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
 
 import numpy as np
 import pytest
+from daemons import TRANSPORTS, free_port, tcp_of, wait_for
 
 import tensorbus
 from tensorbus import AuthError, BrokerUnavailable, GapError
@@ -21,40 +20,10 @@ from tensorbus.cli import stats_table
 
 pytestmark = pytest.mark.timeout(120)
 
-TRANSPORTS = [
-    "tcp",
-    pytest.param(
-        "ucx",
-        marks=pytest.mark.skipif(
-            importlib.util.find_spec("ucxx") is None, reason="ucxx is not installed"
-        ),
-    ),
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tcp_of(d) -> str:
-    return next(e for e in d.endpoints if e.startswith("tcp://"))
-
 
 def links(url) -> list:
     with tensorbus.connect(url, name="probe") as c:
         return c.stats()["broker"]["links"]
-
-
-def wait_for(predicate, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def link_up(url, interest=None):

@@ -6,6 +6,7 @@ import signal
 import time
 
 import pytest
+from daemons import free_port, tcp_of, wait_for
 
 import tensorbus
 from tensorbus.broker import peer_wire as W
@@ -16,22 +17,9 @@ COMMON = ("--tcp", "127.0.0.1:*", "--transport", "tcp", "--heartbeat", "0.2")
 COMMON += ("--link-grace", "1", "--arena-size", "64MiB")
 
 
-def tcp_of(d) -> str:
-    return next(e for e in d.endpoints if e.startswith("tcp://"))
-
-
 def broker_stats(d) -> dict:
     with tensorbus.connect(d.url, name="probe") as c:
         return c.stats()["broker"]
-
-
-def wait_for(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def up_links(d) -> int:
@@ -101,14 +89,6 @@ def test_daemons_started_at_once_each_naming_another_form_one_mesh(daemon_factor
     for d in started:
         peers = [link["peer"] for link in broker_stats(d)["links"] if link["state"] == "up"]
         assert len(peers) == len(set(peers)) == 3
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_members_message_is_checked():

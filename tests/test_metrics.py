@@ -10,6 +10,7 @@ import time
 import urllib.request
 
 import pytest
+from daemons import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 import tensorbus
@@ -20,12 +21,6 @@ from tensorbus.broker.metrics_totals import TopicTotals
 pytestmark = pytest.mark.timeout(90)
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> dict:

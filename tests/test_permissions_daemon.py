@@ -9,10 +9,10 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+from daemons import tcp_of, wait_for
 
 import tensorbus
 from tensorbus import AuthError, PermissionDenied, ReceiveTimeout
@@ -48,19 +48,6 @@ def dashboard_config(tmp_path) -> str:
         subscribe = {{ allow = [">"], deny = ["grad/>"] }}
         """,
     )
-
-
-def tcp_of(d) -> str:
-    return next(e for e in d.endpoints if e.startswith("tcp://"))
-
-
-def wait_for(predicate, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_token_user_through_the_light_client(daemon_factory, tmp_path):

@@ -6,38 +6,17 @@ and a successor serves the same address. Bridged daemons: a peer killed
 and messages flow both ways, with gaps where messages were lost."""
 
 import asyncio
-import importlib.util
 import signal
-import socket
 import threading
 import time
 
 import pytest
+from daemons import TRANSPORTS, free_port, tcp_of, wait_for
 
 import tensorbus
 import tensorbus.aio
 
 pytestmark = pytest.mark.timeout(40)
-
-TRANSPORTS = [
-    "tcp",
-    pytest.param(
-        "ucx",
-        marks=pytest.mark.skipif(
-            importlib.util.find_spec("ucxx") is None, reason="ucxx is not installed"
-        ),
-    ),
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tcp_of(d) -> str:
-    return next(e for e in d.endpoints if e.startswith("tcp://"))
 
 
 def client_links(url) -> list:
@@ -78,16 +57,6 @@ def test_heartbeats_do_not_wait_behind_receiving_threads(daemon_factory):
 def kill(daemon) -> None:
     daemon.proc.send_signal(signal.SIGKILL)
     daemon.proc.wait()
-
-
-def wait_for(predicate, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def numbers(sub, n, timeout=5.0):
