@@ -26,13 +26,12 @@ from tensorbus.clients._shared import AsyncEndpoint
 from tensorbus.clients.errors import (
     BrokerUnavailable,
     ClientClosed,
-    ProtocolError,
     TensorbusError,
 )
 from tensorbus.clients.reconnect import Backoff, gave_up, shut_down
 from tensorbus.clients.redial import (
     DROPPED,
-    NO_SESSION,
+    beat_failure,
     beat_timeout,
     mark_lost,
     monitor_event,
@@ -191,14 +190,10 @@ class AsyncRedialer:
         generation = self.generation
         try:
             await client._exchange("heartbeat", {}, beat_timeout(self.period), client._death)
-        except BrokerUnavailable:
-            why = f"no answer to a heartbeat within {beat_timeout(self.period):g} s"
-            self.lose(why, generation)
-        except ProtocolError as exc:
-            if exc.code == "no_session":
-                self.lose(NO_SESSION, generation)
-        except TensorbusError:
-            pass
+        except TensorbusError as exc:
+            why = beat_failure(exc, self.period)
+            if why is not None:
+                self.lose(why, generation)
 
     async def _watch_socket(self, sock, generation: int) -> None:
         """Lose the session the moment its connection drops."""

@@ -61,6 +61,7 @@ from tensorbus.clients.remote import LINK_CLOSED, LightLink, RemoteMessage
 __all__ = [
     "RESENDABLE_OPS",
     "Redialer",
+    "beat_failure",
     "beat_timeout",
     "mark_lost",
     "monitor_event",
@@ -88,6 +89,16 @@ def beat_timeout(period: float) -> float:
     """How long a heartbeat waits for its answer: three periods, as the
     broker waits for the client's, and at least a second."""
     return max(3 * period, 1.0)
+
+
+def beat_failure(exc: Exception, period: float) -> str | None:
+    """Why a failed heartbeat means the session is lost (no answer, or the
+    broker no longer knows it), or None if it does not."""
+    if isinstance(exc, BrokerUnavailable):
+        return f"no answer to a heartbeat within {beat_timeout(period):g} s"
+    if isinstance(exc, ProtocolError) and exc.code == "no_session":
+        return NO_SESSION
+    return None
 
 
 def tcp_address(url: str) -> tuple[str, int]:
@@ -432,14 +443,10 @@ class Redialer:
             generation = self.generation
             try:
                 client._exchange("heartbeat", {}, beat_timeout(self.period), self)
-            except BrokerUnavailable:
-                why = f"no answer to a heartbeat within {beat_timeout(self.period):g} s"
-                self.lose(why, generation)
-            except ProtocolError as exc:
-                if exc.code == "no_session":
-                    self.lose(NO_SESSION, generation)
-            except TensorbusError:
-                pass
+            except TensorbusError as exc:
+                why = beat_failure(exc, self.period)
+                if why is not None:
+                    self.lose(why, generation)
         finally:
             client._lock.release()
 
