@@ -88,8 +88,8 @@ cdef class OutState:
     """One topic's outbound state on a link epoch (broker/flow_out.py's
     OutTopic extends it)."""
 
-    def __init__(self, uint32_t tid=0, bint reliable=False, int64_t credit_msgs=0,
-                 int64_t credit_bytes=0, int64_t batch_bytes=65536, int64_t batch_ns=100000):
+    def __init__(self, uint32_t tid, bint reliable, int64_t credit_msgs, int64_t credit_bytes,
+                 int64_t batch_bytes, int64_t batch_ns):
         self.id = tid
         self.reliable = reliable
         self.credit_msgs = credit_msgs

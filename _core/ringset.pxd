@@ -47,6 +47,7 @@ cdef class RingSet:
     cdef bint raise_gaps    # gap markers raise GapError (else: returned as messages)
 
     cdef _rebuild(self)
+    cdef void _wait_on(self, RingSetWait *w) noexcept
     cdef void _bury(self) noexcept
     cdef Message _poll_one(self)
     cdef Message _next(self)

@@ -115,9 +115,7 @@ def spin_any(list ring_sets, Waiter waiter, double spin_us) -> int:
     w.n = len(ring_sets)
     for k in range(w.n):
         rs = <RingSet>ring_sets[k]
-        sets[k].members = rs.members
-        sets[k].n = rs.n
-        sets[k].bell = rs.bell
+        rs._wait_on(&sets[k])
     with nogil:
         got = waiter.spin(any_ready, &w, ns)
     return got
@@ -209,6 +207,12 @@ cdef class RingSet:
         self.live = list(self.subs)
         self.n = n
         self.next = 0
+
+    cdef void _wait_on(self, RingSetWait *w) noexcept:
+        """What a nogil waiter reads: the members' arrays and the bell."""
+        w.members = self.members
+        w.n = self.n
+        w.bell = self.bell
 
     cdef void _bury(self) noexcept:
         """Free the arrays a waiter no longer uses."""
@@ -381,9 +385,7 @@ cdef class RingSet:
             slice_ns = self.slice_ns
             if deadline >= 0 and deadline - now < slice_ns:
                 slice_ns = deadline - now
-            w.members = self.members
-            w.n = self.n
-            w.bell = self.bell
+            self._wait_on(&w)
             self.waiting += 1
             with nogil:
                 ready = self.waiter.wait(ringset_ready, &w, &self.bell.seq, &self.bell.sleeping,
@@ -442,9 +444,7 @@ cdef class RingSet:
             tb_fetch_add32(self.sleepers[k], 1)
         self.armed = self.n + 1
         tb_fence_sc()
-        w.members = self.members
-        w.n = self.n
-        w.bell = self.bell
+        self._wait_on(&w)
         if ringset_ready(&w):
             self.disarm()
             return False

@@ -67,24 +67,25 @@ def segment_name(str instance="solo", str kind="ring") -> str:
     return f"tb-{os.getuid()}-{instance}-{kind}.{secrets.token_hex(16)}"
 
 
+cdef inline bint _is_file(str name):
+    return name[0] == "/"
+
+
 def check_segment_name(str name) -> str:
     """Return ``name`` if tensorbus could have made it, else raise
     SegmentNameError. An absolute path is a file segment: its last part
     must be such a name, in a folder other than ``/`` (``/tb-...`` is the
     shm_open spelling of a name, refused here)."""
-    folder, _, base = name.rpartition("/") if name and name[0] == "/" else ("", "", name)
+    cdef bint is_file = bool(name) and _is_file(name)
+    folder, _, base = name.rpartition("/") if is_file else ("", "", name)
     if (not isinstance(name, str) or not _NAME_RE.match(base) or "/../" in name
-            or (name and name[0] == "/" and not folder)):
+            or (is_file and not folder)):
         raise SegmentNameError(
             f"{name!r} is not a tensorbus segment name "
             "(expected tb-<uid>-<instance>-<name>, letters, digits, '.', '_', '-', "
             "or an absolute path ending in one)"
         )
     return name
-
-
-cdef inline bint _is_file(str name):
-    return name[0] == "/"
 
 
 cdef int _open(str name, int flags, int mode):

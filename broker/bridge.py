@@ -94,8 +94,7 @@ class Bridge:
         self.priorities = DEFAULT_PRIORITIES
         self.batch_rules = parse_rules(config.bridge_batch)  # checked by config_from
         # Before a bridge sleeps on its bells it may spin this long, on a spare core only.
-        self.spin_us = config.bridge_spin_us
-        self.spinner = Waiter(config.bridge_spin_us, yield_us=0)
+        self.spin_us = config.bridge_spin_us  # spun under self.waiter's spinner table
         self.schedule_retry = Soon(self._retry, 0.001)  # publish what waits, shortly
         self.orphans: list[InTopic] = []  # gap markers waiting for ring space
         self.tasks: list[asyncio.Task] = []
@@ -104,6 +103,7 @@ class Bridge:
         self.ucx_context = None
         self.max_body = 0  # the largest body a link may announce: our arena's size
         self.ctx = None  # the ZeroMQ context links are dialed with (start)
+        self.holder_slot = 0  # the arena holder slot of the bridge's holds (0: none)
 
     # -- start and stop ----------------------------------------------------
 
@@ -116,7 +116,7 @@ class Bridge:
         self.registry = registry
         self.link_name = link_name
         self.max_body = registry.arena.size
-        slot = registry.take_holder()
+        slot = self.holder_slot = registry.take_holder()
         self.holder = registry.arena.holder(slot, 1 << 20) if slot else None
         if host is not None:
             import zmq.asyncio

@@ -314,8 +314,7 @@ class UcxData:
                 self.link.last_rx = time.monotonic()
                 self.bridge.on_control(self.link, bytes(body))
             elif kind == W.DATA:
-                at = 0 if self.arrived else self.link.peer.publish_batch(body)
-                for entry in W.decode_batch(body[at:]):
+                for entry in self.link.peer.batch_entries(body, bool(self.arrived)):
                     if entry.kind != W.BODY:
                         self.arrived.append(Arriving(entry, None, False, True))
                         continue

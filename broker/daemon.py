@@ -280,9 +280,9 @@ class Broker(Lineage):
                 },
             )
             for session in list(registry.sessions.values()):
-                self._send(
-                    session.key, P.encode_notice("shutdown", reason="the broker is shutting down")
-                )
+                if not session.orphan:  # an orphan (taken over, not resumed) has no connection
+                    notice = P.encode_notice("shutdown", reason="the broker is shutting down")
+                    self._send(session.key, notice)
                 for sub in session.subscriptions.values():
                     with contextlib.suppress(Exception):
                         registry.bells.notify(sub.bell)
@@ -321,8 +321,6 @@ class Broker(Lineage):
         """Send to one client. A ROUTER never blocks on send (it drops for a
         peer that is gone or over its high-water mark), so no await."""
         sock, identity = key
-        if not isinstance(sock, zmq.Socket):
-            return  # an orphan taken over from a dead daemon: no connection yet
         with contextlib.suppress(zmq.ZMQError):
             sock.send_multipart([identity, payload], zmq.NOBLOCK)
         read = self.readers.get(sock)
@@ -367,7 +365,7 @@ class Broker(Lineage):
         self._commit()  # saved before anyone hears of what changed
         for key, reply in replies:
             self._send(key, reply)
-        if more:
+        if more and not replies:  # (a reply sent above looks again already)
             self.readers[sock]()
 
     def _handle(self, sock, transport: str, frames) -> bytes | None:

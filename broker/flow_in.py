@@ -23,7 +23,8 @@ from tensorbus._core import FLAG_BRIDGED, FLAG_GAP, BackpressureError, Tensorbus
 from tensorbus._core import tensors as _tensors
 from tensorbus._core.link_codec import BatchWriter, InState
 from tensorbus.broker import peer_wire as W
-from tensorbus.broker.flow_out import APP_FLAGS, BATCH_BYTES
+from tensorbus.broker.batching import BATCH_BYTES
+from tensorbus.broker.flow_out import APP_FLAGS
 
 __all__ = ["CREDIT_DELAY_S", "InTopic", "Inbound", "Pending", "batch_writer"]
 
@@ -111,23 +112,20 @@ class Inbound:
         except (BackpressureError, TensorbusError):
             return None
 
-    def publish_batch(self, frame, at: int = 0) -> int:
-        """Publish batch ``frame`` from byte ``at`` into the local rings in
-        one core call; where it stopped (the rest is for ``deliver``)."""
-        at = self.writer.publish(frame, at, self.in_topics)
+    def batch_entries(self, frame, held_back: bool) -> list[W.Entry]:
+        """A received batch: the core publishes what it can into the local
+        rings in one call (unless a body ``held_back`` the entries before
+        it); the entries it stopped at, decoded, are for ``deliver``."""
+        at = 0 if held_back else self.writer.publish(frame, 0, self.in_topics)
         touched = self.writer.touched
-        if touched:
-            for t in touched:
-                msgs, nbytes = t.fresh_msgs, t.fresh_bytes
-                t.fresh_msgs = t.fresh_bytes = 0
-                self.counters["received"] += msgs
-                self.counters["received_bytes"] += nbytes
-                self.received[t.name] = self.received.get(t.name, 0) + msgs
-                grant = self.grants.setdefault(t.id, [0, 0])
-                grant[0] += msgs
-                grant[1] += nbytes
-            touched.clear()
-        return at
+        for t in touched:
+            msgs, nbytes = t.fresh_msgs, t.fresh_bytes
+            t.fresh_msgs = t.fresh_bytes = 0
+            self.counters["received"] += msgs
+            self.counters["received_bytes"] += nbytes
+            self._count(t, msgs, nbytes)
+        touched.clear()
+        return W.decode_batch(frame[at:]) if at < len(frame) else []
 
     def deliver(self, entry: W.Entry, body=None, loaned: bool = False) -> None:
         """Publish one arrived message into its local ring (or queue it
@@ -192,20 +190,20 @@ class Inbound:
                 reason = f"a message could not be published here ({exc})"
                 item = self._publish(t, Pending(None, self._marker(t.name, 0, reason), False))
                 if item is not None:
-                    self._count(t, entry)
+                    self._count(t, 1, entry.nbytes)
                     return item
         if entry is not None:
-            self._count(t, entry)
+            self._count(t, 1, entry.nbytes)
         return None
 
-    def _count(self, t: InTopic, entry: W.Entry) -> None:
-        """``entry`` is in the ring (or dropped for good): counted, and its
-        credit owed. A backlog lost with a link thus shows as a shortfall at
-        resume, so as a gap."""
-        self.received[t.name] = self.received.get(t.name, 0) + 1
+    def _count(self, t: InTopic, msgs: int, nbytes: int) -> None:
+        """``msgs`` messages of ``nbytes`` in all are in the ring (or dropped
+        for good): counted, and their credit owed. A backlog lost with a link
+        thus shows as a shortfall at resume, so as a gap."""
+        self.received[t.name] = self.received.get(t.name, 0) + msgs
         grant = self.grants.setdefault(t.id, [0, 0])
-        grant[0] += 1
-        grant[1] += entry.nbytes
+        grant[0] += msgs
+        grant[1] += nbytes
 
     def _marker(self, name: str, received: int, reason: str) -> bytes:
         """A gap marker's body (clients raise GapError with it)."""

@@ -165,7 +165,6 @@ class Outbound:
                 )
                 fd = os.open(bell["fifo"], os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
                 self.classes[prio] = OutClass(sub, rings, fd)
-                self.ring_sets.append(rings)
                 asyncio.get_running_loop().add_reader(fd, self._fifo_ready, fd)
         for name in [n for n in self.out if not self.wants(n)]:
             self._detach(name)
@@ -225,7 +224,6 @@ class Outbound:
             rings.close()
             self.bridge.registry.close_subscription(sub)
         self.classes = [None, None, None]
-        self.ring_sets = []
 
     def _announce(self, t: OutTopic) -> None:
         topic = self.bridge.registry.topic(t.name)
@@ -327,13 +325,11 @@ class Outbound:
                 return
             # A stream: spin briefly (a spare core only) rather than sleep and
             # pay a wake-up for the next message.
-            bridge = self.bridge
-            if (
-                took
-                and bridge.spin_us
-                and spin_any(self.ring_sets, bridge.spinner, bridge.spin_us) > 0
-            ):
-                continue
+            spin_us = self.bridge.spin_us
+            if took and spin_us:
+                ring_sets = [entry.rings for entry in self.classes]
+                if spin_any(ring_sets, self.bridge.waiter, spin_us) > 0:
+                    continue
             self.armed = True
             if all(entry.rings.arm() for entry in self.classes):
                 return
@@ -351,7 +347,7 @@ class Outbound:
         if link is None or not link.up:
             return
         pending = link.flush()
-        if self.budget_hit and link.inflight() < INFLIGHT_BYTES[link.transport]:
+        if self.budget_hit and link.queued + link.unsent < INFLIGHT_BYTES[link.transport]:
             self.budget_hit = False
             self.kick()
         elif pending:

@@ -38,12 +38,14 @@ log = logging.getLogger("tensorbus.bridge")
 _WILDCARDS = ("tcp://0.0.0.0:", "tcp://[::]:", "tcp://*:")
 
 
+def advertisable(url: str | None) -> bool:
+    """A tcp url another daemon can dial (not a wildcard host)."""
+    return bool(url) and url.startswith("tcp://") and not url.startswith(_WILDCARDS)
+
+
 def own_url(bridge: Bridge) -> str | None:
     """The url this daemon advertises, or None (no tcp, or a wildcard host)."""
-    name = bridge.link_name or ""
-    if not name.startswith("tcp://") or name.startswith(_WILDCARDS):
-        return None
-    return name
+    return bridge.link_name if advertisable(bridge.link_name) else None
 
 
 def member_url(peer: Peer) -> str | None:
@@ -51,9 +53,7 @@ def member_url(peer: Peer) -> str | None:
     if peer.kind != "peer" or peer.state != "up":
         return None
     url = peer.url or peer.name
-    if not url.startswith("tcp://") or url.startswith(_WILDCARDS):
-        return None
-    return url
+    return url if advertisable(url) else None
 
 
 def members(bridge: Bridge) -> list[str]:
@@ -83,7 +83,7 @@ def learn(bridge: Bridge, urls: list[str], source: Peer) -> None:
         known.add(peer.url)
         known.add(peer.name)
     for url in urls:
-        if url in known or url.startswith(_WILDCARDS):
+        if url in known or not advertisable(url):
             continue
         known.add(url)
         peer = Peer(bridge, "peer", url)

@@ -127,6 +127,7 @@ class Lineage:
                 "takeovers": registry.counters["takeovers"],
                 "instances": sorted(self.instances),
                 "origin": self.bridge.origin,  # peers know a successor for the same daemon
+                "bridge_holder": self.bridge.holder_slot,  # a successor releases its holds
             }
             try:
                 save(

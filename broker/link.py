@@ -204,12 +204,8 @@ class Link:
             elif kind == W.DATA:
                 frame = sock.recv(copy=False).buffer
                 drain(sock)
-                # The core publishes what it can in one call, unless a body
-                # holds earlier entries back; Python takes the rest in order.
-                at = 0 if self.expect else self.peer.publish_batch(frame)
-                if at < len(frame):
-                    for entry in W.decode_batch(frame[at:]):
-                        self.expect.append(Expected(entry))
+                for entry in self.peer.batch_entries(frame, bool(self.expect)):
+                    self.expect.append(Expected(entry))
                 self._advance()
             elif kind == W.BODY_CHUNK:
                 self._on_chunk(sock)

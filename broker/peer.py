@@ -52,7 +52,6 @@ class Peer(Outbound, Inbound):
         self.out_ids: dict[str, int] = {}  # topic -> its id on links to this peer, kept
         self.unacked: dict[str, int] = {}  # topic -> sent, not credited, cursor freed
         self.classes: list[OutClass | None] = [None, None, None]  # per priority
-        self.ring_sets: list = []  # the classes' ring sets, for spinning on all at once
         self.in_topics: dict[int, InTopic] = {}
         self.received: dict[str, int] = {}  # topic -> messages received from this instance
         self.grants: dict[int, list] = {}  # topic id -> [messages, bytes] to credit

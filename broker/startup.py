@@ -149,11 +149,11 @@ def _segment_files(huge_dir: str | None) -> list[tuple[str, str]]:
     """(name, what ``keep`` calls it) of every file that may be a segment:
     in /dev/shm (its shm name), and in every hugetlbfs mount and
     ``huge_dir`` (an arena's data on huge pages: its path)."""
-    from tensorbus.broker.hugepages import hugetlbfs_mounts
+    from tensorbus.broker.hugepages import AUTO, hugetlbfs_mounts
 
     found = []
     folders = ["/dev/shm", *hugetlbfs_mounts()]
-    if huge_dir and huge_dir != "auto":
+    if huge_dir and huge_dir != AUTO:
         folders.append(os.path.abspath(huge_dir))
     for folder in dict.fromkeys(folders):
         try:

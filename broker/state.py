@@ -231,10 +231,14 @@ def restore(registry: Registry, snap: dict) -> dict:
     registry.free_bells = [b for b in range(count - 1, -1, -1) if b not in used_bells]
     registry.next_id = max(registry.next_id, snap["next_id"])
     used_holders = {s.holder for s in sessions.values()} | {slot for _, slot in snap["parked"]}
-    registry.free_holders = []
-    for slot in range(MAX_HOLDERS, 0, -1):
-        if slot not in used_holders:  # the dead daemon's own (its bridge's) holds go
-            registry.release_holder(slot)
+    # The dead daemon's own (its bridge's) holds go; the others are free
+    # already. A state that does not name that slot: every unused one is released.
+    own = snap.get("bridge_holder")
+    unused = [slot for slot in range(MAX_HOLDERS, 0, -1) if slot not in used_holders]
+    stale = unused if own is None else [s for s in unused if s == own]
+    registry.free_holders = [slot for slot in unused if slot not in stale]
+    for slot in stale:
+        registry.release_holder(slot)
     freed = 0
     for topic in registry.topics.values():
         with contextlib.suppress(TensorbusError):

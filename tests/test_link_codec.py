@@ -21,6 +21,7 @@ from tensorbus._core.link_codec import (
     OutState,
 )
 from tensorbus.broker import peer_wire as W
+from tensorbus.broker.batching import DEFAULT
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -41,7 +42,7 @@ def member(ring, bell=0):
 
 
 def out_state(tid, reliable=True, msgs=100, nbytes=1 << 20):
-    t = OutState(tid, reliable, msgs, nbytes)
+    t = OutState(tid, reliable, msgs, nbytes, DEFAULT.nbytes, DEFAULT.ns)
     t.announced = True
     return t
 
