@@ -55,11 +55,13 @@ from tensorbus.clients.reconnect import (
     IDEMPOTENT_OPS,
     Backoff,
     BrokerWatch,
+    attempt_s,
     gave_up,
     in_flight_error,
     reconnect_budget,
     shut_down,
 )
+from tensorbus.clients.remote import link_fields
 from tensorbus.clients.reqrep import DEFAULT_GROUP
 
 __all__ = [
@@ -293,7 +295,7 @@ class AsyncClient:
                 self._open_socket()
                 fields = {**self._hello_fields(), "resume": self._session}
                 try:
-                    hello = await self._exchange("hello", fields, max(0.05, min(1.0, left)), None)
+                    hello = await self._exchange("hello", fields, attempt_s(left), None)
                 except BrokerRestarted as exc:
                     self._lost = exc
                     return
@@ -419,7 +421,7 @@ class AsyncClient:
     async def _light_link(self) -> AsyncLightLink:
         """This tcp client's link to its broker, opened on first use."""
         if self._link is None:
-            reply = await self._request("link", kind="client", name=self.name, transport="tcp")
+            reply = await self._request("link", **link_fields(self.name))
             if self._link is None:  # another task may have opened it meanwhile
                 self._link = AsyncLightLink(self, reply, self._curve)
         return self._link

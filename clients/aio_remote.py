@@ -28,14 +28,13 @@ from tensorbus.clients.errors import (
     ClientClosed,
     TensorbusError,
 )
-from tensorbus.clients.reconnect import Backoff, gave_up, shut_down
+from tensorbus.clients.reconnect import Backoff, attempt_s, gave_up, shut_down
 from tensorbus.clients.redial import (
     DROPPED,
     beat_failure,
     beat_timeout,
     mark_lost,
     monitor_event,
-    redial_try_s,
     relink,
     tcp_address,
 )
@@ -46,6 +45,7 @@ from tensorbus.clients.remote import (
     RemoteMessage,
     RemoteOutlet,
     check_alive,
+    link_fields,
 )
 
 __all__ = ["AsyncLightLink", "AsyncRedialer", "AsyncRemotePublisher", "AsyncRemoteSubscriber"]
@@ -237,12 +237,12 @@ class AsyncRedialer:
                 client._open_socket()
                 try:
                     hello = await client._exchange(
-                        "hello", client._hello_fields(), redial_try_s(left), None
+                        "hello", client._hello_fields(), attempt_s(left), None
                     )
                     link = None
                     if client._link is not None:
-                        fields = {"kind": "client", "name": client.name, "transport": "tcp"}
-                        link = await client._exchange("link", fields, redial_try_s(left), None)
+                        fields = link_fields(client.name)
+                        link = await client._exchange("link", fields, attempt_s(left), None)
                 except BrokerUnavailable:
                     hello = None
                 except TensorbusError as exc:  # refused (a token, a version): final

@@ -47,13 +47,14 @@ from tensorbus.clients.reconnect import (
     IDEMPOTENT_OPS,
     Backoff,
     BrokerWatch,
+    attempt_s,
     gave_up,
     in_flight_error,
     reconnect_budget,
     shut_down,
 )
 from tensorbus.clients.redial import Redialer
-from tensorbus.clients.remote import LightLink, RemotePublisher, RemoteSubscriber
+from tensorbus.clients.remote import LightLink, RemotePublisher, RemoteSubscriber, link_fields
 from tensorbus.clients.reqrep import (
     DEFAULT_GROUP,
     Request,
@@ -294,7 +295,7 @@ class Client:
                 self._sock = self._new_socket()
                 try:
                     fields = {**self._hello_fields(), "resume": self._session}
-                    hello = self._exchange("hello", fields, max(0.05, min(1.0, left)))
+                    hello = self._exchange("hello", fields, attempt_s(left))
                 except BrokerRestarted as exc:
                     self._lost = exc
                     return
@@ -453,7 +454,7 @@ class Client:
         """This tcp client's link to its broker, opened on first use."""
         with self._lock:
             if self._link is None:
-                reply = self._request("link", kind="client", name=self.name, transport="tcp")
+                reply = self._request("link", **link_fields(self.name))
                 self._link = LightLink(self, reply, self._curve)
             return self._link
 

@@ -32,6 +32,7 @@ __all__ = [
     "IDEMPOTENT_OPS",
     "Backoff",
     "BrokerWatch",
+    "attempt_s",
     "gave_up",
     "in_flight_error",
     "reconnect_budget",
@@ -40,6 +41,13 @@ __all__ = [
 
 # How long a client looks for a successor by default (NATS: 60 tries, 2 s apart).
 DEFAULT_RECONNECT_S = 30.0
+
+
+def attempt_s(left: float) -> float:
+    """How long one hello (or link) of a resume or a redial waits for its
+    answer, with ``left`` seconds of the budget to go: 50 ms to 1 s."""
+    return max(0.05, min(1.0, left))
+
 
 # Requests that do the same thing however often they are sent.
 IDEMPOTENT_OPS = frozenset(("create_topic", "list_topics", "stats", "heartbeat", "bye"))

@@ -52,11 +52,12 @@ from tensorbus.clients.errors import (
 from tensorbus.clients.reconnect import (
     IDEMPOTENT_OPS,
     Backoff,
+    attempt_s,
     gave_up,
     in_flight_error,
     shut_down,
 )
-from tensorbus.clients.remote import LINK_CLOSED, LightLink, RemoteMessage
+from tensorbus.clients.remote import LINK_CLOSED, LightLink, RemoteMessage, link_fields
 
 __all__ = [
     "RESENDABLE_OPS",
@@ -65,7 +66,6 @@ __all__ = [
     "beat_timeout",
     "mark_lost",
     "monitor_event",
-    "redial_try_s",
     "relink",
     "tcp_address",
     "tcp_unreachable",
@@ -328,14 +328,13 @@ class Redialer:
         channel = ControlChannel(client.url)
         while not (client._closing or self.stopped):
             left = deadline - time.monotonic()
-            if tcp_unreachable(client.url, min(1.0, max(0.05, left))) is None:
+            if tcp_unreachable(client.url, attempt_s(left)) is None:
                 sock = client._new_socket()
                 try:
-                    hello = ask(sock, channel, "hello", client._hello_fields(), redial_try_s(left))
+                    hello = ask(sock, channel, "hello", client._hello_fields(), attempt_s(left))
                     link = None
                     if client._link is not None:
-                        fields = {"kind": "client", "name": client.name, "transport": "tcp"}
-                        link = ask(sock, channel, "link", fields, redial_try_s(left))
+                        link = ask(sock, channel, "link", link_fields(client.name), attempt_s(left))
                 except BrokerUnavailable:
                     sock.close(0)  # not answered in time: try again
                 except TensorbusError as exc:  # refused (a token, a version): final
@@ -449,8 +448,3 @@ class Redialer:
                     self.lose(why, generation)
         finally:
             client._lock.release()
-
-
-def redial_try_s(left: float) -> float:
-    """How long one hello (or link) of a redial waits for its answer."""
-    return max(0.05, min(1.0, left))

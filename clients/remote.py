@@ -50,11 +50,17 @@ __all__ = [
     "RemoteOutlet",
     "RemotePublisher",
     "RemoteSubscriber",
+    "link_fields",
 ]
 
 BATCH_BYTES = 64 << 10
 CHUNK_BYTES = 2 << 20
 LINK_CLOSED = "the broker closed this client's link"
+
+
+def link_fields(name: str) -> dict:
+    """The ``link`` request of a light client named ``name``."""
+    return {"kind": "client", "name": name, "transport": "tcp"}
 
 
 class RemoteMessage:

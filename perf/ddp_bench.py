@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,12 +50,6 @@ BRIDGED = {
 BACKENDS = ("allreduce", "ps_hook", "ps_hook_fp16", "ps_hook_bf16", *BRIDGED)
 COMPRESSION = {"ps_hook_fp16": "fp16", "ps_hook_bf16": "bf16"}  # the others send float32
 JOB = "bench"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model(width: int):
@@ -243,7 +236,9 @@ def run_once(backend: str, width: int, steps: int, warmup: int, threads: int, ba
     bridged = backend in BRIDGED
     with ExitStack() as stack:
         urls, pids = _serve(stack, backend, width)
-        port = _free_port()
+        from backends._peer import free_port
+
+        port = free_port()
         ranks = []
         for r in range(2):
             argv = [sys.executable, __file__, "--trainer", "--rank", str(r), "--port", str(port),

@@ -22,6 +22,7 @@ from backends.bus import (
     DATA,
     PING,
     PONG,
+    _cpu_s,
     _options,
     _unlink_segments,
     arena_for,
@@ -139,8 +140,6 @@ def idle(transport: str, seconds: float) -> float:
     """CPU seconds both daemons of a linked pair use, together, in
     ``seconds`` with nothing to forward (after one message each way, so
     their bridges are set up and asleep)."""
-    from backends.bus import _cpu_s
-
     pids: list = []
     with (
         linked(transport, 64, pids=pids) as (url_a, url_b),
