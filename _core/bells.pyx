@@ -10,7 +10,10 @@ bell. Two kinds:
 * FIFO bells for asyncio waiters: the broker makes a named pipe
   ``<fifo_dir>/bell.<index>.<generation>`` in its 0700 runtime directory, the
   subscriber watches it with ``loop.add_reader``, and a publisher writes one
-  byte (EAGAIN: the pipe is full, so it was rung already).
+  byte (EAGAIN: the pipe is full, so it was rung already);
+* both at once, for a queue group's bell while the daemon's bridge serves
+  the group for other hosts: members sleep on the futex, the bridge's loop
+  watches the FIFO (``set_kind`` switches a bell in use).
 
 Either way the publisher pays a syscall only when the bell's ``sleeping``
 word says someone waits.
@@ -36,6 +39,7 @@ from tensorbus._core.atomic cimport (
 )
 from tensorbus._core.layout cimport (
     TB_BELL_BYTES,
+    TB_BELL_BOTH,
     TB_BELL_FIFO,
     TB_BELL_FUTEX,
     TB_BELLS_MAGIC,
@@ -50,7 +54,7 @@ from tensorbus._core.segment import segment_name
 
 __all__ = ["BellTable", "BELL_KINDS"]
 
-BELL_KINDS = {"futex": TB_BELL_FUTEX, "fifo": TB_BELL_FIFO}
+BELL_KINDS = {"futex": TB_BELL_FUTEX, "fifo": TB_BELL_FIFO, "both": TB_BELL_BOTH}
 cdef enum:
     MAX_BELLS = 1 << 16
     HEADER_BYTES = 64
@@ -135,12 +139,14 @@ cdef class BellTable:
         """Wake whoever sleeps on bell ``index``. Callers have made their
         news visible and issued a seq_cst fence before calling."""
         cdef tb_bell_t *b = self.bell(index)
+        cdef uint32_t kind
         if b == NULL or not tb_load_rlx32(&b.sleeping):
             return
         tb_fetch_add32(&b.seq, 1)
-        if tb_load_rlx32(&b.kind) == TB_BELL_FIFO:
+        kind = tb_load_rlx32(&b.kind)
+        if kind != TB_BELL_FUTEX:
             self._write_fifo(index, tb_load_acq32(&b.generation))
-        else:
+        if kind != TB_BELL_FIFO:
             tb_futex_wake_all(&b.seq)
 
     cdef void _write_fifo(self, uint32_t index, uint32_t generation) noexcept nogil:
@@ -173,7 +179,7 @@ cdef class BellTable:
         if b == NULL:
             raise IndexError(f"bell {index} is outside the table of {self.count}")
         if kind not in BELL_KINDS:
-            raise ValueError(f"bell kind must be 'futex' or 'fifo', not {kind!r}")
+            raise ValueError(f"bell kind must be 'futex', 'fifo' or 'both', not {kind!r}")
         b.kind = BELL_KINDS[kind]
         b.sleeping = 0
         b.notice = 0
@@ -181,6 +187,17 @@ cdef class BellTable:
         tb_fetch_add32(&b.generation, 1)
         tb_fence_sc()
         return b.generation
+
+    def set_kind(self, uint32_t index, str kind) -> None:
+        """Change how bell ``index`` wakes, keeping its generation (its
+        waiters and its FIFO's name stay)."""
+        cdef tb_bell_t *b = self.bell(index)
+        if b == NULL:
+            raise IndexError(f"bell {index} is outside the table of {self.count}")
+        if kind not in BELL_KINDS:
+            raise ValueError(f"bell kind must be 'futex', 'fifo' or 'both', not {kind!r}")
+        tb_store_rel32(&b.kind, BELL_KINDS[kind])
+        tb_fence_sc()
 
     def notify(self, uint32_t index) -> None:
         """Raise the bell's notice flag and wake its waiter: the broker has

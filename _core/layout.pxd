@@ -34,6 +34,7 @@ cdef extern from "tb_layout.h" nogil:
         TB_MSG_PAD
         TB_BELL_FUTEX
         TB_BELL_FIFO
+        TB_BELL_BOTH
         TB_CURSOR_LATEST
         TB_CURSOR_GROUP
         TB_RING_KEEP_LAST
@@ -51,7 +52,7 @@ cdef extern from "tb_layout.h" nogil:
     ctypedef struct tb_bell_t:
         uint32_t seq          # bumped by every wake; the futex word
         uint32_t sleeping     # waiters that announced they will sleep
-        uint32_t kind         # TB_BELL_FUTEX or TB_BELL_FIFO
+        uint32_t kind         # TB_BELL_FUTEX, TB_BELL_FIFO or TB_BELL_BOTH
         uint32_t generation   # bumped by the broker on each reuse
         uint32_t notice       # the broker has news for this subscription
         uint32_t owner_pid

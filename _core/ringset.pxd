@@ -45,6 +45,7 @@ cdef class RingSet:
     cdef list graveyard     # (members, sleepers, subscribers) a waiter may still read
     cdef object pending_gap # a GapError a batch found after some messages: raised next
     cdef bint raise_gaps    # gap markers raise GapError (else: returned as messages)
+    cdef int64_t claim_only # queue groups, >= 0: claim the message at this position only
 
     cdef _rebuild(self)
     cdef void _wait_on(self, RingSetWait *w) noexcept

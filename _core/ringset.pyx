@@ -147,6 +147,7 @@ cdef class RingSet:
         # False: gap markers come back as messages (a bridge forwards them
         # to light clients) instead of raising GapError.
         self.raise_gaps = raise_gaps
+        self.claim_only = -1
 
     def __dealloc__(self):
         free(self.members)
@@ -234,6 +235,9 @@ cdef class RingSet:
             sub = <Subscriber>self.subs[i]
             if sub.r.group:
                 sub.r.pos = tb_load_acq64(&sub.r.cur.position)  # shared with the other members
+                if self.claim_only >= 0 and sub.r.pos != self.claim_only:
+                    k += 1  # taken by another member meanwhile: not ours to claim
+                    continue
             st = tb_ring_poll(sub.v, &sub.r, &s)
             if st == TB_ST_OK:
                 if s.type != TB_MSG_INLINE:
@@ -349,6 +353,31 @@ cdef class RingSet:
     def poll(self):
         """The next message, or None if there is none right now."""
         return self._next()
+
+    def group_head(self):
+        """A queue group's oldest unclaimed message, looked at, not taken:
+        ``(position, slot flags)`` of the first member's group cursor, or
+        None if there is none (or the first member is no group's)."""
+        cdef Subscriber sub
+        cdef tb_slot_header_t *s = NULL
+        if self.n == 0:
+            return None
+        sub = <Subscriber>self.subs[0]
+        if not sub.r.group:
+            return None
+        sub.r.pos = tb_load_acq64(&sub.r.cur.position)
+        if tb_ring_poll(sub.v, &sub.r, &s) != TB_ST_OK:
+            return None
+        return sub.r.pos, s.flags
+
+    def claim_at(self, int64_t position):
+        """Claim a queue group's message at ``position`` and nothing after
+        it: the message, or None if another member took it first."""
+        self.claim_only = position
+        try:
+            return self._next()
+        finally:
+            self.claim_only = -1
 
     cdef Message _next(self):
         """_poll_one, after a gap a batch left to raise."""

@@ -34,7 +34,9 @@ enum { TB_PUB_FREE = 0, TB_PUB_IDLE = 1, TB_PUB_CLAIMING = 2, TB_PUB_CLAIMED = 3
  * a tensor descriptor followed by the tensor's bytes (TENSOR), or a
  * descriptor of a tensor in the arena (ARENA). */
 enum { TB_MSG_INLINE = 0, TB_MSG_PAD = 1, TB_MSG_TENSOR = 2, TB_MSG_ARENA = 3 };
-enum { TB_BELL_FUTEX = 0, TB_BELL_FIFO = 1 };
+/* BOTH: a queue group's bell while a bridge serves it for other hosts:
+ * its members sleep on the futex and the bridge watches the FIFO. */
+enum { TB_BELL_FUTEX = 0, TB_BELL_FIFO = 1, TB_BELL_BOTH = 2 };
 /* Slot flags: the low byte is the application's; tensorbus uses two high
  * bits. BRIDGED: published by a bridge from another host (bridges never
  * forward it again). GAP: an INLINE gap marker a bridge publishes where
@@ -64,7 +66,7 @@ typedef struct {
 typedef struct {
     uint32_t seq;        /* bumped by every wake; the futex word */
     uint32_t sleeping;   /* waiters between "announce" and "woken" */
-    uint32_t kind;       /* TB_BELL_FUTEX or TB_BELL_FIFO */
+    uint32_t kind;       /* TB_BELL_FUTEX, TB_BELL_FIFO or TB_BELL_BOTH */
     uint32_t generation; /* bumped by the broker on every reuse */
     uint32_t notice;     /* the broker has news for this subscription */
     uint32_t owner_pid;

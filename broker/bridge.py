@@ -49,6 +49,7 @@ from tensorbus.broker.curve import secure_server
 from tensorbus.broker.dial import keep_dialing
 from tensorbus.broker.flow_in import InTopic
 from tensorbus.broker.flow_out import DEFAULT_PRIORITIES, PRIORITY_NAMES, priority_of
+from tensorbus.broker.groups import RemoteGroups
 from tensorbus.broker.link import MAX_LINK_MESSAGE, Link, Remote, Watch, drain
 from tensorbus.broker.peer import Peer
 from tensorbus.broker.soon import Soon
@@ -104,6 +105,7 @@ class Bridge:
         self.max_body = 0  # the largest body a link may announce: our arena's size
         self.ctx = None  # the ZeroMQ context links are dialed with (start)
         self.holder_slot = 0  # the arena holder slot of the bridge's holds (0: none)
+        self.groups = RemoteGroups(self)  # queue groups that span daemons
 
     # -- start and stop ----------------------------------------------------
 
@@ -163,6 +165,7 @@ class Bridge:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.groups.close()
         if self.router_watch is not None:
             self.router_watch.close()
         if self.router_async is not None:
@@ -225,15 +228,18 @@ class Bridge:
         """Tell ``peer`` what this host's subscribers read now: the whole
         set on a fresh link, then what changed."""
         now = self.local_patterns()
+        groups = self.groups.here()
+        extra = {} if groups == peer.sent_groups else {"groups": groups}
         if peer.sent_interest is None:
-            body = W.encode_control("interest", add=sorted(now), remove=[], reset=True)
+            body = W.encode_control("interest", add=sorted(now), remove=[], reset=True, **extra)
         else:
             add, remove = now - peer.sent_interest, peer.sent_interest - now
-            if not add and not remove:
+            if not add and not remove and not extra:
                 return
-            body = W.encode_control("interest", add=sorted(add), remove=sorted(remove))
+            body = W.encode_control("interest", add=sorted(add), remove=sorted(remove), **extra)
         peer.link.send_control(body)
         peer.sent_interest = now
+        peer.sent_groups = groups
 
     # -- backlog -----------------------------------------------------------
 
@@ -406,6 +412,10 @@ class Bridge:
             peer.set_interest(f["add"], f["remove"], bool(f.get("reset")))
             if peer.kind == "client":
                 self.interest_changed()
+            elif "groups" in f:
+                self.groups.on_groups(peer, f["groups"])
+        elif kind == "inboxes" and peer.kind == "peer":
+            self.groups.on_inboxes(peer, f["add"], f["remove"])
         elif kind == "resume":
             peer.on_resume(f["sent"])
         elif kind == "bye":
@@ -428,6 +438,7 @@ class Bridge:
                 log.exception("link heartbeat tick failed")
 
     def _beat(self, period: float) -> None:
+        self.groups.check_inboxes()
         hb = W.encode_control("hb")
         now = time.monotonic()
         for link in list(self.links.values()):

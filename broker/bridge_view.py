@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 
 from tensorbus.broker import protocol as P
-from tensorbus.broker.registry import Registry, Subscription, Topic
+from tensorbus.broker.registry import Group, Registry, Subscription, Topic
 from tensorbus.broker.topics import INBOX_PREFIX, TopicNameError
 
-__all__ = ["BridgeView"]
+__all__ = ["BRIDGE_OWNED", "BridgeView", "INBOX_CAPACITY"]
+
+BRIDGE_OWNED = -1  # a topic's owner: the bridge made it (a far requester's reply inbox)
+INBOX_CAPACITY = 64  # slots of a reply inbox, as a requester makes its own
 
 
 class BridgeView:
@@ -77,6 +80,55 @@ class BridgeView:
         self._registry.bridge_subs.discard(sub)
         self._registry.release_subscription(sub)
 
+    # -- queue groups that span hosts (broker/groups.py) ------------------
+
+    def served_groups(self) -> list[list[str]]:
+        """[topic, group] of every queue group with a member on this host."""
+        return sorted([g.topic, g.name] for g in self._registry.groups.values() if g.members)
+
+    def serve_group(self, name: str, group: str) -> Group:
+        """Queue group ``group`` on topic ``name``, served by other hosts
+        too: made if need be; its bell then also rings a FIFO (``fifo``)."""
+        reg = self._registry
+        try:
+            name = reg.user_topic(name)
+            if name.startswith(INBOX_PREFIX):
+                raise TopicNameError(f"{name!r} is a reply inbox, not a request topic")
+            g = reg.groups.get((name, group)) or reg.make_group(name, group)
+        except (TopicNameError, P.ProtocolViolation) as exc:
+            raise ValueError(f"cannot serve group {group!r} on {name!r}: {exc}") from None
+        if g.fifo is None:
+            g.fifo = reg.make_fifo(g.bell, g.bell_generation)
+        reg.bells.set_kind(g.bell, "both")
+        return g
+
+    def set_remote(self, g: Group, servers: int) -> None:
+        """``servers`` daemons serve group ``g`` for other hosts now; at 0
+        its bell is a futex bell again (and a group without members goes)."""
+        reg = self._registry
+        g.remote = servers
+        if not servers:
+            reg.bells.set_kind(g.bell, "futex")
+        reg.dirty = True
+        reg.count_responders(g)
+
+    def make_inbox(self, name: str) -> None:
+        """A far requester's reply inbox, for replies to requests this
+        daemon's members serve for it (kept until the bridge drops it)."""
+        reg = self._registry
+        topic = reg.topics.get(name)
+        if topic is not None:
+            if topic.owner not in (BRIDGE_OWNED, None):
+                raise ValueError(f"reply inbox {name!r} belongs to a requester on this host")
+            return
+        topic, _ = reg.get_or_create(name, {"capacity": INBOX_CAPACITY})
+        topic.owner = BRIDGE_OWNED
+
+    def drop_inbox(self, name: str) -> None:
+        topic = self._registry.topics.get(name)
+        if topic is not None and topic.owner == BRIDGE_OWNED:
+            self._registry.remove_topic(topic)
+
     def bridge_topic(self, name: object, f: dict) -> Topic:
         """The local topic a link's messages go to: made with the origin's
         options, or the one that exists (whatever its options)."""
@@ -85,11 +137,11 @@ class BridgeView:
             name = reg.user_topic(name)
         except (TopicNameError, P.ProtocolViolation) as exc:
             raise ValueError(f"a link announced a bad topic: {exc}") from None
-        if name.startswith(INBOX_PREFIX):
-            raise ValueError(f"a link announced reply inbox {name!r}")
         existing = reg.topics.get(name)
         if existing is not None:
             return existing
+        if name.startswith(INBOX_PREFIX):  # replies come back to a requester here, or nowhere
+            raise ValueError(f"reply inbox {name!r} is gone (its requester left)")
         options = {k: f[k] for k in ("qos", "capacity", "slot_size") if k in f}
         try:
             topic, _ = reg.get_or_create(name, options)

@@ -43,6 +43,7 @@ class BrokerConfig:
     # (broker/batching.py); unmatched topics: 64 KiB and 100 µs.
     bridge_batch: list = field(default_factory=list)
     bridge_spin_us: float = 20.0  # a bridge spins this long before it sleeps (spare core only)
+    local_first_us: float = 500.0  # a request waits this long for a local member, then may cross
     curve_secret: str | None = None
     log_level: str = "warning"  # the cli configures logging from these two
     log_format: str = "text"  # "text" or "json"

@@ -169,6 +169,8 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str] | None = No
         raise ConfigError(str(exc)) from None
     if not 0 <= fields.get("bridge_spin_us", 0) <= 10_000:
         raise ConfigError("bridge_spin_us must be 0 to 10000 microseconds")
+    if not 0 <= fields.get("local_first_us", 0) <= 10_000_000:
+        raise ConfigError("local_first_us must be 0 to 10000000 microseconds (10 s)")
     return BrokerConfig(**fields)
 
 

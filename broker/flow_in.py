@@ -25,6 +25,7 @@ from tensorbus._core.link_codec import BatchWriter, InState
 from tensorbus.broker import peer_wire as W
 from tensorbus.broker.batching import BATCH_BYTES
 from tensorbus.broker.flow_out import APP_FLAGS
+from tensorbus.broker.topics import INBOX_PREFIX
 
 __all__ = ["CREDIT_DELAY_S", "InTopic", "Inbound", "Pending", "batch_writer"]
 
@@ -265,8 +266,8 @@ class Inbound:
         for name in list(self.received if names is None else names):
             count = self.received.pop(name, 0)
             topic = self.bridge.registry.topic(name)
-            if topic is None or topic.qos != "reliable":
-                continue
+            if topic is None or topic.qos != "reliable" or name.startswith(INBOX_PREFIX):
+                continue  # a lost reply is a request its caller retries
             body = self._marker(name, count, reason)
             self.counters["gaps"] += 1
             waiting = next(

@@ -127,8 +127,10 @@ class Outbound:
     # -- interest and outbound cursors -----------------------------------
 
     def wants(self, name: str) -> bool:
-        if is_system(name) or name.startswith(INBOX_PREFIX):
-            return False
+        if name.startswith(INBOX_PREFIX):  # replies to requests it forwarded here
+            return name in self.inboxes
+        if is_system(name) or name in self.served_topics:
+            return False  # requests reach a serving daemon through its group only
         if self.user is not None and not self.user.may_subscribe(name):
             return False  # a wildcard interest gets only the topics its user may read
         return any(matches(p, name) for p in self.patterns)
@@ -152,9 +154,25 @@ class Outbound:
         else:
             self.patterns.update(valid)
             self.patterns.difference_update(remove)
+        self._refresh_outbound()
+
+    def requests_changed(self, served: set[str] | None) -> None:
+        """The request topics the peer serves (``served``; None: unchanged)
+        or the reply inboxes made for it changed: what it reads changes."""
+        if served is not None:
+            self.served_topics = served
+            for name in [n for n in self.forwarding if n not in served]:
+                t = self.forwarding.pop(name)
+                if self.out_by_id.get(t.id) is t:
+                    del self.out_by_id[t.id]
+        self._refresh_outbound()
+
+    def _refresh_outbound(self) -> None:
+        """Cursors for exactly the topics ``wants`` accepts now."""
         self.disarm()
         registry = self.bridge.registry
-        if self.patterns and self.classes[0] is None:
+        reads = bool(self.patterns or self.inboxes)
+        if reads and self.classes[0] is None:
             for prio in range(3):
                 sub, bell = registry.open_subscription(
                     lambda name, p=prio: self.wants(name) and self.prio(name) == p,
@@ -171,7 +189,7 @@ class Outbound:
         if self.classes[0] is not None:
             for sub, _, _ in self.classes:
                 registry.refresh_subscription(sub)
-            if not self.patterns:
+            if not reads:
                 self.close_outbound()
         self.kick()
 
@@ -356,19 +374,19 @@ class Outbound:
     def _park(self, t: OutTopic | None) -> None:
         """A reliable topic out of credit: its cursor stalls (backpressure
         upstream) until credit returns."""
-        if t is not None and not t.parked:
+        if t is not None and t.sub is not None and not t.parked:
             self.classes[t.prio].rings.remove(t.name)
             t.parked = True
 
-    def _encode_one(self, m, batch: bytearray, bodies: list) -> None:
+    def _encode_one(self, m, batch: bytearray, bodies: list, t: OutTopic | None = None) -> None:
         try:
-            self._encode(m, batch, bodies)
+            self._encode(m, batch, bodies, t)
         except (ValueError, TypeError) as exc:  # one bad message, not the link
             log.warning("peer %s: message of %s not sent: %s", self.name, m.topic, exc)
             self.counters["bad"] += 1
 
-    def _encode(self, m, batch: bytearray, bodies: list) -> None:
-        t = self.out.get(m.topic)
+    def _encode(self, m, batch: bytearray, bodies: list, t: OutTopic | None = None) -> None:
+        t = t or self.out.get(m.topic)
         flags = m.flags
         if t is None or (self.kind == "peer" and flags & (FLAG_BRIDGED | FLAG_GAP)):
             return  # detached meanwhile, or it came from another host
@@ -423,3 +441,26 @@ class Outbound:
                 self.classes[t.prio].rings.add(t.name, t.sub)
                 t.parked = False
         self.kick()
+        if self.forwarding:
+            self.bridge.groups.kick_all()  # requests may wait for this credit
+
+    # -- requests for the queue groups the peer serves (broker/groups.py) ---
+
+    def can_forward(self, topic: str) -> bool:
+        """Whether a request of ``topic`` can go to the peer now."""
+        if self.link is None or not self.link.up:
+            return False
+        t = self.forwarding.get(topic)
+        return t is None or (t.credit_msgs > 0 and t.credit_bytes > 0)
+
+    def forward(self, m) -> None:
+        """Send request ``m`` (claimed from a local queue group) at once."""
+        t = self.forwarding.get(m.topic)
+        if t is None:
+            tid = self.out_ids.setdefault(m.topic, len(self.out_ids) + 1)
+            t = OutTopic(m.topic, tid, "reliable", self.prio(m.topic), None)
+            self.forwarding[m.topic] = self.out_by_id[tid] = t
+        batch, bodies = bytearray(), []
+        self._encode_one(m, batch, bodies, t)
+        if batch:
+            self.link.send_data(batch, bodies)

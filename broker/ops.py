@@ -150,6 +150,7 @@ class Ops:
             "node": self.bridge.node,
             "links": self.bridge.stats(),
             "cluster": self.bridge.members(),
+            "remote_groups": self.bridge.groups.stats(),
             **self.role(),
             **registry.counters,
         }

@@ -221,6 +221,15 @@ OPTIONS: tuple[Option, ...] = (
         metavar="MICROSECONDS",
     ),
     Option(
+        "local_first_us",
+        NUMBER,
+        500.0,
+        "a request that other daemons' responders could serve is left this long to a "
+        "member of the group on this host first (docs/reqrep.md, across hosts); "
+        "with no member here it goes at once",
+        metavar="MICROSECONDS",
+    ),
+    Option(
         "curve_secret_file",
         SECRET_FILE,
         None,

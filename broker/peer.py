@@ -52,6 +52,16 @@ class Peer(Outbound, Inbound):
         self.out_ids: dict[str, int] = {}  # topic -> its id on links to this peer, kept
         self.unacked: dict[str, int] = {}  # topic -> sent, not credited, cursor freed
         self.classes: list[OutClass | None] = [None, None, None]  # per priority
+        # Request/reply across hosts (broker/groups.py): the queue groups the
+        # peer serves, the request topics sent to it that way (not by
+        # interest), the reply inboxes it made for requesters here, and
+        # those made here for its requesters.
+        self.served_groups: set[tuple[str, str]] = set()
+        self.served_topics: set[str] = set()
+        self.forwarding: dict[str, OutTopic] = {}
+        self.told_inboxes: set[str] = set()
+        self.inboxes: set[str] = set()
+        self.sent_groups: list | None = None  # what it was last told this host serves
         self.in_topics: dict[int, InTopic] = {}
         self.received: dict[str, int] = {}  # topic -> messages received from this instance
         self.grants: dict[int, list] = {}  # topic id -> [messages, bytes] to credit
@@ -101,6 +111,7 @@ class Peer(Outbound, Inbound):
             self.mark_gaps(f"peer {name} restarted; messages it held are lost")
             self.close_outbound()
             self.patterns.clear()
+            self.bridge.groups.drop_inboxes(self)  # its requesters are gone
             # What the last instance had not credited may not have reached
             # its ring: the new one hears of it first (resume), as a gap.
             resume = self.unacked
@@ -130,7 +141,9 @@ class Peer(Outbound, Inbound):
         # re-announced, and the peer hears what we sent on the last link
         # (first, in order with the data).
         self.disarm()
-        for t in self.out.values():
+        self.told_inboxes.clear()
+        self.sent_groups = None
+        for t in [*self.out.values(), *self.forwarding.values()]:
             resume[t.name] = t.sent
             t.sent = 0
             t.announced = False
@@ -193,6 +206,7 @@ class Peer(Outbound, Inbound):
         self.state = "down"
         self.since = time.monotonic()
         self.disarm()
+        self.bridge.groups.peer_down(self)  # its servers leave the groups at once
         log.warning(
             "link to %s %s is down: %s",
             self.kind,
@@ -218,6 +232,7 @@ class Peer(Outbound, Inbound):
         )
         self.close_outbound()  # first: local publishers must not stay blocked
         self.patterns.clear()
+        self.bridge.groups.drop_inboxes(self)
         self.mark_gaps(f"link to peer {self.name} lost ({reason})")
         if self.url is None or self.learned_from is not None:
             # It dialed us (it will open a new link if it returns), or gossip
@@ -231,6 +246,8 @@ class Peer(Outbound, Inbound):
             self.link.close()
             self.link = None
         self.close_outbound()
+        self.bridge.groups.peer_down(self)
+        self.bridge.groups.drop_inboxes(self)
         for t in self.in_topics.values():
             if t.pub is not None:
                 with contextlib.suppress(Exception):
@@ -250,6 +267,7 @@ class Peer(Outbound, Inbound):
             "for_s": round(time.monotonic() - self.since, 3),
             "learned_from": self.learned_from,
             "interest": sorted(self.patterns),
+            "serves": sorted(f"{t} ({g})" for t, g in self.served_groups),
             "forwarding": len(self.out),
             "parked": sum(1 for t in self.out.values() if t.parked),
             "backlog": sum(len(t.backlog) for t in self.in_topics.values()),

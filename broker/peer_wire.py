@@ -38,6 +38,7 @@ from typing import Any
 import msgpack
 
 from tensorbus.broker.schema import FieldError, check_fields
+from tensorbus.broker.topics import INBOX_PREFIX
 
 __all__ = [
     "BODY",
@@ -48,6 +49,7 @@ __all__ = [
     "INITIAL_WINDOW_BYTES",
     "INITIAL_WINDOW_MSGS",
     "LINK_VERSION",
+    "MAX_GROUPS",
     "MAX_MEMBERS",
     "TENSOR",
     "Entry",
@@ -83,7 +85,17 @@ _MAX_CONTROL = 1 << 20
 _INT, _STR, _LIST = (int,), (str,), (list,)
 CONTROL_TYPES = {
     "attach": {"link": (_INT, True), "secret": (_STR, True)},
-    "interest": {"add": (_LIST, False), "remove": (_LIST, False), "reset": ((bool,), False)},
+    # ``groups``, when present: every [topic, group] the sender's own
+    # members serve now (request/reply across hosts, broker/groups.py).
+    "interest": {
+        "add": (_LIST, False),
+        "remove": (_LIST, False),
+        "reset": ((bool,), False),
+        "groups": (_LIST, False),
+    },
+    # Reply inboxes the receiver makes (``add``) or drops (``remove``) for the
+    # sender's requesters, so replies to requests it forwards can come back.
+    "inboxes": {"add": (_LIST, False), "remove": (_LIST, False)},
     "topic": {
         "id": (_INT, True),
         "name": (_STR, True),
@@ -103,6 +115,8 @@ CONTROL_TYPES = {
     "members": {"urls": (_LIST, True)},
 }
 MAX_MEMBERS = 4096  # urls in one members message
+MAX_GROUPS = 4096  # [topic, group] pairs in one interest message
+_INBOX_NAME = len(INBOX_PREFIX) + 16  # "_inbox/" and 16 hex digits
 _MAX_URL = 256
 _U64 = (1 << 64) - 1
 
@@ -157,6 +171,22 @@ def decode_control(raw: bytes) -> tuple[str, dict]:
             obj[name] = obj.get(name) or []
             if not all(isinstance(p, str) for p in obj[name]):
                 raise WireError(f"interest {name!r} is a list of pattern strings")
+        groups = obj.get("groups")
+        if groups is not None and (
+            len(groups) > MAX_GROUPS
+            or not all(
+                isinstance(g, list) and len(g) == 2 and all(isinstance(v, str) for v in g)
+                for g in groups
+            )
+        ):
+            raise WireError(
+                f"interest 'groups' is a list of at most {MAX_GROUPS} [topic, group] string pairs"
+            )
+    elif kind == "inboxes":
+        for name in ("add", "remove"):
+            obj[name] = obj.get(name) or []
+            if not all(_is_inbox(n) for n in obj[name]):
+                raise WireError(f"inboxes {name!r} lists reply inbox names (_inbox/<16 hex>)")
     elif kind == "credit":
         for grant in obj["grants"]:
             if not (
@@ -180,6 +210,12 @@ def decode_control(raw: bytes) -> tuple[str, dict]:
         ):
             raise WireError("resume 'sent' maps topic names to counts")
     return kind, obj
+
+
+def _is_inbox(name) -> bool:
+    if not isinstance(name, str) or len(name) != _INBOX_NAME or not name.startswith(INBOX_PREFIX):
+        return False
+    return all(c in "0123456789abcdef" for c in name[len(INBOX_PREFIX) :])
 
 
 def encode_batch_entry(

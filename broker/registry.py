@@ -32,6 +32,7 @@ from tensorbus._core import (
 )
 from tensorbus._core.arena import MAX_HOLDERS
 from tensorbus.broker import protocol as P
+from tensorbus.broker.queue_groups import Group, QueueGroups
 from tensorbus.broker.stats import TopicMeter
 from tensorbus.broker.topic_options import topic_options
 from tensorbus.broker.topics import (
@@ -105,21 +106,6 @@ class Subscription:
 
 
 @dataclass(eq=False)
-class Group:
-    """A queue group on one topic: one cursor (the broker's) that every
-    member adopts and claims messages from by CAS, and one futex bell that
-    every member sleeps on."""
-
-    topic: str
-    name: str
-    cursor: int
-    generation: int
-    bell: int
-    bell_generation: int
-    members: set = field(default_factory=set)  # Subscription
-
-
-@dataclass(eq=False)
 class Session:
     key: tuple  # (socket, identity); ("adopted", id) until its client resumes it
     transport: str  # "ipc" or "tcp"
@@ -148,7 +134,7 @@ def _no_interest() -> None:
     pass
 
 
-class Registry:
+class Registry(QueueGroups):
     """Every topic, subscription, queue group and session of one daemon.
 
     ``config`` gives the limits and defaults (a BrokerConfig); ``bells`` and
@@ -372,6 +358,9 @@ class Registry:
             for sub in g.members:
                 sub.group = None
                 sub.bell = -1  # the group's bell, freed once here
+            if g.fifo:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(g.fifo)
             self.free_bells.append(g.bell)
         self.topics.pop(topic.name, None)
         with contextlib.suppress(Exception):
@@ -487,27 +476,10 @@ class Registry:
         group's cursor and bell (made with the first member)."""
         name = self.user_topic(f["pattern"])
         group = f["group"]
-        validate_topic(f"g/{group}")  # a group name is one topic level
-        if "/" in group:
-            raise P.ProtocolViolation("bad_option", f"a group name is one level, not {group!r}")
         if f.get("mode", "sync") != "sync":
             raise P.ProtocolViolation("bad_option", "queue-group members read in sync mode")
-        topic, _ = self.get_or_create(name, {})
-        if topic.qos != "reliable":
-            raise P.ProtocolViolation(
-                "bad_option",
-                f"a queue group reads a reliable topic; {name!r} is {topic.qos}",
-            )
-        g = self.groups.get((name, group))
-        if g is None:
-            bell, bell_generation = self.take_bell("futex", os.getpid())
-            try:
-                cursor, generation = topic.ring.join_cursor(os.getpid(), bell=bell + 1, group=True)
-            except CapacityError as exc:
-                self.free_bells.append(bell)
-                raise P.ProtocolViolation("capacity", str(exc)) from None
-            g = Group(name, group, cursor, generation, bell, bell_generation)
-            self.groups[(name, group)] = g
+        g = self.groups.get((name, group)) or self.make_group(name, group)
+        topic = self.topics[name]
         sub = Subscription(
             self.new_id(), session, name, "sync", g.bell, g.bell_generation, None, group=g
         )
@@ -515,7 +487,8 @@ class Registry:
         session.subscriptions[sub.id] = sub
         g.members.add(sub)
         topic.cursors[(g.cursor, g.generation)] = sub
-        topic.ring.set_responders(len(g.members))
+        self.count_responders(g)
+        self.interest()  # the bridge tells other hosts what this one serves
         return {
             "sub": sub.id,
             "bell": {
@@ -527,27 +500,6 @@ class Registry:
             "members": [{"topic": topic.info(), "cursor": g.cursor, "generation": g.generation}],
             "group": group,
         }
-
-    def _leave_group(self, sub: Subscription) -> None:
-        g = sub.group
-        self.dirty = True
-        g.members.discard(sub)
-        sub.session.subscriptions.pop(sub.id, None)
-        sub.members.clear()
-        topic = self.topics.get(g.topic)
-        if g.members:
-            if topic is not None:
-                topic.cursors[(g.cursor, g.generation)] = next(iter(g.members))
-                topic.ring.set_responders(len(g.members))
-            return
-        del self.groups[(g.topic, g.name)]
-        if topic is not None:
-            topic.cursors.pop((g.cursor, g.generation), None)
-            with contextlib.suppress(TensorbusError):
-                topic.ring.set_responders(0)
-                topic.ring.free_cursor(g.cursor, g.generation)
-                topic.ring.reclaim()
-        self.free_bells.append(g.bell)
 
     def unsubscribe(self, session: Session, sub_id: int) -> None:
         sub = session.subscriptions.get(sub_id)
@@ -588,8 +540,8 @@ class Registry:
             topic.ring.reclaim()  # blocks only this cursor still pinned
 
     def local_patterns(self) -> set[str]:
-        """The patterns this host's own subscribers read (queue groups and
-        reply inboxes stay local)."""
+        """The patterns this host's own subscribers read (queue groups are
+        told apart, broker/groups.py; reply inboxes stay local)."""
         return {
             sub.pattern
             for session in self.sessions.values()

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tensorbus._core import Message
-from tensorbus._core.errors import ReceiveTimeout, RingClosedError, TensorbusError
+from tensorbus._core.errors import GapError, ReceiveTimeout, RingClosedError, TensorbusError
 from tensorbus.broker.topics import validate_topic
 from tensorbus.clients._shared import Subscription
 from tensorbus.clients.errors import ClientClosed
@@ -189,7 +189,11 @@ class AsyncRequestStream:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            msg = await self._recv(left)
+            try:
+                msg = await self._recv(left)
+            except GapError:  # requests lost with a link: their callers retry
+                self.stats["gaps"] += 1
+                continue
             meta, again = self._answering.accept(msg)
             if again is not None:
                 await self._send(meta.token, again[0], meta.id, again[1])  # the remembered answer

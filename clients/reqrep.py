@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 from tensorbus._core import Message
-from tensorbus._core.errors import ReceiveTimeout, RingClosedError, TensorbusError
+from tensorbus._core.errors import GapError, ReceiveTimeout, RingClosedError, TensorbusError
 from tensorbus.broker.topics import INBOX_PREFIX
 from tensorbus.clients.meta import MetaCodec
 
@@ -231,7 +231,7 @@ class Answering:
         self.topic = topic
         self.seen: collections.OrderedDict = collections.OrderedDict()  # (token, id) -> reply
         self.replies: collections.OrderedDict = collections.OrderedDict()  # token -> publisher
-        self.stats = {"requests": 0, "duplicates": 0, "replies": 0, "undeliverable": 0}
+        self.stats = {"requests": 0, "duplicates": 0, "replies": 0, "undeliverable": 0, "gaps": 0}
 
     def accept(self, msg: Message) -> tuple[ReqMeta | None, tuple | None]:
         """(meta, None) for a new request; (meta, (data, kind)) for a
@@ -307,7 +307,13 @@ class RequestStream:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            msg = self._sub.recv(left)
+            try:
+                msg = self._sub.recv(left)
+            except GapError:
+                # Requests lost with a link between daemons: their callers
+                # retry (docs/reqrep.md); nothing for the responder to do.
+                self.stats["gaps"] += 1
+                continue
             meta, again = self._answering.accept(msg)
             if again is not None:
                 self._send(meta.token, again[0], meta.id, again[1])  # the remembered answer

@@ -1,0 +1,142 @@
+"""Request/reply across hosts (broker/groups.py): a responder group on one
+daemon serves requests made on another, NoResponders is cluster-wide, a free
+local member is preferred, and a lost daemon's requests go elsewhere."""
+
+import asyncio
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+from daemons import TRANSPORTS, tcp_of, wait_for
+
+import tensorbus
+import tensorbus.aio
+
+pytestmark = pytest.mark.timeout(90)
+
+COMMON = ("--tcp", "127.0.0.1:*", "--heartbeat", "0.2", "--link-grace", "1")
+COMMON += ("--arena-size", "64MiB")
+
+
+def broker_stats(d) -> dict:
+    with tensorbus.connect(d.url, name="probe") as c:
+        return c.stats()["broker"]
+
+
+def served_at(d, topic: str) -> list:
+    """The daemons that serve ``topic`` for requesters at ``d``."""
+    groups = broker_stats(d)["remote_groups"]
+    return [name for g in groups if g["topic"] == topic for name in g["servers"]]
+
+
+def pair(daemon_factory, tmp_path, transport="tcp", *extra):
+    a = daemon_factory(*COMMON, "--transport", transport, *extra, path=tmp_path / "a")
+    b = daemon_factory(
+        *COMMON, "--transport", transport, *extra, "--peer", tcp_of(a), path=tmp_path / "b"
+    )
+    wait_for(
+        lambda: any(link["state"] == "up" for link in broker_stats(a)["links"]), what="the link"
+    )
+    return a, b
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_group_on_one_daemon_serves_requests_made_on_another(daemon_factory, tmp_path, transport):
+    a, b = pair(daemon_factory, tmp_path, transport)
+    with tensorbus.connect(b.url) as srv, tensorbus.connect(a.url) as cli:
+        with pytest.raises(tensorbus.NoResponders):
+            cli.request("svc/echo", b"x", timeout=5)  # nobody anywhere: at once
+        srv.respond("svc/echo", lambda req: bytes(req.data)[::-1])
+        srv.respond("svc/sum", lambda req: np.asarray(req.data).sum(axis=0))
+        wait_for(lambda: served_at(a, "svc/echo") and served_at(a, "svc/sum"), what="B serving")
+        for k in range(20):
+            assert bytes(cli.request("svc/echo", b"hello %d" % k).data) == (b"hello %d" % k)[::-1]
+        arr = np.arange(12.0).reshape(3, 4)
+        reply = cli.request("svc/sum", arr)
+        assert reply.is_tensor and np.array_equal(reply.data, arr.sum(axis=0))
+        big = np.arange(1 << 20, dtype=np.float32)  # 4 MiB: through the arena and a body
+        assert float(cli.request("svc/sum", big).data) == float(big.sum())
+        assert cli._requester.stats["retries"] == 0
+    # The responders left: their group leaves A, and requests fail at once again.
+    wait_for(lambda: not served_at(a, "svc/echo"), what="B's group gone from A")
+    with tensorbus.connect(a.url) as cli, pytest.raises(tensorbus.NoResponders):
+        cli.request("svc/echo", b"x", timeout=5)
+
+
+def test_a_free_local_member_is_preferred(daemon_factory, tmp_path):
+    a, b = pair(daemon_factory, tmp_path, "tcp", "--local-first-us", "200000")
+    with (
+        tensorbus.connect(a.url) as here,
+        tensorbus.connect(b.url) as there,
+        tensorbus.connect(a.url) as cli,
+    ):
+        here.respond("svc/who", lambda req: b"A", group="g")
+        there.respond("svc/who", lambda req: b"B", group="g")
+        wait_for(lambda: served_at(a, "svc/who"), what="B serving at A")
+        answers = [bytes(cli.request("svc/who", b"?").data) for _ in range(20)]
+        assert answers == [b"A"] * 20
+        # Every local member busy: after the head start, B takes requests.
+        busy = threading.Event()
+
+        def slow(req):
+            busy.set()
+            time.sleep(3)
+            return b"A-slow"
+
+        here.close()
+        with tensorbus.connect(a.url) as here2:
+            here2.respond("svc/who", slow, group="g")
+            other = tensorbus.connect(a.url)
+            t = threading.Thread(target=lambda: other.request("svc/who", b"1", timeout=5))
+            # The first request may go either way; keep asking until A's member is busy.
+            t.start()
+            busy.wait(5)
+            assert bytes(cli.request("svc/who", b"?", timeout=2).data) == b"B"
+            t.join(10)
+            other.close()
+
+
+def test_a_lost_daemon_s_requests_go_to_another(daemon_factory, tmp_path):
+    a = daemon_factory(*COMMON, "--transport", "tcp", path=tmp_path / "a")
+    b = daemon_factory(*COMMON, "--transport", "tcp", "--peer", tcp_of(a), path=tmp_path / "b")
+    c = daemon_factory(*COMMON, "--transport", "tcp", "--peer", tcp_of(a), path=tmp_path / "c")
+    with (
+        tensorbus.connect(b.url) as sb,
+        tensorbus.connect(c.url) as sc,
+        tensorbus.connect(a.url) as cli,
+    ):
+        sb.respond("svc/x", lambda req: b"B")
+        sc.respond("svc/x", lambda req: b"C")
+        wait_for(lambda: len(served_at(a, "svc/x")) == 2, what="B and C serving at A")
+        got = {bytes(cli.request("svc/x", b"?").data) for _ in range(20)}
+        assert got == {b"B", b"C"}  # spread over the serving daemons
+        b.stop(signal.SIGKILL)
+        # Every request is answered: by C, after a retry for one sent to B.
+        for _ in range(10):
+            assert bytes(cli.request("svc/x", b"?", timeout=1, retries=3).data) == b"C"
+        wait_for(lambda: len(served_at(a, "svc/x")) == 1, what="B out of the group")
+        c.stop(signal.SIGKILL)
+        wait_for(lambda: not served_at(a, "svc/x"), what="C out of the group")
+        with pytest.raises(tensorbus.NoResponders):
+            cli.request("svc/x", b"?", timeout=1)
+
+
+def test_asyncio_requester_across_daemons(daemon_factory, tmp_path):
+    a, b = pair(daemon_factory, tmp_path)
+
+    async def main():
+        srv = await tensorbus.aio.connect(b.url)
+        cli = await tensorbus.aio.connect(a.url)
+        try:
+            await srv.respond("svc/aio", lambda req: bytes(req.data) + b"!")
+            wait_for(lambda: served_at(a, "svc/aio"), what="B serving")
+            for k in range(5):
+                reply = await cli.request("svc/aio", b"%d" % k)
+                assert bytes(reply.data) == b"%d!" % k
+        finally:
+            await cli.close()
+            await srv.close()
+
+    asyncio.run(main())
