@@ -171,7 +171,7 @@ class RemoteGroups:
         with contextlib.suppress(BlockingIOError):
             while os.read(sg.fd, 4096):
                 pass
-        self.kick(sg)
+        self._pump(sg)  # now, not a loop turn later: a request waits
 
     def kick(self, sg: ServedGroup) -> None:
         if self.served.get(sg.key) is sg:

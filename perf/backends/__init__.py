@@ -28,6 +28,8 @@ BACKENDS = (
     "req-bus",
     "req-zmq",
     "req-nats",
+    "req-bridge-tcp",
+    "req-bridge-ucx",
     "bridge-tcp",
     "bridge-ucx",
     "bridge-ucx-huge",
@@ -46,6 +48,8 @@ MODULES = {
     "req-bus": "req_bus",
     "req-zmq": "zmq",  # its lat is REQ/REP over ipc already
     "req-nats": "nats_ps",  # its lat is request/reply already
+    "req-bridge-tcp": "req_bridge_tcp",
+    "req-bridge-ucx": "req_bridge_ucx",
     "bridge-tcp": "bridge_tcp",
     "bridge-ucx": "bridge_ucx",
     "bridge-ucx-huge": "bridge_ucx_huge",
