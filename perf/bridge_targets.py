@@ -75,12 +75,16 @@ def main(argv=None) -> int:
     lat_n, thr_n, repeat = ("1000", "300000", "1") if args.quick else ("3000", "1000000", "3")
     rows = []  # (target, ours, peer's, limit, higher is better, unit or why skipped)
 
-    lat = perf("lat", "bridge-tcp,zmq-tcp,bridge-ucx,ucx", "--size", "64", "--count", lat_n,
-               "--repeat", repeat)  # fmt: skip
+    lat = perf("lat", "bridge-tcp,zmq-tcp,bridge-ucx,ucx,req-bridge-tcp", "--size", "64",
+               "--count", lat_n, "--repeat", repeat)  # fmt: skip
     rows.append(("64 B round trip, tcp bridge / pyzmq REQ/REP", lat["bridge-tcp"]["p50_us"],
                  lat["zmq-tcp"]["p50_us"], 1.5, False, "us p50"))  # fmt: skip
     rows.append(("64 B round trip, UCX bridge / raw ucxx", lat["bridge-ucx"]["p50_us"],
                  lat["ucx"]["p50_us"], 3.0, False, "us p50"))  # fmt: skip
+    rows.append(("64 B request, tcp bridge / pyzmq REQ/REP", lat["req-bridge-tcp"]["p50_us"],
+                 lat["zmq-tcp"]["p50_us"], 1.5, False, "us p50"))  # fmt: skip
+    rows.append(("64 B request p99, tcp bridge / a 500 us budget",
+                 lat["req-bridge-tcp"]["p99_us"], 500.0, 1.0, False, "us p99"))  # fmt: skip
     thr = perf("thr", "bridge-tcp,zmq-tcp", "--size", "64", "--count", thr_n, "--repeat", repeat)
     rows.append(("64 B one way, tcp bridge / pyzmq PUSH/PULL", thr["bridge-tcp"]["msgs_per_s"],
                  thr["zmq-tcp"]["msgs_per_s"], 1.0, True, "msgs/s"))  # fmt: skip
