@@ -39,6 +39,13 @@ class BridgeView:
     def session_alive(self, key) -> bool:
         return key in self._registry.sessions
 
+    def owned_by(self, key, name: str) -> bool:
+        """Whether topic ``name`` is a private topic (a reply inbox) of the
+        session on ``key``."""
+        session = self._registry.sessions.get(key)
+        topic = self._registry.topics.get(name)
+        return session is not None and topic is not None and topic.owner == session.id
+
     def take_holder(self) -> int:
         return self._registry.take_holder()
 

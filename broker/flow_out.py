@@ -128,7 +128,7 @@ class Outbound:
 
     def wants(self, name: str) -> bool:
         if name.startswith(INBOX_PREFIX):  # replies to requests it forwarded here
-            return name in self.inboxes
+            return name in self.inboxes or (name in self.patterns and self._own_inbox(name))
         if is_system(name) or name in self.served_topics:
             return False  # requests reach a serving daemon through its group only
         if self.user is not None and not self.user.may_subscribe(name):
@@ -145,7 +145,11 @@ class Outbound:
             except TopicNameError as exc:
                 log.warning("peer %s: interest %r ignored: %s", self.name, pattern, exc)
                 continue
-            if self.user is not None and not self.user.may_subscribe(pattern):
+            if (
+                self.user is not None
+                and not self.user.may_subscribe(pattern)
+                and not self._own_inbox(pattern)
+            ):
                 self.refuse("subscribe to", pattern)
                 continue
             valid.append(pattern)
@@ -155,6 +159,15 @@ class Outbound:
             self.patterns.update(valid)
             self.patterns.difference_update(remove)
         self._refresh_outbound()
+
+    def _own_inbox(self, name: str) -> bool:
+        """Whether ``name`` is this light client's own reply inbox."""
+        link = self.link
+        return (
+            self.kind == "client"
+            and link is not None
+            and self.bridge.registry.owned_by(link.session, name)
+        )
 
     def requests_changed(self, served: set[str] | None) -> None:
         """The request topics the peer serves (``served``; None: unchanged)

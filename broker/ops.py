@@ -58,6 +58,7 @@ class Ops:
             "subscribe": self.op_subscribe,
             "unsubscribe": self.op_unsubscribe,
             "list_topics": self.op_list_topics,
+            "responders": self.op_responders,
             "stats": self.op_stats,
             "heartbeat": self.op_heartbeat,
             "bye": self.op_bye,
@@ -104,6 +105,14 @@ class Ops:
         return P.encode_reply(
             request.id, **self.bridge.open_link(request.fields, session.key, user)
         )
+
+    def op_responders(self, session: Session, request: P.Request) -> bytes:
+        """The responders of a request topic, as its ring header counts them
+        (0 if there is no such topic): a light client's NoResponders."""
+        name = request.fields["topic"]
+        self.access.check_publish(session, "request on", name)
+        topic = self.registry.topics.get(self.registry.user_topic(name))
+        return P.encode_reply(request.id, responders=topic.ring.responders if topic else 0)
 
     def op_list_topics(self, session: Session, request: P.Request) -> bytes:
         topics = []

@@ -106,6 +106,9 @@ OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "subscribe": {"pattern": (_STR, True), "mode": (_STR, False), "group": (_STR, False)},
     "unsubscribe": {"sub": (_INT, True)},
     "list_topics": {"pattern": (_STR, False)},
+    # How many members (and daemons, across hosts) serve requests on a
+    # topic: what a light client reads before a request (docs/reqrep.md).
+    "responders": {"topic": (_STR, True)},
     "stats": {"pattern": (_STR, False)},
     "heartbeat": {},
     "bye": {"holds": (_INT, False)},

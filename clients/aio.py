@@ -336,7 +336,8 @@ class AsyncClient:
     ) -> Message:
         """The asyncio twin of :meth:`tensorbus.Client.request`: one
         responder's reply, retried with the same id, NoResponders at once."""
-        self._check_local("requests")
+        if self._closed:
+            raise ClientClosed("the client is closed")
         if self._requester is None:
             self._requester = AsyncRequester(self)
             await self._requester.open()

@@ -68,10 +68,12 @@ class AsyncRequester:
             pub = self.publishers.get(topic)
             if pub is None:
                 pub = self.publishers[topic] = await self.client.publisher(topic)
-            call = Call(
-                topic, next(self.ids), self.token, pub._pub.ring, timeout, retries, self.stats
-            )
+            local = self.client.local
+            ring = pub._pub.ring if local else CountSeen(await self._responders(topic))
+            call = Call(topic, next(self.ids), self.token, ring, timeout, retries, self.stats)
             while True:
+                if not local and call.attempt >= 0:  # a retry: is anyone left?
+                    ring.responders = await self._responders(topic)
                 await pub.send(data, meta=call.next_meta(), timeout=timeout)
                 deadline = time.monotonic() + timeout
                 while (left := deadline - time.monotonic()) > 0:
@@ -83,11 +85,25 @@ class AsyncRequester:
                     if reply is not None:
                         return reply
 
+    async def _responders(self, topic: str) -> int:
+        """A light client's count of ``topic``'s responders, from the broker."""
+        return (await self.client._request("responders", topic=topic))["responders"]
+
     async def close(self) -> None:
         for pub in self.publishers.values():
             await pub.close()
         if self.inbox is not None:
             await self.inbox.close()
+
+
+class CountSeen:
+    """A light client's last count of a topic's responders, asked of the
+    broker before each attempt; what :class:`Call` reads as ``ring``."""
+
+    __slots__ = ("responders",)
+
+    def __init__(self, responders: int):
+        self.responders = responders
 
 
 class AsyncRequest(Request):

@@ -475,12 +475,6 @@ class Client:
         ResponderError if the responder's handler failed. One request at a
         time per client."""
         self._check()
-        if not self.local:
-            raise NotLocalError(
-                "requests need the broker's shared memory (a reply inbox and a queue "
-                "group's ring): send them from the broker's host",
-                "not_local",
-            )
         if self._requester is None:
             self._requester = Requester(self)
         return self._requester.request(topic, data, timeout, retries)

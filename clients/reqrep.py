@@ -38,6 +38,7 @@ from tensorbus.broker.topics import INBOX_PREFIX
 from tensorbus.clients.meta import MetaCodec
 
 __all__ = [
+    "BrokerCount",
     "Call",
     "DEFAULT_GROUP",
     "NoResponders",
@@ -140,6 +141,21 @@ class Call:
         return msg
 
 
+class BrokerCount:
+    """A request topic's responders as a light client sees them: the
+    broker's count, asked over the control socket (a tcp client has no
+    ring header to read). What :class:`Call` reads as ``ring.responders``."""
+
+    __slots__ = ("client", "topic")
+
+    def __init__(self, client, topic: str):
+        self.client, self.topic = client, topic
+
+    @property
+    def responders(self) -> int:
+        return self.client._request("responders", topic=self.topic)["responders"]
+
+
 class Requester:
     """A client's requesting side: its reply inbox, a publisher per request
     topic, and the request ids. Not thread-safe: one request at a time."""
@@ -162,7 +178,8 @@ class Requester:
 
     def request(self, topic: str, data, timeout: float, retries: int) -> Message:
         pub = self._publisher(topic)
-        call = Call(topic, next(self.ids), self.token, pub._pub.ring, timeout, retries, self.stats)
+        ring = pub._pub.ring if self.client.local else BrokerCount(self.client, topic)
+        call = Call(topic, next(self.ids), self.token, ring, timeout, retries, self.stats)
         while True:
             pub.send(data, meta=call.next_meta(), timeout=timeout)
             deadline = time.monotonic() + timeout

@@ -208,7 +208,7 @@ def test_async_light_client_publishes_and_subscribes_over_tcp(daemon_factory, tm
             rpub = await remote.publisher("cmd/go")
             with pytest.raises(tensorbus.NotLocalError):
                 remote.requests("cmd/go")
-            with pytest.raises(tensorbus.NotLocalError, match="requests need"):
+            with pytest.raises(tensorbus.NoResponders):  # asked of the broker
                 await remote.request("cmd/go", b"x")
             loop = asyncio.get_running_loop()
             ready = asyncio.Event()

@@ -140,3 +140,37 @@ def test_asyncio_requester_across_daemons(daemon_factory, tmp_path):
             await srv.close()
 
     asyncio.run(main())
+
+
+def test_a_light_client_requests_from_a_group_here_and_across_daemons(daemon_factory, tmp_path):
+    a, b = pair(daemon_factory, tmp_path)
+    with (
+        tensorbus.connect(a.url) as here,
+        tensorbus.connect(b.url) as there,
+        tensorbus.connect(tcp_of(a), name="light") as light,
+    ):
+        assert not light.local
+        with pytest.raises(tensorbus.NoResponders):
+            light.request("svc/light", b"x", timeout=5)
+        there.respond("svc/light", lambda req: b"B:" + bytes(req.data))
+        wait_for(lambda: served_at(a, "svc/light"), what="B serving at A")
+        for k in range(5):
+            assert bytes(light.request("svc/light", b"%d" % k).data) == b"B:%d" % k
+        here.respond("svc/near", lambda req: np.asarray(req.data) * 2)
+        reply = light.request("svc/near", np.arange(4.0))
+        assert np.array_equal(reply.data, np.arange(4.0) * 2)
+
+    async def asyncio_light():
+        cli = await tensorbus.aio.connect(tcp_of(a), name="light-aio")
+        try:
+            with pytest.raises(tensorbus.NoResponders):
+                await cli.request("svc/none", b"x", timeout=5)
+            with tensorbus.connect(b.url) as there:
+                there.respond("svc/aio-light", lambda req: bytes(req.data) * 2)
+                wait_for(lambda: served_at(a, "svc/aio-light"), what="B serving at A")
+                reply = await cli.request("svc/aio-light", b"ab")
+                assert bytes(reply.data) == b"abab"
+        finally:
+            await cli.close()
+
+    asyncio.run(asyncio_light())
