@@ -4,6 +4,7 @@ operations of :class:`BridgeView` and the two segments, nothing else."""
 from __future__ import annotations
 
 import os
+import stat
 
 from tensorbus.broker import protocol as P
 from tensorbus.broker.registry import Group, Registry, Subscription, Topic
@@ -13,6 +14,13 @@ __all__ = ["BRIDGE_OWNED", "BridgeView", "INBOX_CAPACITY"]
 
 BRIDGE_OWNED = -1  # a topic's owner: the bridge made it (a far requester's reply inbox)
 INBOX_CAPACITY = 64  # slots of a reply inbox, as a requester makes its own
+
+
+def _is_fifo(path: str) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 class BridgeView:
@@ -105,7 +113,9 @@ class BridgeView:
         except (TopicNameError, P.ProtocolViolation) as exc:
             raise ValueError(f"cannot serve group {group!r} on {name!r}: {exc}") from None
         if g.fifo is None:
-            g.fifo = reg.make_fifo(g.bell, g.bell_generation)
+            path = reg.bells.fifo_path(g.bell, g.bell_generation)
+            # A predecessor's FIFO stays: publishers may hold it open already.
+            g.fifo = path if _is_fifo(path) else reg.make_fifo(g.bell, g.bell_generation)
         reg.bells.set_kind(g.bell, "both")
         return g
 

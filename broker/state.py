@@ -39,6 +39,7 @@ import msgpack
 from tensorbus._core import Arena, BellTable, Ring, SegmentError, TensorbusError
 from tensorbus._core.arena import MAX_HOLDERS
 from tensorbus._core.offsets import layout
+from tensorbus.broker.bridge_view import BRIDGE_OWNED
 from tensorbus.broker.registry import Group, Registry, Session, Subscription, Topic
 from tensorbus.broker.startup import pid_alive
 
@@ -229,6 +230,14 @@ def restore(registry: Registry, snap: dict) -> dict:
             g.members.add(sub)
     count = registry.bells.count
     registry.free_bells = [b for b in range(count - 1, -1, -1) if b not in used_bells]
+    # Other daemons serve no group for this instance until they say so again
+    # (broker/groups.py): a group with no member here goes, the rest count
+    # their members only; the replies inboxes made for other daemons go.
+    for g in list(registry.groups.values()):
+        registry.bells.set_kind(g.bell, "futex")
+        registry.count_responders(g)
+    for topic in [t for t in registry.topics.values() if t.owner == BRIDGE_OWNED]:
+        registry.remove_topic(topic)
     registry.next_id = max(registry.next_id, snap["next_id"])
     used_holders = {s.holder for s in sessions.values()} | {slot for _, slot in snap["parked"]}
     # The dead daemon's own (its bridge's) holds go; the others are free

@@ -174,3 +174,33 @@ def test_a_light_client_requests_from_a_group_here_and_across_daemons(daemon_fac
             await cli.close()
 
     asyncio.run(asyncio_light())
+
+
+def test_retries_go_to_the_same_daemon_so_the_handler_runs_once(daemon_factory, tmp_path):
+    a = daemon_factory(*COMMON, "--transport", "tcp", path=tmp_path / "a")
+    b = daemon_factory(*COMMON, "--transport", "tcp", "--peer", tcp_of(a), path=tmp_path / "b")
+    c = daemon_factory(*COMMON, "--transport", "tcp", "--peer", tcp_of(a), path=tmp_path / "c")
+    runs = []
+
+    def slow(where):
+        def handler(req):
+            runs.append((where, req.id, req.attempt))
+            time.sleep(0.5)  # longer than the caller's timeout: it retries
+            return where
+
+        return handler
+
+    with (
+        tensorbus.connect(b.url) as sb,
+        tensorbus.connect(c.url) as sc,
+        tensorbus.connect(a.url) as cli,
+    ):
+        sb.respond("svc/slow", slow(b"B"))
+        sc.respond("svc/slow", slow(b"C"))
+        wait_for(lambda: len(served_at(a, "svc/slow")) == 2, what="B and C serving at A")
+        for _ in range(4):
+            reply = cli.request("svc/slow", b"x", timeout=0.2, retries=6)
+            assert bytes(reply.data) in (b"B", b"C")
+        assert cli._requester.stats["retries"] >= 4  # every call retried...
+        assert len(runs) == 4, runs  # ...but each ran its handler once, where it first went
+        assert {where for where, _, _ in runs} == {b"B", b"C"}  # spread over both
