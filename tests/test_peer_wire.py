@@ -43,6 +43,22 @@ def test_control_round_trip_and_schema():
         W.encode_control("nope")
 
 
+def test_served_groups_and_reply_inboxes_are_checked():
+    groups = [["svc/a", "responders"], ["svc/b", "g"]]
+    kind, f = W.decode_control(W.encode_control("interest", add=[], groups=groups))
+    assert f["groups"] == groups
+    with pytest.raises(W.WireError, match=r"\[topic, group\] string pairs"):
+        W.decode_control(W.encode_control("interest", groups=[["svc/a"]]))
+    with pytest.raises(W.WireError, match="string pairs"):
+        W.decode_control(W.encode_control("interest", groups=[["svc/a", 3]]))
+    inbox = "_inbox/" + "0123456789abcdef"
+    kind, f = W.decode_control(W.encode_control("inboxes", add=[inbox]))
+    assert kind == "inboxes" and f == {"add": [inbox], "remove": []}
+    for bad in ("svc/a", "_inbox/xyz", "_inbox/" + "0123456789ABCDEF", 7):
+        with pytest.raises(W.WireError, match="reply inbox names"):
+            W.decode_control(W.encode_control("inboxes", remove=[bad]))
+
+
 @pytest.mark.parametrize(
     "raw, words",
     [

@@ -130,6 +130,37 @@ def test_fifo_bell_is_written_only_while_armed(bells, rings, tmp_path):
         os.close(fd)
 
 
+def test_a_group_head_is_looked_at_and_claimed_at_one_position_only(bells, rings, tmp_path):
+    ring = rings()
+    cursor, generation = ring.join_cursor(os.getpid(), bell=8, group=True)
+    generation_bell = bells.setup(7, "both", os.getpid())
+    path = bells.fifo_path(7, generation_bell)
+    os.mkfifo(path, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+    try:
+        bridge = RingSet(bells, 7)  # the bridge's membership
+        bridge.add("svc", Subscriber(ring, cursor=cursor, generation=generation))
+        other = Subscriber(ring, cursor=cursor, generation=generation)  # a local member
+        assert bridge.group_head() is None
+        assert bridge.arm() is True
+        pub = ring.publisher()
+        pub.send(b"one", flags=1)
+        assert select.select([fd], [], [], 2)[0] == [fd]  # a both-ways bell rings the FIFO
+        bridge.disarm()
+        pub.send(b"two")
+        position, flags = bridge.group_head()
+        assert flags & 0xFF == 1 and bridge.group_head() == (position, flags)  # not taken
+        assert other.recv(timeout=1) == b"one"  # a member claims it first...
+        assert bridge.claim_at(position) is None  # ...so it is not the bridge's, nor is "two"
+        assert bridge.group_head()[0] == position + 1
+        assert bytes(bridge.claim_at(position + 1).data) == b"two"
+        assert bridge.group_head() is None
+        bridge.close()
+        other.close()
+    finally:
+        os.close(fd)
+
+
 def test_a_cursor_of_another_bell_is_refused(bells, rings):
     rs = RingSet(bells, 6)
     with pytest.raises(ValueError, match="does not name bell 6"):
