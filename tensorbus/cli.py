@@ -258,6 +258,11 @@ def stats_table(stats: dict) -> str:
             f"received {link['received']} ({_fmt_bytes(link['received_bytes'])}), "
             f"dropped {link['dropped']}, gaps {link['gaps']}, reconnects {link['reconnects']}"
         )
+    for g in b.get("remote_groups") or []:
+        lines.append(
+            f"group {g['group']} on {g['topic']}: {g['members_here']} member(s) here, "
+            f"served too by {', '.join(g['servers'])}"
+        )
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ from daemons import TRANSPORTS, tcp_of, wait_for
 
 import tensorbus
 import tensorbus.aio
+from tensorbus.cli import stats_table
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -51,6 +52,8 @@ def test_a_group_on_one_daemon_serves_requests_made_on_another(daemon_factory, t
         srv.respond("svc/echo", lambda req: bytes(req.data)[::-1])
         srv.respond("svc/sum", lambda req: np.asarray(req.data).sum(axis=0))
         wait_for(lambda: served_at(a, "svc/echo") and served_at(a, "svc/sum"), what="B serving")
+        table = stats_table(cli.stats())
+        assert f"group responders on svc/echo: 0 member(s) here, served too by {tcp_of(b)}" in table
         for k in range(20):
             assert bytes(cli.request("svc/echo", b"hello %d" % k).data) == (b"hello %d" % k)[::-1]
         arr = np.arange(12.0).reshape(3, 4)
