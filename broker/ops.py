@@ -150,6 +150,8 @@ class Ops:
             "node": self.bridge.node,
             "links": self.bridge.stats(),
             "cluster": self.bridge.members(),
+            "cluster_role": self.bridge.role,  # hub, leaf or mesh (broker/hubs.py)
+            "refused_links": self.bridge.refusals.stats(),  # lately, newest last
             **self.role(),
             **registry.counters,
         }
