@@ -88,6 +88,9 @@ async def keep_leaf_link(bridge: Bridge, hubs_listed: list[Peer], ctx) -> None:
         try:
             await connect(bridge, peer, ctx)
             delay = BACKOFF_MIN_S
+            for old in hubs_listed:  # the last hub's cursors would only hold publishers back
+                if old is not peer:
+                    old.give_up(f"the leaf failed over to hub {peer.url}")
             while peer.link is not None:
                 await asyncio.sleep(bridge.config.heartbeat_s / 4)
             log.warning(

@@ -220,6 +220,13 @@ class Peer(Outbound, Inbound):
         grace = self.bridge.config.link_grace_s
         self.grace_handle = asyncio.get_running_loop().call_later(grace, self._grace_over, reason)
 
+    def give_up(self, reason: str) -> None:
+        """End the grace now: this link will not resume (a leaf linked to
+        another hub), so local publishers must not wait on its cursors."""
+        if self.link is None and self.grace_handle is not None:
+            self.grace_handle.cancel()
+            self._grace_over(reason)
+
     def _grace_over(self, reason: str) -> None:
         self.grace_handle = None
         if self.link is not None:

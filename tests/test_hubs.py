@@ -75,9 +75,10 @@ def test_two_hubs_six_leaves_relay_once_in_order_and_fail_over(daemon_factory, t
     assert [x["peer"] for x in broker_stats(leaves[0])["links"]] == [tcp_of(h1), tcp_of(h2)]
     assert broker_stats(leaves[0])["cluster_role"] == "leaf"
 
-    # Publishers on L1 and L4; subscribers on L0, L3 and L5.
+    # Publishers on L1 and L4; subscribers on L0, L3 and L5, and on the
+    # publishers' own leaves (a hub must not send a leaf its own back).
     l0, l1, l2, l3, l4, l5 = leaves
-    subs_at = (l0, l3, l5)
+    subs_at = (l0, l1, l3, l4, l5)
     clients = {d: tensorbus.connect(d.url) for d in leaves}
     try:
         subs = {d: clients[d].subscribe("t/x") for d in subs_at}
@@ -106,11 +107,11 @@ def test_two_hubs_six_leaves_relay_once_in_order_and_fail_over(daemon_factory, t
         for hub in (h1, h2):
             assert all(x["hops_dropped"] == 0 for x in broker_stats(hub)["links"])
 
-        # Withdrawal: L3 and L5 unsubscribe; their hubs stop asking for t/x,
+        # Withdrawal: all but L0 unsubscribe; their hubs stop asking for t/x,
         # and a hub left with no reader of it withdraws it from the other.
-        subs[l3].close()
-        subs[l5].close()
-        for d in (l3, l5):
+        for d in (l1, l3, l4, l5):
+            subs[d].close()
+        for d in (l1, l3, l4, l5):
             wait_for(lambda d=d: "t/x" not in interest_of(home[d], d), what="interest gone")
         for hub, other in ((h1, h2), (h2, h1)):
             if home[l0] is not other:  # no reader of t/x left under ``other``
