@@ -10,8 +10,9 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pytest
-from daemons import free_port, tcp_of, wait_for
+from daemons import TRANSPORTS, free_port, tcp_of, wait_for
 
 import tensorbus
 from tensorbus._core import FLAG_BRIDGED, FLAG_FROM_HUB, FLAG_GAP, FLAG_HOPS, BellTable, RingSet
@@ -173,6 +174,44 @@ def test_two_hubs_six_leaves_relay_once_in_order_and_fail_over(daemon_factory, t
     finally:
         for c in clients.values():
             c.close()
+
+
+# -- bodies through a hub, and a hub's gap markers -----------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_bodies_relay_without_echo_and_a_hubs_gap_marker_reaches_leaves(
+    daemon_factory, tmp_path, transport
+):
+    """Tensors too large for a batch cross as bodies (the Python path) and
+    are relayed by the hub; the publishing leaf, which reads the topic too,
+    gets no copy back. Then the publishing leaf dies: the hub marks a gap
+    in what it fed, and relays the marker to the other leaf."""
+    common = (*COMMON, "--transport", transport)  # the last --transport wins
+    hub = daemon_factory(*common, "--hub", path=tmp_path / "h")
+    a = daemon_factory(*common, "--leaf-of", tcp_of(hub), path=tmp_path / "a")
+    b = daemon_factory(*common, "--leaf-of", tcp_of(hub), path=tmp_path / "b")
+    with tensorbus.connect(a.url) as ca, tensorbus.connect(b.url) as cb:
+        sub_a, sub_b = ca.subscribe("params/big"), cb.subscribe("params/big")
+        wait_for(lambda: "params/big" in interest_of(a, hub), what="B's interest at A")
+        wait_for(lambda: "params/big" in interest_of(hub, a), what="A's interest at the hub")
+        assert link_to(hub, a)["transport"] == transport
+        pub = ca.publisher("params/big")
+        big = np.arange(256 << 10, dtype=np.float32)  # 1 MiB: a body, not inline
+        for k in range(3):
+            big[0] = k
+            pub.send(big)
+        for sub in (sub_a, sub_b):
+            for k in range(3):
+                m = sub.recv(timeout=10)
+                assert m.data[0] == k and np.array_equal(m.data[1:], big[1:])
+                del m
+        with pytest.raises(tensorbus.ReceiveTimeout):
+            sub_a.recv(timeout=0.5)  # none of its own came back through the hub
+        a.stop(signal.SIGKILL)
+        with pytest.raises(tensorbus.GapError):
+            sub_b.recv(timeout=10)  # the hub's marker, relayed
+        assert all(x["hops_dropped"] == 0 for x in broker_stats(hub)["links"])
 
 
 # -- refusals ------------------------------------------------------------------
