@@ -21,6 +21,7 @@ from tensorbus._core.link_codec import EMPTY, BatchReader, BatchWriter, InState,
 from tensorbus.broker import hubs
 from tensorbus.broker import peer_wire as W
 from tensorbus.broker.batching import DEFAULT
+from tensorbus.cli import stats_table
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -238,6 +239,11 @@ def test_links_whose_roles_do_not_join_are_refused_with_a_sentence(daemon_factor
     refused = wait_for(lambda: (link_to(other, leaf) or {}).get("refused"), what="mesh vs leaf")
     assert "accepts no daemon links" in refused
     assert not any(x["state"] == "up" for x in broker_stats(other)["links"])
+    # `tensorbus stats` prints them on both sides.
+    for d, line in ((leaf, "  refused: "), (mesh, "refused link from ")):
+        with tensorbus.connect(d.url, name="probe") as c:
+            table = stats_table(c.stats())
+        assert any(x.startswith(line) and "is not a hub" in x for x in table.splitlines())
     # A fix on the other side heals it: a hub on the mesh daemon's address.
     mesh.stop()
     fixed = daemon_factory(*COMMON[2:], "--tcp", f"127.0.0.1:{port}", "--hub", path=tmp_path / "m2")
