@@ -254,7 +254,8 @@ def stats_table(stats: dict) -> str:
             f"cluster ({cluster_role}): {len(cluster)} members: {', '.join(cluster) or '-'}"
         )
     for link in b.get("links") or []:
-        kind = link["kind"] if not link.get("role") else f"{link['kind']} ({link['role']})"
+        role = link.get("role")  # hubs and leaves name theirs; a mesh link reads as before
+        kind = f"{link['kind']} ({role})" if role in ("hub", "leaf") else link["kind"]
         lines.append(
             f"link {kind} {link['peer']}: {link['state']} ({link['transport'] or '-'}) "
             f"for {link['for_s']:.0f} s, interest {','.join(link['interest']) or '-'}, "
