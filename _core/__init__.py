@@ -27,7 +27,10 @@ from tensorbus._core.message import Message
 from tensorbus._core.publisher import Publisher
 from tensorbus._core.ring import (
     FLAG_BRIDGED,
+    FLAG_FROM_HUB,
     FLAG_GAP,
+    FLAG_HOPS,
+    HOPS_SHIFT,
     MAX_CAPACITY,
     MAX_SLOT_SIZE,
     POLICIES,
@@ -41,7 +44,10 @@ from tensorbus._core.wait import SpinRegistry, Waiter
 __all__ = [
     "Arena",
     "FLAG_BRIDGED",
+    "FLAG_FROM_HUB",
     "FLAG_GAP",
+    "FLAG_HOPS",
+    "HOPS_SHIFT",
     "BackpressureError",
     "BellTable",
     "MAX_CAPACITY",

@@ -43,6 +43,9 @@ cdef extern from "tb_layout.h" nogil:
         TB_CLOSED_RESTARTED
         TB_SLOT_BRIDGED
         TB_SLOT_GAP
+        TB_SLOT_FROM_HUB
+        TB_SLOT_HOPS
+        TB_SLOT_HOPS_SHIFT
 
     ctypedef struct tb_doorbell_t:
         uint32_t seq          # bumped by every wake; the futex word

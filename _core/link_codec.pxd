@@ -19,6 +19,9 @@ cdef class OutState:
     cdef public int64_t batch_bytes   # a batch holding one of its messages goes at this size;
                                       # 0: each of its messages goes alone
     cdef public int64_t batch_ns      # the longest one of its messages waits in a filling batch
+    cdef public int64_t echo_publisher  # a hub's link to a leaf: the record index of the
+                                        # bridge's publisher of what that leaf sent into this
+                                        # topic's ring (never sent back to it); -1: none
 
 
 cdef class InState:
@@ -45,6 +48,9 @@ cdef class BatchReader:
 cdef class BatchWriter:
     cdef public uint16_t keep_flags   # entry flags taken from the wire
     cdef public uint16_t add_flags    # flags every published message gets (FLAG_BRIDGED)
+    cdef public int hop_step          # links add 1 to the hop count; light clients 0
+    cdef public int max_hops          # a message arriving with more hops is dropped
+    cdef public int64_t hops_dropped  # messages dropped for their hop count, unfolded
     cdef readonly list touched        # InStates with fresh counts to fold
     cdef dict tags                    # dtype tag bytes -> itemsize (0: not carried here)
 

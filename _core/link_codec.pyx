@@ -32,6 +32,8 @@ from tensorbus._core.layout cimport (
     TB_MSG_TENSOR,
     TB_NO_BLOCK,
     TB_SLOT_HEADER_BYTES,
+    TB_SLOT_HOPS,
+    TB_SLOT_HOPS_SHIFT,
     tb_slot_header_t,
     tb_tensor_desc_t,
 )
@@ -96,6 +98,7 @@ cdef class OutState:
         self.credit_bytes = credit_bytes
         self.batch_bytes = batch_bytes
         self.batch_ns = batch_ns
+        self.echo_publisher = -1
 
 
 cdef class InState:
@@ -163,7 +166,7 @@ cdef class BatchReader:
                     break
                 if st != TB_ST_OK:
                     return self._stop(rings, i, name, SLOW)  # closed, evicted: Python says
-                if s.flags & self.skip_flags:
+                if s.flags & self.skip_flags or <int64_t>s.publisher == t.echo_publisher:
                     if tb_load_acq32(&sub.r.cur.state) == TB_CURSOR_EVICTED:
                         return self._stop(rings, i, name, SLOW)
                     sub._note(s)
@@ -239,9 +242,12 @@ cdef class BatchReader:
 cdef class BatchWriter:
     """Publishes received link batches into local rings."""
 
-    def __init__(self, uint16_t keep_flags, uint16_t add_flags):
+    def __init__(self, uint16_t keep_flags, uint16_t add_flags, int hop_step=0,
+                 int max_hops=15):
         self.keep_flags = keep_flags
         self.add_flags = add_flags
+        self.hop_step = hop_step
+        self.max_hops = max_hops
         self.touched = []
         self.tags = {}
 
@@ -266,7 +272,9 @@ cdef class BatchWriter:
         all were published). It stops before an entry that needs Python: a
         body, a topic unknown, refused or with a backlog, a full ring, a
         malformed entry (Python raises the WireError). ``topics`` maps ids
-        to InStates; each published message counts in its ``fresh_*``."""
+        to InStates; each published message counts in its ``fresh_*``, and
+        so does one dropped for its hop count (``hops_dropped``: the sender
+        gets its credit back)."""
         cdef Py_buffer view
         PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE)
         try:
@@ -284,6 +292,7 @@ cdef class BatchWriter:
         cdef int64_t seq, dim
         cdef int st, k
         cdef uint16_t flags
+        cdef int hops
         cdef const char *payload
         while at < end:
             start = at
@@ -300,7 +309,33 @@ cdef class BatchWriter:
             pub = <Publisher>t.pub
             if pub.closed:
                 return start
-            flags = (e.flags & self.keep_flags) | self.add_flags
+            # The hop count crosses in the entry's high byte; a relayed
+            # message past the cluster's diameter is consumed, not published
+            # (it would go round): counted, and credited like a drop.
+            # (A light client's messages are local publishes: hop_step 0, no hops.)
+            hops = 0
+            if self.hop_step:
+                hops = ((e.flags & TB_SLOT_HOPS) >> TB_SLOT_HOPS_SHIFT) + self.hop_step
+            flags = ((e.flags & self.keep_flags & ~TB_SLOT_HOPS) | self.add_flags
+                     | ((hops << TB_SLOT_HOPS_SHIFT) & TB_SLOT_HOPS))
+            if hops > self.max_hops and e.kind != KIND_BYTES and e.kind != KIND_TENSOR:
+                return start  # a body: Python receives it, then drops it
+            if hops > self.max_hops:
+                nbytes = <Py_ssize_t>e.nbytes if e.nbytes <= <uint64_t>(end - at) else -1
+                if e.kind == KIND_TENSOR:
+                    if e.ndim > TB_MAX_NDIM or end - at < DESC_WIRE + 8 * e.ndim:
+                        return start
+                    at += DESC_WIRE + 8 * e.ndim
+                    nbytes = <Py_ssize_t>e.nbytes if e.nbytes <= <uint64_t>(end - at) else -1
+                if nbytes < 0:
+                    return start  # malformed: Python raises the WireError
+                at += nbytes
+                self.hops_dropped += 1
+                if t.fresh_msgs == 0:
+                    self.touched.append(t)
+                t.fresh_msgs += 1
+                t.fresh_bytes += nbytes
+                continue
             if e.kind == KIND_BYTES:
                 if (e.nbytes > <uint64_t>(end - at) or e.nbytes > <uint64_t>pub.inline_max
                         or e.nbytes > pub.v.slot_size):

@@ -9,6 +9,7 @@ cdef class Message:
     cdef readonly int64_t seq           # the message's sequence in its topic's ring
     cdef readonly int64_t timestamp_ns  # CLOCK_REALTIME at publish
     cdef readonly int flags
+    cdef readonly int64_t publisher     # the publisher record index that wrote it
     cdef bytes payload                  # inline messages are copied out of the slot
     cdef object view                    # what .data handed out (memoryview or ndarray)
     cdef Hold hold                      # arena messages: keeps the block alive

@@ -62,7 +62,10 @@ from tensorbus._core.layout cimport (
     TB_RING_VERSION,
     TB_SLOT_HEADER_BYTES,
     TB_SLOT_BRIDGED,
+    TB_SLOT_FROM_HUB,
     TB_SLOT_GAP,
+    TB_SLOT_HOPS,
+    TB_SLOT_HOPS_SHIFT,
     TB_SLOTS_ALIGN,
     tb_cursor_t,
     tb_publisher_t,
@@ -84,7 +87,17 @@ from tensorbus._core.errors import (
 )
 from tensorbus._core.segment import segment_name
 
-__all__ = ["Ring", "POLICIES", "FLAG_BRIDGED", "FLAG_GAP", "MAX_CAPACITY", "MAX_SLOT_SIZE"]
+__all__ = [
+    "Ring",
+    "POLICIES",
+    "FLAG_BRIDGED",
+    "FLAG_FROM_HUB",
+    "FLAG_GAP",
+    "FLAG_HOPS",
+    "HOPS_SHIFT",
+    "MAX_CAPACITY",
+    "MAX_SLOT_SIZE",
+]
 
 POLICIES = {"block": TB_POLICY_BLOCK, "overwrite": TB_POLICY_OVERWRITE}
 _POLICY_NAMES = {v: k for k, v in POLICIES.items()}
@@ -100,6 +113,12 @@ MAX_SLOT_SIZE = TB_MAX_SLOT_SIZE
 # link; subscribers raise GapError with its msgpack body.
 FLAG_BRIDGED = TB_SLOT_BRIDGED
 FLAG_GAP = TB_SLOT_GAP
+# Hubs and leaves (broker/hubs.py): FLAG_FROM_HUB marks a message bridged
+# from a hub (never relayed to another hub); FLAG_HOPS holds how many links
+# it crossed (bits HOPS_SHIFT.., carried on the wire, capped per cluster).
+FLAG_FROM_HUB = TB_SLOT_FROM_HUB
+FLAG_HOPS = TB_SLOT_HOPS
+HOPS_SHIFT = TB_SLOT_HOPS_SHIFT
 
 
 # ---------------------------------------------------------------------------

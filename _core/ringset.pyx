@@ -260,6 +260,7 @@ cdef class RingSet:
                     m.seq = sub.last_seq
                     m.timestamp_ns = sub.last_timestamp_ns
                     m.flags = sub.last_flags
+                    m.publisher = sub.last_publisher
                     return m
                 st = TB_ST_EVICTED  # evicted while we copied: the copy may be torn
             if st == TB_ST_EVICTED:
@@ -336,6 +337,7 @@ cdef class RingSet:
         m.seq = sub.last_seq
         m.timestamp_ns = sub.last_timestamp_ns
         m.flags = sub.last_flags
+        m.publisher = sub.last_publisher
         return m
 
     cdef _evicted(self, int i):

@@ -27,6 +27,7 @@ cdef class Subscriber:
     cdef readonly int64_t last_seq
     cdef readonly int64_t last_timestamp_ns
     cdef readonly int last_flags
+    cdef readonly int64_t last_publisher  # the record index of its publisher
 
     cdef bytes _take(self, tb_slot_header_t *s)
     cdef tb_slot_header_t *_next(self, object timeout) except NULL

@@ -245,6 +245,7 @@ cdef class Subscriber:
         self.last_seq = self.r.pos
         self.last_timestamp_ns = s.timestamp_ns
         self.last_flags = s.flags
+        self.last_publisher = s.publisher
         tb_record_latency(self.r.cur, tb_realtime_ns() - s.timestamp_ns)
 
     def recv(self, timeout=None) -> bytes:

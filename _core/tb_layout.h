@@ -37,11 +37,17 @@ enum { TB_MSG_INLINE = 0, TB_MSG_PAD = 1, TB_MSG_TENSOR = 2, TB_MSG_ARENA = 3 };
 /* BOTH: a queue group's bell while a bridge serves it for other hosts:
  * its members sleep on the futex and the bridge watches the FIFO. */
 enum { TB_BELL_FUTEX = 0, TB_BELL_FIFO = 1, TB_BELL_BOTH = 2 };
-/* Slot flags: the low byte is the application's; tensorbus uses two high
- * bits. BRIDGED: published by a bridge from another host (bridges never
- * forward it again). GAP: an INLINE gap marker a bridge publishes where
- * messages were lost with a link (subscribers raise GapError). */
-enum { TB_SLOT_BRIDGED = 0x8000, TB_SLOT_GAP = 0x4000 };
+/* Slot flags: the low byte is the application's; tensorbus uses the high
+ * byte. BRIDGED: published by a bridge from another host (a mesh daemon
+ * never forwards it again; a hub relays it by the rules of
+ * broker/hubs.py). GAP: an INLINE gap marker a bridge publishes where
+ * messages were lost with a link (subscribers raise GapError). FROM_HUB:
+ * bridged from a hub (a hub never relays it to another hub). HOPS: how
+ * many links the message crossed to reach this ring (bits 8..11; it
+ * crosses the wire in the batch entry's flags, and a receiver drops one
+ * past the cluster's diameter). */
+enum { TB_SLOT_BRIDGED = 0x8000, TB_SLOT_GAP = 0x4000, TB_SLOT_FROM_HUB = 0x2000,
+       TB_SLOT_HOPS = 0x0F00, TB_SLOT_HOPS_SHIFT = 8 };
 /* cursor flags */
 enum { TB_CURSOR_LATEST = 1, /* reads only the newest message (QoS "latest") */
        TB_CURSOR_GROUP = 2 };  /* shared by a queue group: members claim each message by CAS */
@@ -152,7 +158,7 @@ typedef struct {
     int64_t commit;           /* block: seq once committed; overwrite: seqlock word */
     uint32_t length;
     uint16_t type;            /* TB_MSG_* */
-    uint16_t flags;           /* low byte the application's; TB_SLOT_BRIDGED, TB_SLOT_GAP */
+    uint16_t flags;           /* low byte the application's; TB_SLOT_BRIDGED, _GAP, _FROM_HUB, _HOPS */
     int64_t timestamp_ns;     /* CLOCK_REALTIME at publish */
     uint32_t publisher;       /* publisher record index */
     uint32_t _reserved;

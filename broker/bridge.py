@@ -20,8 +20,10 @@ Design notes (docs/bridge.md has the full story):
   backpressure meanwhile); then they are freed, and reliable topics fed by
   the lost link get a gap marker so their subscribers raise GapError
   instead of silently missing messages.
-* Loops: messages a bridge published carry FLAG_BRIDGED and are never
-  forwarded to another daemon, so a full mesh carries each message once.
+* Loops: messages a bridge published carry FLAG_BRIDGED; a mesh daemon
+  never forwards them to another daemon, so a full mesh carries each
+  message once. Hubs relay by the rules of broker/hubs.py (roles, split
+  horizon, echo publishers, a hop limit); a leaf keeps one hub link.
 
 This module is the Bridge itself: accepting links, dialing peers,
 heartbeats, interest, and the shared ring mappings; dialing a configured
@@ -40,13 +42,13 @@ import uuid
 import zmq
 
 from tensorbus._core import FLAG_GAP, BackpressureError, Ring, TensorbusError, Waiter
-from tensorbus.broker import gossip
+from tensorbus.broker import gossip, hubs
 from tensorbus.broker import peer_wire as W
 from tensorbus.broker import protocol as P
 from tensorbus.broker.batching import parse_rules
 from tensorbus.broker.bridge_view import BridgeView
 from tensorbus.broker.curve import secure_server
-from tensorbus.broker.dial import keep_dialing
+from tensorbus.broker.dial import keep_dialing, keep_leaf_link
 from tensorbus.broker.flow_in import InTopic
 from tensorbus.broker.flow_out import DEFAULT_PRIORITIES, PRIORITY_NAMES, priority_of
 from tensorbus.broker.groups import RemoteGroups
@@ -106,6 +108,8 @@ class Bridge:
         self.ctx = None  # the ZeroMQ context links are dialed with (start)
         self.holder_slot = 0  # the arena holder slot of the bridge's holds (0: none)
         self.groups = RemoteGroups(self)  # queue groups that span daemons
+        self.role = hubs.role_of(config)  # hub, leaf or mesh (broker/hubs.py)
+        self.refusals = hubs.Refusals()  # daemon links refused lately, for stats
 
     # -- start and stop ----------------------------------------------------
 
@@ -142,7 +146,7 @@ class Bridge:
             self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             self.router = zmq.Socket.shadow(sock.underlying)
             self.router_watch = Watch(self.loop, self.router, self._on_router_message)
-        links_possible = host is not None or bool(self.config.peers)
+        links_possible = host is not None or bool(self.config.peers or self.config.leaf_of)
         if self.transport in ("ucx", "auto") and links_possible:
             from tensorbus.broker import bridge_ucx
 
@@ -153,6 +157,12 @@ class Bridge:
             peer = Peer(self, "peer", url)
             self.peers.append(peer)
             peer.dialer = asyncio.create_task(keep_dialing(self, peer, ctx))
+        if self.config.leaf_of:  # one hub link at a time, the next hub on loss
+            leaf_hubs = [Peer(self, "peer", url) for url in self.config.leaf_of]
+            self.peers.extend(leaf_hubs)
+            task = asyncio.create_task(keep_leaf_link(self, leaf_hubs, ctx))
+            for peer in leaf_hubs:
+                peer.dialer = task
 
     async def stop(self) -> None:
         for peer in list(self.peers):
@@ -207,8 +217,8 @@ class Bridge:
             dialer = peer.dialer
             if dialer is not None and dialer is not asyncio.current_task():
                 dialer.cancel()
-            if peer.kind == "client" and peer.patterns:
-                self.interest_changed()  # its patterns leave this host's interest
+            if peer.patterns and (peer.kind == "client" or self.role == hubs.HUB):
+                self.interest_changed()  # its patterns leave the interest we tell
 
     # -- interest ----------------------------------------------------------
 
@@ -225,9 +235,10 @@ class Bridge:
                 self.send_interest(peer)
 
     def send_interest(self, peer: Peer) -> None:
-        """Tell ``peer`` what this host's subscribers read now: the whole
-        set on a fresh link, then what changed."""
-        now = self.local_patterns()
+        """Tell ``peer`` what this host's subscribers read now (a hub adds
+        what it relays: broker/hubs.py) and the queue groups served here
+        (broker/groups.py): the whole set on a fresh link, then what changed."""
+        now = hubs.interest_for(self, peer)
         groups = self.groups.here()
         extra = {} if groups == peer.sent_groups else {"groups": groups}
         if peer.sent_interest is None:
@@ -292,7 +303,9 @@ class Bridge:
             raise P.ProtocolViolation("bad_request", "a ucx link needs ucx_address and ucx_tag")
         peer = None
         origin = f.get("origin") or None
+        role = f.get("role", hubs.MESH) if kind == "peer" else None
         if kind == "peer":
+            self._check_role(role, f.get("name") or node[:8])
             # Both daemons may list each other: the one with the smaller node
             # id keeps its own dialed link; the other's dialer stands by. A
             # new node of a known origin is that peer restarted: its Peer
@@ -320,6 +333,7 @@ class Bridge:
             peer.link_down("replaced by a new link")
         peer.user = user
         peer.origin = origin or peer.origin
+        peer.role = role
         self.ids += 1
         link = Link(self, peer, self.ids, secrets.token_hex(16), transport, sock=self.router)
         link.last_rx = time.monotonic()
@@ -335,6 +349,7 @@ class Bridge:
             "boot_id": self.boot_id,
             "transport": transport,
             "heartbeat_s": self.config.heartbeat_s,
+            "role": self.role,
         }
         if transport == "ucx":
             from tensorbus.broker import bridge_ucx
@@ -344,6 +359,18 @@ class Bridge:
             link.ucx_peer_address = f["ucx_address"]
             link.ucx_send_tag = f["ucx_tag"]
         return reply
+
+    def _check_role(self, role, dialer: str) -> None:
+        """Refuse a daemon link whose roles do not join (broker/hubs.py),
+        with a sentence both daemons log and show in their stats."""
+        if role not in hubs.ROLES:
+            reason = f"link role must be one of {', '.join(hubs.ROLES)}, not {str(role)[:40]!r}"
+            self.refusals.add(dialer, reason)
+            raise P.ProtocolViolation("bad_option", reason)
+        reason = hubs.refusal(role, self.role, dialer, self.link_name)
+        if reason is not None:
+            self.refusals.add(dialer, reason)
+            raise P.ProtocolViolation("link_refused", reason)
 
     def _on_router_message(self, sock) -> None:
         identity = sock.recv()
@@ -410,9 +437,9 @@ class Bridge:
             peer.on_topic(f)
         elif kind == "interest":
             peer.set_interest(f["add"], f["remove"], bool(f.get("reset")))
-            if peer.kind == "client":
-                self.interest_changed()
-            elif "groups" in f:
+            if peer.kind == "client" or self.role == hubs.HUB:
+                self.interest_changed()  # a hub tells the others what it relays
+            if peer.kind == "peer" and "groups" in f:
                 self.groups.on_groups(peer, f["groups"])
         elif kind == "inboxes" and peer.kind == "peer":
             self.groups.on_inboxes(peer, f["add"], f["remove"])

@@ -39,6 +39,10 @@ class BrokerConfig:
     transport: str = "auto"  # "ucx", "tcp" or "auto" (ucx where ucxx imports)
     link_port: int = 0
     link_grace_s: float = 10.0
+    # Hubs and leaves (broker/hubs.py): a hub relays between hubs and its
+    # leaves; a leaf links to one of its listed hubs at a time.
+    hub: bool = False
+    leaf_of: list = field(default_factory=list)
     # How bridges batch topics: "PATTERN=off" or "PATTERN=SIZE[/US]" rules
     # (broker/batching.py); unmatched topics: 64 KiB and 100 µs.
     bridge_batch: list = field(default_factory=list)

@@ -171,7 +171,25 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str] | None = No
         raise ConfigError("bridge_spin_us must be 0 to 10000 microseconds")
     if not 0 <= fields.get("local_first_us", 0) <= 10_000_000:
         raise ConfigError("local_first_us must be 0 to 10000000 microseconds (10 s)")
+    _check_roles(fields)
     return BrokerConfig(**fields)
+
+
+def _check_roles(fields: dict) -> None:
+    """A daemon is a hub, a leaf or neither (broker/hubs.py)."""
+    leaf_of = fields.get("leaf_of") or []
+    if fields.get("hub") and leaf_of:
+        raise ConfigError(
+            "--hub and --leaf-of exclude each other: a hub links to hubs and its leaves, "
+            "a leaf to one hub at a time (so leaves can never form a cycle)"
+        )
+    if leaf_of and fields.get("peers"):
+        raise ConfigError(
+            "--leaf-of and --peer exclude each other: a leaf links only to the hubs it lists"
+        )
+    for url in leaf_of:
+        if not (isinstance(url, str) and url.startswith("tcp://")):
+            raise ConfigError(f"--leaf-of takes a hub's tcp://HOST:PORT, not {url!r}")
 
 
 def _check_user_tokens(fields: dict, config_file: str | None) -> None:

@@ -4,7 +4,12 @@ The dialer says hello on the peer's control socket with the cluster's
 token, asks for a ``link`` (docs/bridge.md), then attaches the link channel
 the reply names with its secret. A ``redundant_link`` refusal means the
 peer's own dialed link serves both: wait and look again, do not count a
-failure.
+failure. A ``link_refused`` refusal (the two daemons' roles do not join,
+broker/hubs.py) is a failure like any other, shown as the link's
+``refused`` in stats: a fix on the other side heals it at the next try.
+
+A leaf (``--leaf-of``) keeps one hub link at a time (``keep_leaf_link``):
+the first listed hub that answers; on loss, the next one, round-robin.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import zmq
 
+from tensorbus.broker import hubs
 from tensorbus.broker import peer_wire as W
 from tensorbus.broker import protocol as P
 from tensorbus.broker.curve import secure_client
@@ -28,7 +34,14 @@ from tensorbus.broker.peer import Peer
 if TYPE_CHECKING:
     from tensorbus.broker.bridge import Bridge
 
-__all__ = ["BACKOFF_MAX_S", "BACKOFF_MIN_S", "connect", "keep_dialing"]
+__all__ = [
+    "BACKOFF_MAX_S",
+    "BACKOFF_MIN_S",
+    "LinkRefused",
+    "connect",
+    "keep_dialing",
+    "keep_leaf_link",
+]
 
 log = logging.getLogger("tensorbus.bridge")
 
@@ -55,28 +68,75 @@ async def keep_dialing(bridge: Bridge, peer: Peer, ctx) -> None:
             await asyncio.sleep(bridge.config.heartbeat_s)
             continue
         except Exception as exc:
-            peer.counters["dial_failures"] += 1
-            if (
-                peer.learned_from is not None
-                and time.monotonic() - peer.since > bridge.config.link_grace_s
-            ):
-                log.warning(
-                    "member %s (learned from %s) unreachable for %.1f s: dropped (%s)",
-                    peer.url,
-                    peer.learned_from,
-                    bridge.config.link_grace_s,
-                    exc,
-                    extra={"event": "member_dropped", "peer": peer.url, "reason": str(exc)},
-                )
-                bridge.forget(peer)
+            if _failed(bridge, peer, exc):
                 return
-            if peer.state != "down" or peer.counters["dial_failures"] % 20 == 1:
-                log.info("cannot link to peer %s: %s", peer.url, exc)
-            if peer.state == "connecting" and peer.counters["links"]:
-                peer.state = "down"
         # Jitter: two daemons that lost each other do not redial in step.
         await asyncio.sleep(delay * random.uniform(0.5, 1.0))
         delay = min(delay * 2, BACKOFF_MAX_S)
+
+
+async def keep_leaf_link(bridge: Bridge, hubs_listed: list[Peer], ctx) -> None:
+    """A leaf's one hub link: dial the listed hubs in turn until one
+    links; while it is up, wait; once it is lost (three silent heartbeats),
+    dial the next one. Backoff grows after each round that linked nowhere.
+    One link at a time is what keeps a leaf from getting a message twice."""
+    delay = BACKOFF_MIN_S
+    turn = 0
+    while True:
+        peer = hubs_listed[turn % len(hubs_listed)]
+        turn += 1
+        try:
+            await connect(bridge, peer, ctx)
+            delay = BACKOFF_MIN_S
+            for old in hubs_listed:  # the last hub's cursors would only hold publishers back
+                if old is not peer:
+                    old.give_up(f"the leaf failed over to hub {peer.url}")
+            while peer.link is not None:
+                await asyncio.sleep(bridge.config.heartbeat_s / 4)
+            log.warning(
+                "leaf: link to hub %s lost; dialing the next listed hub",
+                peer.url,
+                extra={"event": "leaf_failover", "peer": peer.url},
+            )
+            continue  # at once: the next hub is likely up
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            _failed(bridge, peer, exc)
+        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+        if turn % len(hubs_listed) == 0:
+            delay = min(delay * 2, BACKOFF_MAX_S)
+
+
+def _failed(bridge: Bridge, peer: Peer, exc: Exception) -> bool:
+    """Count and log one failed dial; True: ``peer`` is dropped (a
+    learned member unreachable for the grace)."""
+    peer.counters["dial_failures"] += 1
+    if isinstance(exc, LinkRefused):
+        if peer.refused != str(exc):  # each new sentence once, not every retry
+            log.warning(
+                "link to %s refused: %s",
+                peer.url,
+                exc,
+                extra={"event": "link_refused", "peer": peer.url, "reason": str(exc)},
+            )
+        peer.refused = str(exc)
+    if peer.learned_from is not None and time.monotonic() - peer.since > bridge.config.link_grace_s:
+        log.warning(
+            "member %s (learned from %s) unreachable for %.1f s: dropped (%s)",
+            peer.url,
+            peer.learned_from,
+            bridge.config.link_grace_s,
+            exc,
+            extra={"event": "member_dropped", "peer": peer.url, "reason": str(exc)},
+        )
+        bridge.forget(peer)
+        return True
+    if peer.state != "down" or peer.counters["dial_failures"] % 20 == 1:
+        log.info("cannot link to peer %s: %s", peer.url, exc)
+    if peer.state == "connecting" and peer.counters["links"]:
+        peer.state = "down"
+    return False
 
 
 async def connect(bridge: Bridge, peer: Peer, ctx) -> None:
@@ -104,6 +164,7 @@ async def connect(bridge: Bridge, peer: Peer, ctx) -> None:
             boot_id=bridge.boot_id,
             name=bridge.link_name,
             transport=bridge.transport,
+            role=bridge.role,
         )
         if bridge.transport == "ucx":
             from tensorbus.broker import bridge_ucx
@@ -112,6 +173,16 @@ async def connect(bridge: Bridge, peer: Peer, ctx) -> None:
             fields["ucx_tag"] = recv_tag = bridge.ucx_context.next_tag_base()
         peer.node_hint = hello.get("node")
         reply = await _ask(control, "link", timeout, **fields)
+        # An acceptor of an older release says no role: a mesh daemon.
+        role = reply.get("role", hubs.MESH)
+        reason = (
+            hubs.refusal(bridge.role, role, bridge.link_name, peer.url)
+            if role in hubs.ROLES
+            else f"{peer.url} answered with an unknown link role {str(role)[:40]!r}"
+        )
+        if reason is not None:
+            raise LinkRefused(reason)
+        peer.role = role
         with contextlib.suppress(Exception):
             await _ask(control, "bye", 0.5)
     finally:
@@ -143,6 +214,11 @@ class _Redundant(Exception):
     pass
 
 
+class LinkRefused(Exception):
+    """The other daemon refused the link (or we refuse its role): the
+    sentence says why; the dialer retries with backoff."""
+
+
 def _on_host_of(endpoint: str, url: str) -> str:
     """``endpoint``'s port on the host of ``url``: a daemon bound to a
     wildcard (0.0.0.0) announces it as such, which is no address to dial."""
@@ -160,5 +236,7 @@ async def _ask(sock, op: str, timeout: float, **fields) -> dict:
     if not reply.ok:
         if reply.code == "redundant_link":
             raise _Redundant(reply.error)
+        if reply.code == "link_refused":
+            raise LinkRefused(reply.error)
         raise ConnectionRefusedError(f"{reply.code}: {reply.error}")
     return reply.fields

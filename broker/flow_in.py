@@ -19,12 +19,12 @@ from typing import NamedTuple
 import msgpack
 import numpy as np
 
-from tensorbus._core import FLAG_BRIDGED, FLAG_GAP, BackpressureError, TensorbusError
+from tensorbus._core import FLAG_GAP, BackpressureError, TensorbusError
 from tensorbus._core import tensors as _tensors
 from tensorbus._core.link_codec import BatchWriter, InState
 from tensorbus.broker import peer_wire as W
 from tensorbus.broker.batching import BATCH_BYTES
-from tensorbus.broker.flow_out import APP_FLAGS
+from tensorbus.broker.hubs import MAX_HOPS, MESH, arrived_flags, link_rules, update_echo
 from tensorbus.broker.topics import INBOX_PREFIX
 
 __all__ = ["CREDIT_DELAY_S", "InTopic", "Inbound", "Pending", "batch_writer"]
@@ -41,7 +41,8 @@ def batch_writer(kind: str) -> BatchWriter:
     """The core's batch writer for a link to a ``kind`` party: what a peer
     daemon sends is marked bridged (never forwarded again); what a light
     client sends is forwarded like anything published here."""
-    return BatchWriter(APP_FLAGS, FLAG_BRIDGED if kind == "peer" else 0)
+    rules = link_rules(MESH, kind, MESH)
+    return BatchWriter(rules.write_keep, rules.write_add, rules.hop_step, MAX_HOPS)
 
 
 class Pending(NamedTuple):
@@ -93,6 +94,7 @@ class Inbound:
             return
         pub.inline_max = min(topic.slot_size, BATCH_BYTES)
         self.in_topics[f["id"]] = InTopic(f["id"], name, topic.qos, pub)
+        update_echo(self, name)  # a hub sends none of it back to this leaf
 
     def in_topic(self, tid: int) -> InTopic:
         t = self.in_topics.get(tid)
@@ -126,6 +128,9 @@ class Inbound:
             self.counters["received_bytes"] += nbytes
             self._count(t, msgs, nbytes)
         touched.clear()
+        if self.writer.hops_dropped:
+            self.counters["hops_dropped"] += self.writer.hops_dropped
+            self.writer.hops_dropped = 0
         return W.decode_batch(frame[at:]) if at < len(frame) else []
 
     def deliver(self, entry: W.Entry, body=None, loaned: bool = False) -> None:
@@ -150,16 +155,17 @@ class Inbound:
         published (or dropped for good); else the item to try again later
         (the ring is full), possibly now holding a loan with the data."""
         entry, data, loaned = item
-        # From another daemon: never forwarded again. From a light client:
-        # forwarded like anything published on this host. Only the
-        # application's flag bits are taken from the wire.
+        # The link's rules (broker/hubs.py), as the core's writer applies
+        # them: from a daemon, marked bridged (and its hop counted); from a
+        # light client, like anything published on this host.
         flags = 0
+        w = self.writer
         if entry is not None:
-            flags = entry.flags & APP_FLAGS
-            if self.kind == "peer":
-                flags |= FLAG_BRIDGED
+            flags = arrived_flags(entry.flags, w.keep_flags, w.add_flags, w.hop_step, w.max_hops)
         try:
-            if t.pub is None:  # a topic refused here: dropped, credited
+            if flags is None:  # past the cluster's diameter: it went round
+                self.counters["hops_dropped"] += 1
+            elif t.pub is None:  # a topic refused here: dropped, credited
                 self.counters["dropped"] += 1
             elif entry is None:  # a gap marker
                 t.pub.send(data, flags=FLAG_GAP)

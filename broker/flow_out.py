@@ -27,12 +27,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from tensorbus._core import FLAG_BRIDGED, FLAG_GAP, RingSet, Subscriber, TensorbusError
+from tensorbus._core import RingSet, Subscriber, TensorbusError
 from tensorbus._core.link_codec import EMPTY, FULL, PARK, BatchReader, OutState
 from tensorbus._core.ringset import spin_any
 from tensorbus.broker import peer_wire as W
 from tensorbus.broker.batching import BATCH_BYTES, MAX_BATCH_BYTES, batching_of
 from tensorbus.broker.batching import DEFAULT as DEFAULT_BATCHING
+from tensorbus.broker.hubs import APP_FLAGS, MESH, echo_of, link_rules
 from tensorbus.broker.link import INFLIGHT_BYTES
 from tensorbus.broker.topics import (
     INBOX_PREFIX,
@@ -65,7 +66,6 @@ DEFAULT_PRIORITIES = (
 )
 DEFAULT_PRIORITY = 1
 CHUNK_POLL_S = 0.0005  # how often body chunks in flight are looked at
-APP_FLAGS = 0x00FF  # the slot flags an application sets; ours never cross a link
 
 
 def priority_of(name: str, table=DEFAULT_PRIORITIES) -> int:
@@ -105,10 +105,10 @@ class OutTopic(OutState):
 def batch_reader(kind: str) -> BatchReader:
     """The core's batch reader for a link to a ``kind`` party: a peer daemon
     never gets back what came from another host (bridged messages, gap
-    markers); a light client gets gap markers."""
-    if kind == "peer":
-        return BatchReader(APP_FLAGS, FLAG_BRIDGED | FLAG_GAP, BATCH_BYTES)
-    return BatchReader(APP_FLAGS | FLAG_GAP, 0, BATCH_BYTES)
+    markers); a light client gets gap markers. A hub's links get their
+    own masks at link up (broker/hubs.py)."""
+    rules = link_rules(MESH, kind, MESH)
+    return BatchReader(rules.read_keep, rules.read_skip, BATCH_BYTES)
 
 
 class OutClass(NamedTuple):
@@ -218,6 +218,7 @@ class Outbound:
         tid = self.out_ids.setdefault(topic.name, len(self.out_ids) + 1)
         batching = batching_of(topic.name, self.bridge.batch_rules)
         t = OutTopic(topic.name, tid, topic.qos, prio, core, batching)
+        t.echo_publisher = echo_of(self, topic.name)  # a leaf's own never go back
         self.out[topic.name] = self.out_by_id[tid] = t
         self.classes[prio].rings.add(topic.name, core)
         if self.link is not None and self.link.up:
@@ -401,8 +402,9 @@ class Outbound:
     def _encode(self, m, batch: bytearray, bodies: list, t: OutTopic | None = None) -> None:
         t = t or self.out.get(m.topic)
         flags = m.flags
-        if t is None or (self.kind == "peer" and flags & (FLAG_BRIDGED | FLAG_GAP)):
-            return  # detached meanwhile, or it came from another host
+        reader = self.reader  # the link's rules (broker/hubs.py), as the core applies them
+        if t is None or flags & reader.skip_flags or m.publisher == t.echo_publisher:
+            return  # detached meanwhile, or not for this link (where it came from)
         nbytes = m.nbytes
         if t.qos != "reliable" and (t.credit_msgs <= 0 or t.credit_bytes <= 0):
             # Newest wins: keep this one for when credit returns; the one it
@@ -414,7 +416,7 @@ class Outbound:
             return
         # Encode first: a message that cannot be encoded costs no credit.
         seq = t.sent
-        flags &= APP_FLAGS if self.kind == "peer" else APP_FLAGS | FLAG_GAP
+        flags &= reader.keep_flags
         body = None
         if m.dtype is None:
             entry = W.encode_batch_entry(W.BYTES, flags, t.id, seq, nbytes)

@@ -16,6 +16,8 @@ full mesh (docs/bridge.md, "A cluster from one seed").
   backoff; one that cannot be reached, or whose link stays down, for
   ``--link-grace`` is dropped. A learned member never holds up the others:
   each is dialed by a task of its own.
+* Leaves (broker/hubs.py) are never members: a hub names only hubs, and a
+  leaf neither gossips nor learns (it dials the hubs it lists itself).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from tensorbus.broker import hubs
 from tensorbus.broker import peer_wire as W
 from tensorbus.broker.dial import keep_dialing
 from tensorbus.broker.peer import Peer
@@ -50,7 +53,7 @@ def own_url(bridge: Bridge) -> str | None:
 
 def member_url(peer: Peer) -> str | None:
     """``peer``'s advertised url if it is a member now (an up daemon link)."""
-    if peer.kind != "peer" or peer.state != "up":
+    if peer.kind != "peer" or peer.state != "up" or peer.role == hubs.LEAF:
         return None
     url = peer.url or peer.name
     return url if advertisable(url) else None
@@ -66,17 +69,24 @@ def members(bridge: Bridge) -> list[str]:
 
 
 def announce(bridge: Bridge) -> None:
-    """Send the member list on every up daemon link."""
+    """Send the member list on every up daemon link (a leaf's: none)."""
+    if bridge.role == hubs.LEAF:
+        return
     body = W.encode_control("members", urls=members(bridge))
     for peer in bridge.peers:
-        if peer.kind == "peer" and peer.link is not None and peer.link.up:
+        if (
+            peer.kind == "peer"
+            and peer.role != hubs.LEAF
+            and peer.link is not None
+            and peer.link.up
+        ):
             peer.link.send_control(body)
 
 
 def learn(bridge: Bridge, urls: list[str], source: Peer) -> None:
     """Dial the members ``source`` named that this daemon does not know."""
-    if source.kind != "peer":
-        return  # only daemons speak for the cluster
+    if source.kind != "peer" or source.role == hubs.LEAF or bridge.role == hubs.LEAF:
+        return  # only members speak for the cluster; a leaf dials its hubs only
     own = own_url(bridge)
     known = {own}
     for peer in bridge.peers:

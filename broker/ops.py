@@ -160,6 +160,8 @@ class Ops:
             "links": self.bridge.stats(),
             "cluster": self.bridge.members(),
             "remote_groups": self.bridge.groups.stats(),
+            "cluster_role": self.bridge.role,  # hub, leaf or mesh (broker/hubs.py)
+            "refused_links": self.bridge.refusals.stats(),  # lately, newest last
             **self.role(),
             **registry.counters,
         }

@@ -180,6 +180,22 @@ OPTIONS: tuple[Option, ...] = (
         metavar="tcp://HOST:PORT",
     ),
     Option(
+        "hub",
+        BOOLEAN,
+        False,
+        "be a hub: link only to other hubs (--peer, gossip) and to leaves, and relay "
+        "between them (docs/bridge.md: hubs and leaves)",
+    ),
+    Option(
+        "leaf_of",
+        STRINGS,
+        [],
+        "be a leaf of these hubs: one link at a time, to the first that answers, the next "
+        "on loss; accepts no daemon links; the flag repeats",
+        flag="--leaf-of",
+        metavar="tcp://HOST:PORT",
+    ),
+    Option(
         "transport",
         STRING,
         "auto",

@@ -13,6 +13,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from tensorbus.broker import hubs
 from tensorbus.broker import peer_wire as W
 from tensorbus.broker.access import denied
 from tensorbus.broker.flow_in import Inbound, InTopic, batch_writer
@@ -83,6 +84,14 @@ class Peer(Outbound, Inbound):
         # The restricted user (broker/permissions.py) this party authenticated
         # as; None: it may publish and subscribe to everything.
         self.user = None
+        # Hubs and leaves (broker/hubs.py): the remote daemon's role (None:
+        # a light client), why our last dial was refused, whether its
+        # outbound cursors skip what it sent us (a hub's link to a leaf),
+        # and the last inbound publisher of each topic it sent.
+        self.role: str | None = None
+        self.refused: str | None = None
+        self.echo = False
+        self.last_echo: dict[str, int] = {}
 
     def refuse(self, op: str, topic: str) -> None:
         """Tell the remote side (and the log) that its user may not ``op``
@@ -112,6 +121,9 @@ class Peer(Outbound, Inbound):
             self.close_outbound()
             self.patterns.clear()
             self.bridge.groups.drop_inboxes(self)  # its requesters are gone
+            self.last_echo.clear()
+            if self.bridge.role == hubs.HUB:
+                self.bridge.interest_changed()  # what we relayed for it is void
             # What the last instance had not credited may not have reached
             # its ring: the new one hears of it first (resume), as a gap.
             resume = self.unacked
@@ -121,7 +133,9 @@ class Peer(Outbound, Inbound):
         self.node, self.name, self.boot_id = node, name, boot
         self.link = link
         self.state = "up"
+        self.refused = None
         self.since = time.monotonic()
+        hubs.apply_rules(self)  # the remote role is known now
         for t in self.in_topics.values():  # the last link's ids; a lost backlog
             markers = [item for item in t.backlog if item.entry is None]  # shows as a
             if markers:  # shortfall in the peer's resume; gap markers still go out
@@ -220,6 +234,13 @@ class Peer(Outbound, Inbound):
         grace = self.bridge.config.link_grace_s
         self.grace_handle = asyncio.get_running_loop().call_later(grace, self._grace_over, reason)
 
+    def give_up(self, reason: str) -> None:
+        """End the grace now: this link will not resume (a leaf linked to
+        another hub), so local publishers must not wait on its cursors."""
+        if self.link is None and self.grace_handle is not None:
+            self.grace_handle.cancel()
+            self._grace_over(reason)
+
     def _grace_over(self, reason: str) -> None:
         self.grace_handle = None
         if self.link is not None:
@@ -233,6 +254,8 @@ class Peer(Outbound, Inbound):
         self.close_outbound()  # first: local publishers must not stay blocked
         self.patterns.clear()
         self.bridge.groups.drop_inboxes(self)
+        if self.bridge.role == hubs.HUB:
+            self.bridge.interest_changed()  # others no longer hear its interest from us
         self.mark_gaps(f"link to peer {self.name} lost ({reason})")
         if self.url is None or self.learned_from is not None:
             # It dialed us (it will open a new link if it returns), or gossip
@@ -260,12 +283,14 @@ class Peer(Outbound, Inbound):
     def stats(self) -> dict:
         return {
             "kind": self.kind,
+            "role": self.role,
             "peer": self.name,
             "node": self.node,
             "state": self.state,
             "transport": self.link.transport if self.link is not None else None,
             "for_s": round(time.monotonic() - self.since, 3),
             "learned_from": self.learned_from,
+            "refused": self.refused,  # why our last dial was refused (None: it was not)
             "interest": sorted(self.patterns),
             "serves": sorted(f"{t} ({g})" for t, g in self.served_groups),
             "forwarding": len(self.out),
@@ -285,6 +310,7 @@ class Peer(Outbound, Inbound):
                     "gaps",
                     "reconnects",
                     "bad",
+                    "hops_dropped",
                 )
             },
         }

@@ -71,6 +71,7 @@ ERROR_CODES = {
     "permission_denied": "this user may not publish or subscribe to that topic",
     "session_lost": "the session to resume is unknown: the broker restarted without its state",
     "redundant_link": "the two daemons dialed each other; the other one's link is kept",
+    "link_refused": "the two daemons' roles do not join (hubs and leaves): the sentence says why",
     "internal": "the broker failed; the sentence says how",
 }
 
@@ -121,6 +122,7 @@ OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "transport": (_STR, False),
         "ucx_address": (_BYTES, False),
         "ucx_tag": (_INT, False),
+        "role": (_STR, False),
     },
 }
 

@@ -248,16 +248,26 @@ def stats_table(stats: dict) -> str:
             )
         )
     cluster = b.get("cluster") or []
-    if len(cluster) > 1:
-        lines.append(f"cluster: {len(cluster)} members: {', '.join(cluster)}")
-    for link in b.get("links") or []:
+    cluster_role = b.get("cluster_role", "mesh")
+    if len(cluster) > 1 or cluster_role != "mesh":
         lines.append(
-            f"link {link['kind']} {link['peer']}: {link['state']} ({link['transport'] or '-'}) "
+            f"cluster ({cluster_role}): {len(cluster)} members: {', '.join(cluster) or '-'}"
+        )
+    for link in b.get("links") or []:
+        role = link.get("role")  # hubs and leaves name theirs; a mesh link reads as before
+        kind = f"{link['kind']} ({role})" if role in ("hub", "leaf") else link["kind"]
+        lines.append(
+            f"link {kind} {link['peer']}: {link['state']} ({link['transport'] or '-'}) "
             f"for {link['for_s']:.0f} s, interest {','.join(link['interest']) or '-'}, "
             f"sent {link['sent']} ({_fmt_bytes(link['sent_bytes'])}), "
             f"received {link['received']} ({_fmt_bytes(link['received_bytes'])}), "
             f"dropped {link['dropped']}, gaps {link['gaps']}, reconnects {link['reconnects']}"
+            + (f", hops dropped {link['hops_dropped']}" if link.get("hops_dropped") else "")
         )
+        if link.get("refused"):
+            lines.append(f"  refused: {link['refused']}")
+    for refused in b.get("refused_links") or []:
+        lines.append(f"refused link from {refused['peer']}: {refused['reason']}")
     for g in b.get("remote_groups") or []:
         lines.append(
             f"group {g['group']} on {g['topic']}: {g['members_here']} member(s) here, "
