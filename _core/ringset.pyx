@@ -358,8 +358,9 @@ cdef class RingSet:
 
     def group_head(self):
         """A queue group's oldest unclaimed message, looked at, not taken:
-        ``(position, slot flags)`` of the first member's group cursor, or
-        None if there is none (or the first member is no group's)."""
+        ``(position, slot flags, publisher record index)`` of the first
+        member's group cursor, or None if there is none (or the first
+        member is no group's)."""
         cdef Subscriber sub
         cdef tb_slot_header_t *s = NULL
         if self.n == 0:
@@ -370,7 +371,7 @@ cdef class RingSet:
         sub.r.pos = tb_load_acq64(&sub.r.cur.position)
         if tb_ring_poll(sub.v, &sub.r, &s) != TB_ST_OK:
             return None
-        return sub.r.pos, s.flags
+        return sub.r.pos, s.flags, s.publisher
 
     def claim_at(self, int64_t position):
         """Claim a queue group's message at ``position`` and nothing after

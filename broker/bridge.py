@@ -239,7 +239,7 @@ class Bridge:
         what it relays: broker/hubs.py) and the queue groups served here
         (broker/groups.py): the whole set on a fresh link, then what changed."""
         now = hubs.interest_for(self, peer)
-        groups = self.groups.here()
+        groups = self.groups.served_for(peer)
         extra = {} if groups == peer.sent_groups else {"groups": groups}
         if peer.sent_interest is None:
             body = W.encode_control("interest", add=sorted(now), remove=[], reset=True, **extra)

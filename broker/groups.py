@@ -25,8 +25,14 @@
   when told (the inbox went here: checked every heartbeat) or when this
   daemon is lost.
 * A request that came from another daemon (FLAG_BRIDGED) is for the local
-  members: the bridge never claims it, so a request crosses at most one
-  link.
+  members: a mesh daemon's or a leaf's bridge never claims it, so in a full
+  mesh a request crosses at most one link. A hub relays (broker/hubs.py):
+  it tells a leaf every group its other links serve and a hub the groups
+  its leaves serve (split horizon, as for interest), and it claims a
+  bridged request for a server the link's rules let it reach: never the
+  leaf it came from (its echo publisher), never a hub when it came from a
+  hub. So leaf, hub, hub, leaf is the longest way, with the hop count
+  behind it.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from typing import TYPE_CHECKING
 
 from tensorbus._core import FLAG_BRIDGED, RingSet, Subscriber, TensorbusError
 from tensorbus.broker import peer_wire as W
+from tensorbus.broker.hubs import HUB, LEAF, echo_of
 
 if TYPE_CHECKING:
     from tensorbus.broker.bridge import Bridge
@@ -100,9 +107,19 @@ class RemoteGroups:
 
     # -- what this host serves, and what peers serve -------------------------
 
-    def here(self) -> list[list[str]]:
-        """[topic, group] of the groups with a member on this host."""
-        return self.bridge.registry.served_groups()
+    def served_for(self, peer: Peer) -> list[list[str]]:
+        """[topic, group] of the groups this daemon tells ``peer`` it
+        serves: those with a member here; a hub adds those its other links
+        serve (a leaf hears of every other link's, a hub of the leaves')."""
+        groups = {tuple(g) for g in self.bridge.registry.served_groups()}
+        if self.bridge.role == HUB:
+            for sg in self.served.values():
+                if any(
+                    server is not peer and (peer.role == LEAF or server.role == LEAF)
+                    for server in sg.servers
+                ):
+                    groups.add(sg.key)
+        return [list(g) for g in sorted(groups)]
 
     def on_groups(self, peer: Peer, groups: list) -> None:
         """``peer`` serves exactly ``groups`` ([topic, group] pairs) now."""
@@ -114,12 +131,18 @@ class RemoteGroups:
         for key in new - old:
             self._add_server(key, peer)
         peer.requests_changed({t for t, _ in new})
+        if self.bridge.role == HUB and new != old:
+            self.bridge.interest_changed()  # the others hear what it relays
 
     def peer_down(self, peer: Peer) -> None:
         """``peer``'s link is down: it serves nothing until it says again."""
+        if not peer.served_groups:
+            return
         for key in peer.served_groups:
             self._drop_server(key, peer)
         peer.served_groups = set()
+        if self.bridge.role == HUB:
+            self.bridge.interest_changed()
 
     def _add_server(self, key: tuple[str, str], peer: Peer) -> None:
         sg = self.served.get(key)
@@ -205,10 +228,12 @@ class RemoteGroups:
                 if rings.arm():
                     return  # sleep: the next request rings the FIFO
                 continue
-            position, flags = head
-            if flags & FLAG_BRIDGED:
-                # From another daemon: for this host's members only. With none
-                # left it would block every request behind it: dropped (its
+            position, flags, publisher = head
+            servers = self._reachable(sg, flags, publisher)
+            if not servers:
+                # From another daemon, for this host's members only (or, on a
+                # hub, for no server but where it came from). With no member
+                # here it would block every request behind it: dropped (its
                 # requester retries, elsewhere).
                 if sg.group.members:
                     self._look_again(sg, max(self.local_first_s, LOOK_AGAIN_S))
@@ -224,7 +249,8 @@ class RemoteGroups:
                 if wait > 0:
                     self._look_again(sg, wait)  # a free member here takes it first
                     return
-            if not any(p.can_forward(sg.group.topic) for p in sg.servers):
+            servers = [p for p in servers if p.can_forward(sg.group.topic)]
+            if not servers:
                 return  # credit or a link comes back: kick_all
             try:
                 m = rings.claim_at(position)
@@ -233,13 +259,28 @@ class RemoteGroups:
                 return
             if m is None:
                 continue  # a member here took it
-            self._send(sg, m)
+            self._send(sg, m, servers)
 
-    def _send(self, sg: ServedGroup, m) -> None:
+    def _reachable(self, sg: ServedGroup, flags: int, publisher: int) -> list:
+        """The servers a request with these slot flags, written by this
+        publisher, may go to: any, for one made here; on a hub, those the
+        link's rules let it reach (not back where it came from); else none."""
+        if not flags & FLAG_BRIDGED:
+            return sg.servers
+        if self.bridge.role != HUB:
+            return []
+        topic = sg.group.topic
+        return [
+            p
+            for p in sg.servers
+            if not flags & p.reader.skip_flags and publisher != echo_of(p, topic)
+        ]
+
+    def _send(self, sg: ServedGroup, m, servers: list) -> None:
         key = request_key(m.meta if m.dtype is not None else None)
         peer = sg.routes.get(key) if key is not None else None
-        if peer is None or peer not in sg.servers or not peer.can_forward(m.topic):
-            peer = self._next_server(sg, m.topic)
+        if peer not in servers:
+            peer = self._next_server(sg, servers)
         if key is not None:
             sg.routes[key] = peer
             sg.routes.move_to_end(key)
@@ -252,14 +293,10 @@ class RemoteGroups:
         peer.forward(m)
         self.counters["forwarded"] += 1
 
-    def _next_server(self, sg: ServedGroup, topic: str) -> Peer:
-        n = len(sg.servers)
-        for k in range(n):
-            peer = sg.servers[(sg.turn + k) % n]
-            if peer.can_forward(topic):
-                sg.turn = (sg.turn + k + 1) % n
-                return peer
-        raise AssertionError("no server can take a request: checked before the claim")
+    def _next_server(self, sg: ServedGroup, servers: list) -> Peer:
+        """The next of ``servers`` in turn (they can all take it now)."""
+        sg.turn += 1
+        return servers[sg.turn % len(servers)]
 
     # -- reply inboxes -------------------------------------------------------
 

@@ -207,3 +207,42 @@ def test_retries_go_to_the_same_daemon_so_the_handler_runs_once(daemon_factory, 
         assert cli._requester.stats["retries"] >= 4  # every call retried...
         assert len(runs) == 4, runs  # ...but each ran its handler once, where it first went
         assert {where for where, _, _ in runs} == {b"B", b"C"}  # spread over both
+
+
+def test_requests_relay_leaf_hub_hub_leaf_and_back(daemon_factory, tmp_path):
+    h1 = daemon_factory(*COMMON, "--transport", "tcp", "--hub", path=tmp_path / "h1")
+    h2 = daemon_factory(
+        *COMMON, "--transport", "tcp", "--hub", "--peer", tcp_of(h1), path=tmp_path / "h2"
+    )
+    l1 = daemon_factory(
+        *COMMON, "--transport", "tcp", "--leaf-of", tcp_of(h1), path=tmp_path / "l1"
+    )
+    l2 = daemon_factory(
+        *COMMON, "--transport", "tcp", "--leaf-of", tcp_of(h2), path=tmp_path / "l2"
+    )
+    l3 = daemon_factory(
+        *COMMON, "--transport", "tcp", "--leaf-of", tcp_of(h1), path=tmp_path / "l3"
+    )
+    with (
+        tensorbus.connect(l2.url) as far,
+        tensorbus.connect(l1.url) as cli,
+        tensorbus.connect(tcp_of(l3), name="light") as light,
+    ):
+        with pytest.raises(tensorbus.NoResponders):
+            cli.request("svc/far", b"x", timeout=5)
+        far.respond("svc/far", lambda req: b"L2:" + bytes(req.data))
+        # L2 serves; H2 tells H1, H1 tells its leaves: three announcements.
+        wait_for(lambda: served_at(l1, "svc/far"), what="the group known at L1")
+        wait_for(lambda: served_at(l3, "svc/far"), what="the group known at L3")
+        assert served_at(l1, "svc/far") == [tcp_of(h1)]
+        for k in range(10):
+            assert bytes(cli.request("svc/far", b"%d" % k).data) == b"L2:%d" % k
+            assert bytes(light.request("svc/far", b"%d" % k).data) == b"L2:%d" % k
+        assert cli._requester.stats["retries"] == 0
+        # Each request crossed each link once: no hub sent one back.
+        for hub in (h1, h2):
+            assert all(x.get("hops_dropped", 0) == 0 for x in broker_stats(hub)["links"])
+        far.close()
+        wait_for(lambda: not served_at(l1, "svc/far"), what="the group gone at L1")
+        with pytest.raises(tensorbus.NoResponders):
+            cli.request("svc/far", b"x", timeout=5)

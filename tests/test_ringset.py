@@ -148,8 +148,9 @@ def test_a_group_head_is_looked_at_and_claimed_at_one_position_only(bells, rings
         assert select.select([fd], [], [], 2)[0] == [fd]  # a both-ways bell rings the FIFO
         bridge.disarm()
         pub.send(b"two")
-        position, flags = bridge.group_head()
-        assert flags & 0xFF == 1 and bridge.group_head() == (position, flags)  # not taken
+        position, flags, publisher = bridge.group_head()
+        assert flags & 0xFF == 1 and publisher == pub.index
+        assert bridge.group_head() == (position, flags, publisher)  # looked at, not taken
         assert other.recv(timeout=1) == b"one"  # a member claims it first...
         assert bridge.claim_at(position) is None  # ...so it is not the bridge's, nor is "two"
         assert bridge.group_head()[0] == position + 1
