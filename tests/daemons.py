@@ -7,7 +7,9 @@ import time
 
 import pytest
 
-__all__ = ["TRANSPORTS", "free_port", "tcp_of", "wait_for"]
+import tensorbus
+
+__all__ = ["TRANSPORTS", "broker_stats", "free_port", "tcp_of", "wait_for"]
 
 TRANSPORTS = [
     "tcp",
@@ -29,6 +31,12 @@ def free_port() -> int:
 def tcp_of(d) -> str:
     """The tcp:// endpoint of a started daemon (tests/conftest.py's Daemon)."""
     return next(e for e in d.endpoints if e.startswith("tcp://"))
+
+
+def broker_stats(d) -> dict:
+    """A started daemon's ``broker`` stats, asked by a short-lived client."""
+    with tensorbus.connect(d.url, name="probe") as c:
+        return c.stats()["broker"]
 
 
 def wait_for(predicate, timeout=15.0, what="condition"):

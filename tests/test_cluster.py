@@ -6,7 +6,7 @@ import signal
 import time
 
 import pytest
-from daemons import free_port, tcp_of, wait_for
+from daemons import broker_stats, free_port, tcp_of, wait_for
 
 import tensorbus
 from tensorbus.broker import peer_wire as W
@@ -15,11 +15,6 @@ pytestmark = pytest.mark.timeout(90)
 
 COMMON = ("--tcp", "127.0.0.1:*", "--transport", "tcp", "--heartbeat", "0.2")
 COMMON += ("--link-grace", "1", "--arena-size", "64MiB")
-
-
-def broker_stats(d) -> dict:
-    with tensorbus.connect(d.url, name="probe") as c:
-        return c.stats()["broker"]
 
 
 def up_links(d) -> int:

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from daemons import TRANSPORTS, tcp_of, wait_for
+from daemons import TRANSPORTS, broker_stats, tcp_of, wait_for
 
 import tensorbus
 import tensorbus.aio
@@ -19,11 +19,6 @@ pytestmark = pytest.mark.timeout(90)
 
 COMMON = ("--tcp", "127.0.0.1:*", "--heartbeat", "0.2", "--link-grace", "1")
 COMMON += ("--arena-size", "64MiB")
-
-
-def broker_stats(d) -> dict:
-    with tensorbus.connect(d.url, name="probe") as c:
-        return c.stats()["broker"]
 
 
 def served_at(d, topic: str) -> list:

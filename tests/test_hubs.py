@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from daemons import TRANSPORTS, free_port, tcp_of, wait_for
+from daemons import TRANSPORTS, broker_stats, free_port, tcp_of, wait_for
 
 import tensorbus
 from tensorbus._core import FLAG_BRIDGED, FLAG_FROM_HUB, FLAG_GAP, FLAG_HOPS, BellTable, RingSet
@@ -27,11 +27,6 @@ pytestmark = pytest.mark.timeout(120)
 
 COMMON = ("--tcp", "127.0.0.1:*", "--transport", "tcp", "--heartbeat", "0.2")
 COMMON += ("--link-grace", "1", "--arena-size", "32MiB")
-
-
-def broker_stats(d) -> dict:
-    with tensorbus.connect(d.url, name="probe") as c:
-        return c.stats()["broker"]
 
 
 def link_to(d, other) -> dict | None:
