@@ -78,7 +78,12 @@ class Inbound:
             return  # announced again (a re-attach): the same publisher serves
         if old is not None and old.pub is not None:
             old.pub.close()
-        if self.user is not None and isinstance(name, str) and not self.user.may_publish(name):
+        if (
+            self.user is not None
+            and isinstance(name, str)
+            and not self.user.may_publish(name)
+            and name not in self.told_inboxes  # replies to requests we sent it
+        ):
             # Refused like a topic that cannot exist here: dropped, credited.
             self.refuse("publish on", name)
             self.in_topics[f["id"]] = InTopic(f["id"], name, "realtime", None)

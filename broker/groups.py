@@ -122,8 +122,16 @@ class RemoteGroups:
         return [list(g) for g in sorted(groups)]
 
     def on_groups(self, peer: Peer, groups: list) -> None:
-        """``peer`` serves exactly ``groups`` ([topic, group] pairs) now."""
-        new = {(t, g) for t, g in groups}
+        """``peer`` serves exactly ``groups`` ([topic, group] pairs) now.
+        A restricted peer serves only topics its user may read (it reads
+        the requests); the others are refused, and said so."""
+        new = set()
+        for t, g in groups:
+            if peer.user is not None and not peer.user.may_subscribe(t):
+                if (t, g) not in peer.served_groups:
+                    peer.refuse("serve requests of", t)
+                continue
+            new.add((t, g))
         old = peer.served_groups
         peer.served_groups = new
         for key in old - new:

@@ -149,9 +149,18 @@ def test_a_peer_whose_link_token_is_a_restricted_user(daemon_factory, tmp_path):
         assert (got.topic, bytes(got.data)) == ("metrics/x", b"public")
         with pytest.raises(ReceiveTimeout):
             at_b.recv(timeout=0.5)
+
+        # B's responders serve A's requesters only on topics B's user may read.
+        cb.respond("metrics/rpc", lambda req: b"B:" + bytes(req.data))
+        cb.respond("grad/rpc", lambda req: b"never")
+        wait_for(lambda: ca.stats()["broker"]["remote_groups"], what="B serving at A")
+        assert bytes(ca.request("metrics/rpc", b"1").data) == b"B:1"
+        with pytest.raises(tensorbus.NoResponders):
+            ca.request("grad/rpc", b"1", timeout=1)
     a.proc.terminate()
     log = a.proc.communicate(timeout=10)[1]
     assert "permission denied: user 'dashboard'" in log and "may not publish on 'grad/w'" in log
+    assert "may not serve requests of 'grad/rpc'" in log
 
 
 SETPRIV = shutil.which("setpriv")
