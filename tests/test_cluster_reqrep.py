@@ -88,9 +88,8 @@ def test_a_free_local_member_is_preferred(daemon_factory, tmp_path):
             here2.respond("svc/who", slow, group="g")
             other = tensorbus.connect(a.url)
             t = threading.Thread(target=lambda: other.request("svc/who", b"1", timeout=5))
-            # The first request may go either way; keep asking until A's member is busy.
-            t.start()
-            busy.wait(5)
+            t.start()  # A's free member takes it (the head start) and stays busy
+            assert busy.wait(5)
             assert bytes(cli.request("svc/who", b"?", timeout=2).data) == b"B"
             t.join(10)
             other.close()
@@ -241,3 +240,35 @@ def test_requests_relay_leaf_hub_hub_leaf_and_back(daemon_factory, tmp_path):
         wait_for(lambda: not served_at(l1, "svc/far"), what="the group gone at L1")
         with pytest.raises(tensorbus.NoResponders):
             cli.request("svc/far", b"x", timeout=5)
+
+
+def test_a_leaf_s_requests_survive_its_hub_killed(daemon_factory, tmp_path):
+    h1 = daemon_factory(*COMMON, "--transport", "tcp", "--hub", path=tmp_path / "h1")
+    h2 = daemon_factory(
+        *COMMON, "--transport", "tcp", "--hub", "--peer", tcp_of(h1), path=tmp_path / "h2"
+    )
+    both = ("--leaf-of", tcp_of(h1), "--leaf-of", tcp_of(h2))
+    l1 = daemon_factory(*COMMON, "--transport", "tcp", *both, path=tmp_path / "l1")
+    l2 = daemon_factory(
+        *COMMON, "--transport", "tcp", "--leaf-of", tcp_of(h2), path=tmp_path / "l2"
+    )
+    with tensorbus.connect(l2.url) as far, tensorbus.connect(l1.url) as cli:
+        far.respond("svc/ha", lambda req: b"ok:" + bytes(req.data))
+        wait_for(lambda: served_at(l1, "svc/ha"), what="the group known at L1")
+        assert served_at(l1, "svc/ha") == [tcp_of(h1)]  # L1 went through its first hub
+        assert bytes(cli.request("svc/ha", b"0").data) == b"ok:0"
+        h1.stop(signal.SIGKILL)
+        # L1 fails over to H2, which serves the group again. Between the two
+        # links no server is known: NoResponders, at once, is the answer then.
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                reply = cli.request("svc/ha", b"1", timeout=1, retries=3)
+                break
+            except tensorbus.NoResponders:
+                assert time.monotonic() < deadline, "L1 never found the group again"
+                time.sleep(0.05)
+        assert bytes(reply.data) == b"ok:1"
+        for k in range(2, 6):
+            assert bytes(cli.request("svc/ha", b"%d" % k, timeout=1).data) == b"ok:%d" % k
+        assert served_at(l1, "svc/ha") == [tcp_of(h2)]
