@@ -55,6 +55,7 @@ from tensorbus.broker.groups import RemoteGroups
 from tensorbus.broker.link import MAX_LINK_MESSAGE, Link, Remote, Watch, drain
 from tensorbus.broker.peer import Peer
 from tensorbus.broker.soon import Soon
+from tensorbus.broker.topics import INBOX_PREFIX
 
 __all__ = ["Bridge", "PRIORITY_NAMES", "priority_of"]
 
@@ -223,11 +224,13 @@ class Bridge:
     # -- interest ----------------------------------------------------------
 
     def local_patterns(self) -> set[str]:
+        """What this host's subscribers and light clients read, reply inboxes
+        excepted: replies find their way by the link's inboxes message."""
         patterns = set(self.registry.local_patterns())
         for peer in self.peers:
             if peer.kind == "client":
                 patterns |= peer.patterns
-        return patterns
+        return {p for p in patterns if not p.startswith(INBOX_PREFIX)}
 
     def interest_changed(self) -> None:
         for peer in self.peers:

@@ -57,6 +57,11 @@ def test_a_group_on_one_daemon_serves_requests_made_on_another(daemon_factory, t
         big = np.arange(1 << 20, dtype=np.float32)  # 4 MiB: through the arena and a body
         assert float(cli.request("svc/sum", big).data) == float(big.sum())
         assert cli._requester.stats["retries"] == 0
+        # A requester's inbox is no interest of other daemons: replies find
+        # their way by the link's inboxes message.
+        assert not any(
+            p.startswith("_inbox/") for link in broker_stats(b)["links"] for p in link["interest"]
+        )
     # The responders left: their group leaves A, and requests fail at once again.
     wait_for(lambda: not served_at(a, "svc/echo"), what="B's group gone from A")
     with tensorbus.connect(a.url) as cli, pytest.raises(tensorbus.NoResponders):
