@@ -52,7 +52,7 @@ from tensorbus.broker.dial import keep_dialing, keep_leaf_link
 from tensorbus.broker.flow_in import InTopic
 from tensorbus.broker.flow_out import DEFAULT_PRIORITIES, PRIORITY_NAMES, priority_of
 from tensorbus.broker.groups import RemoteGroups
-from tensorbus.broker.link import MAX_LINK_MESSAGE, Link, Remote, Watch, drain
+from tensorbus.broker.link import MAX_CHUNK_BYTES, MAX_LINK_MESSAGE, Link, Remote, Watch, drain
 from tensorbus.broker.peer import Peer
 from tensorbus.broker.soon import Soon
 from tensorbus.broker.topics import INBOX_PREFIX
@@ -339,6 +339,7 @@ class Bridge:
         peer.role = role
         self.ids += 1
         link = Link(self, peer, self.ids, secrets.token_hex(16), transport, sock=self.router)
+        link.chunk_bytes = MAX_CHUNK_BYTES  # the dialer's socket takes any size
         link.last_rx = time.monotonic()
         link.session = session_key
         link.pending = Remote(node, f.get("name") or node[:8], f.get("boot_id", ""))
@@ -352,6 +353,7 @@ class Bridge:
             "boot_id": self.boot_id,
             "transport": transport,
             "heartbeat_s": self.config.heartbeat_s,
+            "max_chunk": MAX_CHUNK_BYTES,  # the body chunks this daemon takes (tcp)
             "role": self.role,
         }
         if transport == "ucx":

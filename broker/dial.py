@@ -28,7 +28,7 @@ from tensorbus.broker import hubs
 from tensorbus.broker import peer_wire as W
 from tensorbus.broker import protocol as P
 from tensorbus.broker.curve import secure_client
-from tensorbus.broker.link import Link, Remote, Watch
+from tensorbus.broker.link import CHUNK_BYTES, MAX_CHUNK_BYTES, Link, Remote, Watch
 from tensorbus.broker.peer import Peer
 
 if TYPE_CHECKING:
@@ -197,6 +197,7 @@ async def connect(bridge: Bridge, peer: Peer, ctx) -> None:
     bridge.ids += 1
     link = Link(bridge, peer, bridge.ids, reply["secret"], reply["transport"], sock=sync)
     link.remote_id = reply["link"]
+    link.chunk_bytes = chunk_bytes_of(reply)
     peer.origin = reply.get("origin") or peer.origin
     link.pending = Remote(reply["node"], peer.url, reply.get("boot_id", ""))
     if link.transport == "ucx":
@@ -208,6 +209,15 @@ async def connect(bridge: Bridge, peer: Peer, ctx) -> None:
     link.send_control(W.encode_control("attach", link=link.remote_id, secret=link.secret))
     link.watch = Watch(bridge.loop, sync, link.read)
     bridge.go_up(link)
+
+
+def chunk_bytes_of(reply: dict) -> int:
+    """The body chunk to send an acceptor: what its link reply says it
+    takes (an older release says nothing: CHUNK_BYTES), at most ours."""
+    take = reply.get("max_chunk")
+    if type(take) is not int or take < CHUNK_BYTES:
+        return CHUNK_BYTES
+    return min(take, MAX_CHUNK_BYTES)
 
 
 class _Redundant(Exception):

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHUNK_BYTES",
+    "MAX_CHUNK_BYTES",
     "INFLIGHT_BYTES",
     "MAX_LINK_MESSAGE",
     "Expected",
@@ -40,9 +41,15 @@ log = logging.getLogger("tensorbus.bridge")
 # Beyond this much in flight on a link (and one message), lower classes
 # wait. tcp: ZeroMQ's queue is first in, first out, so keep it short; UCX
 # sends each message on its own, so it can hold several tensors.
-INFLIGHT_BYTES = {"tcp": 8 << 20, "ucx": 256 << 20}
-CHUNK_BYTES = 2 << 20  # tcp: bodies travel in chunks, so control never waits long
-MAX_LINK_MESSAGE = CHUNK_BYTES + (2 << 20)  # a chunk, or a batch, or a control message
+INFLIGHT_BYTES = {"tcp": 16 << 20, "ucx": 256 << 20}
+# tcp: bodies travel in chunks, so control never waits long. Every release
+# takes CHUNK_BYTES; this one takes chunks up to MAX_CHUNK_BYTES and says so
+# in its link reply (``max_chunk``), so its dialers send it fewer, larger
+# ones (a 4 MiB DDP shard in one message, not two: less daemon CPU per step).
+# A dialer's socket takes any size: what an acceptor sends is not bounded.
+CHUNK_BYTES = 2 << 20
+MAX_CHUNK_BYTES = 8 << 20
+MAX_LINK_MESSAGE = MAX_CHUNK_BYTES + (2 << 20)  # a chunk, or a batch, or a control message
 
 
 class Remote(NamedTuple):
@@ -92,6 +99,9 @@ class Link:
         self.chunks: collections.deque = collections.deque()  # body chunks not yet sent
         self.unsent = 0  # their bytes
         self.queued = 0  # bytes of chunks ZeroMQ holds
+        # The largest body chunk the other side takes: an acceptor says in
+        # its link reply; a dialer's socket takes any (we send our largest).
+        self.chunk_bytes = CHUNK_BYTES
         # Receiving: entries of batches in order; a body blocks those after it
         # until its chunks have all arrived.
         self.expect: collections.deque = collections.deque()
@@ -153,8 +163,9 @@ class Link:
             self.watch.poke()
         for body in bodies:
             view = memoryview(body).cast("B")
-            for at in range(0, len(view), CHUNK_BYTES):
-                self.chunks.append(view[at : at + CHUNK_BYTES])
+            step = self.chunk_bytes
+            for at in range(0, len(view), step):
+                self.chunks.append(view[at : at + step])
             self.unsent += len(view)
         self.flush()
 

@@ -660,3 +660,14 @@ def test_daemons_that_dial_each_other_keep_one_link(daemon_factory, tmp_path):
         assert bytes(sub.recv(timeout=5).data) == b"once"
         with pytest.raises(tensorbus.ReceiveTimeout):
             sub.recv(timeout=0.3)
+
+
+def test_a_dialer_sends_the_body_chunks_its_acceptor_takes():
+    from tensorbus.broker.dial import chunk_bytes_of
+    from tensorbus.broker.link import CHUNK_BYTES, MAX_CHUNK_BYTES
+
+    assert chunk_bytes_of({}) == CHUNK_BYTES == 2 << 20  # an older release says nothing
+    assert chunk_bytes_of({"max_chunk": 8 << 20}) == MAX_CHUNK_BYTES == 8 << 20
+    assert chunk_bytes_of({"max_chunk": 1 << 30}) == MAX_CHUNK_BYTES  # never more than ours
+    for bad in (1024, "8MiB", None, True, 3.5):
+        assert chunk_bytes_of({"max_chunk": bad}) == CHUNK_BYTES
