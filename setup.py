@@ -47,6 +47,7 @@ CORE_MODULES = (
     "arena",
     "ring",
     "ring_stats",
+    "slot_flags",
     "publisher",
     "subscriber",
     "message",

@@ -25,19 +25,10 @@ from tensorbus._core.errors import (
 )
 from tensorbus._core.message import Message
 from tensorbus._core.publisher import Publisher
-from tensorbus._core.ring import (
-    FLAG_BRIDGED,
-    FLAG_FROM_HUB,
-    FLAG_GAP,
-    FLAG_HOPS,
-    HOPS_SHIFT,
-    MAX_CAPACITY,
-    MAX_SLOT_SIZE,
-    POLICIES,
-    Ring,
-)
+from tensorbus._core.ring import MAX_CAPACITY, MAX_SLOT_SIZE, POLICIES, Ring
 from tensorbus._core.ringset import RingSet
 from tensorbus._core.segment import Segment, check_segment_name, segment_name
+from tensorbus._core.slot_flags import FLAG_BRIDGED, FLAG_FROM_HUB, FLAG_GAP, FLAG_HOPS, HOPS_SHIFT
 from tensorbus._core.subscriber import Subscriber
 from tensorbus._core.wait import SpinRegistry, Waiter
 

@@ -61,11 +61,6 @@ from tensorbus._core.layout cimport (
     TB_RING_MAGIC,
     TB_RING_VERSION,
     TB_SLOT_HEADER_BYTES,
-    TB_SLOT_BRIDGED,
-    TB_SLOT_FROM_HUB,
-    TB_SLOT_GAP,
-    TB_SLOT_HOPS,
-    TB_SLOT_HOPS_SHIFT,
     TB_SLOTS_ALIGN,
     tb_cursor_t,
     tb_publisher_t,
@@ -87,17 +82,7 @@ from tensorbus._core.errors import (
 )
 from tensorbus._core.segment import segment_name
 
-__all__ = [
-    "Ring",
-    "POLICIES",
-    "FLAG_BRIDGED",
-    "FLAG_FROM_HUB",
-    "FLAG_GAP",
-    "FLAG_HOPS",
-    "HOPS_SHIFT",
-    "MAX_CAPACITY",
-    "MAX_SLOT_SIZE",
-]
+__all__ = ["Ring", "POLICIES", "MAX_CAPACITY", "MAX_SLOT_SIZE"]
 
 POLICIES = {"block": TB_POLICY_BLOCK, "overwrite": TB_POLICY_OVERWRITE}
 _POLICY_NAMES = {v: k for k, v in POLICIES.items()}
@@ -106,19 +91,6 @@ _POLICY_NAMES = {v: k for k, v in POLICIES.items()}
 MAX_CAPACITY = TB_MAX_CAPACITY
 MAX_SLOT_SIZE = TB_MAX_SLOT_SIZE
 
-# Slot flags tensorbus itself uses (the low byte is the application's).
-# FLAG_BRIDGED: published by a bridge from another host; bridges never
-# forward it again, so a full mesh of daemons carries each message once.
-# FLAG_GAP: a gap marker a bridge publishes where messages were lost with a
-# link; subscribers raise GapError with its msgpack body.
-FLAG_BRIDGED = TB_SLOT_BRIDGED
-FLAG_GAP = TB_SLOT_GAP
-# Hubs and leaves (broker/hubs.py): FLAG_FROM_HUB marks a message bridged
-# from a hub (never relayed to another hub); FLAG_HOPS holds how many links
-# it crossed (bits HOPS_SHIFT.., carried on the wire, capped per cluster).
-FLAG_FROM_HUB = TB_SLOT_FROM_HUB
-FLAG_HOPS = TB_SLOT_HOPS
-HOPS_SHIFT = TB_SLOT_HOPS_SHIFT
 
 
 # ---------------------------------------------------------------------------
