@@ -64,6 +64,15 @@ def links_of(url: str) -> list[dict]:
         return c.stats()["broker"]["links"]
 
 
+def lists(url: str, pattern: str, peer: str | None = None) -> bool:
+    """Whether the daemon at ``url`` has ``pattern`` in a link's interest:
+    the link from ``peer`` (its url), or any up link."""
+    return any(
+        pattern in lk["interest"] and (lk["peer"] == peer if peer else lk["state"] == "up")
+        for lk in links_of(url)
+    )
+
+
 def up(url: str) -> int:
     return sum(1 for link in links_of(url) if link["state"] == "up")
 
@@ -114,14 +123,7 @@ def main(argv=None) -> int:
                 sub = client.subscribe(pattern)
                 pending = [d for d in daemons if d is not last]
                 while pending:
-                    pending = [
-                        d
-                        for d in pending
-                        if not any(
-                            pattern in lk["interest"] and lk["peer"] == last[1]
-                            for lk in links_of(d[0])
-                        )
-                    ]
+                    pending = [d for d in pending if not lists(d[0], pattern, last[1])]
                 waits.append(time.monotonic() - t)
                 sub.close()
     print(f"{n} daemons from one seed, heartbeat {HEARTBEAT_S:g} s, tcp, this machine")
@@ -177,20 +179,9 @@ def hubs_main(args) -> int:
                 home = None
                 pending = [d for d in leaves if d is not last]
                 while home is None or pending:
-                    if home is None and any(
-                        pattern in lk["interest"] and lk["peer"] == last[1]
-                        for hub in hubs
-                        for lk in links_of(hub[0])
-                    ):
+                    if home is None and any(lists(hub[0], pattern, last[1]) for hub in hubs):
                         home = time.monotonic() - t
-                    pending = [
-                        d
-                        for d in pending
-                        if not any(
-                            pattern in lk["interest"] and lk["state"] == "up"
-                            for lk in links_of(d[0])
-                        )
-                    ]
+                    pending = [d for d in pending if not lists(d[0], pattern)]
                 one_hop.append(home)
                 all_hops.append(time.monotonic() - t)
                 sub.close()
