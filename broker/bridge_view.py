@@ -51,8 +51,7 @@ class BridgeView:
         """Whether topic ``name`` is a private topic (a reply inbox) of the
         session on ``key``."""
         session = self._registry.sessions.get(key)
-        topic = self._registry.topics.get(name)
-        return session is not None and topic is not None and topic.owner == session.id
+        return session is not None and self._registry.owns(session, name)
 
     def take_holder(self) -> int:
         return self._registry.take_holder()

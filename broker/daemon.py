@@ -35,7 +35,7 @@ from tensorbus.broker.config import BrokerConfig
 from tensorbus.broker.curve import secure_server
 from tensorbus.broker.lineage import Lineage
 from tensorbus.broker.liveness import Liveness
-from tensorbus.broker.ops import Ops, owns
+from tensorbus.broker.ops import Ops
 from tensorbus.broker.paths import default_ipc_path, ensure_private_dir, share_with_group
 from tensorbus.broker.registry import Registry, Session, Subscription
 from tensorbus.broker.soon import Soon
@@ -452,7 +452,7 @@ class Broker(Lineage):
             session = registry.open_session(
                 key, transport, P.session_name(f.get("name"), pid), pid, time.monotonic()
             )
-        reader = self.access.reader(session, lambda name: owns(registry, session, name))
+        reader = self.access.reader(session, lambda name: registry.owns(session, name))
         if reader is not None:
             session.may_read = reader
             log.info("%s is %s", session.name, user)

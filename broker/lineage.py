@@ -15,7 +15,6 @@ import os
 
 from tensorbus._core import Arena, BellTable, SegmentError
 from tensorbus.broker import hugepages
-from tensorbus.broker.ops import owns
 from tensorbus.broker.registry import Session
 from tensorbus.broker.startup import BrokerStartError, default_arena_size, standby_pid
 from tensorbus.broker.state import (
@@ -98,7 +97,7 @@ class Lineage:
                 uid = os.stat(f"/proc/{session.pid}").st_uid
                 self.access.bind(session.key, self.access.identify("ipc", uid, ""))
             reader = self.access.reader(
-                session, lambda name, s=session: owns(self.registry, s, name)
+                session, lambda name, s=session: self.registry.owns(s, name)
             )
             if reader is not None:
                 session.may_read = reader

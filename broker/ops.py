@@ -18,13 +18,7 @@ from tensorbus.broker.bridge import Bridge
 from tensorbus.broker.registry import Registry, Session
 from tensorbus.broker.stats import private_rss_kb
 
-__all__ = ["Ops", "owns"]
-
-
-def owns(registry: Registry, session: Session, name: str) -> bool:
-    """Whether ``name`` is a private topic of ``session`` (its reply inbox)."""
-    topic = registry.topics.get(name)
-    return topic is not None and topic.owner == session.id
+__all__ = ["Ops"]
 
 
 class Ops:
@@ -91,7 +85,7 @@ class Ops:
     def op_subscribe(self, session: Session, request: P.Request) -> bytes:
         self.registry.require_local(session, "subscribing")
         pattern = request.fields["pattern"]
-        owned = isinstance(pattern, str) and owns(self.registry, session, pattern)
+        owned = isinstance(pattern, str) and self.registry.owns(session, pattern)
         self.access.check_subscribe(session, pattern, owned=owned)
         return P.encode_reply(request.id, **self.registry.subscribe(session, request.fields))
 

@@ -297,6 +297,11 @@ class Registry(QueueGroups):
                 self.attach_new(sub, topic)
         return topic, True
 
+    def owns(self, session: Session, name: str) -> bool:
+        """Whether ``name`` is a private topic of ``session`` (its reply inbox)."""
+        topic = self.topics.get(name)
+        return topic is not None and topic.owner == session.id
+
     def user_topic(self, name: object) -> str:
         """A topic name a client may create or publish on."""
         try:
