@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING
 from tensorbus._core import FLAG_BRIDGED, RingSet, Subscriber, TensorbusError
 from tensorbus.broker import peer_wire as W
 from tensorbus.broker.hubs import HUB, LEAF, echo_of
+from tensorbus.broker.topics import inbox_topic
 
 if TYPE_CHECKING:
     from tensorbus.broker.bridge import Bridge
@@ -71,10 +72,6 @@ def request_key(meta: bytes | None) -> tuple[int, int] | None:
         return None
     rid, token = _REQUEST_META.unpack_from(meta)
     return (token, rid) if rid else None
-
-
-def inbox_of(token: int) -> str:
-    return f"{W.INBOX_PREFIX}{token:016x}"
 
 
 class ServedGroup:
@@ -294,7 +291,7 @@ class RemoteGroups:
             sg.routes.move_to_end(key)
             while len(sg.routes) > ROUTES:
                 sg.routes.popitem(last=False)
-            inbox = inbox_of(key[0])
+            inbox = inbox_topic(key[0])
             if inbox not in peer.told_inboxes and self.bridge.registry.topic(inbox) is not None:
                 peer.link.send_ordered(W.encode_control("inboxes", add=[inbox]))
                 peer.told_inboxes.add(inbox)

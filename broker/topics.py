@@ -17,6 +17,7 @@ __all__ = [
     "MAX_LEVELS",
     "MAX_NAME_BYTES",
     "INBOX_PREFIX",
+    "inbox_topic",
     "SYSTEM_PREFIX",
     "TopicNameError",
     "is_system",
@@ -29,9 +30,17 @@ MAX_LEVELS = 16
 MAX_LEVEL_CHARS = 64
 MAX_NAME_BYTES = 255
 SYSTEM_PREFIX = "$sys"
-# Reply inboxes: private topics of one session, never recreated by a reply
-# and never forwarded to another host.
+# Reply inboxes: private topics of one session, never recreated by a reply;
+# another host gets one only for the replies to requests it serves
+# (broker/groups.py).
 INBOX_PREFIX = "_inbox/"
+
+
+def inbox_topic(token: int) -> str:
+    """The reply inbox of the requester whose inbox token is ``token``."""
+    return f"{INBOX_PREFIX}{token:016x}"
+
+
 _LEVEL = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 from tensorbus._core import Message
 from tensorbus._core.errors import GapError, ReceiveTimeout, RingClosedError, TensorbusError
-from tensorbus.broker.topics import INBOX_PREFIX
+from tensorbus.broker.topics import inbox_topic
 from tensorbus.clients.meta import MetaCodec
 
 __all__ = [
@@ -93,10 +93,6 @@ def encode_meta(request_id: int, token: int, attempt: int, kind: int) -> bytes:
 def decode_meta(raw: bytes | None) -> ReqMeta:
     """ValueError with a sentence for anything that is not request meta."""
     return _CODEC.decode(raw)
-
-
-def inbox_topic(token: int) -> str:
-    return f"{INBOX_PREFIX}{token:016x}"
 
 
 class Call:
