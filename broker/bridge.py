@@ -46,6 +46,7 @@ from tensorbus.broker import gossip, hubs
 from tensorbus.broker import peer_wire as W
 from tensorbus.broker import protocol as P
 from tensorbus.broker.batching import parse_rules
+from tensorbus.broker.bridge_stream import StreamData, StreamListener
 from tensorbus.broker.bridge_view import BridgeView
 from tensorbus.broker.curve import secure_server
 from tensorbus.broker.dial import keep_dialing, keep_leaf_link
@@ -103,6 +104,7 @@ class Bridge:
         self.orphans: list[InTopic] = []  # gap markers waiting for ring space
         self.tasks: list[asyncio.Task] = []
         self.router_watch: Watch | None = None
+        self.streams: StreamListener | None = None  # the tcp data streams' port
         self.transport = config.transport
         self.ucx_context = None
         self.max_body = 0  # the largest body a link may announce: our arena's size
@@ -147,6 +149,8 @@ class Bridge:
             self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             self.router = zmq.Socket.shadow(sock.underlying)
             self.router_watch = Watch(self.loop, self.router, self._on_router_message)
+            if not self.config.curve_secret:  # CURVE encrypts: its data stays on ZeroMQ
+                self.streams = StreamListener(self, host, self.config.stream_port)
         links_possible = host is not None or bool(self.config.peers or self.config.leaf_of)
         if self.transport in ("ucx", "auto") and links_possible:
             from tensorbus.broker import bridge_ucx
@@ -181,6 +185,8 @@ class Bridge:
             self.router_watch.close()
         if self.router_async is not None:
             self.router_async.close(0)
+        if self.streams is not None:
+            self.streams.close()
         for ring in self.rings.values():
             with contextlib.suppress(Exception):
                 ring.detach()
@@ -356,6 +362,9 @@ class Bridge:
             "max_chunk": MAX_CHUNK_BYTES,  # the body chunks this daemon takes (tcp)
             "role": self.role,
         }
+        if transport == "tcp" and f.get("stream") is True and self.streams is not None:
+            link.data = StreamData(self, link)  # the dialer connects to our stream port
+            reply["stream_port"] = self.streams.port
         if transport == "ucx":
             from tensorbus.broker import bridge_ucx
 
@@ -419,7 +428,7 @@ class Bridge:
         if link.transport == "ucx":
             from tensorbus.broker import bridge_ucx
 
-            link.ucx = bridge_ucx.UcxData(
+            link.data = bridge_ucx.UcxData(
                 self,
                 link,
                 link.ucx_peer_address,

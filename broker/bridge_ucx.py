@@ -209,6 +209,11 @@ class UcxData:
         self.closed = False
         self.task = asyncio.get_running_loop().create_task(self._connect(peer_address, same_host))
 
+    # Control messages not bound to the data's order (credit, heartbeats)
+    # stay on the link channel: an active message per heartbeat is no gain.
+    takes_control = False
+    kind = "ucx"
+
     async def _connect(self, peer_address: bytes, same_host: bool) -> None:
         ucxx = _import()
         self.Array, Tag, self.TagMaskFull = _types()  # looked up once, used per operation

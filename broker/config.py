@@ -38,6 +38,7 @@ class BrokerConfig:
     peers: list = field(default_factory=list)
     transport: str = "auto"  # "ucx", "tcp" or "auto" (ucx where ucxx imports)
     link_port: int = 0
+    stream_port: int = 0
     link_grace_s: float = 10.0
     # Hubs and leaves (broker/hubs.py): a hub relays between hubs and its
     # leaves; a leaf links to one of its listed hubs at a time.

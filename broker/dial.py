@@ -27,6 +27,7 @@ import zmq
 from tensorbus.broker import hubs
 from tensorbus.broker import peer_wire as W
 from tensorbus.broker import protocol as P
+from tensorbus.broker.bridge_stream import StreamData
 from tensorbus.broker.curve import secure_client
 from tensorbus.broker.link import CHUNK_BYTES, MAX_CHUNK_BYTES, Link, Remote, Watch
 from tensorbus.broker.peer import Peer
@@ -166,6 +167,8 @@ async def connect(bridge: Bridge, peer: Peer, ctx) -> None:
             transport=bridge.transport,
             role=bridge.role,
         )
+        if bridge.transport == "tcp" and not bridge.config.curve_secret:
+            fields["stream"] = True  # data on a plain TCP stream (broker/bridge_stream.py)
         if bridge.transport == "ucx":
             from tensorbus.broker import bridge_ucx
 
@@ -204,6 +207,10 @@ async def connect(bridge: Bridge, peer: Peer, ctx) -> None:
         link.ucx_peer_address = reply["ucx_address"]
         link.ucx_send_tag = reply["ucx_tag"]
         link.ucx_recv_tag = recv_tag
+    port = reply.get("stream_port")
+    if link.transport == "tcp" and type(port) is int and 0 < port < 65536:
+        link.data = StreamData(bridge, link)
+        link.data.dial(_host_of(peer.url), port, link.remote_id, link.secret)
     link.async_sock = sock
     bridge.links[link.id] = link
     link.send_control(W.encode_control("attach", link=link.remote_id, secret=link.secret))
@@ -233,8 +240,12 @@ def _on_host_of(endpoint: str, url: str) -> str:
     """``endpoint``'s port on the host of ``url``: a daemon bound to a
     wildcard (0.0.0.0) announces it as such, which is no address to dial."""
     port = endpoint.rsplit(":", 1)[1]
-    host = url.split("://", 1)[1].rsplit(":", 1)[0]
-    return f"tcp://{host}:{port}"
+    return f"tcp://{url.split('://', 1)[1].rsplit(':', 1)[0]}:{port}"
+
+
+def _host_of(url: str) -> str:
+    """The host of ``tcp://HOST:PORT`` (an IPv6 one without its brackets)."""
+    return url.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
 
 
 async def _ask(sock, op: str, timeout: float, **fields) -> dict:

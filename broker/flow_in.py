@@ -136,7 +136,9 @@ class Inbound:
         if self.writer.hops_dropped:
             self.counters["hops_dropped"] += self.writer.hops_dropped
             self.writer.hops_dropped = 0
-        return W.decode_batch(frame[at:]) if at < len(frame) else []
+        # Decoded from a copy: the entries may wait (behind a body, for
+        # credit) longer than the transport keeps its buffer.
+        return W.decode_batch(bytes(frame[at:])) if at < len(frame) else []
 
     def deliver(self, entry: W.Entry, body=None, loaned: bool = False) -> None:
         """Publish one arrived message into its local ring (or queue it

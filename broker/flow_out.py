@@ -277,9 +277,9 @@ class Outbound:
 
     def _fifo_ready(self, fd: int) -> None:
         with contextlib.suppress(BlockingIOError):
-            while os.read(fd, 4096):
+            while len(os.read(fd, 4096)) == 4096:  # a short read emptied it
                 pass
-        self.kick()
+        self._pump()  # now: a kick would cost a turn of the loop per message
 
     def disarm(self) -> None:
         if self.armed:
@@ -355,10 +355,13 @@ class Outbound:
                 self._watch_chunks()
             if budget_hit:
                 return
-            # A stream: spin briefly (a spare core only) rather than sleep and
-            # pay a wake-up for the next message.
+            # A stream (this turn found more than one message): spin briefly
+            # (a spare core only) rather than sleep and pay a wake-up for the
+            # next message. A lone message is more likely a request, whose
+            # answer is a round trip away: spinning for it only takes the
+            # core the other parties need (measured: +60 µs per round trip).
             spin_us = self.bridge.spin_us
-            if took and spin_us:
+            if took > 1 and spin_us:
                 ring_sets = [entry.rings for entry in self.classes]
                 if spin_any(ring_sets, self.bridge.waiter, spin_us) > 0:
                     continue
@@ -379,7 +382,7 @@ class Outbound:
         if link is None or not link.up:
             return
         pending = link.flush()
-        if self.budget_hit and link.queued + link.unsent < INFLIGHT_BYTES[link.transport]:
+        if self.budget_hit and link.inflight() < INFLIGHT_BYTES[link.transport]:
             self.budget_hit = False
             self.kick()
         elif pending:

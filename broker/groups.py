@@ -197,7 +197,7 @@ class RemoteGroups:
 
     def _fifo_ready(self, sg: ServedGroup) -> None:
         with contextlib.suppress(BlockingIOError):
-            while os.read(sg.fd, 4096):
+            while len(os.read(sg.fd, 4096)) == 4096:  # a short read emptied it
                 pass
         self._pump(sg)  # now, not a loop turn later: a request waits
 

@@ -105,7 +105,9 @@ class Link:
         # Receiving: entries of batches in order; a body blocks those after it
         # until its chunks have all arrived.
         self.expect: collections.deque = collections.deque()
-        self.ucx = None  # a UcxData when the data goes over UCX
+        # The data channel when data does not go on the ZeroMQ channel: a
+        # UcxData (broker/bridge_ucx.py) or a StreamData (broker/bridge_stream.py).
+        self.data = None
         self.ucx_peer_address: bytes | None = None
         self.ucx_send_tag = 0  # the tag base the peer receives our bodies on
         self.ucx_recv_tag = 0  # the tag base we receive its bodies on
@@ -116,6 +118,10 @@ class Link:
         self.remote_id = link_id  # dialed links: the id the peer gave, for attach
         self.closed = False
 
+    def data_path(self) -> str:
+        """What carries this link's data: "ucx", "stream" or "zeromq"."""
+        return "zeromq" if self.data is None else self.data.kind
+
     def down(self, reason: str) -> None:
         """Report this link failed (soon, outside the caller's frame)."""
         if not self.closed:
@@ -123,9 +129,9 @@ class Link:
 
     def send_ordered(self, body: bytes) -> None:
         """A control message that must stay in order with the data (a topic
-        announcement, a resume): over UCX it goes with the data."""
-        if self.ucx is not None:
-            self.ucx.send_control(body)
+        announcement, a resume): over UCX or a stream it goes with the data."""
+        if self.data is not None:
+            self.data.send_control(body)
         else:
             self.send_control(body)
 
@@ -133,6 +139,10 @@ class Link:
         return frames if self.identity is None else [self.identity, *frames]
 
     def send_control(self, body: bytes) -> None:
+        data = self.data
+        if data is not None and data.takes_control:
+            data.send_control(body)  # a stream: one socket, no ZeroMQ hand-off
+            return
         try:
             self.sock.send_multipart(self._frames([W.CONTROL, body]), zmq.NOBLOCK)
         except zmq.ZMQError as exc:
@@ -146,8 +156,8 @@ class Link:
         heartbeat, a credit or a control topic never waits behind a whole
         large tensor (ZeroMQ's queue and TCP are first in, first out)."""
         self.peer.counters["batches"] += 1
-        if self.ucx is not None:
-            self.ucx.send(bytes(batch), bodies)
+        if self.data is not None:
+            self.data.send(batch, bodies)
             return
         try:
             # A batch is at most about BATCH_BYTES and credit bounds how many
@@ -170,7 +180,10 @@ class Link:
         self.flush()
 
     def flush(self) -> bool:
-        """Feed queued body chunks to ZeroMQ; True while any are left or in flight."""
+        """Feed queued body chunks to ZeroMQ; True while any are left or in
+        flight. Another data channel feeds its transport itself."""
+        if self.data is not None:
+            return self.data.inflight > 0
         while self.trackers and self.trackers[0][0].done:
             self.queued -= self.trackers.popleft()[1]
         while self.chunks and self.queued < INFLIGHT_BYTES["tcp"] and self.sock is not None:
@@ -193,8 +206,8 @@ class Link:
 
     def inflight(self) -> int:
         """Bytes handed to the transport and not yet sent, and waiting to be."""
-        if self.ucx is not None:
-            return self.ucx.inflight
+        if self.data is not None:
+            return self.data.inflight
         self.flush()
         return self.queued + self.unsent
 
@@ -271,9 +284,9 @@ class Link:
     def close(self) -> None:
         self.closed = True
         self.up = False
-        if self.ucx is not None:
-            self.ucx.close()
-            self.ucx = None
+        if self.data is not None:
+            self.data.close()
+            self.data = None
         if self.async_sock is not None:  # our own DEALER: stop reading it, close it
             if self.watch is not None:
                 self.watch.close()

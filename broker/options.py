@@ -199,7 +199,8 @@ OPTIONS: tuple[Option, ...] = (
         "transport",
         STRING,
         "auto",
-        "how bridges carry data: ucx (ucxx), tcp (ZeroMQ), or auto (ucx where ucxx imports)",
+        "how bridges carry data: ucx (ucxx), tcp (a TCP stream; ZeroMQ under CURVE), "
+        "or auto (ucx where ucxx imports)",
         choices=("ucx", "tcp", "auto"),
         metavar="NAME",
     ),
@@ -208,6 +209,13 @@ OPTIONS: tuple[Option, ...] = (
         INTEGER,
         0,
         "port peers attach their link channel on, beside tcp; 0 = any free port",
+        metavar="PORT",
+    ),
+    Option(
+        "stream_port",
+        INTEGER,
+        0,
+        "port peers' tcp data streams connect to, beside the link channel; 0 = any free port",
         metavar="PORT",
     ),
     Option(

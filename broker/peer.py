@@ -288,6 +288,9 @@ class Peer(Outbound, Inbound):
             "node": self.node,
             "state": self.state,
             "transport": self.link.transport if self.link is not None else None,
+            # What carries its data: "stream" (a plain TCP stream), "zeromq"
+            # (CURVE, light clients, older peers) or "ucx".
+            "data": self.link.data_path() if self.link is not None else None,
             "for_s": round(time.monotonic() - self.since, 3),
             "learned_from": self.learned_from,
             "refused": self.refused,  # why our last dial was refused (None: it was not)

@@ -123,6 +123,7 @@ OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "ucx_address": (_BYTES, False),
         "ucx_tag": (_INT, False),
         "role": (_STR, False),
+        "stream": (_BOOL, False),  # the dialer takes a tcp data stream (broker/bridge_stream.py)
     },
 }
 

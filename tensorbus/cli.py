@@ -256,8 +256,11 @@ def stats_table(stats: dict) -> str:
     for link in b.get("links") or []:
         role = link.get("role")  # hubs and leaves name theirs; a mesh link reads as before
         kind = f"{link['kind']} ({role})" if role in ("hub", "leaf") else link["kind"]
+        path = link["transport"] or "-"
+        if link.get("data") == "stream":
+            path += " stream"  # a plain TCP stream, not ZeroMQ (docs/bridge.md)
         lines.append(
-            f"link {kind} {link['peer']}: {link['state']} ({link['transport'] or '-'}) "
+            f"link {kind} {link['peer']}: {link['state']} ({path}) "
             f"for {link['for_s']:.0f} s, interest {','.join(link['interest']) or '-'}, "
             f"sent {link['sent']} ({_fmt_bytes(link['sent_bytes'])}), "
             f"received {link['received']} ({_fmt_bytes(link['received_bytes'])}), "
