@@ -90,14 +90,13 @@ class StreamData:
         self.out: collections.deque = collections.deque()  # memoryviews, in order
         self.inflight = 0  # bytes in self.out
         self.writing = False  # a writer is armed (the kernel's buffer was full)
+        self.reading = False  # a reader is armed
         self.buf = bytearray(READ_BUFFER)
         self.view = memoryview(self.buf)
         self.start = self.end = 0  # unparsed bytes: buf[start:end]
         self.closed = False
         self.task: asyncio.Task | None = None
-        self.deadline = self.loop.call_later(
-            max(1.0, 3 * bridge.config.heartbeat_s), self._late
-        )
+        self.deadline = self.loop.call_later(max(1.0, 3 * bridge.config.heartbeat_s), self._late)
 
     @property
     def connected(self) -> bool:
@@ -137,12 +136,20 @@ class StreamData:
         self.attach(sock)
 
     def attach(self, sock: socket.socket) -> None:
-        """The stream is connected (and, accepting, past HELLO): read it, and
-        write what waited."""
+        """The stream is connected (and, accepting, past HELLO): write what
+        waited, and read it once the link is up. An acceptor may see HELLO
+        before the link channel's attach: what the stream brings belongs to
+        the link's epoch, which starts at link up."""
         self.deadline.cancel()
         self.sock = sock
-        self.loop.add_reader(sock.fileno(), self._readable)
+        self.link_up()
         self._write()
+
+    def link_up(self) -> None:
+        """Start reading, if both the stream and the link are up."""
+        if self.sock is not None and self.link.up and not self.reading and not self.closed:
+            self.reading = True
+            self.loop.add_reader(self.sock.fileno(), self._readable)
 
     def _late(self) -> None:
         if not self.connected and not self.closed:
@@ -192,7 +199,7 @@ class StreamData:
                     self.loop.add_writer(sock.fileno(), self._writable)
                 return
             except OSError as exc:
-                self.link.down(f"data stream send failed: {exc}")
+                self._fail(f"data stream send failed: {exc}")
                 return
             self.inflight -= sent
             while sent:
@@ -246,7 +253,7 @@ class StreamData:
                     self.end += got
                     self._parse()
                 if not got:
-                    link.down("the peer closed its data stream")
+                    self._fail("the peer closed its data stream")
                     return
                 if got < want:
                     break  # the socket is empty: the next bytes wake us again
@@ -254,14 +261,13 @@ class StreamData:
         except (BlockingIOError, InterruptedError):
             link.last_rx = time.monotonic()
         except OSError as exc:
-            link.down(f"data stream receive failed: {exc}")
+            self._fail(f"data stream receive failed: {exc}")
         except Exception as exc:  # a peer's bytes never take the daemon down
             if not isinstance(exc, W.WireError):
                 log.exception("link %s: handling a message failed", link.peer.name)
             log.warning("link %s: %s; closing it", link.peer.name, exc)
             link.peer.counters["bad"] += 1
-            link.down(f"protocol error: {exc}")
-            self._stop_reading()
+            self._fail(f"protocol error: {exc}")
 
     def _make_room(self) -> None:
         if self.start == self.end:
@@ -321,8 +327,14 @@ class StreamData:
 
     # -- closing -----------------------------------------------------------
 
+    def _fail(self, reason: str) -> None:
+        """The stream is broken: so is the link (reported once)."""
+        self._stop_reading()
+        self.link.down(reason)
+
     def _stop_reading(self) -> None:
-        if self.sock is not None:
+        if self.sock is not None and self.reading:
+            self.reading = False
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(self.sock.fileno())
 

@@ -104,9 +104,13 @@ def test_small_messages_reach_both_hosts_in_order(pair, transport):
         # One copy crossed the link per message, whatever the fan-out.
         assert links(a.url)[0]["sent"] == 2 * n
         assert links(b.url)[0]["received"] == 2 * n
-        # `tensorbus stats` shows the link.
+        # Between daemons, tcp data goes on a plain TCP stream, not ZeroMQ
+        # (broker/bridge_stream.py); `tensorbus stats` shows the link.
+        data = "stream" if transport == "tcp" else "ucx"
+        assert [lk["data"] for lk in links(a.url) + links(b.url)] == [data, data]
         table = stats_table(cb.stats())
-        assert f"link peer {tcp_of(a)}: up ({transport})" in table, table
+        path = "tcp stream" if transport == "tcp" else transport
+        assert f"link peer {tcp_of(a)}: up ({path})" in table, table
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -294,6 +298,8 @@ def test_curve_encrypts_links_and_refuses_clients_without_the_key(pair, tmp_path
         wait_for(lambda: any("x/>" in lk["interest"] for lk in links(a.url)), what="interest")
         ca.publisher("x/y").send(b"secret")
         assert bytes(sub.recv(timeout=5).data) == b"secret"
+        # CURVE encrypts ZeroMQ only: the data stays there, off the plain stream.
+        assert [lk["data"] for lk in links(a.url) + links(b.url)] == ["zeromq", "zeromq"]
     with tensorbus.connect(tcp_of(a), curve_server_key=public.decode()) as c:
         assert c.stats()["broker"]["links"]
     with pytest.raises(BrokerUnavailable):
