@@ -23,8 +23,9 @@ Design notes (docs/bridge.md has the full story):
   zero) and the payload: a batch (``D``) or a control message (``C``).
   The bodies a batch announces follow it on the stream, raw and in order,
   so the receiver reads each straight into its place (a loan in its arena).
-  Once the stream is up, every control message goes on it too, so credit
-  and heartbeats also say the data path is alive.
+  Every control message after the link channel's attach goes on it too
+  (queued until the stream connects), so no two of them take different
+  paths and overtake each other, and heartbeats say the data path is alive.
 * Sending never blocks: what the kernel does not take waits in our queue
   (counted as in flight, which holds the pump back) and is written when
   the socket is writable again.
@@ -102,10 +103,10 @@ class StreamData:
     def connected(self) -> bool:
         return self.sock is not None
 
-    @property
-    def takes_control(self) -> bool:
-        """Once connected, every control message goes on the stream."""
-        return self.sock is not None
+    # Every control message goes on the stream (queued until it connects):
+    # interest travels as changes and groups as whole lists, which must not
+    # overtake each other by taking two paths.
+    takes_control = True
 
     # -- opening -----------------------------------------------------------
 
@@ -272,6 +273,9 @@ class StreamData:
     def _make_room(self) -> None:
         if self.start == self.end:
             self.start = self.end = 0
+            if len(self.buf) > READ_BUFFER:  # a large frame went: give its room back
+                self.buf = bytearray(READ_BUFFER)
+                self.view = memoryview(self.buf)
         elif self.end == len(self.buf) or len(self.buf) - self.end < 4096:
             self._compact(len(self.buf))
 

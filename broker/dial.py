@@ -207,13 +207,14 @@ async def connect(bridge: Bridge, peer: Peer, ctx) -> None:
         link.ucx_peer_address = reply["ucx_address"]
         link.ucx_send_tag = reply["ucx_tag"]
         link.ucx_recv_tag = recv_tag
-    port = reply.get("stream_port")
-    if link.transport == "tcp" and type(port) is int and 0 < port < 65536:
-        link.data = StreamData(bridge, link)
-        link.data.dial(_host_of(peer.url), port, link.remote_id, link.secret)
     link.async_sock = sock
     bridge.links[link.id] = link
     link.send_control(W.encode_control("attach", link=link.remote_id, secret=link.secret))
+    port = reply.get("stream_port")
+    if link.transport == "tcp" and type(port) is int and 0 < port < 65536:
+        # From here on everything goes on the stream (attach was the link channel's).
+        link.data = StreamData(bridge, link)
+        link.data.dial(_host_of(peer.url), port, link.remote_id, link.secret)
     link.watch = Watch(bridge.loop, sync, link.read)
     bridge.go_up(link)
 

@@ -141,7 +141,7 @@ class Link:
     def send_control(self, body: bytes) -> None:
         data = self.data
         if data is not None and data.takes_control:
-            data.send_control(body)  # a stream: one socket, no ZeroMQ hand-off
+            data.send_control(body)  # a stream: one socket, in order
             return
         try:
             self.sock.send_multipart(self._frames([W.CONTROL, body]), zmq.NOBLOCK)

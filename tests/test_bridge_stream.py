@@ -61,11 +61,9 @@ class FakeDialer:
         self.zsock.setsockopt(zmq.LINGER, 0)
         self.zsock.connect(self.reply["endpoint"])
         if attach:
+            link, secret = self.reply["link"], self.reply["secret"]
             self.zsock.send_multipart(
-                [
-                    W.CONTROL,
-                    W.encode_control("attach", link=self.reply["link"], secret=self.reply["secret"]),
-                ]
+                [W.CONTROL, W.encode_control("attach", link=link, secret=secret)]
             )
         self.stream = socket.create_connection(("127.0.0.1", self.reply["stream_port"]), timeout=5)
 
@@ -75,7 +73,7 @@ class FakeDialer:
     def send_split(self, data: bytes, pieces: int = 7) -> None:
         """Send ``data`` in uneven pieces, each its own segment."""
         cuts = sorted({0, len(data), *np.random.default_rng(1).integers(0, len(data), pieces)})
-        for start, stop in zip(cuts, cuts[1:]):
+        for start, stop in zip(cuts, cuts[1:], strict=False):
             self.stream.sendall(data[start:stop])
             time.sleep(0.002)
 
