@@ -241,7 +241,8 @@ def _on_host_of(endpoint: str, url: str) -> str:
     """``endpoint``'s port on the host of ``url``: a daemon bound to a
     wildcard (0.0.0.0) announces it as such, which is no address to dial."""
     port = endpoint.rsplit(":", 1)[1]
-    return f"tcp://{url.split('://', 1)[1].rsplit(':', 1)[0]}:{port}"
+    host = url.split("://", 1)[1].rsplit(":", 1)[0]
+    return f"tcp://{host}:{port}"
 
 
 def _host_of(url: str) -> str:

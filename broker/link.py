@@ -1,9 +1,13 @@
 """Link life: one link channel (:class:`Link`) and the reader of a ZeroMQ
 socket on the event loop (:class:`Watch`).
 
-Heartbeats go on the link channel; a link silent for three periods is down.
-Over tcp, bodies travel in CHUNK_BYTES chunks fed to ZeroMQ only while less
-than INFLIGHT_BYTES is queued, so control messages never wait long.
+Heartbeats go on the link channel (on its stream, where it has one); a link
+silent for three periods is down.
+Where the data stays on ZeroMQ (CURVE, light clients, older peers), bodies
+travel in CHUNK_BYTES chunks fed to ZeroMQ only while less than
+INFLIGHT_BYTES is queued, so control messages never wait long. Otherwise
+``Link.data`` carries it: a tcp stream (broker/bridge_stream.py) or UCX
+(broker/bridge_ucx.py).
 """
 
 from __future__ import annotations
