@@ -240,8 +240,9 @@ OPTIONS: tuple[Option, ...] = (
         "bridge_spin_us",
         NUMBER,
         20.0,
-        "a bridge that just sent spins this long for more before it sleeps, only while the "
-        "host has a spare core (the clients' spinner table); 0: never spins",
+        "a bridge that just sent a stream (more than one message in a turn) spins this long "
+        "for more before it sleeps, only while the host has a spare core (the clients' "
+        "spinner table); 0: never spins",
         metavar="MICROSECONDS",
     ),
     Option(
