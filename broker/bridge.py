@@ -150,7 +150,7 @@ class Bridge:
             self.router = zmq.Socket.shadow(sock.underlying)
             self.router_watch = Watch(self.loop, self.router, self._on_router_message)
             if not self.config.curve_secret:  # CURVE encrypts: its data stays on ZeroMQ
-                self.streams = StreamListener(self, host, self.config.stream_port)
+                self._listen_for_streams(host)
         links_possible = host is not None or bool(self.config.peers or self.config.leaf_of)
         if self.transport in ("ucx", "auto") and links_possible:
             from tensorbus.broker import bridge_ucx
@@ -168,6 +168,20 @@ class Bridge:
             task = asyncio.create_task(keep_leaf_link(self, leaf_hubs, ctx))
             for peer in leaf_hubs:
                 peer.dialer = task
+
+    def _listen_for_streams(self, host: str) -> None:
+        """The tcp data streams' port. A --stream-port that cannot be bound
+        stops the start; an interface name ZeroMQ binds and sockets do not
+        only leaves the data on ZeroMQ."""
+        port = self.config.stream_port
+        try:
+            self.streams = StreamListener(self, host, port)
+        except OSError as exc:
+            if port:
+                raise RuntimeError(
+                    f"cannot listen for data streams on {host}:{port}: {exc}"
+                ) from None
+            log.warning("no tcp data streams on %s (%s): link data stays on ZeroMQ", host, exc)
 
     async def stop(self) -> None:
         for peer in list(self.peers):

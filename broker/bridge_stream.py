@@ -372,14 +372,25 @@ class StreamListener:
     id and secret become that link's data stream; any other is closed."""
 
     def __init__(self, bridge: Bridge, host: str, port: int):
+        """Listen on ``host`` (as ``--tcp`` names it: ``*`` is every IPv4
+        address, as for ZeroMQ) and ``port`` (0: any free one); OSError
+        where that cannot be bound."""
         self.bridge = bridge
         self.loop = bridge.loop
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        if host == "*":
+            family, address = socket.AF_INET, ("0.0.0.0", port)
+        else:
+            info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            family, address = info[0][0], info[0][4]
         self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.sock.listen(128)
-        self.sock.setblocking(False)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind(address)
+            self.sock.listen(128)
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()
+            raise
         self.port = self.sock.getsockname()[1]
         self.strangers: dict[int, tuple[socket.socket, bytearray, asyncio.TimerHandle]] = {}
         self.loop.add_reader(self.sock.fileno(), self._accept)

@@ -179,3 +179,32 @@ def test_a_stream_that_never_comes_takes_its_link_down(acceptor):
         assert dialer.closed_by_daemon()  # and the silent connection is closed too
     finally:
         dialer.close()
+
+
+def test_a_wildcard_host_listens_for_streams_on_every_address(daemon_factory, tmp_path):
+    """``--tcp '*:*'`` (ZeroMQ's wildcard) binds the stream port on every
+    IPv4 address too: a peer dialing 127.0.0.1 gets a stream link."""
+    common = ("--transport", "tcp", "--heartbeat", "0.2", "--insecure")
+    a = daemon_factory("--tcp", "*:*", *common, path=tmp_path / "a")
+    port = tcp_of(a).rsplit(":", 1)[1]
+    b = daemon_factory(
+        "--tcp", "127.0.0.1:*", "--peer", f"tcp://127.0.0.1:{port}", *common, path=tmp_path / "b"
+    )
+    wait_for(lambda: [lk["data"] for lk in links(b.url)] == ["stream"], what="a stream link")
+    with tensorbus.connect(a.url) as ca, tensorbus.connect(b.url) as cb:
+        sub = cb.subscribe("w/t")
+        wait_for(lambda: any("w/t" in lk["interest"] for lk in links(a.url)), what="interest")
+        ca.publisher("w/t").send(b"over the stream")
+        assert bytes(sub.recv(timeout=5).data) == b"over the stream"
+
+
+def test_a_stream_port_in_use_stops_the_start_with_a_sentence(daemon_factory, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        d = daemon_factory(
+            "--tcp", "127.0.0.1:*", "--stream-port", str(port), path=tmp_path / "a", wait=False
+        )
+        assert d.proc.wait(15) != 0
+        assert f"cannot listen for data streams on 127.0.0.1:{port}" in d.proc.stderr.read()
