@@ -256,8 +256,12 @@ class StreamData:
                 if not got:
                     self._fail("the peer closed its data stream")
                     return
-                if got < want:
-                    break  # the socket is empty: the next bytes wake us again
+                if got < want and head is None:
+                    # The socket is empty: the next bytes wake us again. A
+                    # body reads on until EAGAIN: its sender is writing now,
+                    # and a turn of the loop per short read halved tensors'
+                    # throughput (4 MiB one way: 2.1 against 3.6 GB/s).
+                    break
             link.last_rx = time.monotonic()
         except (BlockingIOError, InterruptedError):
             link.last_rx = time.monotonic()
