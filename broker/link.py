@@ -185,9 +185,11 @@ class Link:
 
     def flush(self) -> bool:
         """Feed queued body chunks to ZeroMQ; True while any are left or in
-        flight. Another data channel feeds its transport itself."""
+        flight (ZeroMQ says nothing when it has sent one: the pump looks
+        again shortly). Another data channel feeds its transport itself and
+        kicks the pump when its in-flight budget frees: False."""
         if self.data is not None:
-            return self.data.inflight > 0
+            return False
         while self.trackers and self.trackers[0][0].done:
             self.queued -= self.trackers.popleft()[1]
         while self.chunks and self.queued < INFLIGHT_BYTES["tcp"] and self.sock is not None:
