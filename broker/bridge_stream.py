@@ -268,11 +268,7 @@ class StreamData:
         except OSError as exc:
             self._fail(f"data stream receive failed: {exc}")
         except Exception as exc:  # a peer's bytes never take the daemon down
-            if not isinstance(exc, W.WireError):
-                log.exception("link %s: handling a message failed", link.peer.name)
-            log.warning("link %s: %s; closing it", link.peer.name, exc)
-            link.peer.counters["bad"] += 1
-            self._fail(f"protocol error: {exc}")
+            self._fail(link.bad_message(exc))
 
     def _make_room(self) -> None:
         if self.start == self.end:

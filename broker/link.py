@@ -246,11 +246,17 @@ class Link:
                 raise W.WireError(f"unknown link frame kind {bytes(kind)[:8]!r}")
         except Exception as exc:  # a peer's bytes never take the daemon down
             drain(sock)
-            if not isinstance(exc, W.WireError):
-                log.exception("link %s: handling a message failed", self.peer.name)
-            log.warning("link %s: %s; closing it", self.peer.name, exc)
-            self.peer.counters["bad"] += 1
-            self.down(f"protocol error: {exc}")
+            self.down(self.bad_message(exc))
+
+    def bad_message(self, exc: Exception) -> str:
+        """Log and count a received message that failed (its bytes, or our
+        handling of them: then with the traceback; call it in the except
+        block); the reason the link goes down with."""
+        if not isinstance(exc, W.WireError):
+            log.exception("link %s: handling a message failed", self.peer.name)
+        log.warning("link %s: %s; closing it", self.peer.name, exc)
+        self.peer.counters["bad"] += 1
+        return f"protocol error: {exc}"
 
     def _advance(self) -> None:
         """Deliver the expected entries that are complete, in order; give
