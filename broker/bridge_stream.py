@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import secrets
 import socket
@@ -62,6 +63,12 @@ READ_BUFFER = 256 << 10  # grown to fit a larger frame
 BURST = 64  # reads per wake-up, so one busy link cannot starve the rest
 WRITE_PARTS = 64  # buffers per sendmsg
 MAX_STRANGERS = 64  # connections not yet past HELLO
+
+
+def attach_s(config) -> float:
+    """How long a stream may take to come (and say HELLO): three heartbeats,
+    at least 1 s."""
+    return max(1.0, 3 * config.heartbeat_s)
 
 
 def hello(link_id: int, secret: str) -> bytes:
@@ -97,7 +104,7 @@ class StreamData:
         self.start = self.end = 0  # unparsed bytes: buf[start:end]
         self.closed = False
         self.task: asyncio.Task | None = None
-        self.deadline = self.loop.call_later(max(1.0, 3 * bridge.config.heartbeat_s), self._late)
+        self.deadline = self.loop.call_later(attach_s(bridge.config), self._late)
 
     @property
     def connected(self) -> bool:
@@ -192,8 +199,7 @@ class StreamData:
             return
         while out:
             try:
-                parts = list(out) if len(out) <= WRITE_PARTS else list(_first(out, WRITE_PARTS))
-                sent = sock.sendmsg(parts)
+                sent = sock.sendmsg(list(itertools.islice(out, WRITE_PARTS)))
             except (BlockingIOError, InterruptedError):
                 if not self.writing:
                     self.writing = True
@@ -276,7 +282,7 @@ class StreamData:
             if len(self.buf) > READ_BUFFER:  # a large frame went: give its room back
                 self.buf = bytearray(READ_BUFFER)
                 self.view = memoryview(self.buf)
-        elif self.end == len(self.buf) or len(self.buf) - self.end < 4096:
+        elif len(self.buf) - self.end < 4096:
             self._compact(len(self.buf))
 
     def _compact(self, size: int) -> None:
@@ -325,8 +331,7 @@ class StreamData:
                 for entry in link.peer.batch_entries(payload, bool(link.expect)):
                     link.expect.append(Expected(entry))
                 link._advance()
-            view = self.view  # a control message may have closed us
-            if self.closed:
+            if self.closed:  # a control message (bye) may have closed the link
                 return
 
     # -- closing -----------------------------------------------------------
@@ -358,13 +363,6 @@ class StreamData:
             self.sock = None
         self.out.clear()
         self.inflight = 0
-
-
-def _first(items: collections.deque, n: int):
-    for i, item in enumerate(items):
-        if i == n:
-            return
-        yield item
 
 
 class StreamListener:
@@ -410,7 +408,7 @@ class StreamListener:
             _tune(conn)
             fd = conn.fileno()
             timer = self.loop.call_later(
-                max(1.0, 3 * self.bridge.config.heartbeat_s), self._drop, fd, "no hello in time"
+                attach_s(self.bridge.config), self._drop, fd, "no hello in time"
             )
             self.strangers[fd] = (conn, bytearray(), timer)
             self.loop.add_reader(fd, self._hello, fd)

@@ -10,10 +10,20 @@ from tensorbus.broker import protocol as P
 from tensorbus.broker.registry import Group, Registry, Subscription, Topic
 from tensorbus.broker.topics import INBOX_PREFIX, TopicNameError
 
-__all__ = ["BRIDGE_OWNED", "BridgeView", "INBOX_CAPACITY"]
+__all__ = ["BRIDGE_OWNED", "BridgeView", "INBOX_CAPACITY", "drain_fifo"]
 
 BRIDGE_OWNED = -1  # a topic's owner: the bridge made it (a far requester's reply inbox)
 INBOX_CAPACITY = 64  # slots of a reply inbox, as a requester makes its own
+
+
+def drain_fifo(fd: int) -> None:
+    """Empty a FIFO bell the loop found readable (O_NONBLOCK): a short read
+    emptied it, so one read is the usual cost."""
+    try:
+        while len(os.read(fd, 4096)) == 4096:
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _is_fifo(path: str) -> bool:

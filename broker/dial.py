@@ -214,7 +214,7 @@ async def connect(bridge: Bridge, peer: Peer, ctx) -> None:
     if link.transport == "tcp" and type(port) is int and 0 < port < 65536:
         # From here on everything goes on the stream (attach was the link channel's).
         link.data = StreamData(bridge, link)
-        link.data.dial(_host_of(peer.url), port, link.remote_id, link.secret)
+        link.data.dial(_host_of(peer.url).strip("[]"), port, link.remote_id, link.secret)
     link.watch = Watch(bridge.loop, sync, link.read)
     bridge.go_up(link)
 
@@ -241,13 +241,12 @@ def _on_host_of(endpoint: str, url: str) -> str:
     """``endpoint``'s port on the host of ``url``: a daemon bound to a
     wildcard (0.0.0.0) announces it as such, which is no address to dial."""
     port = endpoint.rsplit(":", 1)[1]
-    host = url.split("://", 1)[1].rsplit(":", 1)[0]
-    return f"tcp://{host}:{port}"
+    return f"tcp://{_host_of(url)}:{port}"
 
 
 def _host_of(url: str) -> str:
-    """The host of ``tcp://HOST:PORT`` (an IPv6 one without its brackets)."""
-    return url.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
+    """The host of ``tcp://HOST:PORT`` as written (an IPv6 one in brackets)."""
+    return url.split("://", 1)[1].rsplit(":", 1)[0]
 
 
 async def _ask(sock, op: str, timeout: float, **fields) -> dict:

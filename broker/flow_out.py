@@ -33,6 +33,7 @@ from tensorbus._core.ringset import spin_any
 from tensorbus.broker import peer_wire as W
 from tensorbus.broker.batching import BATCH_BYTES, MAX_BATCH_BYTES, batching_of
 from tensorbus.broker.batching import DEFAULT as DEFAULT_BATCHING
+from tensorbus.broker.bridge_view import drain_fifo
 from tensorbus.broker.hubs import APP_FLAGS, MESH, echo_of, link_rules
 from tensorbus.broker.link import INFLIGHT_BYTES
 from tensorbus.broker.topics import (
@@ -276,9 +277,7 @@ class Outbound:
     # -- the send pump -----------------------------------------------------
 
     def _fifo_ready(self, fd: int) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while len(os.read(fd, 4096)) == 4096:  # a short read emptied it
-                pass
+        drain_fifo(fd)
         self._pump()  # now: a kick would cost a turn of the loop per message
 
     def disarm(self) -> None:

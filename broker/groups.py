@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 
 from tensorbus._core import FLAG_BRIDGED, RingSet, Subscriber, TensorbusError
 from tensorbus.broker import peer_wire as W
+from tensorbus.broker.bridge_view import drain_fifo
 from tensorbus.broker.hubs import HUB, LEAF, echo_of
 from tensorbus.broker.topics import inbox_topic
 
@@ -196,9 +197,7 @@ class RemoteGroups:
     # -- claiming requests -------------------------------------------------
 
     def _fifo_ready(self, sg: ServedGroup) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while len(os.read(sg.fd, 4096)) == 4096:  # a short read emptied it
-                pass
+        drain_fifo(sg.fd)
         self._pump(sg)  # now, not a loop turn later: a request waits
 
     def kick(self, sg: ServedGroup) -> None:
