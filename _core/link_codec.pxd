@@ -5,6 +5,7 @@
 # where it stopped, for the Python path to handle in order.
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 
+from tensorbus._core.layout cimport tb_slot_header_t
 from tensorbus._core.ringset cimport RingSet
 
 
@@ -43,6 +44,10 @@ cdef class BatchReader:
     cdef int64_t deadline             # when the batch being filled must go (0: it is empty)
 
     cdef int _stop(self, RingSet rings, int i, name, int why)
+    cdef Py_ssize_t _entry_bytes(self, tb_slot_header_t *s)
+    cdef Py_ssize_t _append(self, tb_slot_header_t *s, OutState t, bytearray batch,
+                            Py_ssize_t need) except -1
+    cdef void _count(self, OutState t, Py_ssize_t nbytes) noexcept
 
 
 cdef class BatchWriter:

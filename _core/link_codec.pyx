@@ -22,7 +22,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
-from tensorbus._core.atomic cimport tb_load_acq32, tb_now_ns
+from tensorbus._core.atomic cimport tb_load_acq32, tb_load_acq64, tb_now_ns
 from tensorbus._core.layout cimport (
     TB_CURSOR_EVICTED,
     TB_DESC_BYTES,
@@ -54,9 +54,11 @@ from tensorbus._core import tensors as _tensors
 __all__ = [
     "BatchReader",
     "BatchWriter",
+    "CLAIMED",
     "EMPTY",
     "FULL",
     "InState",
+    "LOST",
     "OutState",
     "PARK",
     "SLOW",
@@ -67,6 +69,10 @@ EMPTY = 0  # every member ring is drained
 FULL = 1   # the batch reached its size: send it, then call again
 SLOW = 2   # the next message (of ``stopped``) needs the Python path: take(1) it
 PARK = 3   # reliable topic ``stopped`` used its last credit: park its cursor
+
+# BatchReader.claim_into's answers (and SLOW).
+LOST = 0     # another member of the queue group claimed it first
+CLAIMED = 1  # claimed, and appended to the batch
 
 # Entry kinds (peer_wire.BYTES, TENSOR).
 cdef enum:
@@ -142,12 +148,7 @@ cdef class BatchReader:
         cdef Subscriber sub
         cdef OutState t
         cdef tb_slot_header_t *s
-        cdef tb_tensor_desc_t *d
-        cdef wire_entry_t e
         cdef Py_ssize_t at, need, nbytes
-        cdef uint32_t ndim
-        cdef char *out
-        cdef const char *src
         cdef int64_t now, limit
         self.stopped = None
         if PyByteArray_GET_SIZE(batch) == 0:
@@ -175,24 +176,9 @@ cdef class BatchReader:
                 if not t.announced or t.credit_msgs <= 0 or t.credit_bytes <= 0:
                     return self._stop(rings, i, name, PARK if t.reliable and t.announced
                                       else SLOW)
-                ndim = 0
-                if s.type == TB_MSG_INLINE:
-                    nbytes = s.length
-                    src = tb_payload_of(s)
-                    need = ENTRY_BYTES + nbytes
-                    d = NULL
-                elif s.type == TB_MSG_TENSOR:
-                    d = <tb_tensor_desc_t *>tb_payload_of(s)
-                    if (s.length < TB_DESC_BYTES or d.ndim > TB_MAX_NDIM
-                            or d.nbytes > s.length - TB_DESC_BYTES
-                            or <Py_ssize_t>d.nbytes > self.inline_max):
-                        return self._stop(rings, i, name, SLOW)
-                    ndim = d.ndim
-                    nbytes = <Py_ssize_t>d.nbytes
-                    src = tb_payload_of(s) + TB_DESC_BYTES
-                    need = ENTRY_BYTES + DESC_WIRE + 8 * ndim + nbytes
-                else:
-                    return self._stop(rings, i, name, SLOW)  # a body in the arena
+                need = self._entry_bytes(s)
+                if need < 0:
+                    return self._stop(rings, i, name, SLOW)  # a body in the arena, or odd
                 at = PyByteArray_GET_SIZE(batch)
                 limit = max_bytes if t.batch_bytes > max_bytes else t.batch_bytes
                 now = tb_now_ns()
@@ -201,31 +187,13 @@ cdef class BatchReader:
                     return FULL
                 if at == 0 or now + t.batch_ns < self.deadline:
                     self.deadline = now + t.batch_ns
-                e.kind = KIND_BYTES if d == NULL else KIND_TENSOR
-                e.ndim = <uint8_t>ndim
-                e.flags = s.flags & self.keep_flags
-                e.topic = t.id
-                e.seq = t.sent
-                e.nbytes = <uint64_t>nbytes
-                out = grow(batch, need)
-                memcpy(out, &e, ENTRY_BYTES)
-                out += ENTRY_BYTES
-                if d != NULL:
-                    memcpy(out, d.dtype, TAG_BYTES)
-                    memcpy(out + TAG_BYTES, d.meta, TB_META_BYTES)
-                    memcpy(out + DESC_WIRE, d.shape, 8 * ndim)
-                    out += DESC_WIRE + 8 * ndim
-                memcpy(out, src, nbytes)
+                nbytes = self._append(s, t, batch, need)
                 if tb_load_acq32(&sub.r.cur.state) == TB_CURSOR_EVICTED:
                     PyByteArray_Resize(batch, at)  # the copy may be torn: Python raises
                     return self._stop(rings, i, name, SLOW)
                 sub._note(s)
                 tb_ring_advance(sub.v, &sub.r)
-                t.sent += 1
-                t.credit_msgs -= 1
-                t.credit_bytes -= nbytes
-                self.msgs += 1
-                self.nbytes += nbytes
+                self._count(t, nbytes)
                 if t.reliable and (t.credit_msgs <= 0 or t.credit_bytes <= 0):
                     return self._stop(rings, (i + 1) % n, name, PARK)
                 if t.batch_bytes == 0:
@@ -237,6 +205,98 @@ cdef class BatchReader:
         rings.next = i
         self.stopped = name
         return why
+
+    def claim_into(self, RingSet rings, int64_t position, OutState t, bytearray batch) -> int:
+        """Claim the queue-group message at ``position`` of the ring set's
+        first member (its group cursor: see ``RingSet.group_head``) and
+        append it to ``batch`` as an entry of ``t``, in one call: CLAIMED;
+        LOST if another member took it first (``batch`` is as it was); SLOW
+        if it needs Python (a body in the arena, a topic not yet announced,
+        an evicted cursor): then nothing is claimed, and ``claim_at`` is the
+        way. The caller has checked the link's rules and ``t``'s credit."""
+        cdef Subscriber sub
+        cdef tb_slot_header_t *s = NULL
+        cdef Py_ssize_t at, need, nbytes
+        if rings.n == 0 or not t.announced:
+            return SLOW
+        sub = <Subscriber>rings.subs[0]
+        if not sub.r.group:
+            return SLOW
+        sub.r.pos = tb_load_acq64(&sub.r.cur.position)  # shared with the other members
+        if sub.r.pos != position:
+            return LOST
+        if tb_ring_poll(sub.v, &sub.r, &s) != TB_ST_OK:
+            return SLOW
+        need = self._entry_bytes(s)
+        if need < 0:
+            return SLOW
+        at = PyByteArray_GET_SIZE(batch)
+        nbytes = self._append(s, t, batch, need)
+        if tb_load_acq32(&sub.r.cur.state) == TB_CURSOR_EVICTED:
+            PyByteArray_Resize(batch, at)
+            return SLOW
+        tb_ring_advance(sub.v, &sub.r)  # the claim: a CAS on the group's cursor
+        if not sub.r.claimed:
+            PyByteArray_Resize(batch, at)
+            return LOST
+        sub._note(s)
+        self._count(t, nbytes)
+        return CLAIMED
+
+    cdef Py_ssize_t _entry_bytes(self, tb_slot_header_t *s):
+        """The size of slot ``s`` as a batch entry; -1 if the fast path
+        cannot take it (a body in the arena, a large or malformed tensor)."""
+        cdef tb_tensor_desc_t *d
+        if s.type == TB_MSG_INLINE:
+            return ENTRY_BYTES + s.length
+        if s.type != TB_MSG_TENSOR:
+            return -1
+        d = <tb_tensor_desc_t *>tb_payload_of(s)
+        if (s.length < TB_DESC_BYTES or d.ndim > TB_MAX_NDIM
+                or d.nbytes > s.length - TB_DESC_BYTES
+                or <Py_ssize_t>d.nbytes > self.inline_max):
+            return -1
+        return ENTRY_BYTES + DESC_WIRE + 8 * d.ndim + <Py_ssize_t>d.nbytes
+
+    cdef Py_ssize_t _append(self, tb_slot_header_t *s, OutState t, bytearray batch,
+                            Py_ssize_t need) except -1:
+        """Append slot ``s`` (``need`` bytes, from ``_entry_bytes``) to
+        ``batch`` as the next entry of ``t``; its payload size."""
+        cdef wire_entry_t e
+        cdef tb_tensor_desc_t *d = NULL
+        cdef const char *src = tb_payload_of(s)
+        cdef Py_ssize_t nbytes = s.length
+        cdef uint32_t ndim = 0
+        cdef char *out
+        if s.type == TB_MSG_TENSOR:
+            d = <tb_tensor_desc_t *>src
+            ndim = d.ndim
+            nbytes = <Py_ssize_t>d.nbytes
+            src += TB_DESC_BYTES
+        e.kind = KIND_BYTES if d == NULL else KIND_TENSOR
+        e.ndim = <uint8_t>ndim
+        e.flags = s.flags & self.keep_flags
+        e.topic = t.id
+        e.seq = t.sent
+        e.nbytes = <uint64_t>nbytes
+        out = grow(batch, need)
+        memcpy(out, &e, ENTRY_BYTES)
+        out += ENTRY_BYTES
+        if d != NULL:
+            memcpy(out, d.dtype, TAG_BYTES)
+            memcpy(out + TAG_BYTES, d.meta, TB_META_BYTES)
+            memcpy(out + DESC_WIRE, d.shape, 8 * ndim)
+            out += DESC_WIRE + 8 * ndim
+        memcpy(out, src, nbytes)
+        return nbytes
+
+    cdef void _count(self, OutState t, Py_ssize_t nbytes) noexcept:
+        """One message of ``t`` is in the batch: its sequence and credit."""
+        t.sent += 1
+        t.credit_msgs -= 1
+        t.credit_bytes -= nbytes
+        self.msgs += 1
+        self.nbytes += nbytes
 
 
 cdef class BatchWriter:

@@ -356,13 +356,15 @@ cdef class RingSet:
         """The next message, or None if there is none right now."""
         return self._next()
 
-    def group_head(self):
+    def group_head(self, bint with_meta=False):
         """A queue group's oldest unclaimed message, looked at, not taken:
         ``(position, slot flags, publisher record index)`` of the first
         member's group cursor, or None if there is none (or the first
-        member is no group's)."""
+        member is no group's). ``with_meta`` adds a fourth item: a tensor's
+        32 bytes of metadata (a request's id and inbox), or None."""
         cdef Subscriber sub
         cdef tb_slot_header_t *s = NULL
+        cdef tb_tensor_desc_t *d
         if self.n == 0:
             return None
         sub = <Subscriber>self.subs[0]
@@ -371,7 +373,13 @@ cdef class RingSet:
         sub.r.pos = tb_load_acq64(&sub.r.cur.position)
         if tb_ring_poll(sub.v, &sub.r, &s) != TB_ST_OK:
             return None
-        return sub.r.pos, s.flags, s.publisher
+        if not with_meta:
+            return sub.r.pos, s.flags, s.publisher
+        meta = None
+        if s.type != TB_MSG_INLINE and s.length >= TB_DESC_BYTES:
+            d = <tb_tensor_desc_t *>((<char *>s) + TB_SLOT_HEADER_BYTES)
+            meta = PyBytes_FromStringAndSize(<char *>d.meta, TB_META_BYTES)
+        return sub.r.pos, s.flags, s.publisher, meta
 
     def claim_at(self, int64_t position):
         """Claim a queue group's message at ``position`` and nothing after

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tensorbus._core import RingSet, Subscriber, TensorbusError
-from tensorbus._core.link_codec import EMPTY, FULL, PARK, BatchReader, OutState
+from tensorbus._core.link_codec import CLAIMED, EMPTY, FULL, LOST, PARK, BatchReader, OutState
 from tensorbus._core.ringset import spin_any
 from tensorbus.broker import peer_wire as W
 from tensorbus.broker.batching import BATCH_BYTES, MAX_BATCH_BYTES, batching_of
@@ -470,14 +470,31 @@ class Outbound:
         t = self.forwarding.get(topic)
         return t is None or (t.credit_msgs > 0 and t.credit_bytes > 0)
 
-    def forward(self, m) -> None:
-        """Send request ``m`` (claimed from a local queue group) at once."""
-        t = self.forwarding.get(m.topic)
+    def forward_at(self, rings: RingSet, topic: str, position: int) -> bool:
+        """Claim the request at ``position`` of a local queue group
+        (``rings``, on ``topic``) and send it at once; False if a member
+        here took it first. The core claims and encodes it in one call; a
+        body in the arena, or the topic's first request (announced first),
+        goes through Python."""
+        t = self.forwarding.get(topic)
         if t is None:
-            tid = self.out_ids.setdefault(m.topic, len(self.out_ids) + 1)
-            t = OutTopic(m.topic, tid, "reliable", self.prio(m.topic), None)
-            self.forwarding[m.topic] = self.out_by_id[tid] = t
+            tid = self.out_ids.setdefault(topic, len(self.out_ids) + 1)
+            t = OutTopic(topic, tid, "reliable", self.prio(topic), None)
+            self.forwarding[topic] = self.out_by_id[tid] = t
         batch, bodies = bytearray(), []
-        self._encode_one(m, batch, bodies, t)
+        reader = self.reader
+        got = reader.claim_into(rings, position, t, batch)
+        if got == LOST:
+            return False
+        if got == CLAIMED:
+            self.counters["sent"] += reader.msgs
+            self.counters["sent_bytes"] += reader.nbytes
+            reader.reset_counts()
+        else:  # SLOW
+            m = rings.claim_at(position)
+            if m is None:
+                return False
+            self._encode_one(m, batch, bodies, t)
         if batch:
             self.link.send_data(batch, bodies)
+        return True

@@ -225,14 +225,14 @@ class RemoteGroups:
         rings.disarm()
         while True:
             try:
-                head = rings.group_head()
+                head = rings.group_head(True)
             except TensorbusError:
                 return  # the ring went away with its topic
             if head is None:
                 if rings.arm():
                     return  # sleep: the next request rings the FIFO
                 continue
-            position, flags, publisher = head
+            position, flags, publisher, meta = head
             servers = self._reachable(sg, flags, publisher)
             if not servers:
                 # From another daemon, for this host's members only (or, on a
@@ -245,25 +245,33 @@ class RemoteGroups:
                 if rings.claim_at(position) is not None:
                     self.counters["dropped"] += 1
                 continue
-            now = time.monotonic()
             if sg.group.members and self.local_first_s:
+                now = time.monotonic()
                 if sg.seen[0] != position:
                     sg.seen = (position, now)
                 wait = sg.seen[1] + self.local_first_s - now
                 if wait > 0:
                     self._look_again(sg, wait)  # a free member here takes it first
                     return
-            servers = [p for p in servers if p.can_forward(sg.group.topic)]
+            topic = sg.group.topic
+            servers = [p for p in servers if p.can_forward(topic)]
             if not servers:
                 return  # credit or a link comes back: kick_all
+            key = request_key(meta)
+            peer = self._route(sg, key, servers)
             try:
-                m = rings.claim_at(position)
+                sent = peer.forward_at(rings, topic, position)
             except TensorbusError as exc:
                 log.warning("group %s on %s: claim failed: %s", sg.key[1], sg.key[0], exc)
                 return
-            if m is None:
+            if not sent:
                 continue  # a member here took it
-            self._send(sg, m, servers)
+            if key is not None:
+                sg.routes[key] = peer
+                sg.routes.move_to_end(key)
+                if len(sg.routes) > ROUTES:
+                    sg.routes.popitem(last=False)
+            self.counters["forwarded"] += 1
 
     def _reachable(self, sg: ServedGroup, flags: int, publisher: int) -> list:
         """The servers a request with these slot flags, written by this
@@ -280,22 +288,20 @@ class RemoteGroups:
             if not flags & p.reader.skip_flags and publisher != echo_of(p, topic)
         ]
 
-    def _send(self, sg: ServedGroup, m, servers: list) -> None:
-        key = request_key(m.meta if m.dtype is not None else None)
+    def _route(self, sg: ServedGroup, key: tuple[int, int] | None, servers: list) -> Peer:
+        """The server a request goes to: where an earlier attempt of it went
+        (that daemon's responders dedupe), else the next in turn. Its reply
+        inbox is made there first (an ``inboxes`` message, ordered before
+        the request; harmless if a member here claims it after all)."""
         peer = sg.routes.get(key) if key is not None else None
         if peer not in servers:
             peer = self._next_server(sg, servers)
         if key is not None:
-            sg.routes[key] = peer
-            sg.routes.move_to_end(key)
-            while len(sg.routes) > ROUTES:
-                sg.routes.popitem(last=False)
             inbox = inbox_topic(key[0])
             if inbox not in peer.told_inboxes and self.bridge.registry.topic(inbox) is not None:
                 peer.link.send_ordered(W.encode_control("inboxes", add=[inbox]))
                 peer.told_inboxes.add(inbox)
-        peer.forward(m)
-        self.counters["forwarded"] += 1
+        return peer
 
     def _next_server(self, sg: ServedGroup, servers: list) -> Peer:
         """The next of ``servers`` in turn (they can all take it now)."""

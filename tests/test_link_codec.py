@@ -11,8 +11,10 @@ import pytest
 
 from tensorbus._core import BellTable, RingSet, Subscriber
 from tensorbus._core.link_codec import (
+    CLAIMED,
     EMPTY,
     FULL,
+    LOST,
     PARK,
     SLOW,
     BatchReader,
@@ -120,6 +122,40 @@ def test_stops_before_what_python_handles(make_ring, bells):
     batch = bytearray()
     assert reader.take(rs, {"a": t}, batch, 1 << 16) == EMPTY
     assert [bytes(e.payload) for e in W.decode_batch(bytes(batch))] == [b"\2" * 10, b"\3" * 10]
+
+
+def test_a_group_request_is_claimed_into_a_batch_at_its_position_only(make_ring, bells):
+    ring = make_ring(capacity=8, slot_size=512, bells=bells)
+    cursor, generation = ring.join_cursor(os.getpid(), bell=1, group=True)
+    bridge = RingSet(bells, 0, raise_gaps=False)  # the bridge's membership
+    bridge.add("svc", Subscriber(ring, cursor=cursor, generation=generation))
+    local = Subscriber(ring, cursor=cursor, generation=generation)  # a member here
+    pub = ring.publisher()
+    meta = (7).to_bytes(8, "little") + (99).to_bytes(8, "little") + bytes(16)
+    pub.send(b"req-1", flags=1)
+    pub.send_described(np.frombuffer(b"req-2", np.uint8), "|u1", meta=meta, flags=1)
+    position, flags, _, seen = bridge.group_head(True)
+    assert seen is None and flags & KEEP == 1  # bytes carry no meta
+    t, reader = out_state(5), BatchReader(KEEP, 0, 64 << 10)
+    batch = bytearray(b"before")
+    # The member here takes req-1 first: the bridge's claim of it is lost,
+    # the batch is as it was, and req-2 (one further) is not taken with it.
+    assert local.recv(timeout=1) == b"req-1"
+    assert reader.claim_into(bridge, position, t, batch) == LOST
+    assert bytes(batch) == b"before" and t.sent == 0
+    assert bridge.group_head(True) == (position + 1, 1, pub.index, meta)  # the route's key
+    # Its topic not yet announced on this link: Python's way (claim_at).
+    t.announced = False
+    assert reader.claim_into(bridge, position + 1, t, batch) == SLOW
+    t.announced = True
+    assert reader.claim_into(bridge, position + 1, t, batch) == CLAIMED
+    (entry,) = W.decode_batch(bytes(batch[len(b"before") :]))
+    assert (entry.topic, entry.seq, entry.kind, entry.flags) == (5, 0, W.TENSOR, 1)
+    assert (entry.meta, bytes(entry.payload)) == (meta, b"req-2")
+    assert (t.sent, t.credit_msgs, reader.msgs) == (1, 99, 1)
+    assert bridge.group_head(True) is None
+    bridge.close()
+    local.close()
 
 
 def test_messages_from_another_host_are_consumed_not_sent(make_ring, bells):
