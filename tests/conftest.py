@@ -1,6 +1,7 @@
 """Shared fixtures: rings that are always unlinked, and child processes that
 are always stopped by the test that started them."""
 
+import contextlib
 import multiprocessing
 import os
 import select
@@ -89,6 +90,14 @@ class Daemon:
     def segments(self):
         return [n for n in os.listdir("/dev/shm") if f"-{self.instance}-" in n]
 
+    def unlink_segments(self):
+        """Remove what this daemon left in /dev/shm: one killed with -9 (and
+        not taken over) cleans up nothing. Only once every daemon of the
+        test is stopped: a successor may be serving these segments."""
+        for name in self.segments():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join("/dev/shm", name))
+
     def stop(self, sig=signal.SIGTERM, timeout=10.0):
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -115,6 +124,8 @@ def daemon_factory(tmp_path):
     yield start
     for d in started:
         d.stop()
+    for d in started:
+        d.unlink_segments()
 
 
 @pytest.fixture
