@@ -451,8 +451,8 @@ class Bridge:
                 same_host=boot == self.boot_id,
             )
         link.peer.link_up(link, node, name, boot)
-        if isinstance(link.data, StreamData):
-            link.data.link_up()  # an acceptor's stream may have come first
+        if link.data is not None:
+            link.data.link_up()  # an acceptor's stream may have come before the link
         if link.peer.kind == "peer":
             gossip.announce(self)  # every member hears of the new one, and it of them
 

@@ -89,6 +89,10 @@ class StreamData:
     queue."""
 
     kind = "stream"
+    # Every control message goes on the stream (queued until it connects):
+    # interest travels as changes and groups as whole lists, which must not
+    # overtake each other by taking two paths.
+    takes_control = True
 
     def __init__(self, bridge: Bridge, link: Link):
         self.bridge = bridge
@@ -109,11 +113,6 @@ class StreamData:
     @property
     def connected(self) -> bool:
         return self.sock is not None
-
-    # Every control message goes on the stream (queued until it connects):
-    # interest travels as changes and groups as whole lists, which must not
-    # overtake each other by taking two paths.
-    takes_control = True
 
     # -- opening -----------------------------------------------------------
 

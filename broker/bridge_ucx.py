@@ -214,6 +214,10 @@ class UcxData:
     takes_control = False
     kind = "ucx"
 
+    def link_up(self) -> None:
+        """Nothing to start: this channel is made at link up, and its
+        endpoint connects by itself."""
+
     async def _connect(self, peer_address: bytes, same_host: bool) -> None:
         ucxx = _import()
         self.Array, Tag, self.TagMaskFull = _types()  # looked up once, used per operation

@@ -342,11 +342,7 @@ class Outbound:
                     break
             if batch or bodies:
                 link.send_data(batch, bodies)
-            took = reader.msgs
-            if took:
-                self.counters["sent"] += reader.msgs
-                self.counters["sent_bytes"] += reader.nbytes
-                reader.reset_counts()
+            took = self._count_sent()
             if budget_hit or link.flush():
                 # Chunks wait for the transport to drain: feed it shortly, and
                 # pump again only once the budget has room.
@@ -368,6 +364,17 @@ class Outbound:
             if all(entry.rings.arm() for entry in self.classes):
                 return
             self.disarm()  # something arrived while arming: go again
+
+    def _count_sent(self) -> int:
+        """Fold what the core encoded since the last fold into the link's
+        counters; how many messages that was."""
+        reader = self.reader
+        took = reader.msgs
+        if took:
+            self.counters["sent"] += took
+            self.counters["sent_bytes"] += reader.nbytes
+            reader.reset_counts()
+        return took
 
     def _watch_chunks(self) -> None:
         if self.chunk_timer is None:
@@ -482,14 +489,11 @@ class Outbound:
             t = OutTopic(topic, tid, "reliable", self.prio(topic), None)
             self.forwarding[topic] = self.out_by_id[tid] = t
         batch, bodies = bytearray(), []
-        reader = self.reader
-        got = reader.claim_into(rings, position, t, batch)
+        got = self.reader.claim_into(rings, position, t, batch)
         if got == LOST:
             return False
         if got == CLAIMED:
-            self.counters["sent"] += reader.msgs
-            self.counters["sent_bytes"] += reader.nbytes
-            reader.reset_counts()
+            self._count_sent()
         else:  # SLOW
             m = rings.claim_at(position)
             if m is None:

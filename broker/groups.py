@@ -75,6 +75,15 @@ def request_key(meta: bytes | None) -> tuple[int, int] | None:
     return (token, rid) if rid else None
 
 
+def _remember(routes: collections.OrderedDict, key: tuple[int, int], peer: Peer) -> None:
+    """Request ``key`` went to ``peer``: its retries go there too (the last
+    ROUTES requests are remembered)."""
+    routes[key] = peer
+    routes.move_to_end(key)
+    if len(routes) > ROUTES:
+        routes.popitem(last=False)
+
+
 class ServedGroup:
     """A local queue group that other daemons serve too: the bridge's
     membership (the group's cursor, read through a ring set on its bell) and
@@ -267,10 +276,7 @@ class RemoteGroups:
             if not sent:
                 continue  # a member here took it
             if key is not None:
-                sg.routes[key] = peer
-                sg.routes.move_to_end(key)
-                if len(sg.routes) > ROUTES:
-                    sg.routes.popitem(last=False)
+                _remember(sg.routes, key, peer)
             self.counters["forwarded"] += 1
 
     def _reachable(self, sg: ServedGroup, flags: int, publisher: int) -> list:
