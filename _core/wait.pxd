@@ -14,6 +14,7 @@ cdef struct WaitPolicy:
     int64_t prespin_ns    # spin this long before asking the registry (covers a ping-pong's turn)
     int64_t spin_ns       # registered spin, TENSORBUS_SPIN_US (default 50 us)
     int64_t yield_ns      # sched_yield phase after the spin
+    int64_t yield_max_ns  # the yield phase may stretch to this while waits stay short (TENSORBUS_YIELD_US)
     int max_spinners      # host-wide spinners allowed at once: cores - 1, at least 1
 
 
@@ -31,11 +32,18 @@ cdef class SpinRegistry:
 
 cdef class Waiter:
     cdef WaitPolicy policy
+    # Moving average of how long recent waits took. While it stays under
+    # yield_max_ns the next message is likely that close, so the yield phase
+    # stretches to cover it: the core stays awake and the waker's wake-up is
+    # cheap (a halted vCPU costs tens of us to wake).
+    cdef int64_t recent_ns
     cdef readonly SpinRegistry registry
 
     cdef bint wait(self, ready_fn ready, void *ctx, uint32_t *bell_seq, uint32_t *bell_sleeping,
                    uint32_t **ring_sleepers, int n_rings, int64_t timeout_ns) noexcept nogil
     cdef int spin(self, ready_fn ready, void *ctx, int64_t spin_ns) noexcept nogil
+    cdef int64_t _yield_ns(self) noexcept nogil
+    cdef void _note(self, int64_t waited_ns) noexcept nogil
 
 
 # None -> -1 (no limit); seconds -> ns; TypeError/ValueError with a sentence.

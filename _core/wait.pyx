@@ -40,6 +40,14 @@ cdef enum:
     CHECK_CLOCK_EVERY = 32  # spin iterations between clock reads
 
 
+def _env_us(str name, double default):
+    env = os.environ.get(name)
+    try:
+        return float(env) if env else default
+    except ValueError:
+        raise ValueError(f"{name}={env!r} is not a number of microseconds")
+
+
 def spin_registry_name() -> str:
     return f"tb-{os.getuid()}-host-spinners"
 
@@ -95,14 +103,13 @@ cdef class SpinRegistry:
 cdef class Waiter:
     """One wait policy (spin budget, registry) used by a ring's endpoints."""
 
-    def __cinit__(self, spin_us=None, yield_us=20.0, prespin_us=2.0, max_spinners=None):
+    def __cinit__(self, spin_us=None, yield_us=20.0, prespin_us=2.0, max_spinners=None,
+                  yield_max_us=None):
         if spin_us is None:
-            env = os.environ.get("TENSORBUS_SPIN_US")
-            try:
-                spin_us = float(env) if env else 50.0
-            except ValueError:
-                raise ValueError(f"TENSORBUS_SPIN_US={env!r} is not a number of microseconds")
-        if spin_us < 0 or yield_us < 0 or prespin_us < 0:
+            spin_us = _env_us("TENSORBUS_SPIN_US", 50.0)
+        if yield_max_us is None:
+            yield_max_us = _env_us("TENSORBUS_YIELD_US", 300.0)
+        if spin_us < 0 or yield_us < 0 or prespin_us < 0 or yield_max_us < 0:
             raise ValueError("spin, yield and pre-spin times must be >= 0 microseconds")
         if max_spinners is None:
             max_spinners = max(1, len(os.sched_getaffinity(0)) - 1)
@@ -111,6 +118,10 @@ cdef class Waiter:
         self.policy.prespin_ns = <int64_t>(min(prespin_us, spin_us) * 1000)
         self.policy.spin_ns = <int64_t>(spin_us * 1000)
         self.policy.yield_ns = <int64_t>(yield_us * 1000)
+        self.policy.yield_max_ns = <int64_t>(yield_max_us * 1000)
+        # No history yet: as if waits were long (four times the limit), so
+        # a waiter stretches nothing until about five short waits in a row.
+        self.recent_ns = 4 * self.policy.yield_max_ns + 1
         self.policy.max_spinners = max_spinners
         self.registry = SpinRegistry()
 
@@ -121,6 +132,33 @@ cdef class Waiter:
     @property
     def max_spinners(self) -> int:
         return self.policy.max_spinners
+
+    @property
+    def yield_max_us(self) -> float:
+        return self.policy.yield_max_ns / 1000.0
+
+    @property
+    def recent_wait_us(self) -> float:
+        """The moving average of recent waits, which sets the yield phase."""
+        return self.recent_ns / 1000.0
+
+    def yield_us_now(self) -> float:
+        """How long the next wait's yield phase may last."""
+        return self._yield_ns() / 1000.0
+
+    cdef int64_t _yield_ns(self) noexcept nogil:
+        """The base yield, stretched to twice the recent wait (at most
+        yield_max_ns) while recent waits are under yield_max_ns."""
+        cdef int64_t r = self.recent_ns
+        if r > self.policy.yield_max_ns:
+            return self.policy.yield_ns
+        return max(self.policy.yield_ns, min(2 * r, self.policy.yield_max_ns))
+
+    cdef void _note(self, int64_t waited_ns) noexcept nogil:
+        # A quarter weight for the newest: one odd gap does not undo a steady
+        # ping-pong, a few long ones end the stretching. Racing threads of
+        # one waiter may lose an update: it is only a hint.
+        self.recent_ns += (waited_ns - self.recent_ns) >> 2
 
     cdef bint wait(self, ready_fn ready, void *ctx, uint32_t *bell_seq, uint32_t *bell_sleeping,
                    uint32_t **ring_sleepers, int n_rings, int64_t timeout_ns) noexcept nogil:
@@ -152,6 +190,7 @@ cdef class Waiter:
         spin_end = start + self.policy.prespin_ns
         while now < spin_end and now < deadline:
             if ready(ctx):
+                self._note(tb_now_ns() - start)
                 return True
             tb_cpu_relax()
             i += 1
@@ -161,13 +200,18 @@ cdef class Waiter:
         # 2. Registered spin, only while fewer than cores-1 others spin.
         if self.policy.spin_ns > self.policy.prespin_ns and now < deadline:
             if self.spin(ready, ctx, min(start + self.policy.spin_ns, deadline) - now) == 1:
+                self._note(tb_now_ns() - start)
                 return True
 
         # 3. Yield the core to whoever needs it, still without a syscall-sleep.
-        spin_end = min(tb_now_ns() + self.policy.yield_ns, deadline)
+        #    Stretched while recent waits were short (a peer across a link
+        #    answers in ~100 us): a yielding core is awake, so the wake-up
+        #    that ends the wait, ours or a daemon's on this core, is cheap.
+        spin_end = min(tb_now_ns() + self._yield_ns(), deadline)
         now = tb_now_ns()
         while now < spin_end:
             if ready(ctx):
+                self._note(now - start)
                 return True
             sched_yield()
             now = tb_now_ns()
@@ -176,6 +220,7 @@ cdef class Waiter:
         while True:
             now = tb_now_ns()
             if now >= deadline:
+                self._note(now - start)
                 return ready(ctx)
             seq = tb_load_acq32(bell_seq)
             tb_fetch_add32(bell_sleeping, 1)
@@ -189,6 +234,7 @@ cdef class Waiter:
                 tb_fetch_sub32(ring_sleepers[k], 1)
             tb_fetch_sub32(bell_sleeping, 1)
             if ok or ready(ctx):
+                self._note(tb_now_ns() - start)
                 return True
 
 
