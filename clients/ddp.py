@@ -12,7 +12,11 @@ an arena block, scales the gradient by ``1/world_size`` while copying it in
 and sends it to the chunk's shard with no further copy. A background
 receiver thread reads the aggregates, copies each into ``bucket.buffer()``
 (widening compressed ones) and completes the future once every chunk has
-arrived, so the training thread never waits in a loop of its own. The hook
+arrived, so the training thread never waits in a loop of its own. A bucket
+that is one uncompressed chunk comes back whole in one arena block: the
+future holds that block as it is, and DDP's own copy into the gradients is
+the only one (``chunk_bytes`` at least DDP's bucket size makes every
+bucket so, at the price of spreading no bucket over several shards). The hook
 needs no process group for its traffic; gloo may be present for DDP itself.
 
 If no aggregate arrives within ``timeout`` seconds, or a parameter server
@@ -86,6 +90,7 @@ class PSHookState:
         "_stop",
         "_thread",
         "bytes_sent",
+        "buckets_uncopied",
     )
 
     def __init__(
@@ -116,6 +121,7 @@ class PSHookState:
         self.chunk_bytes, self.timeout = chunk_bytes, timeout
         self.iteration = 0
         self.bytes_sent = 0
+        self.buckets_uncopied = 0  # buckets handed to DDP as their arena block
         self._pending: dict[tuple[int, int], _Pending] = {}
         self._lock = threading.Lock()
         self._failed: str | None = None
@@ -252,6 +258,16 @@ class PSHookState:
             return
         start, stop = chunk_bounds(meta.numel, meta.nchunks, meta.chunk)
         target = pending.view[start:stop]
+        if pending.nchunks == 1 and msg.dtype == "<f4" and msg.zero_copy:
+            # The whole bucket in one arena block: DDP copies it into the
+            # gradients itself, so hand it over as it is (no copy here).
+            # The block stays held while DDP's views of it live.
+            pending.left.clear()
+            with self._lock:
+                self._pending.pop((meta.step, meta.bucket), None)
+            self.buckets_uncopied += 1
+            pending.future.set_result(msg.as_torch())
+            return
         if msg.dtype == "<f4":
             np.copyto(target, msg.data)
         else:  # widen fp16/bf16 (torch converts several times faster than numpy)

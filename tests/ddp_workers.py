@@ -104,7 +104,8 @@ def main() -> int:
         print(f"error {str(exc).splitlines()[0]}", flush=True)
         os._exit(3)  # the process group's peers may be gone: do not wait for them
     if args.rank == 0:
-        torch.save({"params": history, "losses": losses}, args.out)
+        uncopied = state.buckets_uncopied if state is not None else 0
+        torch.save({"params": history, "losses": losses, "uncopied": uncopied}, args.out)
     sent = state.bytes_sent if state is not None else 0
     broker_pid = state.client.broker_pid if state is not None else 0
     if state is not None:
