@@ -258,10 +258,16 @@ class PSHookState:
             return
         start, stop = chunk_bounds(meta.numel, meta.nchunks, meta.chunk)
         target = pending.view[start:stop]
-        if pending.nchunks == 1 and msg.dtype == "<f4" and msg.zero_copy:
+        if (
+            pending.nchunks == 1
+            and msg.dtype == "<f4"
+            and msg.zero_copy
+            and msg.data.shape == target.shape
+        ):
             # The whole bucket in one arena block: DDP copies it into the
             # gradients itself, so hand it over as it is (no copy here).
-            # The block stays held while DDP's views of it live.
+            # The block stays held while DDP's views of it live; DDP only
+            # reads them (other trainers of this host read the same block).
             pending.left.clear()
             with self._lock:
                 self._pending.pop((meta.step, meta.bucket), None)
