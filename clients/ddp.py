@@ -239,7 +239,13 @@ class PSHookState:
                 self._fail(f"the parameter-server receiver stopped: {exc}")
                 return
             if msg is not None:
-                self._on_aggregate(msg)
+                try:
+                    self._on_aggregate(msg)
+                except (ValueError, TypeError, tensorbus.TensorbusError) as exc:
+                    # A shard's malformed answer: fail now, with what was
+                    # wrong, rather than let the bucket wait out the timeout.
+                    self._fail(f"an aggregate on {msg.topic!r} could not be used: {exc}")
+                    return
             self._check_timeouts()
 
     def _on_aggregate(self, msg) -> None:
@@ -256,14 +262,19 @@ class PSHookState:
             pending = self._pending.get((meta.step, meta.bucket))
         if pending is None or meta.chunk not in pending.left:
             return
+        if meta.numel != pending.view.size or meta.nchunks != pending.nchunks:
+            raise ValueError(
+                f"step {meta.step} bucket {meta.bucket} came back as {meta.nchunks} chunk(s) of "
+                f"{meta.numel} elements, but it has {pending.view.size} in {pending.nchunks}"
+            )
         start, stop = chunk_bounds(meta.numel, meta.nchunks, meta.chunk)
         target = pending.view[start:stop]
-        if (
-            pending.nchunks == 1
-            and msg.dtype == "<f4"
-            and msg.zero_copy
-            and msg.data.shape == target.shape
-        ):
+        if msg.data.shape != target.shape:
+            raise ValueError(
+                f"chunk {meta.chunk} of step {meta.step} bucket {meta.bucket} holds "
+                f"{msg.data.shape} elements, not {target.shape}"
+            )
+        if pending.nchunks == 1 and msg.dtype == "<f4" and msg.zero_copy:
             # The whole bucket in one arena block: DDP copies it into the
             # gradients itself, so hand it over as it is (no copy here).
             # The block stays held while DDP's views of it live; DDP only

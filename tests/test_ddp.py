@@ -133,6 +133,51 @@ def test_async_server_bounds_staleness(daemon, server_thread):
     assert server.stats["max_lead"] <= 1
 
 
+class _Bucket:
+    """What ps_hook reads of DDP's GradBucket."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def buffer(self):
+        return self.tensor
+
+    def index(self):
+        return 0
+
+    def is_last(self):
+        return True
+
+
+@pytest.mark.parametrize("answer", ["short", "ok"])
+def test_a_malformed_aggregate_fails_the_bucket_with_a_sentence(daemon, answer):
+    """A shard that answers a bucket with the wrong number of elements
+    fails the trainer's future at once, saying so; a right answer in one
+    arena block completes it uncopied."""
+    torch = pytest.importorskip("torch")
+    from tensorbus.clients.ddp import PSHookState
+
+    numel = 50_000  # 200 KB: one chunk, in an arena block
+    with tensorbus.connect(daemon.url, name="bad-shard") as shard:
+        grads = shard.subscribe(W.grad_topic("bad", 0))
+        state = PSHookState("bad", 0, 1, url=daemon.url, timeout=30, chunk_bytes=1 << 20)
+        try:
+            future = state._send(_Bucket(torch.ones(numel)))
+            got = grads.recv(timeout=10)
+            meta = W.decode_meta(got.meta)
+            body = np.full(numel - 1 if answer == "short" else numel, 7, dtype=np.float32)
+            agg = W.encode_meta(meta.step, 0, 0, 1, W.ALL_RANKS, W.KIND_AGG, body.size)
+            shard.publisher(W.agg_topic("bad", 0)).send(body, meta=agg)
+            if answer == "short":
+                with pytest.raises(RuntimeError, match="1 chunk.s. of 49999 elements"):
+                    future.wait()
+            else:
+                assert torch.equal(future.wait(), torch.full((numel,), 7.0))
+                assert state.buckets_uncopied == 1
+        finally:
+            state.close()
+
+
 # -- real DDP -----------------------------------------------------------------
 
 
