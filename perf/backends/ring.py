@@ -81,6 +81,7 @@ def _idle_subscriber(name: str, seconds: float, ready, result) -> None:
     ring = Ring.attach(name)
     sub = ring.subscriber()
     ready.put(True)
+    time.sleep(0.1)  # the queue's feeder thread sends "ready": not the wait's CPU
     cpu0 = time.process_time()
     try:
         sub.recv(timeout=seconds)
