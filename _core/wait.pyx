@@ -125,6 +125,12 @@ cdef class Waiter:
         self.policy.max_spinners = max_spinners
         self.registry = SpinRegistry()
 
+    @staticmethod
+    def sleeping() -> Waiter:
+        """A waiter that neither spins nor yields: it sleeps at once
+        (servers, background threads, the bridge, whose cores are others')."""
+        return Waiter(0, yield_us=0, yield_max_us=0)
+
     @property
     def spin_us(self) -> float:
         return self.policy.spin_ns / 1000.0

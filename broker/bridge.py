@@ -95,7 +95,7 @@ class Bridge:
         self.endpoint: str | None = None
         self.rings: dict[str, Ring] = {}
         self.holder = None
-        self.waiter = Waiter(0, yield_us=0, yield_max_us=0)
+        self.waiter = Waiter.sleeping()
         self.priorities = DEFAULT_PRIORITIES
         self.batch_rules = parse_rules(config.bridge_batch)  # checked by config_from
         # Before a bridge sleeps on its bells it may spin this long, on a spare core only.

@@ -113,7 +113,7 @@ class Mappings:
         self.holder = self.arena.holder(slot, max_holds) if slot else None
         self.rings: dict[str, Ring] = {}
         # spin_us=0: never spin or yield, sleep at once (servers, background threads).
-        self.waiter = Waiter(spin_us) if spin_us != 0 else Waiter(0, yield_us=0, yield_max_us=0)
+        self.waiter = Waiter(spin_us) if spin_us != 0 else Waiter.sleeping()
 
     def ring(self, info: dict) -> Ring:
         ring = self.rings.get(info["ring"])

@@ -274,27 +274,25 @@ class PSHookState:
                 f"chunk {meta.chunk} of step {meta.step} bucket {meta.bucket} holds "
                 f"{msg.data.shape} elements, not {target.shape}"
             )
+        result = pending.buffer
         if pending.nchunks == 1 and msg.dtype == "<f4" and msg.zero_copy:
             # The whole bucket in one arena block: DDP copies it into the
             # gradients itself, so hand it over as it is (no copy here).
             # The block stays held while DDP's views of it live; DDP only
             # reads them (other trainers of this host read the same block).
-            pending.left.clear()
-            with self._lock:
-                self._pending.pop((meta.step, meta.bucket), None)
+            result = msg.as_torch()
             self.buckets_uncopied += 1
-            pending.future.set_result(msg.as_torch())
-            return
-        if msg.dtype == "<f4":
-            np.copyto(target, msg.data)
-        else:  # widen fp16/bf16 (torch converts several times faster than numpy)
-            pending.buffer[start:stop].copy_(msg.as_torch())
-        msg.release()
+        else:
+            if msg.dtype == "<f4":
+                np.copyto(target, msg.data)
+            else:  # widen fp16/bf16 (torch converts several times faster than numpy)
+                pending.buffer[start:stop].copy_(msg.as_torch())
+            msg.release()
         pending.left.discard(meta.chunk)
         if not pending.left:
             with self._lock:
                 self._pending.pop((meta.step, meta.bucket), None)
-            pending.future.set_result(pending.buffer)
+            pending.future.set_result(result)
 
     def _check_timeouts(self) -> None:
         now = time.monotonic()

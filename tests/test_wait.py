@@ -51,7 +51,7 @@ def test_the_yield_phase_stretches_only_while_waits_stay_short(make_ring, monkey
     assert waiter.recent_wait_us > 20_000
     assert waiter.yield_us_now() == 20.0
     # A waiter that never yields (servers, background threads) stays so.
-    assert Waiter(0, yield_us=0, yield_max_us=0).yield_us_now() == 0.0
+    assert Waiter.sleeping().yield_us_now() == 0.0
     monkeypatch.setenv("TENSORBUS_YIELD_US", "150")
     assert Waiter().yield_max_us == 150.0
     monkeypatch.setenv("TENSORBUS_YIELD_US", "soon")
