@@ -4,7 +4,7 @@ on every one made later, and what is freed when it ends. A mixin of
 :class:`~tensorbus.broker.registry.Registry`: the state is the
 registry's, as with broker/queue_groups.py.
 
-Design notes (../shared/DESIGN.md, "Joining without loss"; docs/protocol.md):
+Design notes (joining a ring: docs/ring.md; the ops: docs/protocol.md):
 
 * Only the daemon allocates cursors. A subscription answers only once its
   cursors are active, and a topic made later gets a cursor for every
