@@ -22,7 +22,7 @@ import os
 import time
 
 from tensorbus.broker import protocol as P
-from tensorbus.broker.registry import Session
+from tensorbus.broker.records import Session
 
 __all__ = ["CLIENT_DEATHS", "ENDED_SESSIONS_KEPT", "Sessions", "log_client"]
 
