@@ -32,11 +32,10 @@ __all__ = ["CREDIT_DELAY_S", "InTopic", "Inbound", "Pending", "batch_writer"]
 log = logging.getLogger("tensorbus.bridge")
 
 # Credit is returned at once from a quarter of the window on, else after
-# CREDIT_DELAY_S. The delay only bounds how stale the sender's count is
-# (credit owed past a quarter of a window goes at once), but each expiry
-# wakes both daemons: at 2 ms, a link carrying a request every 100 µs woke
-# them 500 times a second, and a 64 B round trip took 92-124 µs (p99 about
-# 205 µs) where 10 ms gives 56-83 µs (p99 about 170 µs) on the same VM.
+# CREDIT_DELAY_S. The delay only bounds how stale the sender's count is,
+# but each expiry wakes both daemons: at 2 ms, a link carrying a request
+# every 100 µs woke them 500 times a second and slowed its round trips by
+# a third (docs/bridge-performance.md).
 CREDIT_EAGER_MSGS = W.INITIAL_WINDOW_MSGS // 4
 CREDIT_EAGER_BYTES = W.INITIAL_WINDOW_BYTES // 4
 CREDIT_DELAY_S = 0.01

@@ -58,8 +58,8 @@ from tensorbus.clients.reconnect import (
     attempt_s,
     gave_up,
     in_flight_error,
+    no_retry,
     reconnect_budget,
-    shut_down,
 )
 from tensorbus.clients.remote import link_fields
 from tensorbus.clients.reqrep import DEFAULT_GROUP
@@ -283,8 +283,8 @@ class AsyncClient:
         """Find the dead broker's successor and resume this session there,
         with backoff, within the ``reconnect`` budget; else set _lost."""
         await asyncio.sleep(0)  # the reader hands over what came before the death
-        if self._channel.shutdown_reason is not None:
-            self._lost = shut_down(self.url, self._channel.shutdown_reason)
+        self._lost = no_retry(self.url, self._channel.shutdown_reason, self._reconnect_s)
+        if self._lost is not None:
             return
         deadline = time.monotonic() + self._reconnect_s
         backoff = Backoff()

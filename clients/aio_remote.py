@@ -28,7 +28,7 @@ from tensorbus.clients.errors import (
     ClientClosed,
     TensorbusError,
 )
-from tensorbus.clients.reconnect import Backoff, attempt_s, gave_up, shut_down
+from tensorbus.clients.reconnect import Backoff, attempt_s, gave_up, no_retry
 from tensorbus.clients.redial import (
     DROPPED,
     beat_failure,
@@ -220,11 +220,8 @@ class AsyncRedialer:
             if client._channel.shutdown_reason is not None:
                 break
             await asyncio.sleep(0.01)
-        if client._channel.shutdown_reason is not None:
-            client._lost = shut_down(client.url, client._channel.shutdown_reason)
-            return
-        if not self.budget:
-            client._lost = gave_up(client.url, 0)
+        client._lost = no_retry(client.url, client._channel.shutdown_reason, self.budget)
+        if client._lost is not None:
             return
         if client._link is not None:
             mark_lost(client._link, why)

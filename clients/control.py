@@ -34,7 +34,7 @@ from tensorbus.clients.reconnect import (
     attempt_s,
     gave_up,
     in_flight_error,
-    shut_down,
+    no_retry,
 )
 from tensorbus.clients.redial import Redialer
 
@@ -71,12 +71,7 @@ class ControlConnection:
         a new session: clients/redial.py)."""
         if self._redial is not None:
             return self._redial.request(op, fields)
-        if not self._lock.acquire(timeout=self.timeout):
-            raise BrokerUnavailable(
-                f"{op!r} waited {self.timeout:g} s for this client to resume its session "
-                f"with a successor of the broker at {self.url}",
-                "unavailable",
-            )
+        self._lock_for(op, f"resume its session with a successor of the broker at {self.url}")
         try:
             while True:
                 if self._lost is not None:
@@ -91,6 +86,14 @@ class ControlConnection:
                     raise in_flight_error(op, self.url)
         finally:
             self._lock.release()
+
+    def _lock_for(self, op: str, doing: str) -> None:
+        """Take the connection for ``op``, waiting at most the client's
+        timeout while another thread has it (``doing`` that)."""
+        if not self._lock.acquire(timeout=self.timeout):
+            raise BrokerUnavailable(
+                f"{op!r} waited {self.timeout:g} s for this client to {doing}", "unavailable"
+            )
 
     def _exchange(self, op: str, fields: dict, timeout: float, watch=None) -> dict | None:
         """One request and its reply; None if the broker ``watch`` watches
@@ -129,11 +132,8 @@ class ControlConnection:
         if watch is None or self._lost is not None or not watch.dead():
             return
         self._drain_socket()
-        if self._channel.shutdown_reason is not None:
-            self._lost = shut_down(self.url, self._channel.shutdown_reason)
-            return
-        if not self._reconnect_s:
-            self._lost = gave_up(self.url, 0)
+        self._lost = no_retry(self.url, self._channel.shutdown_reason, self._reconnect_s)
+        if self._lost is not None:
             return
         deadline = time.monotonic() + self._reconnect_s
         backoff = Backoff()

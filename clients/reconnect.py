@@ -35,6 +35,7 @@ __all__ = [
     "attempt_s",
     "gave_up",
     "in_flight_error",
+    "no_retry",
     "reconnect_budget",
     "shut_down",
 ]
@@ -140,3 +141,14 @@ def gave_up(url: str, budget: float) -> BrokerUnavailable:
 
 def shut_down(url: str, reason: str) -> BrokerUnavailable:
     return BrokerUnavailable(f"the broker at {url} shut down: {reason}", "unavailable")
+
+
+def no_retry(url: str, shutdown_reason: str | None, budget: float) -> BrokerUnavailable | None:
+    """Why a lost broker is not looked for again: it said it shut down, or
+    the client was connected with ``reconnect=0``. None: look for its
+    successor."""
+    if shutdown_reason is not None:
+        return shut_down(url, shutdown_reason)
+    if not budget:
+        return gave_up(url, 0)
+    return None

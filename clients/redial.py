@@ -55,7 +55,7 @@ from tensorbus.clients.reconnect import (
     attempt_s,
     gave_up,
     in_flight_error,
-    shut_down,
+    no_retry,
 )
 from tensorbus.clients.remote import LINK_CLOSED, LightLink, RemoteMessage, link_fields
 
@@ -260,12 +260,7 @@ class Redialer:
         after a redial if the session was lost; sent again if the broker
         died with it in flight and that is safe (RESENDABLE_OPS)."""
         client = self.client
-        if not client._lock.acquire(timeout=client.timeout):
-            raise BrokerUnavailable(
-                f"{op!r} waited {client.timeout:g} s for this client to redial the broker "
-                f"at {client.url}",
-                "unavailable",
-            )
+        client._lock_for(op, f"redial the broker at {client.url}")
         try:
             while True:
                 if client._lost is not None:
@@ -314,11 +309,8 @@ class Redialer:
         if why == LINK_CLOSED:  # a shutdown notice may follow the link's bye
             client._sock.poll(250)
         client._drain_socket()
-        if client._channel.shutdown_reason is not None:
-            client._lost = shut_down(client.url, client._channel.shutdown_reason)
-            return
-        if not self.budget:
-            client._lost = gave_up(client.url, 0)
+        client._lost = no_retry(client.url, client._channel.shutdown_reason, self.budget)
+        if client._lost is not None:
             return
         if client._link is not None:
             with client._link.lock:
